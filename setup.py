@@ -1,0 +1,40 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+for line in Path("src/quantsearch/__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        exec(line, version)
+
+setup(
+    name="quantsearch",
+    version=version["__version__"],
+    description="Multi-objective mixed-precision quantization search for PyTorch models",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"quantsearch": ["data/*.gz", "data/*.pt", "data/*.txt", "data/*.md", "schemas/*.json"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "pytorch-quantization==2.1.3",
+        "pymoo>=0.6.1",
+        "timm>=1.0",
+        "numpy",
+        "pandas",
+        "matplotlib",
+        "tqdm",
+        "pyyaml",
+        "jsonschema",
+    ],
+    extras_require={
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel"],
+    },
+    entry_points={"console_scripts": ["quantsearch-explore=quantsearch.explore:main"]},
+)

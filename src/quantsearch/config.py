@@ -1,0 +1,154 @@
+"""The run configuration: one dataclass, filled from defaults, a YAML file and command-line flags, validated once.
+
+Validation happens before any model is loaded or data read, and every problem is one line naming it
+(:class:`ConfigError`), so a mistyped flag costs a second, not a search.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["ConfigError", "ExploreConfig", "parse_bits", "load_yaml"]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names it."""
+
+
+@dataclass
+class ExploreConfig:
+    """Every setting of an exploration run (YAML keys use the same names, with ``-`` or ``_``)."""
+
+    model: str = "fashion-vit"
+    checkpoint: str | None = None
+    dataset: str = "fashion-mnist"
+    predicate: str = "auto"
+    quantize_input: bool = True
+    bits: str = "2:8"
+    min_accuracy: float | None = None
+    max_accuracy_drop: float = 0.01
+    cost: str = "bits"
+    pop_size: int = 20
+    generations: int = 10
+    calib_batches: int = 4
+    eval_samples: int = 3000
+    holdout_samples: int | None = None
+    batch_size: int = 250
+    seed: int = 0
+    device: str = "cpu"
+    out: str | None = None
+    overwrite: bool = False
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "ExploreConfig":
+        known = cls.keys()
+        clean = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
+                raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+            clean[name] = value
+        return cls(**clean)
+
+    def merged(self, overrides: Mapping[str, Any]) -> "ExploreConfig":
+        values = asdict(self)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return ExploreConfig(**values)
+
+    @property
+    def bit_range(self) -> tuple[int, int]:
+        return parse_bits(self.bits)
+
+    @property
+    def calibration_samples(self) -> int:
+        return self.calib_batches * self.batch_size
+
+    def resolved_out(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    def validate(self) -> "ExploreConfig":
+        """Check every setting that can be checked without loading anything; raise ConfigError on the first."""
+        parse_bits(self.bits)
+        for name in ("pop_size", "generations", "calib_batches", "eval_samples", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.holdout_samples is not None and (not isinstance(self.holdout_samples, int)
+                                                 or self.holdout_samples < 0):
+            raise ConfigError(f"holdout-samples must be a non-negative integer, got {self.holdout_samples!r}")
+        if self.min_accuracy is not None and not 0.0 <= float(self.min_accuracy) <= 1.0:
+            raise ConfigError(f"min-accuracy must lie in [0, 1] (a fraction, not a percentage), "
+                              f"got {self.min_accuracy}")
+        if not 0.0 <= float(self.max_accuracy_drop) <= 1.0:
+            raise ConfigError(f"max-accuracy-drop must lie in [0, 1], got {self.max_accuracy_drop}")
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise ConfigError(f"checkpoint {self.checkpoint} does not exist")
+        kind, _, arg = self.dataset.partition(":")
+        if kind not in ("fashion-mnist", "imagefolder"):
+            raise ConfigError(f"unknown dataset {self.dataset!r}: use fashion-mnist, fashion-mnist:DIR "
+                              "or imagefolder:PATH")
+        if arg and not Path(arg).is_dir():
+            raise ConfigError(f"dataset path {arg} is not a directory")
+        from .predicates import PRESETS
+
+        if self.predicate != "auto" and self.predicate not in PRESETS:
+            raise ConfigError(f"unknown predicate {self.predicate!r}; choose from auto, {', '.join(PRESETS)}")
+        from .costs import COSTS
+
+        for cost in self.cost.split(","):
+            if cost.strip() not in COSTS:
+                raise ConfigError(f"unknown cost {cost.strip()!r}; choose from {', '.join(COSTS)}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """``"2:8"`` -> ``(2, 8)``; a single number means a fixed width."""
+    from .quantized_model import MAX_BITS, MIN_BITS
+
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+    except ValueError:
+        raise ConfigError(f"bits must look like LO:HI (for example 2:8), got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ConfigError(f"bits must look like LO:HI (for example 2:8), got {text!r}")
+    lo, hi = parts
+    if lo > hi:
+        raise ConfigError(f"bits {text}: LO is greater than HI")
+    if lo < MIN_BITS or hi > MAX_BITS:
+        raise ConfigError(f"bits {text}: each width must lie in {MIN_BITS}..{MAX_BITS}")
+    return lo, hi
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML mapping read with ``yaml.safe_load``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
+    return values

@@ -1,0 +1,104 @@
+"""``python -m quantsearch.explore``: search per-layer bit-widths for a model and write the Pareto front.
+
+With no arguments it runs the embedded default: the demo ViT on the Fashion-MNIST test split shipped in the
+package. Settings come from defaults, then ``--config FILE.yaml``, then flags. Bad input exits with status 2 and
+one line naming the problem.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, ExploreConfig, load_yaml
+
+log = logging.getLogger("quantsearch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ExploreConfig()
+    p = argparse.ArgumentParser(prog="python -m quantsearch.explore", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML file with any of the settings below (flags override it)")
+    p.add_argument("--model", help=f"timm name, package.module:callable, or the demo (default {d.model})")
+    p.add_argument("--checkpoint", help="state dict to load into the model (read with weights_only=True)")
+    p.add_argument("--dataset", help=f"fashion-mnist[:DIR] or imagefolder:PATH (default {d.dataset})")
+    p.add_argument("--predicate", help="where quantizers go: auto, conv2d, linear, vit, all-leaf (default auto)")
+    p.add_argument("--no-input-quant", dest="quantize_input", action="store_const", const=False,
+                   help="do not quantize the model input")
+    p.add_argument("--bits", help=f"bit-width range LO:HI (default {d.bits})")
+    floor = p.add_mutually_exclusive_group()
+    floor.add_argument("--min-accuracy", type=float, help="accuracy floor, a fraction in [0, 1]")
+    floor.add_argument("--max-accuracy-drop", type=float,
+                       help=f"floor relative to FP32 on the search split (default {d.max_accuracy_drop})")
+    p.add_argument("--cost", help=f"cost objective(s), comma separated (default {d.cost})")
+    p.add_argument("--pop-size", type=int, help=f"NSGA-II population (default {d.pop_size})")
+    p.add_argument("--generations", type=int, help=f"NSGA-II generations (default {d.generations})")
+    p.add_argument("--calib-batches", type=int, help=f"calibration batches (default {d.calib_batches})")
+    p.add_argument("--eval-samples", type=int, help=f"images in the search split (default {d.eval_samples})")
+    p.add_argument("--holdout-samples", type=int, help="images in the hold-out split (default: the rest)")
+    p.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
+    p.add_argument("--seed", type=int, help=f"seed of splits and search (default {d.seed})")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    p.add_argument("--overwrite", action="store_const", const=True, help="replace a run already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExploreConfig:
+    base = ExploreConfig()
+    if args.config:
+        base = ExploreConfig.from_mapping(load_yaml(args.config), source=args.config)
+    flags = {k: v for k, v in vars(args).items() if k in ExploreConfig.keys()}
+    if args.min_accuracy is not None:  # a flag floor replaces a YAML floor of the other kind
+        flags["max_accuracy_drop"] = base.max_accuracy_drop
+    return base.merged(flags).validate()
+
+
+def print_report(result) -> None:
+    from .results import format_table
+
+    cost = result.cost_names[0]
+    print(f"\nFP32 accuracy: search {100 * result.fp32['search']:.2f}%"
+          + (f", hold-out {100 * result.fp32['holdout']:.2f}%" if "holdout" in result.fp32 else "")
+          + f"; floor {100 * result.min_accuracy:.2f}% on the search split")
+    rows = [[name, f"{100 * e.accuracy:.2f}", *[f"{e.costs[c]:g}" for c in result.cost_names]]
+            for name, e in result.baselines.items()]
+    print("\nUniform baselines (search split)\n" + format_table(["config", "acc %", *result.cost_names], rows))
+    rows = [[i, f"{100 * e.accuracy:.2f}",
+             f"{100 * result.holdout[e.bits]:.2f}" if e.bits in result.holdout else "-",
+             *[f"{e.costs[c]:g}" for c in result.cost_names], " ".join(map(str, e.bits))]
+            for i, e in enumerate(result.front)]
+    print(f"\nPareto front ({len(result.front)} points, {result.num_evaluations} evaluations, cheapest {cost} first)\n"
+          + format_table(["#", "search %", "hold-out %", *result.cost_names, "bits per quantizer"], rows))
+    print(f"\nWrote {result.run_dir}/ (evaluations.csv, pareto.csv, pareto/*.json, pareto.png, run.json) "
+          f"in {result.timings['total']:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    from .bitconfig import BitConfigError
+    from .calibration import CalibrationError
+    from .data import DataError
+    from .models import ModelError
+    from .store import StoreError
+
+    try:
+        config = config_from_args(args)
+        from .exploration import explore
+
+        result = explore(config, progress=not args.no_progress)
+    except (ConfigError, ModelError, DataError, StoreError, BitConfigError, CalibrationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished evaluations are kept in the run store", file=sys.stderr)
+        return 130
+    print_report(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

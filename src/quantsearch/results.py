@@ -1,0 +1,37 @@
+"""Results: the Pareto front of all evaluations, and plain-text tables of it."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+from .problem import Evaluation
+
+__all__ = ["pareto_front", "format_table"]
+
+
+def pareto_front(evaluations: Sequence[Evaluation], min_accuracy: float,
+                 cost_names: Sequence[str] | None = None) -> list[Evaluation]:
+    """Feasible, non-dominated evaluations (max accuracy, min every cost), cheapest first."""
+    feasible = {e.bits: e for e in evaluations if e.status == "ok" and e.accuracy >= min_accuracy}
+    points = list(feasible.values())
+    if not points:
+        return []
+    cost_names = list(cost_names or points[0].costs)
+    F = np.array([[-e.accuracy] + [e.costs[c] for c in cost_names] for e in points])
+    front = [points[i] for i in NonDominatedSorting().do(F, only_non_dominated_front=True)]
+    # equal objective vectors (different bits, same scores) are kept once
+    unique = {}
+    for e in sorted(front, key=lambda e: ([e.costs[c] for c in cost_names], -e.accuracy, e.bits)):
+        unique.setdefault((e.accuracy, *[e.costs[c] for c in cost_names]), e)
+    return list(unique.values())
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A fixed-width text table."""
+    cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

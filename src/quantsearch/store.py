@@ -1,0 +1,157 @@
+"""The run store: one SQLite database per run directory, the single writer of a run's outputs.
+
+Every evaluation is committed as it completes, so a crash loses at most the candidate in flight. The CSV and JSON
+files in the run directory are views of the store, each written atomically (temporary file, then rename).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from .problem import Evaluation
+
+__all__ = ["StoreError", "RunStore", "write_atomic", "STORE_NAME"]
+
+STORE_NAME = "run.sqlite"
+SCHEMA_VERSION = 1
+
+
+class StoreError(RuntimeError):
+    """A run directory that cannot be used: another run's, corrupted, or from different settings."""
+
+
+def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode() if isinstance(text, str) else text
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunStore:
+    """Evaluations and settings of one run, in ``<run_dir>/run.sqlite``."""
+
+    def __init__(self, run_dir: str | os.PathLike, connection: sqlite3.Connection):
+        self.run_dir = Path(run_dir)
+        self._db = connection
+
+    # -- opening -----------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, run_dir: str | os.PathLike, settings: Mapping, overwrite: bool = False) -> "RunStore":
+        """A new store; refuses a directory that already holds a run unless ``overwrite``."""
+        run_dir = Path(run_dir)
+        path = run_dir / STORE_NAME
+        if path.exists():
+            if not overwrite:
+                raise StoreError(f"{run_dir} already holds a run: use --resume to continue it or --overwrite")
+            path.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path)
+        db.executescript("""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE evaluations (
+                id INTEGER PRIMARY KEY, genome TEXT UNIQUE NOT NULL, accuracy REAL NOT NULL, costs TEXT NOT NULL,
+                generation INTEGER NOT NULL, seconds REAL NOT NULL, status TEXT NOT NULL, message TEXT NOT NULL);
+        """)
+        with db:
+            db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("schema_version", json.dumps(SCHEMA_VERSION)), ("settings", json.dumps(dict(settings)))])
+        return cls(run_dir, db)
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike) -> "RunStore":
+        """An existing store, checked for integrity."""
+        path = Path(run_dir) / STORE_NAME
+        if not path.is_file():
+            raise StoreError(f"{run_dir} holds no run store ({STORE_NAME})")
+        try:
+            db = sqlite3.connect(path)
+            ok = db.execute("PRAGMA integrity_check").fetchone()[0]
+            version = json.loads(db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        except (sqlite3.DatabaseError, TypeError, ValueError) as exc:
+            raise StoreError(f"run store {path} is corrupted: {exc}") from None
+        if ok != "ok" or version != SCHEMA_VERSION:
+            raise StoreError(f"run store {path} is corrupted or of another version ({ok}, v{version})")
+        return cls(run_dir, db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- settings ----------------------------------------------------------------------------------------------
+    def get(self, key: str, default=None):
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def put(self, key: str, value) -> None:
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    @property
+    def settings(self) -> dict:
+        return self.get("settings", {})
+
+    # -- evaluations -------------------------------------------------------------------------------------------
+    def record(self, evaluation: Evaluation, generation: int) -> None:
+        """Commit one evaluation (a configuration already stored is kept as first recorded)."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO evaluations (genome, accuracy, costs, generation, seconds, status, message)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (json.dumps(list(evaluation.bits)), evaluation.accuracy, json.dumps(dict(evaluation.costs)),
+                 generation, evaluation.seconds, evaluation.status, evaluation.message))
+
+    def evaluations(self) -> list[tuple[Evaluation, int]]:
+        """Every stored evaluation with its generation, in the order they were recorded."""
+        rows = self._db.execute(
+            "SELECT genome, accuracy, costs, generation, seconds, status, message FROM evaluations ORDER BY id")
+        return [(Evaluation(tuple(json.loads(g)), a, json.loads(c), s, st, m), gen)
+                for g, a, c, gen, s, st, m in rows]
+
+    def cache(self) -> dict[tuple[int, ...], Evaluation]:
+        return {e.bits: e for e, _ in self.evaluations()}
+
+    # -- views -------------------------------------------------------------------------------------------------
+    def write_json(self, name: str, payload) -> Path:
+        path = self.run_dir / name
+        write_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        return path
+
+    def write_csv(self, name: str, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        path = self.run_dir / name
+        write_atomic(path, buffer.getvalue())
+        return path
+
+    def write_evaluations_csv(self, quantizer_names: Sequence[str], min_accuracy: float) -> Path:
+        """``evaluations.csv``: one row per evaluated configuration, bits per quantizer, in evaluation order."""
+        evaluations = self.evaluations()
+        cost_names = list(evaluations[0][0].costs) if evaluations else []
+        header = ["index", "generation", "accuracy", *cost_names, "feasible", "status", "seconds",
+                  *quantizer_names]
+        rows = [[i, gen, f"{e.accuracy:.6f}", *[f"{e.costs[c]:g}" for c in cost_names],
+                 int(e.status == "ok" and e.accuracy >= min_accuracy), e.status, f"{e.seconds:.3f}", *e.bits]
+                for i, (e, gen) in enumerate(evaluations)]
+        return self.write_csv("evaluations.csv", header, rows)
+
+    def write_file(self, name: str, data: bytes | str) -> Path:
+        path = self.run_dir / name
+        write_atomic(path, data)
+        return path
