@@ -76,6 +76,8 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     lo, hi = config.bit_range
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
+    run_dir = config.resolved_out()
+    RunStore.check_free(run_dir, config.overwrite)
 
     # model and data
     model = create_model(config.model, checkpoint=config.checkpoint).to(device)
@@ -112,7 +114,6 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     timings["fp32"] = time.perf_counter() - t
 
     # store, problem, baselines
-    run_dir = config.resolved_out()
     settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": predicate}
     store = RunStore.create(run_dir, settings, overwrite=config.overwrite)
     costs = get_costs(config.cost, qmodel)

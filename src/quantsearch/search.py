@@ -43,5 +43,5 @@ class GenerationCallback(Callback):
 def run_search(problem, algorithm=None, generations: int = 10, seed: int = 0, on_generation=None):
     """Run ``algorithm`` (default: :func:`nsga2`) on ``problem`` for ``generations`` generations."""
     algorithm = algorithm if algorithm is not None else nsga2()
-    callback = GenerationCallback(on_generation) if on_generation else None
-    return minimize(problem, algorithm, ("n_gen", generations), seed=seed, callback=callback, verbose=False)
+    options = {"callback": GenerationCallback(on_generation)} if on_generation else {}
+    return minimize(problem, algorithm, ("n_gen", generations), seed=seed, verbose=False, **options)

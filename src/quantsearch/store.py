@@ -51,15 +51,19 @@ class RunStore:
         self._db = connection
 
     # -- opening -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def check_free(run_dir: str | os.PathLike, overwrite: bool = False) -> None:
+        """Refuse a directory that already holds a run, unless ``overwrite`` (checked before any work starts)."""
+        if (Path(run_dir) / STORE_NAME).exists() and not overwrite:
+            raise StoreError(f"{run_dir} already holds a run: use --resume to continue it or --overwrite")
+
     @classmethod
     def create(cls, run_dir: str | os.PathLike, settings: Mapping, overwrite: bool = False) -> "RunStore":
         """A new store; refuses a directory that already holds a run unless ``overwrite``."""
         run_dir = Path(run_dir)
         path = run_dir / STORE_NAME
-        if path.exists():
-            if not overwrite:
-                raise StoreError(f"{run_dir} already holds a run: use --resume to continue it or --overwrite")
-            path.unlink()
+        cls.check_free(run_dir, overwrite)
+        path.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path)
         db.executescript("""

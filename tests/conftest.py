@@ -1,0 +1,50 @@
+import pytest
+import torch
+from torch import nn
+
+from quantsearch.data import load_fashion_mnist, split_dataset
+from quantsearch.models import create_demo_vit
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    return load_fashion_mnist()
+
+
+@pytest.fixture(scope="session")
+def splits(fashion):
+    return split_dataset(fashion, calibration=500, search=1000, holdout=1000, seed=0)
+
+
+@pytest.fixture
+def demo_vit():
+    return create_demo_vit()
+
+
+class SmallConvNet(nn.Module):
+    """Two convs and a linear head: small enough to check by hand."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.pool(self.conv2(self.relu(self.conv1(x))))
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture
+def convnet():
+    return SmallConvNet().eval()
+
+
+def fake_quant_by_hand(x, amax, bits):
+    """round(x * (2^(b-1)-1) / amax), clamped to the narrow signed range, rescaled."""
+    bound = 2 ** (bits - 1) - 1
+    scale = bound / amax
+    return torch.clamp(torch.round(x * scale), -bound, bound) / scale
