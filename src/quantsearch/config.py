@@ -39,6 +39,7 @@ class ExploreConfig:
     batch_size: int = 250
     seed: int = 0
     device: str = "cpu"
+    compile: bool = False
     out: str | None = None
     overwrite: bool = False
 

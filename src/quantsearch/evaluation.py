@@ -40,18 +40,33 @@ class AccuracyEvaluator:
     name = "top1"
 
     def __init__(self, data: Dataset | Iterable, batch_size: int = 500, device: torch.device | str = "cpu",
-                 limit: int | None = None):
+                 limit: int | None = None, compile: bool = False):
         self.batches = materialize(data, batch_size, device, limit)
         self.num_samples = sum(len(y) for _, y in self.batches)
         if self.num_samples == 0:
             raise ValueError("the evaluation split is empty")
+        self.compile = compile
+        self._compiled: dict[int, nn.Module] = {}
+
+    def runner(self, model: nn.Module) -> nn.Module:
+        """The module that runs the batches: ``model`` itself, or its ``torch.compile``-d form (built once).
+
+        With :class:`~quantsearch.fakequant.FastTensorQuantizer` bit-widths and amax are tensors, so one compiled
+        graph serves every candidate configuration.
+        """
+        if not self.compile:
+            return model
+        if id(model) not in self._compiled:
+            self._compiled[id(model)] = torch.compile(model, dynamic=False)
+        return self._compiled[id(model)]
 
     def __call__(self, model: nn.Module) -> float:
         model.eval()
+        run = self.runner(model)
         correct = 0
         with torch.inference_mode():
             for x, y in self.batches:
-                logits = model(x)
+                logits = run(x)
                 if not torch.isfinite(logits).all():
                     raise NumericalError("model output holds NaN or Inf")
                 correct += int((logits.argmax(1) == y).sum())

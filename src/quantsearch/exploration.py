@@ -20,18 +20,23 @@ from .config import ExploreConfig
 from .costs import get_costs
 from .data import load_dataset, split_dataset
 from .evaluation import AccuracyEvaluator
+from .fingerprints import fingerprint_model, fingerprint_tensors, fingerprint_values
 from .models import DEMO_MODEL, create_model
 from .plots import plot_bits_heatmap, plot_front
 from .problem import Evaluation, LayerwiseQuantizationProblem
 from .quantized_model import QuantizedActivationsModel
 from .results import pareto_front
 from .search import nsga2, run_search
-from .store import RunStore
+from .store import RunStore, StoreError
 
-__all__ = ["RunResult", "explore", "resolve_predicate", "UNIFORM_BASELINES"]
+__all__ = ["RunResult", "Interrupted", "explore", "resume_config", "resolve_predicate", "UNIFORM_BASELINES"]
 
 log = logging.getLogger("quantsearch")
 UNIFORM_BASELINES = (8, 6, 4)
+
+
+class Interrupted(Exception):
+    """The user asked the run to stop (SIGINT); every finished evaluation is in the store."""
 
 
 @dataclass
@@ -49,6 +54,7 @@ class RunResult:
     bitconfigs: list[Path]
     timings: dict[str, float] = field(default_factory=dict)
     num_evaluations: int = 0
+    reused_evaluations: int = 0
 
 
 def resolve_predicate(predicate: str, model: torch.nn.Module) -> str:
@@ -68,8 +74,23 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
-    """Run one exploration as ``config`` says and write its outputs into ``config.out``."""
+def resume_config(run_dir: str | Path) -> ExploreConfig:
+    """The configuration a run in ``run_dir`` was started with, read from its store."""
+    store = RunStore.open(run_dir)
+    settings = {k: v for k, v in store.settings.items() if k in ExploreConfig.keys()}
+    store.close()
+    return ExploreConfig(**settings | {"out": str(run_dir), "overwrite": False})
+
+
+def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
+            stop_requested=lambda: False) -> RunResult:
+    """Run one exploration as ``config`` says and write its outputs into ``config.out``.
+
+    ``resume=True`` continues the run already in ``config.out``: the search is replayed with the same seed and
+    every configuration found in the store is read back, not evaluated again, so the front equals that of an
+    uninterrupted run. ``stop_requested()`` is polled after each evaluation; when it turns true the run stops
+    with :class:`Interrupted`, leaving a resumable store.
+    """
     config.validate()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -77,7 +98,17 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     run_dir = config.resolved_out()
-    RunStore.check_free(run_dir, config.overwrite)
+    if resume:
+        store = RunStore.open(run_dir)
+        stored = {k: v for k, v in store.settings.items() if k in ExploreConfig.keys() and k != "overwrite"}
+        mine = {k: v for k, v in asdict(config).items() if k in stored}
+        changed = [k for k in stored if stored[k] != mine.get(k)]
+        if changed:
+            store.close()
+            raise StoreError(f"cannot resume {run_dir}: it was run with other settings ({changed[0]}: "
+                             f"{stored[changed[0]]!r}, now {mine.get(changed[0])!r})")
+    else:
+        RunStore.check_free(run_dir, config.overwrite)
 
     # model and data
     model = create_model(config.model, checkpoint=config.checkpoint).to(device)
@@ -98,7 +129,7 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
 
     # evaluators and the floor
     t = time.perf_counter()
-    search_eval = AccuracyEvaluator(splits.search, config.batch_size, device)
+    search_eval = AccuracyEvaluator(splits.search, config.batch_size, device, compile=config.compile)
     holdout_eval = AccuracyEvaluator(splits.holdout, config.batch_size, device) if len(splits.holdout) else None
     with qmodel.quantization_disabled():
         fp32 = {"search": search_eval(qmodel)}
@@ -115,12 +146,29 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
 
     # store, problem, baselines
     settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": predicate}
-    store = RunStore.create(run_dir, settings, overwrite=config.overwrite)
+    fingerprint = {"model": fingerprint_model(model), "amax": fingerprint_values(qmodel.amax),
+                   "search": fingerprint_tensors(t for batch in search_eval.batches for t in batch)}
+    if resume:
+        stored_fingerprint = store.get("fingerprint")
+        if stored_fingerprint != fingerprint:
+            store.close()
+            raise StoreError(f"cannot resume {run_dir}: its model, calibration or data differ from this run's "
+                             f"(fingerprint {stored_fingerprint} != {fingerprint})")
+    else:
+        store = RunStore.create(run_dir, settings, overwrite=config.overwrite)
+        store.put("fingerprint", fingerprint)
+    known = store.cache()
     costs = get_costs(config.cost, qmodel)
     cost_names = [c.name for c in costs]
-    problem = LayerwiseQuantizationProblem(qmodel, search_eval, min_accuracy, (lo, hi), costs)
+    problem = LayerwiseQuantizationProblem(qmodel, search_eval, min_accuracy, (lo, hi), costs, cache=known)
     generation = {"now": 0}
-    problem.listeners.append(lambda e: store.record(e, generation["now"]))
+
+    def record(evaluation: Evaluation) -> None:
+        store.record(evaluation, generation["now"])
+        if stop_requested():
+            raise Interrupted(f"stopped after {len(problem.evaluations)} new evaluations")
+
+    problem.listeners.append(record)
 
     t = time.perf_counter()
     baselines = {f"A{b}": problem.evaluate_bits([b] * len(qmodel))
@@ -153,9 +201,10 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
         store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy)
     timings["search"] = time.perf_counter() - t
 
-    # front, hold-out confirmation, outputs
+    # front (from the store: this run's evaluations and any resumed ones), hold-out confirmation, outputs
     t = time.perf_counter()
-    front = pareto_front(problem.evaluations, min_accuracy, cost_names)
+    evaluations = [e for e, _ in store.evaluations()]
+    front = pareto_front(evaluations, min_accuracy, cost_names)
     holdout = {}
     if holdout_eval:
         for e in front:
@@ -167,9 +216,9 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     timings["total"] = time.perf_counter() - clock
 
     result = RunResult(run_dir, qmodel.quantizer_names, cost_names, fp32, min_accuracy, baselines, front, holdout,
-                       bitconfigs, timings, len(problem.evaluations))
+                       bitconfigs, timings, len(evaluations), len(known))
     _write_summary(store, result, settings, splits, costs)
-    plot_front(problem.evaluations, front, cost_names[0], baselines, fp32["search"], min_accuracy,
+    plot_front(evaluations, front, cost_names[0], baselines, fp32["search"], min_accuracy,
                path=run_dir / "pareto.png")
     plot_bits_heatmap(front, qmodel.quantizer_names, cost_names[0], path=run_dir / "bits_heatmap.png")
     store.close()
@@ -215,6 +264,8 @@ def _write_summary(store, result: RunResult, settings, splits, costs) -> None:
         "baselines": {k: point(e) for k, e in result.baselines.items()},
         "front": [point(e) | {"accuracy_holdout": result.holdout.get(e.bits)} for e in result.front],
         "num_evaluations": result.num_evaluations,
+        "reused_evaluations": result.reused_evaluations,
+        "new_evaluations": result.num_evaluations - result.reused_evaluations,
         "versions": _versions(),
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
     })

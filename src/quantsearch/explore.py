@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from .config import ConfigError, ExploreConfig, load_yaml
@@ -39,21 +40,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
     p.add_argument("--seed", type=int, help=f"seed of splits and search (default {d.seed})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the quantized model once (one graph serves every candidate; pays off on "
+                        "long searches and large models)")
     p.add_argument("--out", help="run directory (default runs/<timestamp>)")
     p.add_argument("--overwrite", action="store_const", const=True, help="replace a run already in --out")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR with its stored settings; finished evaluations are not redone")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ExploreConfig:
+    if args.resume:
+        from .exploration import resume_config
+
+        given = [k for k, v in vars(args).items() if k in ExploreConfig.keys() and v is not None and k != "out"]
+        if given or args.config:
+            raise ConfigError(f"--resume takes the run's stored settings; drop --{(given or ['config'])[0]}")
+        return resume_config(args.resume).validate()
     base = ExploreConfig()
     if args.config:
         base = ExploreConfig.from_mapping(load_yaml(args.config), source=args.config)
     flags = {k: v for k, v in vars(args).items() if k in ExploreConfig.keys()}
     if args.min_accuracy is not None:  # a flag floor replaces a YAML floor of the other kind
         flags["max_accuracy_drop"] = base.max_accuracy_drop
-    return base.merged(flags).validate()
+    config = base.merged(flags).validate()
+    config.out = str(config.resolved_out())  # fixed once, so messages and --resume name the same folder
+    return config
 
 
 def print_report(result) -> None:
@@ -85,17 +100,31 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
     from .store import StoreError
 
+    stop = {"requested": False}
+
+    def on_sigint(_signum, _frame):
+        if stop["requested"]:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nstopping after the current evaluation (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    config = None
     try:
         config = config_from_args(args)
-        from .exploration import explore
+        from .exploration import Interrupted, explore
 
-        result = explore(config, progress=not args.no_progress)
+        result = explore(config, progress=not args.no_progress, resume=bool(args.resume),
+                         stop_requested=lambda: stop["requested"])
     except (ConfigError, ModelError, DataError, StoreError, BitConfigError, CalibrationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished evaluations are kept in the run store", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt):
+        where = f" {config.resolved_out()}" if config is not None and config.out else " DIR"
+        print(f"interrupted: finished evaluations are kept; continue with --resume{where}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     print_report(result)
     return 0
 

@@ -42,11 +42,12 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         bits: inclusive ``(lo, hi)`` range of every gene.
         costs: cost models to minimise (default: total bits).
         cache: a mapping ``bits tuple -> Evaluation`` of configurations already known (a run store's, on resume).
+        memoize: remember evaluated configurations (``False`` only to measure the naive way in benchmarks).
     """
 
     def __init__(self, qmodel, evaluate: Callable, min_accuracy: float, bits: tuple[int, int] = (2, 8),
                  costs: Sequence[CostModel] | None = None,
-                 cache: Mapping[tuple[int, ...], Evaluation] | None = None, **kwargs):
+                 cache: Mapping[tuple[int, ...], Evaluation] | None = None, memoize: bool = True, **kwargs):
         lo, hi = int(bits[0]), int(bits[1])
         if lo > hi:
             raise ValueError(f"bit range {lo}:{hi} is empty")
@@ -56,6 +57,7 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         self.bit_range = (lo, hi)
         self.costs = list(costs) if costs else [TotalBits(qmodel.quantizer_names)]
         self.cache: dict[tuple[int, ...], Evaluation] = dict(cache or {})
+        self.memoize = memoize
         self.listeners: list[Callable[[Evaluation], None]] = []
         self.evaluations: list[Evaluation] = []
         super().__init__(n_var=len(qmodel.quantizer_names), n_obj=1 + len(self.costs), n_ieq_constr=1,
@@ -80,7 +82,8 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
             accuracy, status, message = 0.0, "failed", str(exc)
         result = Evaluation(key, accuracy, {c.name: float(c(named)) for c in self.costs},
                             time.perf_counter() - start, status, message)
-        self.cache[key] = result
+        if self.memoize:
+            self.cache[key] = result
         self.evaluations.append(result)
         for listener in self.listeners:
             listener(result)

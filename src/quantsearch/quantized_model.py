@@ -7,6 +7,7 @@ detaches every hook and restores the model exactly.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.scr
     from pytorch_quantization.nn import TensorQuantizer
     from pytorch_quantization.tensor_quant import QuantDescriptor
 
+from .fakequant import FastTensorQuantizer
 from .predicates import PredicateLike, get_target
 
 __all__ = ["QuantizedActivationsModel", "INPUT_QUANTIZER", "MIN_BITS", "MAX_BITS", "make_quantizer",
@@ -42,14 +44,15 @@ def quiet_quantizers() -> Iterator[None]:
         absl_logging.set_verbosity(level)
 
 
-def make_quantizer(num_bits: int = 8) -> TensorQuantizer:
+def make_quantizer(num_bits: int = 8, fast: bool = True) -> TensorQuantizer:
     """A per-tensor, symmetric, narrow-range fake quantizer with a max calibrator.
 
     Narrow range ([-(2^(b-1)-1), 2^(b-1)-1]) keeps the integer grid symmetric, as TensorRT and FQ-ViT do.
+    ``fast`` picks :class:`~quantsearch.fakequant.FastTensorQuantizer` (bit-identical, faster forward).
     """
     desc = QuantDescriptor(num_bits=num_bits, fake_quant=True, axis=None, calib_method="max", narrow_range=True)
     with quiet_quantizers():
-        return TensorQuantizer(desc)
+        return (FastTensorQuantizer if fast else TensorQuantizer)(desc)
 
 
 class QuantizedActivationsModel(nn.Module):
@@ -62,11 +65,13 @@ class QuantizedActivationsModel(nn.Module):
             :class:`~quantsearch.predicates.Target`.
         quantize_input: also quantize the model input (quantizer ``"input"``).
         num_bits: the initial bit-width of every quantizer.
+        fast: use the bit-identical fast fake-quant forward (``False``: plain ``TensorQuantizer``, for comparison).
     """
 
     def __init__(self, model: nn.Module, predicate: PredicateLike = "conv2d", quantize_input: bool = True,
-                 num_bits: int = 8):
+                 num_bits: int = 8, fast: bool = True):
         super().__init__()
+        self.fast = fast
         self.model = model
         self.target = get_target(predicate)
         self._quantizers: "OrderedDict[str, TensorQuantizer]" = OrderedDict()
@@ -90,7 +95,7 @@ class QuantizedActivationsModel(nn.Module):
 
     # -- construction ------------------------------------------------------------------------------------------
     def _add(self, name: str, module: nn.Module, num_bits: int, pre: bool) -> None:
-        quantizer = make_quantizer(num_bits)
+        quantizer = make_quantizer(num_bits, self.fast)
         self._quantizers[name] = quantizer
         if pre:
             def hook(_module, args, q=quantizer):
@@ -171,6 +176,8 @@ class QuantizedActivationsModel(nn.Module):
         if unknown:
             raise KeyError(f"no quantizer named {unknown[0]!r}")
         for name, value in values.items():
+            if not math.isfinite(float(value)) or float(value) <= 0:
+                raise ValueError(f"amax {value} for {name!r}: it must be positive and finite")
             quantizer = self._quantizers[name]
             tensor = torch.tensor(float(value), dtype=torch.float32)
             if hasattr(quantizer, "_amax"):

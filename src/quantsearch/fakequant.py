@@ -1,0 +1,73 @@
+"""A faster per-tensor fake quantization behind pytorch-quantization's ``TensorQuantizer``.
+
+``TensorQuantizer`` stays the public module and configuration (num_bits, amax, unsigned, narrow range,
+calibrators). :class:`FastTensorQuantizer` only replaces the arithmetic of its per-tensor fake-quant forward with
+the same float32 operations in the same order (``x * scale``, round half to even, clamp, ``/ scale`` with
+``scale = (2^(b-1+unsigned) - 1) / amax``), done in place on one fresh tensor instead of through an autograd
+Function with temporaries and per-call checks. The result is bit-identical to ``TensorQuantizer`` (tests compare
+them on random and real activations).
+
+The integer range lives in a tensor buffer that is updated in place when ``num_bits`` changes, so a
+``torch.compile``-d model holds one graph for every candidate configuration: no Python number that changes
+between candidates is baked into it.
+
+Anything else (per-channel amax, learned amax, fp16 inputs, gradients) falls back to ``TensorQuantizer``.
+Two deliberate differences: an unsigned quantizer clamps a negative value to 0 instead of raising, and amax must
+be positive (calibration refuses zero or non-finite amax before a forward pass can meet it).
+"""
+from __future__ import annotations
+
+import torch
+from pytorch_quantization.nn import TensorQuantizer
+
+__all__ = ["FastTensorQuantizer"]
+
+
+def _integer_range(num_bits: int, unsigned: bool, narrow_range: bool) -> list[float]:
+    bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
+    low = 0.0 if unsigned else (-bound if narrow_range else -bound - 1.0)
+    return [bound, low]
+
+
+class FastTensorQuantizer(TensorQuantizer):
+    """``TensorQuantizer`` with an allocation-light, compile-friendly per-tensor fake-quant forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("_range", torch.tensor(self._current_range()), persistent=False)
+
+    def _current_range(self) -> list[float]:
+        return _integer_range(self._num_bits, self._unsigned, self._narrow_range)
+
+    def _refresh_range(self) -> None:
+        if hasattr(self, "_range"):
+            self._range.copy_(torch.tensor(self._current_range()))
+
+    # the setters update the range buffer in place (same storage, so compiled graphs see the new values)
+    @TensorQuantizer.num_bits.setter
+    def num_bits(self, value):
+        self._num_bits = int(value)
+        self._refresh_range()
+
+    @TensorQuantizer.unsigned.setter
+    def unsigned(self, value):
+        self._unsigned = bool(value)
+        self._refresh_range()
+
+    @TensorQuantizer.narrow_range.setter
+    def narrow_range(self, value):
+        self._narrow_range = bool(value)
+        self._refresh_range()
+
+    def _quant_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        amax = getattr(self, "_amax", None)
+        if (amax is None or amax.numel() != 1 or not self._fake_quant or self._learn_amax
+                or TensorQuantizer.use_fb_fake_quant or inputs.dtype != torch.float32
+                or (inputs.requires_grad and torch.is_grad_enabled()) or self._scale_amax is not None):
+            return super()._quant_forward(inputs)
+        bound, low = self._range[0], self._range[1]
+        scale = bound / amax  # the same float32 scale TensorQuantizer computes: tensor(bound) / amax
+        out = inputs * scale
+        out.round_()
+        out.clamp_(low, bound)
+        return out.div_(scale)

@@ -1,0 +1,67 @@
+"""The fast path must give exactly what pytorch-quantization's TensorQuantizer gives."""
+import warnings
+
+import pytest
+import torch
+
+from quantsearch.fakequant import FastTensorQuantizer
+from quantsearch.quantized_model import QuantizedActivationsModel
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from pytorch_quantization.nn import TensorQuantizer
+    from pytorch_quantization.tensor_quant import QuantDescriptor
+
+
+def pair(bits, amax, unsigned=False, narrow=True):
+    desc = QuantDescriptor(num_bits=bits, fake_quant=True, axis=None, unsigned=unsigned, narrow_range=narrow,
+                           amax=amax)
+    return TensorQuantizer(desc), FastTensorQuantizer(desc)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8, 12, 16])
+@pytest.mark.parametrize("narrow", [True, False])
+def test_bit_identical_on_random_tensors(bits, narrow):
+    torch.manual_seed(bits)
+    plain, fast = pair(bits, 2.5, narrow=narrow)
+    x = torch.randn(64, 197, 32) * 1.5
+    # values exactly on .5 boundaries of the grid, and beyond amax on both sides
+    bound = 2 ** (bits - 1) - 1
+    x.view(-1)[:200] = (torch.arange(200) - 100 + 0.5) * 2.5 / bound
+    x.view(-1)[200:210] = torch.tensor([-1e6, 1e6, -3.0, 3.0, 0.0, -0.0, 2.5, -2.5, 1e-9, -1e-9])
+    with torch.inference_mode():
+        assert torch.equal(fast(x), plain(x))
+
+
+def test_bit_identical_unsigned_on_nonnegative_data():
+    plain, fast = pair(4, 1.0, unsigned=True)
+    x = torch.rand(1000) * 1.3
+    with torch.inference_mode():
+        assert torch.equal(fast(x), plain(x))
+        assert len(torch.unique(fast(x))) <= 16
+
+
+def test_falls_back_where_the_fast_path_does_not_apply():
+    plain, fast = pair(8, 2.0)
+    x = torch.randn(10, requires_grad=True)
+    y = fast(x)  # gradients needed: TensorQuantizer's autograd Function (straight-through estimator)
+    y.sum().backward()
+    assert torch.equal(x.grad, (x.abs() <= 2.0).float())
+    with torch.inference_mode():
+        half = torch.randn(10).half()
+        assert torch.equal(fast(half), plain(half))
+
+
+def test_bit_identical_on_real_activations(fashion):
+    from quantsearch.models import create_demo_vit
+
+    x = fashion.tensors[0][:200]
+    outputs = {}
+    for fast in (False, True):
+        qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", fast=fast)
+        assert all(isinstance(q, FastTensorQuantizer) == fast for _, q in qmodel.named_quantizers())
+        qmodel.calibrate([x], 1)
+        qmodel.bit_widths = [3, 4, 5, 6, 8] * (len(qmodel) // 5)
+        with torch.inference_mode():
+            outputs[fast] = qmodel(x)
+    assert torch.equal(outputs[True], outputs[False])

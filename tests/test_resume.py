@@ -1,0 +1,88 @@
+"""A run killed with SIGKILL, or stopped with SIGINT, resumes to exactly the front of an uninterrupted run."""
+import csv
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from quantsearch.explore import main
+
+ARGS = ["--pop-size", "6", "--generations", "4", "--eval-samples", "400", "--holdout-samples", "200",
+        "--batch-size", "200", "--calib-batches", "1", "--bits", "3:8", "--seed", "2", "--no-progress"]
+
+
+def table(path, drop=("seconds",)):
+    rows = list(csv.DictReader(open(path)))
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def stored(run_dir):
+    try:
+        with sqlite3.connect(run_dir / "run.sqlite") as db:
+            return db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "run"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    return out
+
+
+def interrupt_then_resume(tmp_path, sig, after):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "quantsearch.explore", *ARGS, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while stored(out) < after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    at_stop = stored(out)
+    assert after <= at_stop
+    return out, proc.returncode, err, at_stop
+
+
+def assert_same_run(resumed, uninterrupted, at_stop):
+    assert table(resumed / "evaluations.csv") == table(uninterrupted / "evaluations.csv")
+    assert table(resumed / "pareto.csv") == table(uninterrupted / "pareto.csv")
+    run, plain = (json.loads((d / "run.json").read_text()) for d in (resumed, uninterrupted))
+    assert run["front"] == plain["front"]
+    # nothing stored before the stop was evaluated again
+    assert run["reused_evaluations"] == at_stop
+    assert run["new_evaluations"] == plain["num_evaluations"] - at_stop
+
+
+def test_sigkill_mid_generation_resumes_to_identical_front(tmp_path, uninterrupted):
+    out, code, _, at_stop = interrupt_then_resume(tmp_path, signal.SIGKILL, after=10)
+    assert code == -signal.SIGKILL
+    assert not (out / "pareto.csv").exists()
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    assert_same_run(out, uninterrupted, at_stop)
+
+
+def test_sigint_stops_cleanly_and_resumes_to_identical_front(tmp_path, uninterrupted):
+    out, code, err, at_stop = interrupt_then_resume(tmp_path, signal.SIGINT, after=8)
+    assert code == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    assert_same_run(out, uninterrupted, at_stop)
+
+
+def test_resume_refuses_other_settings_and_other_data(tmp_path, uninterrupted):
+    proc = subprocess.run([sys.executable, "-m", "quantsearch.explore", "--resume", str(uninterrupted),
+                           "--seed", "5"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "drop --seed" in proc.stderr
+    with sqlite3.connect(uninterrupted / "run.sqlite") as db:
+        db.execute("UPDATE meta SET value=? WHERE key='fingerprint'", (json.dumps({"model": "other"}),))
+    proc = subprocess.run([sys.executable, "-m", "quantsearch.explore", "--resume", str(uninterrupted)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "model, calibration or data differ" in proc.stderr
+    assert "Traceback" not in proc.stderr
