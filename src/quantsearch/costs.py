@@ -204,7 +204,11 @@ def profile_model(qmodel, example_input: torch.Tensor) -> ModelProfile:
     missing = [n for n in qmodel.activation_names if n not in elements]
     if missing:
         raise ValueError(f"quantizer {missing[0]!r} saw no tensor in the shape-recording pass")
-    weight_elements = {n: qmodel.weight_module(n).weight.numel() for n in qmodel.weight_names}
+    weight_elements, stored = {}, set()
+    for n in qmodel.weight_names:  # a weight shared by two layers is stored once, at the first one's bits
+        weight = qmodel.weight_module(n).weight
+        weight_elements[n] = 0 if id(weight) in stored else weight.numel()
+        stored.add(id(weight))
     total = sum(p.numel() for p in model.parameters())
     return ModelProfile(tuple(recorder.ops), elements, weight_elements, total - sum(weight_elements.values()))
 
