@@ -1,4 +1,5 @@
-"""End to end: the real CLI on the embedded demo (small budget), then every exported bit-config re-applied."""
+"""End to end: the real CLI on the embedded demo (small budget, activation and weight genes, BOPs), then every
+exported bit-config re-applied."""
 import csv
 import json
 import subprocess
@@ -17,7 +18,8 @@ from quantsearch.models import create_model
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "demo"
     code = main(["--pop-size", "8", "--generations", "3", "--eval-samples", "800", "--holdout-samples", "800",
-                 "--calib-batches", "2", "--bits", "3:8", "--out", str(out), "--no-progress", "--seed", "1"])
+                 "--calib-batches", "2", "--bits", "3:8", "--weight-bits", "3:8", "--search-space", "both",
+                 "--cost", "bops", "--out", str(out), "--no-progress", "--seed", "1"])
     assert code == 0
     return out
 
@@ -28,18 +30,24 @@ def test_outputs_written(run_dir):
     run = json.loads((run_dir / "run.json").read_text())
     assert run["splits"] == {"calibration": 500, "search": 800, "holdout": 800}
     assert run["settings"]["predicate_resolved"] == "vit"
-    assert set(run["baselines"]) == {"A8", "A6", "A4"}
+    assert list(run["baselines"]) == ["FP32", "W8A8", "W8A6", "W6A6", "W4A8", "W8A4", "W4A4"]
+    assert run["fp32_costs"]["bops"] == run["baselines"]["FP32"]["costs"]["bops"]
+    ratio = {name: b["costs_vs_fp32"]["bops"] for name, b in run["baselines"].items() if name != "FP32"}
+    assert ratio["W8A8"] == 8 * 8 / (32 * 32) and ratio["W4A4"] == 4 * 4 / (32 * 32)  # every multiply quantized
+    # the attention matmuls multiply two activations: W4A8 costs more than 4 x 8 bits per MAC
+    assert 4 * 8 / (32 * 32) < ratio["W4A8"] < ratio["W8A8"]
+    assert len(run["quantizers"]) == len(run["genes"]) == 58 and run["search_space"] == "both"
     assert run["versions"]["pytorch_quantization"] == "2.1.3"
     rows = list(csv.DictReader((run_dir / "evaluations.csv").open()))
     assert len(rows) == run["num_evaluations"] >= 8
     # every uniform configuration of the range was evaluated (seeded into the first population)
-    uniform = {int(r["bits"]) // 40 for r in rows if len({r[k] for k in run["quantizers"]}) == 1}
+    uniform = {int(r[run["quantizers"][0]]) for r in rows if len({r[k] for k in run["quantizers"]}) == 1}
     assert uniform == set(range(3, 9))
     pareto = list(csv.DictReader((run_dir / "pareto.csv").open()))
     assert len(pareto) == len(list((run_dir / "pareto").glob("*.json"))) == len(run["front"]) >= 1
     floor = run["min_accuracy"]
     assert all(float(p["accuracy_search"]) >= floor for p in pareto)
-    costs = [float(p["bits"]) for p in pareto]
+    costs = [float(p["bops"]) for p in pareto]
     accs = [float(p["accuracy_search"]) for p in pareto]
     assert costs == sorted(costs) and accs == sorted(accs)  # a front: more bits buy more accuracy
 

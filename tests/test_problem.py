@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from pymoo.algorithms.moo.nsga3 import NSGA3
 from pymoo.optimize import minimize
 from pymoo.util.ref_dirs import get_reference_directions
@@ -65,3 +66,42 @@ def test_nsga2_seeds_uniform_configurations_and_is_reproducible(convnet):
     first = {e.bits for e in a.evaluations[:8]}
     assert {tuple(r) for r in uniform_configurations(3, 3, 6)} <= first
     assert all(3 <= v <= 6 for e in a.evaluations for v in e.bits)
+
+
+def test_genes_subset_per_gene_ranges_and_fixed_widths(convnet):
+    qmodel = QuantizedActivationsModel(convnet, "conv2d", weight_quantizers=True)
+    genes = qmodel.weight_names
+    problem = LayerwiseQuantizationProblem(qmodel, ToyAccuracy(), 0.5, bits={g: (3, 6) for g in genes} | {
+        "fc:weight": (2, 4)}, genes=genes, fixed_bits={"input": 8, "conv1": 7, "conv2": 6})
+    assert problem.n_var == 3 and list(problem.xl) == [3, 3, 2] and list(problem.xu) == [6, 6, 4]
+    e = problem.evaluate_bits([4, 5, 2])
+    assert e.bits == (8, 7, 6, 4, 5, 2)  # every quantizer, in the model's order
+    assert qmodel.bits_dict() == dict(zip(qmodel.quantizer_names, e.bits))
+    assert problem.genome(e.bits) == (4, 5, 2) and problem.in_space(e.bits)
+    # a mapping may set fixed quantizers too (a baseline), which leaves the search space
+    baseline = problem.evaluate_bits({n: 4 for n in qmodel.quantizer_names})
+    assert baseline.bits == (4,) * 6 and not problem.in_space(baseline.bits)
+    with pytest.raises(ValueError, match="no width for gene 'fc:weight'"):
+        problem.evaluate_bits({"conv1:weight": 4, "conv2:weight": 4})
+    # the uniform seeds respect each gene's range
+    run_search(problem, nsga2(pop_size=6), generations=2, seed=0)
+    searched = [e for e in problem.evaluations if e is not baseline]
+    assert {(6, 6, 4), (3, 3, 3), (3, 3, 2)} <= {problem.genome(e.bits) for e in searched}
+    assert all(problem.in_space(e.bits) for e in searched)
+
+
+def test_three_objectives_use_nsga3(convnet):
+    from quantsearch.costs import get_costs
+    from quantsearch.search import algorithm_for
+
+    qmodel = QuantizedActivationsModel(convnet, "conv2d", weight_quantizers=True)
+    costs = get_costs("bops,model-size", qmodel, torch.randn(1, 1, 8, 8))
+    problem = LayerwiseQuantizationProblem(qmodel, ToyAccuracy(), 0.9, bits=(2, 8), costs=costs)
+    assert problem.n_obj == 3
+    algorithm = algorithm_for(problem.n_obj, pop_size=10)
+    assert isinstance(algorithm, NSGA3) and len(algorithm.ref_dirs) <= 10
+    run_search(problem, algorithm, generations=3, seed=0)
+    assert len(problem.evaluations) > 10
+    out = problem.evaluate(np.array([[8] * 6]), return_as_dictionary=True)
+    bits = dict(zip(qmodel.quantizer_names, [8] * 6))
+    np.testing.assert_allclose(out["F"][0, 1:], [costs[0](bits), costs[1](bits)])

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 from .bitconfig import BitConfig, apply_bitconfig
 from .calibration import calibrate_max, load_amax, save_amax
 from .config import ExploreConfig
-from .costs import TotalBits, get_costs
+from .costs import BOPs, ActivationMemory, ModelSize, TotalBits, get_costs, profile_model
 from .data import load_dataset, load_fashion_mnist, split_dataset
 from .evaluation import AccuracyEvaluator
 from .exploration import explore
@@ -17,7 +17,7 @@ from .predicates import PRESETS, Predicate, Target, by_name, by_type
 from .problem import Evaluation, LayerwiseQuantizationProblem
 from .quantized_model import QuantizedActivationsModel
 from .results import pareto_front
-from .search import nsga2, run_search
+from .search import algorithm_for, nsga2, nsga3, run_search
 
 __all__ = [
     "QuantizedActivationsModel", "LayerwiseQuantizationProblem", "Evaluation",
@@ -26,6 +26,7 @@ __all__ = [
     "BitConfig", "apply_bitconfig",
     "Predicate", "Target", "PRESETS", "by_type", "by_name",
     "AccuracyEvaluator", "TotalBits", "get_costs",
+    "BOPs", "ActivationMemory", "ModelSize", "profile_model", "nsga3", "algorithm_for",
     "create_model", "load_dataset", "load_fashion_mnist", "split_dataset",
     "__version__",
 ]

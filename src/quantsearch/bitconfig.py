@@ -1,5 +1,9 @@
 """The bit-config: one configuration (bits and amax per quantizer) as validated JSON that can be re-applied.
 
+Activation quantizers carry one amax; weight quantizers (``<module>:weight``, present when ``model`` says
+``"weight_quantizers": true``) carry a list, one amax per output channel, so re-applying reproduces the
+quantized weights bit for bit.
+
 The JSON Schema ships in the package (``quantsearch/schemas/bitconfig.schema.json``); every load validates against
 it, and applying refuses a configuration whose quantizer names do not match the model, naming the first mismatch.
 """
@@ -17,7 +21,7 @@ from torch import nn
 __all__ = ["BitConfig", "BitConfigError", "schema", "apply_bitconfig"]
 
 FORMAT = "quantsearch-bitconfig"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-channel weight quantizers (amax lists, model.weight_quantizers); 1 still loads
 
 
 class BitConfigError(ValueError):
@@ -45,8 +49,9 @@ class BitConfig:
         return {n: int(q["num_bits"]) for n, q in self.quantizers.items()}
 
     @property
-    def amax(self) -> dict[str, float]:
-        return {n: float(q["amax"]) for n, q in self.quantizers.items()}
+    def amax(self) -> dict[str, float | list[float]]:
+        return {n: ([float(v) for v in q["amax"]] if isinstance(q["amax"], list) else float(q["amax"]))
+                for n, q in self.quantizers.items()}
 
     @classmethod
     def from_model(cls, qmodel, model: Mapping[str, Any], **kwargs) -> "BitConfig":
@@ -96,7 +101,10 @@ class BitConfig:
             extra = (list(self.quantizers)[len(names):] or names[len(self.quantizers):])[0]
             raise BitConfigError(f"bit-config does not fit the model: {len(self.quantizers)} quantizers in the "
                                  f"bit-config, {len(names)} in the model (first unmatched: {extra!r})")
-        qmodel.amax = self.amax
+        try:
+            qmodel.amax = self.amax
+        except ValueError as exc:
+            raise BitConfigError(f"bit-config does not fit the model: {exc}") from None
         qmodel.bit_widths = self.bits
 
 
@@ -106,6 +114,7 @@ def apply_bitconfig(model: nn.Module, config: "BitConfig | str | Path"):
 
     config = config if isinstance(config, BitConfig) else BitConfig.load(config)
     qmodel = QuantizedActivationsModel(model, config.model["predicate"],
-                                       quantize_input=config.model["quantize_input"])
+                                       quantize_input=config.model["quantize_input"],
+                                       weight_quantizers=bool(config.model.get("weight_quantizers", False)))
     config.apply(qmodel)
     return qmodel

@@ -31,8 +31,17 @@ def batch_inputs(batch) -> torch.Tensor:
 
 
 def calibrate_max(qmodel, batches: Iterable, num_batches: int | None = None) -> dict[str, float]:
-    """Set each quantizer's amax to max|x| over the first ``num_batches`` batches (all if None)."""
-    quantizers = list(qmodel.named_quantizers())
+    """Set each activation quantizer's amax to max|x| over the first ``num_batches`` batches (all if None).
+
+    The model runs in FP32 meanwhile: activation quantizers only observe, weight quantizers are switched off
+    (their amax is max|w| per channel, set when they are created).
+    """
+    activations = set(qmodel.activation_names)
+    quantizers = [(n, q) for n, q in qmodel.named_quantizers() if n in activations]
+    weights = [q for n, q in qmodel.named_quantizers() if n not in activations]
+    weights_were_disabled = [q._disabled for q in weights]
+    for q in weights:
+        q.disable()
     with quiet_quantizers():
         for _, q in quantizers:
             q._calibrator.reset()
@@ -53,6 +62,8 @@ def calibrate_max(qmodel, batches: Iterable, num_batches: int | None = None) -> 
             for _, q in quantizers:
                 q.disable_calib()
                 q.enable_quant()
+        for q, was in zip(weights, weights_were_disabled):
+            q._disabled = was
     if seen == 0:
         raise CalibrationError("calibration saw no batch: the calibration data is empty")
     amax = {}
@@ -73,8 +84,10 @@ def check_amax(amax: dict[str, float]) -> None:
 
 
 def save_amax(qmodel, path: str | Path) -> None:
-    """Write every quantizer's amax as JSON (atomically)."""
-    payload = {"format": AMAX_FORMAT, "version": AMAX_VERSION, "amax": qmodel.amax}
+    """Write every activation quantizer's amax as JSON (atomically); weight amax follows from the weights."""
+    amax = qmodel.amax
+    payload = {"format": AMAX_FORMAT, "version": AMAX_VERSION,
+               "amax": {n: amax[n] for n in qmodel.activation_names}}
     write_atomic(path, json.dumps(payload, indent=2))
 
 
@@ -87,8 +100,8 @@ def load_amax(qmodel, path: str | Path) -> dict[str, float]:
     if not isinstance(payload, dict) or payload.get("format") != AMAX_FORMAT:
         raise CalibrationError(f"{path} is not a quantsearch amax file")
     amax = {str(k): float(v) for k, v in payload["amax"].items()}
-    missing = [n for n in qmodel.quantizer_names if n not in amax]
-    extra = [n for n in amax if n not in qmodel.quantizer_names]
+    missing = [n for n in qmodel.activation_names if n not in amax]
+    extra = [n for n in amax if n not in qmodel.activation_names]
     if missing or extra:
         raise CalibrationError(f"amax file {path} does not fit the model: missing {missing[:3]}, unknown {extra[:3]}")
     check_amax(amax)

@@ -11,7 +11,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["ConfigError", "ExploreConfig", "parse_bits", "load_yaml"]
+__all__ = ["ConfigError", "ExploreConfig", "parse_bits", "load_yaml", "SEARCH_SPACES"]
+
+SEARCH_SPACES = ("activations", "weights", "both")
 
 
 class ConfigError(ValueError):
@@ -31,6 +33,8 @@ class ExploreConfig:
     min_accuracy: float | None = None
     max_accuracy_drop: float = 0.01
     cost: str = "bits"
+    search_space: str = "activations"
+    weight_bits: str = "2:8"
     pop_size: int = 20
     generations: int = 10
     calib_batches: int = 4
@@ -70,6 +74,10 @@ class ExploreConfig:
         return parse_bits(self.bits)
 
     @property
+    def weight_bit_range(self) -> tuple[int, int]:
+        return parse_bits(self.weight_bits, "weight-bits")
+
+    @property
     def calibration_samples(self) -> int:
         return self.calib_batches * self.batch_size
 
@@ -81,6 +89,9 @@ class ExploreConfig:
     def validate(self) -> "ExploreConfig":
         """Check every setting that can be checked without loading anything; raise ConfigError on the first."""
         parse_bits(self.bits)
+        parse_bits(self.weight_bits, "weight-bits")
+        if self.search_space not in SEARCH_SPACES:
+            raise ConfigError(f"unknown search-space {self.search_space!r}; choose from {', '.join(SEARCH_SPACES)}")
         for name in ("pop_size", "generations", "calib_batches", "eval_samples", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -105,33 +116,34 @@ class ExploreConfig:
 
         if self.predicate != "auto" and self.predicate not in PRESETS:
             raise ConfigError(f"unknown predicate {self.predicate!r}; choose from auto, {', '.join(PRESETS)}")
-        from .costs import COSTS
+        from .costs import parse_cost_names
 
-        for cost in self.cost.split(","):
-            if cost.strip() not in COSTS:
-                raise ConfigError(f"unknown cost {cost.strip()!r}; choose from {', '.join(COSTS)}")
+        try:
+            parse_cost_names(self.cost)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         return self
 
 
-def parse_bits(text: str) -> tuple[int, int]:
+def parse_bits(text: str, option: str = "bits") -> tuple[int, int]:
     """``"2:8"`` -> ``(2, 8)``; a single number means a fixed width."""
     from .quantized_model import MAX_BITS, MIN_BITS
 
     try:
         parts = [int(p) for p in str(text).split(":")]
     except ValueError:
-        raise ConfigError(f"bits must look like LO:HI (for example 2:8), got {text!r}") from None
+        raise ConfigError(f"{option} must look like LO:HI (for example 2:8), got {text!r}") from None
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2:
-        raise ConfigError(f"bits must look like LO:HI (for example 2:8), got {text!r}")
+        raise ConfigError(f"{option} must look like LO:HI (for example 2:8), got {text!r}")
     lo, hi = parts
     if lo > hi:
-        raise ConfigError(f"bits {text}: LO is greater than HI")
+        raise ConfigError(f"{option} {text}: LO is greater than HI")
     if lo < MIN_BITS or hi > MAX_BITS:
-        raise ConfigError(f"bits {text}: each width must lie in {MIN_BITS}..{MAX_BITS}")
+        raise ConfigError(f"{option} {text}: each width must lie in {MIN_BITS}..{MAX_BITS}")
     return lo, hi
 
 

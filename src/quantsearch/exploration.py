@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from . import __version__
 from .bitconfig import BitConfig
 from .config import ExploreConfig
-from .costs import get_costs
+from .costs import COSTS, get_costs, profile_model
 from .data import load_dataset, split_dataset
 from .evaluation import AccuracyEvaluator
 from .fingerprints import fingerprint_model, fingerprint_tensors, fingerprint_values
@@ -26,13 +26,15 @@ from .plots import plot_bits_heatmap, plot_front
 from .problem import Evaluation, LayerwiseQuantizationProblem
 from .quantized_model import QuantizedActivationsModel
 from .results import pareto_front
-from .search import nsga2, run_search
+from .search import algorithm_for, run_search
 from .store import RunStore, StoreError
 
-__all__ = ["RunResult", "Interrupted", "explore", "resume_config", "resolve_predicate", "UNIFORM_BASELINES"]
+__all__ = ["RunResult", "Interrupted", "explore", "resume_config", "resolve_predicate", "BASELINES",
+           "search_genes"]
 
 log = logging.getLogger("quantsearch")
-UNIFORM_BASELINES = (8, 6, 4)
+# uniform (weight bits, activation bits) configurations, as in the ViT quantization literature's tables
+BASELINES = {"W8A8": (8, 8), "W8A6": (8, 6), "W6A6": (6, 6), "W4A8": (4, 8), "W8A4": (8, 4), "W4A4": (4, 4)}
 
 
 class Interrupted(Exception):
@@ -54,6 +56,10 @@ class RunResult:
     bitconfigs: list[Path]
     timings: dict[str, float] = field(default_factory=dict)
     num_evaluations: int = 0
+    fp32_costs: dict[str, float] = field(default_factory=dict)  # every cost model's FP32 value
+    baseline_costs: dict[str, dict[str, float]] = field(default_factory=dict)  # every cost, FP32 row included
+    search_space: str = "activations"
+    genes: list[str] = field(default_factory=list)
     reused_evaluations: int = 0
 
 
@@ -62,6 +68,12 @@ def resolve_predicate(predicate: str, model: torch.nn.Module) -> str:
     if predicate != "auto":
         return predicate
     return "vit" if any(hasattr(m, "fused_attn") for m in model.modules()) else "conv2d"
+
+
+def search_genes(qmodel, search_space: str) -> list[str]:
+    """The quantizers searched: activations, weights or both (each kind in the model's order)."""
+    return {"activations": qmodel.activation_names, "weights": qmodel.weight_names,
+            "both": qmodel.activation_names + qmodel.weight_names}[search_space]
 
 
 def _versions() -> dict[str, str]:
@@ -94,7 +106,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     config.validate()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    lo, hi = config.bit_range
+    a_range, w_range = config.bit_range, config.weight_bit_range
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     run_dir = config.resolved_out()
@@ -120,12 +132,18 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
 
     # quantized model and calibration
     t = time.perf_counter()
-    qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input).to(device)
-    if len(qmodel) == 0:
+    qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input,
+                                       weight_quantizers=True).to(device)
+    if len(qmodel.activation_names) == 0:
         raise ValueError(f"predicate {predicate!r} selects no module of {config.model}")
+    genes = search_genes(qmodel, config.search_space)
+    if not genes:
+        raise ValueError(f"search-space {config.search_space}: {config.model} has no Conv/Linear weight to search")
     qmodel.calibrate(DataLoader(splits.calibration, batch_size=config.batch_size), config.calib_batches)
     timings["calibration"] = time.perf_counter() - t
-    log.info("%d quantizers (%s), calibrated on %d images", len(qmodel), predicate, len(splits.calibration))
+    log.info("%d activation and %d weight quantizers (%s), calibrated on %d images; %d genes (%s)",
+             len(qmodel.activation_names), len(qmodel.weight_names), predicate, len(splits.calibration), len(genes),
+             config.search_space)
 
     # evaluators and the floor
     t = time.perf_counter()
@@ -158,9 +176,17 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
         store = RunStore.create(run_dir, settings, overwrite=config.overwrite)
         store.put("fingerprint", fingerprint)
     known = store.cache()
-    costs = get_costs(config.cost, qmodel)
+    t = time.perf_counter()
+    profile = profile_model(qmodel, splits.calibration[0][0].unsqueeze(0).to(device))
+    costs = get_costs(config.cost, qmodel, profile=profile)
+    every_cost = get_costs(list(COSTS), qmodel, profile=profile)
+    timings["profile"] = time.perf_counter() - t
     cost_names = [c.name for c in costs]
-    problem = LayerwiseQuantizationProblem(qmodel, search_eval, min_accuracy, (lo, hi), costs, cache=known)
+    weights = set(qmodel.weight_names)
+    kind_range = {n: (w_range if n in weights else a_range) for n in qmodel.quantizer_names}
+    problem = LayerwiseQuantizationProblem(qmodel, search_eval, min_accuracy, {g: kind_range[g] for g in genes},
+                                           costs, cache=known, genes=genes,
+                                           fixed_bits={n: r[1] for n, r in kind_range.items()})
     generation = {"now": 0}
 
     def record(evaluation: Evaluation) -> None:
@@ -171,8 +197,13 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     problem.listeners.append(record)
 
     t = time.perf_counter()
-    baselines = {f"A{b}": problem.evaluate_bits([b] * len(qmodel))
-                 for b in UNIFORM_BASELINES if lo <= b <= hi}
+    baselines = {name: problem.evaluate_bits({n: (w if n in weights else a) for n in qmodel.quantizer_names})
+                 for name, (w, a) in BASELINES.items()}
+    fp32_costs = {c.name: c.fp32 for c in every_cost}
+    baseline_costs = {"FP32": dict(fp32_costs)} | {
+        name: {c.name: float(c(dict(zip(qmodel.quantizer_names, e.bits)))) for c in every_cost}
+        for name, e in baselines.items()}
+    seeds = [problem.genome(e.bits) for e in baselines.values() if problem.in_space(e.bits)]
     timings["baselines"] = time.perf_counter() - t
 
     # search
@@ -181,43 +212,51 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.generations, desc="NSGA-II", unit="gen", dynamic_ncols=True)
+        bar = tqdm(total=config.generations, desc="NSGA-II" if problem.n_obj <= 2 else "NSGA-III", unit="gen",
+                   dynamic_ncols=True)
     generation["now"] = 1
+
+    def searched():  # baselines outside the search space (W4A8 in an activations search) stay off the front
+        return [e for e in problem.evaluations if problem.in_space(e.bits)]
+
+    def stored_evaluations():  # this run's and any resumed ones, in the order they were first recorded
+        return [e for e, _ in store.evaluations()]
 
     def on_generation(n_gen, _algorithm):
         generation["now"] = n_gen + 1
         store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy)
         if bar is not None:
-            front_now = pareto_front(problem.evaluations, min_accuracy, cost_names)
+            front_now = pareto_front(searched(), min_accuracy, cost_names)
             bar.update(1)
             bar.set_postfix(evals=len(problem.evaluations), front=len(front_now),
                             cheapest=f"{front_now[0].costs[cost_names[0]]:g}" if front_now else "-")
 
     try:
-        run_search(problem, nsga2(config.pop_size), config.generations, config.seed, on_generation)
+        algorithm = algorithm_for(problem.n_obj, config.pop_size, extra_seeds=seeds or None)
+        run_search(problem, algorithm, config.generations, config.seed, on_generation)
     finally:
         if bar is not None:
             bar.close()
         store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy)
     timings["search"] = time.perf_counter() - t
 
-    # front (from the store: this run's evaluations and any resumed ones), hold-out confirmation, outputs
+    # front, hold-out confirmation, outputs
     t = time.perf_counter()
-    evaluations = [e for e, _ in store.evaluations()]
-    front = pareto_front(evaluations, min_accuracy, cost_names)
+    evaluations = stored_evaluations()
+    front = pareto_front([e for e in evaluations if problem.in_space(e.bits)], min_accuracy, cost_names)
     holdout = {}
     if holdout_eval:
         for e in front:
             qmodel.bit_widths = e.bits
             holdout[e.bits] = holdout_eval(qmodel)
     timings["holdout"] = time.perf_counter() - t
-    fp32_costs = {c.name: c.fp32 for c in costs}
     bitconfigs = _write_front(store, qmodel, config, predicate, splits, front, holdout, fp32_costs)
     timings["total"] = time.perf_counter() - clock
 
     result = RunResult(run_dir, qmodel.quantizer_names, cost_names, fp32, min_accuracy, baselines, front, holdout,
-                       bitconfigs, timings, len(evaluations), len(known))
-    _write_summary(store, result, settings, splits, costs)
+                       bitconfigs, timings, len(evaluations), fp32_costs, baseline_costs,
+                       config.search_space, list(genes), len(known))
+    _write_summary(store, result, settings, splits)
     plot_front(evaluations, front, cost_names[0], baselines, fp32["search"], min_accuracy,
                path=run_dir / "pareto.png")
     plot_bits_heatmap(front, qmodel.quantizer_names, cost_names[0], path=run_dir / "bits_heatmap.png")
@@ -227,7 +266,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
 
 def _write_front(store, qmodel, config, predicate, splits, front, holdout, fp32_costs) -> list[Path]:
     model_info = {"name": config.model, "checkpoint": config.checkpoint, "predicate": predicate,
-                  "quantize_input": config.quantize_input}
+                  "quantize_input": config.quantize_input, "weight_quantizers": bool(qmodel.weight_names)}
     dataset_info = {"name": config.dataset, "seed": config.seed, "calibration": len(splits.calibration),
                     "search": len(splits.search), "holdout": len(splits.holdout), "batch_size": config.batch_size}
     paths, rows = [], []
@@ -249,19 +288,27 @@ def _write_front(store, qmodel, config, predicate, splits, front, holdout, fp32_
     return paths
 
 
-def _write_summary(store, result: RunResult, settings, splits, costs) -> None:
+def _write_summary(store, result: RunResult, settings, splits) -> None:
     def point(e: Evaluation) -> dict:
         return {"accuracy": e.accuracy, "costs": dict(e.costs), "bits": list(e.bits)}
+
+    def baseline(name: str) -> dict:
+        costs = result.baseline_costs[name]
+        e = result.baselines.get(name)
+        return {"accuracy": e.accuracy if e else result.fp32["search"], "bits": list(e.bits) if e else None,
+                "costs": costs, "costs_vs_fp32": {c: v / result.fp32_costs[c] for c, v in costs.items()}}
 
     store.write_json("run.json", {
         "settings": settings,
         "model_is_demo": settings["model"] == DEMO_MODEL,
         "splits": splits.describe(),
         "quantizers": result.quantizer_names,
+        "search_space": result.search_space,
+        "genes": result.genes,
         "fp32_accuracy": result.fp32,
-        "fp32_costs": {c.name: c.fp32 for c in costs},
+        "fp32_costs": result.fp32_costs,
         "min_accuracy": result.min_accuracy,
-        "baselines": {k: point(e) for k, e in result.baselines.items()},
+        "baselines": {name: baseline(name) for name in result.baseline_costs},
         "front": [point(e) | {"accuracy_holdout": result.holdout.get(e.bits)} for e in result.front],
         "num_evaluations": result.num_evaluations,
         "reused_evaluations": result.reused_evaluations,

@@ -26,12 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predicate", help="where quantizers go: auto, conv2d, linear, vit, all-leaf (default auto)")
     p.add_argument("--no-input-quant", dest="quantize_input", action="store_const", const=False,
                    help="do not quantize the model input")
-    p.add_argument("--bits", help=f"bit-width range LO:HI (default {d.bits})")
+    p.add_argument("--bits", help=f"activation bit-width range LO:HI (default {d.bits})")
+    p.add_argument("--weight-bits", help=f"weight bit-width range LO:HI (default {d.weight_bits}); quantizers "
+                   "outside the search space stay at HI of their range")
+    p.add_argument("--search-space", help="which quantizers are genes: activations, weights or both "
+                   f"(default {d.search_space})")
     floor = p.add_mutually_exclusive_group()
     floor.add_argument("--min-accuracy", type=float, help="accuracy floor, a fraction in [0, 1]")
     floor.add_argument("--max-accuracy-drop", type=float,
                        help=f"floor relative to FP32 on the search split (default {d.max_accuracy_drop})")
-    p.add_argument("--cost", help=f"cost objective(s), comma separated (default {d.cost})")
+    p.add_argument("--cost", help="cost objective(s), comma separated, from bits, activation-memory, model-size, "
+                   f"bops (default {d.cost}); three or more objectives use NSGA-III")
     p.add_argument("--pop-size", type=int, help=f"NSGA-II population (default {d.pop_size})")
     p.add_argument("--generations", type=int, help=f"NSGA-II generations (default {d.generations})")
     p.add_argument("--calib-batches", type=int, help=f"calibration batches (default {d.calib_batches})")
@@ -75,18 +80,29 @@ def print_report(result) -> None:
     from .results import format_table
 
     cost = result.cost_names[0]
+    fp32_costs = result.fp32_costs
     print(f"\nFP32 accuracy: search {100 * result.fp32['search']:.2f}%"
           + (f", hold-out {100 * result.fp32['holdout']:.2f}%" if "holdout" in result.fp32 else "")
           + f"; floor {100 * result.min_accuracy:.2f}% on the search split")
-    rows = [[name, f"{100 * e.accuracy:.2f}", *[f"{e.costs[c]:g}" for c in result.cost_names]]
-            for name, e in result.baselines.items()]
-    print("\nUniform baselines (search split)\n" + format_table(["config", "acc %", *result.cost_names], rows))
+    every = list(fp32_costs)
+    rows = []
+    for name, costs in result.baseline_costs.items():
+        accuracy = result.baselines[name].accuracy if name in result.baselines else result.fp32["search"]
+        rows.append([name, f"{100 * accuracy:.2f}",
+                     *[cell for c in every for cell in (f"{costs[c]:g}", f"{costs[c] / fp32_costs[c]:.4f}")]])
+    print("\nBaselines (search split; costs per sample, memory and size in bytes; x FP32 = relative to FP32)\n"
+          + format_table(["config", "acc %", *[h for c in every for h in (c, "x FP32")]], rows))
+    genes = set(result.genes)
+    gene_index = [i for i, n in enumerate(result.quantizer_names) if n in genes]
     rows = [[i, f"{100 * e.accuracy:.2f}",
              f"{100 * result.holdout[e.bits]:.2f}" if e.bits in result.holdout else "-",
-             *[f"{e.costs[c]:g}" for c in result.cost_names], " ".join(map(str, e.bits))]
+             *[cell for c in result.cost_names for cell in (f"{e.costs[c]:g}", f"{e.costs[c] / fp32_costs[c]:.4f}")],
+             " ".join(str(e.bits[j]) for j in gene_index)]
             for i, e in enumerate(result.front)]
-    print(f"\nPareto front ({len(result.front)} points, {result.num_evaluations} evaluations, cheapest {cost} first)\n"
-          + format_table(["#", "search %", "hold-out %", *result.cost_names, "bits per quantizer"], rows))
+    print(f"\nPareto front ({len(result.front)} points, {result.num_evaluations} evaluations, cheapest {cost} first; "
+          f"{len(genes)} genes: {result.search_space})\n"
+          + format_table(["#", "search %", "hold-out %", *[h for c in result.cost_names for h in (c, "x FP32")],
+                          "bits per searched quantizer"], rows))
     print(f"\nWrote {result.run_dir}/ (evaluations.csv, pareto.csv, pareto/*.json, pareto.png, run.json) "
           f"in {result.timings['total']:.0f} s")
 

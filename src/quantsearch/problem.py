@@ -1,7 +1,8 @@
 """``LayerwiseQuantizationProblem``: per-quantizer bit-widths as a plain pymoo problem.
 
-Genes are integers in ``[lo, hi]``, one per quantizer in network order. Objectives: ``-accuracy`` and each cost.
-One inequality constraint: ``min_accuracy - accuracy <= 0``. The problem knows no files and prints nothing; it
+Genes are integers in ``[lo, hi]``, one per searched quantizer (by default every quantizer, in the model's order;
+``genes`` may name a subset, such as the weight quantizers only); every other quantizer keeps a fixed width.
+Objectives: ``-accuracy`` and each cost. One inequality constraint: ``min_accuracy - accuracy <= 0``. The problem knows no files and prints nothing; it
 remembers every configuration it evaluated (never paying twice for one) and tells listeners about new ones.
 """
 from __future__ import annotations
@@ -21,7 +22,10 @@ __all__ = ["Evaluation", "LayerwiseQuantizationProblem"]
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One evaluated configuration; ``status`` is ``ok`` or ``failed`` (NaN/Inf output, accuracy 0)."""
+    """One evaluated configuration; ``status`` is ``ok`` or ``failed`` (NaN/Inf output, accuracy 0).
+
+    ``bits`` holds the width of every quantizer of the model (genes and fixed ones), in the model's order.
+    """
 
     bits: tuple[int, ...]
     accuracy: float
@@ -39,37 +43,96 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         qmodel: a calibrated ``QuantizedActivationsModel``.
         evaluate: ``model -> accuracy`` in [0, 1] (for example an ``AccuracyEvaluator``).
         min_accuracy: the floor; configurations below it are infeasible.
-        bits: inclusive ``(lo, hi)`` range of every gene.
+        bits: inclusive ``(lo, hi)`` range of every gene, or a mapping ``gene name -> (lo, hi)``.
         costs: cost models to minimise (default: total bits).
         cache: a mapping ``bits tuple -> Evaluation`` of configurations already known (a run store's, on resume).
+        genes: the quantizers searched, one gene each (default: all, in the model's order).
+        fixed_bits: the width of every quantizer that is not a gene: one number, or a mapping by name.
         memoize: remember evaluated configurations (``False`` only to measure the naive way in benchmarks).
     """
 
-    def __init__(self, qmodel, evaluate: Callable, min_accuracy: float, bits: tuple[int, int] = (2, 8),
+    def __init__(self, qmodel, evaluate: Callable, min_accuracy: float,
+                 bits: tuple[int, int] | Mapping[str, tuple[int, int]] = (2, 8),
                  costs: Sequence[CostModel] | None = None,
-                 cache: Mapping[tuple[int, ...], Evaluation] | None = None, memoize: bool = True, **kwargs):
-        lo, hi = int(bits[0]), int(bits[1])
-        if lo > hi:
-            raise ValueError(f"bit range {lo}:{hi} is empty")
+                 cache: Mapping[tuple[int, ...], Evaluation] | None = None,
+                 genes: Sequence[str] | None = None, fixed_bits: int | Mapping[str, int] = 8,
+                 memoize: bool = True, **kwargs):
+        names = qmodel.quantizer_names
+        self.gene_names = list(names if genes is None else genes)
+        unknown = [g for g in self.gene_names if g not in names]
+        if unknown:
+            raise KeyError(f"no quantizer named {unknown[0]!r}")
+        if not self.gene_names:
+            raise ValueError("the search space has no gene: no quantizer to search")
+        ranges = bits if isinstance(bits, Mapping) else {g: bits for g in self.gene_names}
+        missing = [g for g in self.gene_names if g not in ranges]
+        if missing:
+            raise ValueError(f"no bit range for gene {missing[0]!r}")
+        self.bit_ranges = {g: (int(ranges[g][0]), int(ranges[g][1])) for g in self.gene_names}
+        empty = [g for g, (lo, hi) in self.bit_ranges.items() if lo > hi]
+        if empty:
+            lo, hi = self.bit_ranges[empty[0]]
+            raise ValueError(f"bit range {lo}:{hi} of {empty[0]!r} is empty")
+        genes_set = set(self.gene_names)
+        self.fixed = {n: int(fixed_bits[n] if isinstance(fixed_bits, Mapping) else fixed_bits)
+                      for n in names if n not in genes_set}
         self.qmodel = qmodel
         self.metric = evaluate
         self.min_accuracy = float(min_accuracy)
-        self.bit_range = (lo, hi)
-        self.costs = list(costs) if costs else [TotalBits(qmodel.quantizer_names)]
+        self.costs = list(costs) if costs else [TotalBits(names)]
         self.cache: dict[tuple[int, ...], Evaluation] = dict(cache or {})
         self.memoize = memoize
         self.listeners: list[Callable[[Evaluation], None]] = []
         self.evaluations: list[Evaluation] = []
-        super().__init__(n_var=len(qmodel.quantizer_names), n_obj=1 + len(self.costs), n_ieq_constr=1,
-                         xl=lo, xu=hi, vtype=int, **kwargs)
+        xl = np.array([self.bit_ranges[g][0] for g in self.gene_names])
+        xu = np.array([self.bit_ranges[g][1] for g in self.gene_names])
+        super().__init__(n_var=len(self.gene_names), n_obj=1 + len(self.costs), n_ieq_constr=1,
+                         xl=xl, xu=xu, vtype=int, **kwargs)
+
+    @property
+    def bit_range(self) -> tuple[int, int]:
+        """The widest ``(lo, hi)`` over all genes."""
+        return int(self.xl.min()), int(self.xu.max())
 
     @property
     def objective_names(self) -> list[str]:
         return ["-accuracy"] + [c.name for c in self.costs]
 
-    def evaluate_bits(self, bits: Sequence[int]) -> Evaluation:
-        """Evaluate one configuration (or return it from the cache)."""
-        key = tuple(int(b) for b in bits)
+    def configuration(self, bits: Sequence[int] | Mapping[str, int]) -> tuple[int, ...]:
+        """The widths of all quantizers, in the model's order, from a genome (one value per gene) or a mapping.
+
+        A mapping must name every gene; quantizers it leaves out keep their fixed width, and it may also set
+        those (the uniform baselines of a weights-only search, say), giving a configuration outside the space.
+        """
+        if isinstance(bits, Mapping):
+            unknown = [n for n in bits if n not in self.fixed and n not in self.bit_ranges]
+            if unknown:
+                raise KeyError(f"no quantizer named {unknown[0]!r}")
+            missing = [g for g in self.gene_names if g not in bits]
+            if missing:
+                raise ValueError(f"no width for gene {missing[0]!r}")
+            named = {**self.fixed, **{n: int(b) for n, b in bits.items()}}
+        else:
+            genome = [int(b) for b in bits]
+            if len(genome) != self.n_var:
+                raise ValueError(f"expected {self.n_var} genes, got {len(genome)}")
+            named = {**self.fixed, **dict(zip(self.gene_names, genome))}
+        return tuple(named[n] for n in self.qmodel.quantizer_names)
+
+    def genome(self, bits: Sequence[int]) -> tuple[int, ...]:
+        """The genes of a full configuration (as in :attr:`Evaluation.bits`)."""
+        named = dict(zip(self.qmodel.quantizer_names, bits))
+        return tuple(int(named[g]) for g in self.gene_names)
+
+    def in_space(self, bits: Sequence[int]) -> bool:
+        """Whether a full configuration is one the search can reach: fixed widths kept, genes in range."""
+        named = dict(zip(self.qmodel.quantizer_names, bits))
+        return (all(named[n] == b for n, b in self.fixed.items())
+                and all(lo <= named[g] <= hi for g, (lo, hi) in self.bit_ranges.items()))
+
+    def evaluate_bits(self, bits: Sequence[int] | Mapping[str, int]) -> Evaluation:
+        """Evaluate one configuration, a genome or a mapping by name (or return it from the cache)."""
+        key = self.configuration(bits)
         known = self.cache.get(key)
         if known is not None:
             return known

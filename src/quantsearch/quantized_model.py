@@ -1,8 +1,10 @@
-"""``QuantizedActivationsModel``: fake-quantize chosen activations of an unchanged PyTorch model.
+"""``QuantizedActivationsModel``: fake-quantize chosen activations (and weights) of an unchanged PyTorch model.
 
 One pytorch-quantization ``TensorQuantizer`` per selected module runs from that module's forward hook on its
 output (or from a forward pre-hook on its input, for tensors that no module produces), plus one quantizer on the
-model input. The user's model keeps its class and its weights; :meth:`QuantizedActivationsModel.remove`
+model input. Optionally every Conv/Linear weight gets a per-output-channel quantizer (``<module>:weight``): a
+forward pre-hook swaps the fake-quantized weight in for the duration of the call and a forward hook swaps the
+original back, so the user's model keeps its class and its weights; :meth:`QuantizedActivationsModel.remove`
 detaches every hook and restores the model exactly.
 """
 from __future__ import annotations
@@ -25,11 +27,13 @@ with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.scr
 from .fakequant import FastTensorQuantizer
 from .predicates import PredicateLike, get_target
 
-__all__ = ["QuantizedActivationsModel", "INPUT_QUANTIZER", "MIN_BITS", "MAX_BITS", "make_quantizer",
-           "quiet_quantizers"]
+__all__ = ["QuantizedActivationsModel", "INPUT_QUANTIZER", "WEIGHT_SUFFIX", "WEIGHT_LAYERS", "MIN_BITS",
+           "MAX_BITS", "make_quantizer", "make_weight_quantizer", "quiet_quantizers"]
 
 INPUT_QUANTIZER = "input"
 INPUT_SUFFIX = ":input"
+WEIGHT_SUFFIX = ":weight"
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # weight shape (out, in, ...): channels on axis 0
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -55,6 +59,63 @@ def make_quantizer(num_bits: int = 8, fast: bool = True) -> TensorQuantizer:
         return (FastTensorQuantizer if fast else TensorQuantizer)(desc)
 
 
+def make_weight_quantizer(num_bits: int = 8) -> TensorQuantizer:
+    """A per-output-channel (axis 0), symmetric, narrow-range fake quantizer for Conv/Linear weights."""
+    desc = QuantDescriptor(num_bits=num_bits, fake_quant=True, axis=(0,), calib_method="max", narrow_range=True)
+    with quiet_quantizers():
+        return TensorQuantizer(desc)
+
+
+def channel_absmax(weight: torch.Tensor) -> torch.Tensor:
+    """max|w| per output channel, shaped to broadcast against ``weight`` ((out, 1, ...))."""
+    return weight.detach().abs().amax(dim=tuple(range(1, weight.dim())), keepdim=True)
+
+
+class WeightFakeQuant:
+    """Runs a module's forward with its fake-quantized weight, keeping the original for everything else.
+
+    The fake-quantized weight is cached per bit-width (weights do not change during a search, so a forward pass
+    never re-quantizes them); the cache is dropped when the weight tensor is replaced or modified in place, or
+    when amax is set. The swap assigns ``weight.data`` (the Parameter object stays), and ``always_call`` puts the
+    original back even when the forward raises. Meant for inference: gradients would see the original weight.
+    """
+
+    def __init__(self, module: nn.Module, quantizer: TensorQuantizer):
+        self.module, self.quantizer = module, quantizer
+        self.cache: dict[int, torch.Tensor] = {}
+        self._source: tuple | None = None
+        self._saved: torch.Tensor | None = None
+
+    def quantized(self, bits: int) -> torch.Tensor:
+        weight = self.module.weight
+        source = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if source != self._source:
+            self.cache.clear()
+            self._source = source
+        cached = self.cache.get(bits)
+        if cached is None:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = self.quantizer(weight.detach()).detach()
+            self.cache[bits] = cached
+        return cached
+
+    def before(self, module: nn.Module, _args) -> None:
+        q = self.quantizer
+        if q._disabled or not q._if_quant or self._saved is not None:
+            return
+        fake = self.quantized(q.num_bits)
+        self._saved = module.weight.data
+        module.weight.data = fake
+
+    def after(self, module: nn.Module, _args, _output) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            self.module.weight.data = self._saved
+            self._saved = None
+
+
 class QuantizedActivationsModel(nn.Module):
     """A model whose selected activations pass through fake quantizers.
 
@@ -65,17 +126,21 @@ class QuantizedActivationsModel(nn.Module):
             :class:`~quantsearch.predicates.Target`.
         quantize_input: also quantize the model input (quantizer ``"input"``).
         num_bits: the initial bit-width of every quantizer.
+        weight_quantizers: ``True`` puts a per-output-channel weight quantizer (``<module>:weight``, amax =
+            max|w| per channel) on every Conv1d/2d/3d and Linear layer; a predicate narrows that choice.
+            Weight quantizers come after the activation quantizers in :attr:`quantizer_names`.
         fast: use the bit-identical fast fake-quant forward (``False``: plain ``TensorQuantizer``, for comparison).
     """
 
     def __init__(self, model: nn.Module, predicate: PredicateLike = "conv2d", quantize_input: bool = True,
-                 num_bits: int = 8, fast: bool = True):
+                 num_bits: int = 8, weight_quantizers: bool | PredicateLike = False, fast: bool = True):
         super().__init__()
         self.fast = fast
         self.model = model
         self.target = get_target(predicate)
         self._quantizers: "OrderedDict[str, TensorQuantizer]" = OrderedDict()
         self._handles: list = []
+        self._weights: "OrderedDict[str, WeightFakeQuant]" = OrderedDict()
         self._fused_attn: dict[nn.Module, bool] = {}
         if self.target.unfuse_attention:
             for module in model.modules():
@@ -90,6 +155,13 @@ class QuantizedActivationsModel(nn.Module):
                 self._add(name + INPUT_SUFFIX, module, num_bits, pre=True)
             if name and self.target.outputs(name, module):
                 self._add(name, module, num_bits, pre=False)
+        self._activation_names = list(self._quantizers)
+        if weight_quantizers is not False and weight_quantizers is not None:
+            chosen = None if weight_quantizers is True else get_target(weight_quantizers).outputs
+            for name, module in model.named_modules():
+                if (isinstance(module, WEIGHT_LAYERS) and isinstance(getattr(module, "weight", None), nn.Parameter)
+                        and (chosen is None or chosen(name, module))):
+                    self._add_weight(name, module, num_bits)
         # registered as children so that .to(device) and state_dict() carry amax
         self.quantizers = nn.ModuleList(self._quantizers.values())
 
@@ -108,14 +180,26 @@ class QuantizedActivationsModel(nn.Module):
                 return q(output) if isinstance(output, torch.Tensor) else None
             self._handles.append(module.register_forward_hook(hook))
 
+    def _add_weight(self, name: str, module: nn.Module, num_bits: int) -> None:
+        quantizer = make_weight_quantizer(num_bits)
+        quantizer.register_buffer("_amax", channel_absmax(module.weight))
+        swap = WeightFakeQuant(module, quantizer)
+        self._quantizers[name + WEIGHT_SUFFIX] = quantizer
+        self._weights[name + WEIGHT_SUFFIX] = swap
+        self._handles.append(module.register_forward_pre_hook(swap.before))
+        self._handles.append(module.register_forward_hook(swap.after, always_call=True))
+
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
     def remove(self) -> nn.Module:
-        """Detach every hook, restore fused attention, and return the original model."""
+        """Detach every hook, restore weights and fused attention, and return the original model."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for swap in self._weights.values():
+            swap.restore()
+            swap.cache.clear()
         for module, fused in self._fused_attn.items():
             module.fused_attn = fused
         self._fused_attn.clear()
@@ -124,8 +208,24 @@ class QuantizedActivationsModel(nn.Module):
     # -- names and bits ----------------------------------------------------------------------------------------
     @property
     def quantizer_names(self) -> list[str]:
-        """Quantizer names in network order: ``input``, then module names (``<module>:input`` for pre-hooks)."""
+        """Quantizer names: activations in network order (``input``, module names, ``<module>:input`` for
+        pre-hooks), then weights (``<module>:weight``)."""
         return list(self._quantizers)
+
+    @property
+    def activation_names(self) -> list[str]:
+        return list(self._activation_names)
+
+    @property
+    def weight_names(self) -> list[str]:
+        return list(self._weights)
+
+    def weight_module(self, name: str) -> nn.Module:
+        """The Conv/Linear layer whose weight the quantizer ``name`` (``<module>:weight``) quantizes."""
+        try:
+            return self._weights[name].module
+        except KeyError:
+            raise KeyError(f"no weight quantizer named {name!r}") from None
 
     def named_quantizers(self) -> Iterator[tuple[str, TensorQuantizer]]:
         return iter(self._quantizers.items())
@@ -166,21 +266,41 @@ class QuantizedActivationsModel(nn.Module):
 
     # -- amax and switches -------------------------------------------------------------------------------------
     @property
-    def amax(self) -> dict[str, float | None]:
-        """Calibrated amax per quantizer (None before calibration)."""
-        return {n: (float(q.amax) if q.amax is not None else None) for n, q in self._quantizers.items()}
+    def amax(self) -> dict[str, float | list[float] | None]:
+        """amax per quantizer: a float for activations (None before calibration), a list (one per output
+        channel) for weights."""
+        values = {}
+        for n, q in self._quantizers.items():
+            amax = q.amax
+            if amax is None:
+                values[n] = None
+            elif n in self._weights:
+                values[n] = [float(v) for v in amax.flatten().tolist()]
+            else:
+                values[n] = float(amax)
+        return values
 
     @amax.setter
-    def amax(self, values: Mapping[str, float]) -> None:
+    def amax(self, values: Mapping[str, float | Sequence[float]]) -> None:
         unknown = [n for n in values if n not in self._quantizers]
         if unknown:
             raise KeyError(f"no quantizer named {unknown[0]!r}")
         for name, value in values.items():
-            if not math.isfinite(float(value)) or float(value) <= 0:
-                raise ValueError(f"amax {value} for {name!r}: it must be positive and finite")
             quantizer = self._quantizers[name]
-            tensor = torch.tensor(float(value), dtype=torch.float32)
-            if hasattr(quantizer, "_amax"):
+            if name in self._weights:
+                weight = self._weights[name].module.weight
+                shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
+                tensor = torch.as_tensor(value, dtype=torch.float32).flatten()
+                if tensor.numel() != shape[0]:
+                    raise ValueError(f"amax of {name!r} needs {shape[0]} values (one per output channel), "
+                                     f"got {tensor.numel()}")
+                tensor = tensor.reshape(shape)
+                self._weights[name].cache.clear()
+            else:
+                if not math.isfinite(float(value)) or float(value) <= 0:
+                    raise ValueError(f"amax {value} for {name!r}: it must be positive and finite")
+                tensor = torch.tensor(float(value), dtype=torch.float32)
+            if hasattr(quantizer, "_amax") and quantizer._amax.shape == tensor.shape:
                 quantizer._amax.data.copy_(tensor)
             else:
                 quantizer.register_buffer("_amax", tensor.to(self._device()))

@@ -1,7 +1,7 @@
 """Initial populations: uniform configurations first, then random integers.
 
-Seeding every uniform configuration (all quantizers at b bits, for each b in range) means the front can never be
-worse than plain uniform quantization.
+Seeding every uniform configuration (all quantizers at b bits, for each b in range, each gene clipped to its own
+range) means the front can never be worse than plain uniform quantization.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ class UniformSeededSampling(Sampling):
         self.extra = extra
 
     def _do(self, problem, n_samples, random_state=None, **kwargs):
-        lo, hi = int(problem.xl[0]), int(problem.xu[0])
-        seeds = [uniform_configurations(problem.n_var, lo, hi)]
+        lo, hi = np.asarray(problem.xl, dtype=int), np.asarray(problem.xu, dtype=int)
+        seeds = [np.clip(uniform_configurations(problem.n_var, int(lo.min()), int(hi.max())), lo, hi)]
         if self.extra is not None and len(self.extra):
             seeds.append(np.asarray(self.extra, dtype=int).reshape(-1, problem.n_var))
         rows = list(dict.fromkeys(map(tuple, np.concatenate(seeds).tolist())))[:n_samples]
