@@ -72,7 +72,7 @@ def print_report(result) -> None:
             for i, e in enumerate(result.front)]
     print(f"\nPareto front ({len(result.front)} points, {result.num_evaluations} evaluations, cheapest {cost} first)\n"
           + format_table(["#", "search %", "hold-out %", *result.cost_names, "bits per quantizer"], rows))
-    print(f"\nWrote {result.run_dir}/ (evaluations.csv, pareto.csv, pareto/*.json, pareto.png, run.json) "
+    print(f"\nWrote {result.run_dir}/ (report.md, evaluations.csv, pareto.csv, pareto/*.json, *.png, run.json) "
           f"in {result.timings['total']:.0f} s")
 
 
