@@ -13,8 +13,6 @@ import argparse
 import logging
 import sys
 
-log = logging.getLogger("quantsearch")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m quantsearch.apply", description=__doc__.splitlines()[0])
