@@ -31,10 +31,12 @@ setup(
         "tqdm",
         "pyyaml",
         "jsonschema",
+        "safetensors",
     ],
     extras_require={
         "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
         "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel"],
     },
-    entry_points={"console_scripts": ["quantsearch-explore=quantsearch.explore:main"]},
+    entry_points={"console_scripts": ["quantsearch-explore=quantsearch.explore:main",
+                                   "quantsearch-apply=quantsearch.apply:main"]},
 )

@@ -5,7 +5,8 @@ Activation quantizers carry one amax; weight quantizers (``<module>:weight``, pr
 quantized weights bit for bit.
 
 The JSON Schema ships in the package (``quantsearch/schemas/bitconfig.schema.json``); every load validates against
-it, and applying refuses a configuration whose quantizer names do not match the model, naming the first mismatch.
+it, and applying refuses a configuration whose quantizer names, or the per-sample shapes of the tensors those
+quantizers see, do not match the model, naming the first mismatch.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 __all__ = ["BitConfig", "BitConfigError", "schema", "apply_bitconfig"]
@@ -53,10 +55,26 @@ class BitConfig:
         return {n: ([float(v) for v in q["amax"]] if isinstance(q["amax"], list) else float(q["amax"]))
                 for n, q in self.quantizers.items()}
 
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        """Recorded per-sample tensor shape per quantizer (quantizers without one are left out)."""
+        return {n: list(q["shape"]) for n, q in self.quantizers.items() if "shape" in q}
+
     @classmethod
-    def from_model(cls, qmodel, model: Mapping[str, Any], **kwargs) -> "BitConfig":
-        quantizers = {n: {"num_bits": b, "amax": qmodel.amax[n]} for n, b in qmodel.bits_dict().items()}
-        return cls(model=dict(model), quantizers=quantizers, **kwargs)
+    def from_model(cls, qmodel, model: Mapping[str, Any], example: torch.Tensor | None = None,
+                   **kwargs) -> "BitConfig":
+        """The current bits and amax of ``qmodel``; with an ``example`` batch, also the tensor shapes to check."""
+        model = dict(model)
+        shapes = {}
+        if example is not None:
+            shapes = qmodel.tensor_shapes(example)
+            model["input_shape"] = [int(d) for d in example.shape[1:]]
+        quantizers = {}
+        for n, b in qmodel.bits_dict().items():
+            quantizers[n] = {"num_bits": b, "amax": qmodel.amax[n]}
+            if n in shapes:
+                quantizers[n]["shape"] = shapes[n]
+        return cls(model=model, quantizers=quantizers, **kwargs)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": dict(self.model),
@@ -90,8 +108,22 @@ class BitConfig:
             raise BitConfigError(f"bit-config {path} is not valid JSON: {exc}") from None
         return cls.from_dict(payload, source=str(path))
 
-    def apply(self, qmodel) -> None:
-        """Set bits and amax on ``qmodel``; the quantizer names must match exactly, in order."""
+    def apply(self, qmodel, example: torch.Tensor | None = None) -> None:
+        """Set bits and amax on ``qmodel``; quantizer names must match exactly, in order, and so must shapes.
+
+        Shapes are checked with one forward pass of ``example`` (a batch), or of zeros of the recorded
+        ``model.input_shape`` when no example is given; a bit-config that records no shapes skips the check.
+        """
+        self.check_names(qmodel)
+        if self.shapes:
+            self.check_shapes(qmodel, example)
+        try:
+            qmodel.amax = self.amax
+        except ValueError as exc:
+            raise BitConfigError(f"bit-config does not fit the model: {exc}") from None
+        qmodel.bit_widths = self.bits
+
+    def check_names(self, qmodel) -> None:
         names = qmodel.quantizer_names
         for i, (ours, theirs) in enumerate(zip(list(self.quantizers), names)):
             if ours != theirs:
@@ -101,20 +133,40 @@ class BitConfig:
             extra = (list(self.quantizers)[len(names):] or names[len(self.quantizers):])[0]
             raise BitConfigError(f"bit-config does not fit the model: {len(self.quantizers)} quantizers in the "
                                  f"bit-config, {len(names)} in the model (first unmatched: {extra!r})")
+
+    def check_shapes(self, qmodel, example: torch.Tensor | None = None) -> None:
+        if example is None:
+            if "input_shape" not in self.model:
+                return
+            example = torch.zeros(1, *self.model["input_shape"])
         try:
-            qmodel.amax = self.amax
-        except ValueError as exc:
-            raise BitConfigError(f"bit-config does not fit the model: {exc}") from None
-        qmodel.bit_widths = self.bits
+            seen = qmodel.tensor_shapes(example)
+        except Exception as exc:  # the model cannot even run on the recorded input: that is a mismatch too
+            raise BitConfigError(f"bit-config does not fit the model: a forward pass on an input of shape "
+                                 f"{list(example.shape)} fails: {str(exc).splitlines()[0]}") from None
+        for i, (name, recorded) in enumerate(self.shapes.items()):
+            actual = seen.get(name)
+            if actual != recorded:
+                what = "sees no tensor" if actual is None else f"sees shape {actual}"
+                raise BitConfigError(f"bit-config does not fit the model: quantizer {name!r} {what} per sample "
+                                     f"in the model but {recorded} in the bit-config")
 
 
-def apply_bitconfig(model: nn.Module, config: "BitConfig | str | Path"):
-    """Wrap ``model`` as its bit-config says and apply it: one line from a JSON file to a quantized model."""
+def apply_bitconfig(model: nn.Module, config: "BitConfig | Mapping | str | Path",
+                    example: torch.Tensor | None = None):
+    """Wrap ``model`` as its bit-config says and apply it: one line from a JSON file to a quantized model.
+
+    ``config`` is a :class:`BitConfig`, a parsed bit-config dict, or the path of a JSON file; ``example`` (a
+    batch) checks tensor shapes on real data instead of zeros of the recorded input shape.
+    """
     from .quantized_model import QuantizedActivationsModel
 
-    config = config if isinstance(config, BitConfig) else BitConfig.load(config)
+    if isinstance(config, Mapping):
+        config = BitConfig.from_dict(config)
+    elif not isinstance(config, BitConfig):
+        config = BitConfig.load(config)
     qmodel = QuantizedActivationsModel(model, config.model["predicate"],
                                        quantize_input=config.model["quantize_input"],
                                        weight_quantizers=bool(config.model.get("weight_quantizers", False)))
-    config.apply(qmodel)
+    config.apply(qmodel, example)
     return qmodel

@@ -25,6 +25,7 @@ from .models import DEMO_MODEL, create_model
 from .plots import plot_bits_heatmap, plot_front
 from .problem import Evaluation, LayerwiseQuantizationProblem
 from .quantized_model import QuantizedActivationsModel
+from .report import write_report
 from .results import pareto_front
 from .search import algorithm_for, run_search
 from .store import RunStore, StoreError
@@ -260,6 +261,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     plot_front(evaluations, front, cost_names[0], baselines, fp32["search"], min_accuracy,
                path=run_dir / "pareto.png")
     plot_bits_heatmap(front, qmodel.quantizer_names, cost_names[0], path=run_dir / "bits_heatmap.png")
+    write_report(store)  # convergence.csv/.png, holdout.png, report.md
     store.close()
     return result
 
@@ -270,10 +272,11 @@ def _write_front(store, qmodel, config, predicate, splits, front, holdout, fp32_
     dataset_info = {"name": config.dataset, "seed": config.seed, "calibration": len(splits.calibration),
                     "search": len(splits.search), "holdout": len(splits.holdout), "batch_size": config.batch_size}
     paths, rows = [], []
+    example = splits.search[0][0].unsqueeze(0)  # one input: records tensor shapes for the check on apply
     for i, e in enumerate(front):
         qmodel.bit_widths = e.bits
         normalized = {k: v / fp32_costs[k] for k, v in e.costs.items()}
-        config_ = BitConfig.from_model(qmodel, model_info, dataset=dataset_info,
+        config_ = BitConfig.from_model(qmodel, model_info, example=example, dataset=dataset_info,
                                        accuracy={"search": e.accuracy, "holdout": holdout.get(e.bits)},
                                        costs=dict(e.costs), costs_normalized=normalized)
         name = f"pareto/point_{i:03d}.json"

@@ -103,7 +103,7 @@ def print_report(result) -> None:
           f"{len(genes)} genes: {result.search_space})\n"
           + format_table(["#", "search %", "hold-out %", *[h for c in result.cost_names for h in (c, "x FP32")],
                           "bits per searched quantizer"], rows))
-    print(f"\nWrote {result.run_dir}/ (evaluations.csv, pareto.csv, pareto/*.json, pareto.png, run.json) "
+    print(f"\nWrote {result.run_dir}/ (report.md, evaluations.csv, pareto.csv, pareto/*.json, *.png, run.json) "
           f"in {result.timings['total']:.0f} s")
 
 

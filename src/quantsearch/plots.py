@@ -1,28 +1,40 @@
-"""Figures of a run (matplotlib, PNG). The notebook calls the same functions, so there is one implementation."""
+"""Figures of a run (matplotlib, PNG). The notebook calls the same functions, so there is one implementation.
+
+Every function draws into ``ax`` when given one; otherwise it makes its own figure: a plain
+``matplotlib.figure.Figure`` when writing to ``path`` (no pyplot, so no GUI backend and no figure left open), a
+pyplot figure when ``path`` is None (shown inline in a notebook). Files are written atomically.
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .problem import Evaluation
+from .store import write_atomic
 
-from .problem import Evaluation  # noqa: E402
-from .store import write_atomic  # noqa: E402
+__all__ = ["plot_front", "plot_bits_heatmap", "plot_convergence", "plot_sensitivity", "plot_holdout"]
 
-__all__ = ["plot_front", "plot_bits_heatmap", "plot_convergence"]
+
+def _axes(ax, path, figsize):
+    if ax is not None:
+        return ax
+    if path is not None:
+        from matplotlib.figure import Figure
+
+        return Figure(figsize=figsize).subplots()
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)[1]
 
 
 def plot_front(evaluations: Sequence[Evaluation], front: Sequence[Evaluation], cost: str,
                baselines: Mapping[str, Evaluation] | None = None, fp32_accuracy: float | None = None,
                min_accuracy: float | None = None, path: str | Path | None = None, ax=None):
     """Accuracy against ``cost``: every evaluation, the front, uniform baselines, FP32 and the floor."""
-    own = ax is None
-    if own:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax = _axes(ax, path, (7, 4.5))
     ok = [e for e in evaluations if e.status == "ok"]
     ax.scatter([e.costs[cost] for e in ok], [100 * e.accuracy for e in ok], s=10, c="0.75", label="evaluated")
     f = sorted(front, key=lambda e: e.costs[cost])
@@ -42,16 +54,14 @@ def plot_front(evaluations: Sequence[Evaluation], front: Sequence[Evaluation], c
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _finish(ax, own, path)
+    return _finish(ax, path)
 
 
 def plot_bits_heatmap(front: Sequence[Evaluation], quantizer_names: Sequence[str], cost: str,
                       path: str | Path | None = None, ax=None):
     """Bits per quantizer (rows, network order) for each Pareto point (columns, cheapest first)."""
-    own = ax is None
     f = sorted(front, key=lambda e: e.costs[cost])
-    if own:
-        fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(f) + 3), max(4, 0.22 * len(quantizer_names) + 1)))
+    ax = _axes(ax, path, (max(5, 0.5 * len(f) + 3), max(4, 0.22 * len(quantizer_names) + 1)))
     grid = np.array([e.bits for e in f]).T if f else np.zeros((len(quantizer_names), 0))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(quantizer_names)))
@@ -60,26 +70,77 @@ def plot_bits_heatmap(front: Sequence[Evaluation], quantizer_names: Sequence[str
     ax.set_xticklabels([f"{100 * e.accuracy:.1f}%" for e in f], rotation=90, fontsize=7)
     ax.set_xlabel(f"Pareto points (accuracy; cheapest {cost} first)")
     ax.figure.colorbar(image, ax=ax, label="bits")
-    return _finish(ax, own, path)
+    return _finish(ax, path)
 
 
 def plot_convergence(generations: Sequence[int], hypervolume: Sequence[float], feasible: Sequence[float],
                      path: str | Path | None = None, ax=None):
-    """Hypervolume of the feasible front and the feasible fraction, per generation."""
-    own = ax is None
-    if own:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+    """Hypervolume of the feasible front and the feasible fraction (NaN: no new evaluation), per generation.
+
+    Generation 0 holds the uniform baselines evaluated before the search; see :mod:`quantsearch.convergence`
+    for the reference point.
+    """
+    ax = _axes(ax, path, (6.5, 3.8))
     ax.plot(generations, hypervolume, "o-", c="C0", label="hypervolume")
-    ax.set_xlabel("generation")
-    ax.set_ylabel("hypervolume", color="C0")
+    ax.set_xlabel("generation (0: uniform baselines)")
+    ax.set_ylabel("hypervolume\n(acc. points above floor x FP32 cost saved)", color="C0", fontsize=8)
+    ax.set_xticks(list(generations))
     twin = ax.twinx()
     twin.plot(generations, [100 * f for f in feasible], "s--", c="C1", label="feasible %")
-    twin.set_ylabel("feasible evaluations (%)", color="C1")
+    twin.set_ylabel("feasible new evaluations (%)", color="C1")
+    twin.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
-    return _finish(ax, own, path)
+    return _finish(ax, path)
 
 
-def _finish(ax, own: bool, path):
+def plot_sensitivity(quantizer_names: Sequence[str], drops: Mapping[int, Sequence[float]],
+                     reference_bits: int | None = None, path: str | Path | None = None, ax=None):
+    """Accuracy drop (points) when only one quantizer is lowered to each bit-width, the rest kept high.
+
+    ``drops[b][i]`` is the drop of quantizer ``i`` (network order, top to bottom) at ``b`` bits, as a fraction.
+    """
+    ax = _axes(ax, path, (7, max(4, 0.22 * len(quantizer_names) + 1)))
+    widths = sorted(drops, reverse=True)
+    height = 0.8 / max(1, len(widths))
+    rows = np.arange(len(quantizer_names))
+    for k, b in enumerate(widths):
+        ax.barh(rows + (k - (len(widths) - 1) / 2) * height, [100 * d for d in drops[b]], height=height,
+                label=f"{b} bits", color=f"C{k}")
+    ax.set_yticks(rows)
+    ax.set_yticklabels(quantizer_names, fontsize=6)
+    ax.invert_yaxis()
+    ax.axvline(0, c="k", lw=0.6)
+    others = f" (others at {reference_bits} bits)" if reference_bits is not None else ""
+    ax.set_xlabel(f"accuracy drop (points) when only this quantizer is lowered{others}")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="lower right")
+    return _finish(ax, path)
+
+
+def plot_holdout(front: Sequence[Evaluation], holdout: Mapping[tuple[int, ...], float | None],
+                 fp32_accuracy: Mapping[str, float] | None = None, path: str | Path | None = None, ax=None):
+    """Hold-out against search accuracy of each Pareto point; FP32's own shift between the splits dashed."""
+    ax = _axes(ax, path, (5, 4.5))
+    points = [(100 * e.accuracy, 100 * holdout[e.bits]) for e in front
+              if holdout.get(e.bits) is not None and not math.isnan(holdout[e.bits])]
+    if points:
+        xs, ys = zip(*points)
+        ax.scatter(xs, ys, c="C0", s=18, label="Pareto points", zorder=3)
+        lo, hi = min(xs + ys) - 0.5, max(xs + ys) + 0.5
+        ax.plot([lo, hi], [lo, hi], c="0.5", lw=0.8, label="hold-out = search")
+        if fp32_accuracy and "holdout" in fp32_accuracy:
+            shift = 100 * (fp32_accuracy["holdout"] - fp32_accuracy["search"])
+            ax.plot([lo, hi], [lo + shift, hi + shift], "--", c="k", lw=0.8, label=f"FP32 shift {shift:+.2f}")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+    ax.set_xlabel("search-split accuracy (%)")
+    ax.set_ylabel("hold-out accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _finish(ax, path)
+
+
+def _finish(ax, path):
     if path is not None:  # rendered in memory, then written atomically
         import io
 
@@ -87,6 +148,4 @@ def _finish(ax, own: bool, path):
         ax.figure.tight_layout()
         ax.figure.savefig(buffer, format="png", dpi=120)
         write_atomic(path, buffer.getvalue())
-    if own and path is not None:
-        plt.close(ax.figure)
     return ax

@@ -334,5 +334,28 @@ class QuantizedActivationsModel(nn.Module):
 
         return calibrate_max(self, batches, num_batches)
 
+    def tensor_shapes(self, example: torch.Tensor) -> dict[str, list[int]]:
+        """Per-sample shape (batch dimension dropped) of the tensor each quantizer sees, from one forward pass.
+
+        A bit-config records these so that applying it to a model whose tensors differ is refused. Quantization
+        is off during the pass; a quantizer that sees no tensor is absent from the result.
+        """
+        shapes: dict[str, list[int]] = {}
+
+        def record(name):
+            def hook(_module, args, _output):
+                if args and isinstance(args[0], torch.Tensor):
+                    shapes.setdefault(name, [int(d) for d in args[0].shape[1:]])
+            return hook
+
+        handles = [q.register_forward_hook(record(n)) for n, q in self._quantizers.items()]
+        try:
+            with torch.inference_mode(), self.quantization_disabled():
+                self.model(example.to(self._device()))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return shapes
+
     def extra_repr(self) -> str:
         return f"{len(self)} quantizers ({self.target.description})"

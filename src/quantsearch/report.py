@@ -1,0 +1,200 @@
+"""The run report: a run directory read back as one record, and ``report.md`` with its figures.
+
+:func:`load_run` turns a run directory (``run.json`` and the run store) into a :class:`RunRecord`, which the
+report and the notebook both use; :func:`write_report` writes ``convergence.png``, ``convergence.csv``,
+``holdout.png`` and ``report.md`` (settings, baselines, the front with search and hold-out accuracy and their
+difference, convergence, the plots embedded) through the run store.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .convergence import REFERENCE_POINT, Convergence, convergence
+from .plots import plot_convergence, plot_holdout
+from .problem import Evaluation
+from .store import RunStore
+
+__all__ = ["RunRecord", "load_run", "write_report", "render_report"]
+
+
+@dataclass
+class RunRecord:
+    """What a finished run holds, read back from its directory."""
+
+    run_dir: Path
+    settings: dict
+    quantizer_names: list[str]
+    cost_names: list[str]
+    fp32_accuracy: dict[str, float]
+    fp32_costs: dict[str, float]
+    min_accuracy: float
+    baselines: dict[str, Evaluation]
+    front: list[Evaluation]  # cheapest first, as in pareto.csv
+    holdout: dict[tuple[int, ...], float | None]
+    bitconfigs: list[Path]  # pareto/point_NNN.json, in front order
+    evaluations: list[tuple[Evaluation, int]]  # every evaluation and the generation it was made in
+    summary: dict = field(default_factory=dict)  # run.json as written
+
+    @property
+    def all_evaluations(self) -> list[Evaluation]:
+        return [e for e, _ in self.evaluations]
+
+    def convergence(self) -> Convergence:
+        return convergence(self.evaluations, self.min_accuracy, self.fp32_costs, self.cost_names)
+
+    def point(self, index: int) -> tuple[Evaluation, Path]:
+        """The ``index``-th Pareto point and its bit-config file."""
+        return self.front[index], self.bitconfigs[index]
+
+    def cheapest_above(self, accuracy: float, cost: str | None = None,
+                       split: str = "search") -> int | None:
+        """Index of the cheapest Pareto point whose ``split`` accuracy is at least ``accuracy`` (None if none)."""
+        cost = cost or self.cost_names[0]
+        ok = [i for i, e in enumerate(self.front)
+              if (e.accuracy if split == "search" else (self.holdout.get(e.bits) or 0.0)) >= accuracy]
+        return min(ok, key=lambda i: (self.front[i].costs[cost], -self.front[i].accuracy)) if ok else None
+
+
+def _record(store: RunStore) -> RunRecord:
+    summary = json.loads((store.run_dir / "run.json").read_text())
+    evaluations = store.evaluations()
+    known = {e.bits: e for e, _ in evaluations}
+
+    def evaluation(point: dict) -> Evaluation:
+        bits = tuple(point["bits"])
+        return known.get(bits) or Evaluation(bits, point["accuracy"], point["costs"], 0.0)
+
+    front = [evaluation(p) for p in summary["front"]]
+    return RunRecord(
+        run_dir=store.run_dir,
+        settings=summary["settings"],
+        quantizer_names=summary["quantizers"],
+        cost_names=list(summary["fp32_costs"]),
+        fp32_accuracy=summary["fp32_accuracy"],
+        fp32_costs=summary["fp32_costs"],
+        min_accuracy=summary["min_accuracy"],
+        baselines={k: evaluation(p) for k, p in summary["baselines"].items()},
+        front=front,
+        holdout={e.bits: p.get("accuracy_holdout") for e, p in zip(front, summary["front"])},
+        bitconfigs=[store.run_dir / "pareto" / f"point_{i:03d}.json" for i in range(len(front))],
+        evaluations=evaluations,
+        summary=summary,
+    )
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    """Read a finished run directory (``run.json`` and ``run.sqlite``)."""
+    store = RunStore.open(run_dir)
+    try:
+        if not (store.run_dir / "run.json").is_file():
+            from .store import StoreError
+
+            raise StoreError(f"{run_dir} holds no run.json: the run did not finish")
+        return _record(store)
+    finally:
+        store.close()
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_report(run: RunRecord, conv: Convergence) -> str:
+    """``report.md`` as text (figures referenced by their file names in the run directory)."""
+    s = run.settings
+    costs = run.cost_names
+    fp32 = run.fp32_accuracy
+    splits = run.summary.get("splits", {})
+    drop = fp32["search"] - run.min_accuracy
+    out = [f"# quantsearch run report: `{run.run_dir.name}`", ""]
+
+    out += ["## Settings", ""]
+    settings_rows = [
+        ["model", f"`{s['model']}`" + (f" (checkpoint `{s['checkpoint']}`)" if s.get("checkpoint") else "")],
+        ["dataset", f"`{s['dataset']}`; splits (seed {s['seed']}): " + ", ".join(f"{k} {v}" for k, v in
+                                                                                 splits.items())],
+        ["quantizers", f"{len(run.quantizer_names)} (predicate `{s.get('predicate_resolved', s['predicate'])}`"
+                       f", model input {'quantized' if s['quantize_input'] else 'not quantized'})"],
+        ["bit range", s["bits"]],
+        ["accuracy floor", f"{_pct(run.min_accuracy)} % on the search split (FP32 {_pct(fp32['search'])} % "
+                           f"minus {100 * drop:.2f} points)"],
+        ["cost", ", ".join(costs)],
+        ["search", f"NSGA-II, population {s['pop_size']}, {s['generations']} generations, seed {s['seed']}; "
+                   f"{run.summary.get('num_evaluations', len(run.evaluations))} evaluations"],
+        ["time", f"{run.summary.get('timings_s', {}).get('total', float('nan')):.0f} s"],
+    ]
+    out += [_table(["setting", "value"], settings_rows), ""]
+
+    out += ["## Baselines (search split)", ""]
+    rows = [["FP32", _pct(fp32["search"]), _pct(fp32.get("holdout")),
+             *[f"{run.fp32_costs[c]:g}" for c in costs], *["1.000" for _ in costs]]]
+    for name, e in run.baselines.items():
+        rows.append([name, _pct(e.accuracy), "-",
+                     *[f"{e.costs[c]:g}" for c in costs], *[f"{e.costs[c] / run.fp32_costs[c]:.3f}" for c in costs]])
+    out += [_table(["configuration", "search %", "hold-out %", *costs, *[f"{c} / FP32" for c in costs]], rows), ""]
+
+    out += [f"## Pareto front ({len(run.front)} points, cheapest first)", ""]
+    shift = fp32["holdout"] - fp32["search"] if "holdout" in fp32 else None
+    rows, diffs = [], []
+    for i, e in enumerate(run.front):
+        h = run.holdout.get(e.bits)
+        diff = None if h is None else h - e.accuracy
+        if diff is not None:
+            diffs.append(diff)
+        rows.append([i, _pct(e.accuracy), _pct(h), "-" if diff is None else f"{100 * diff:+.2f}",
+                     *[f"{e.costs[c]:g}" for c in costs], *[f"{e.costs[c] / run.fp32_costs[c]:.3f}" for c in costs],
+                     f"[point_{i:03d}.json](pareto/point_{i:03d}.json)"])
+    out += [_table(["#", "search %", "hold-out %", "hold-out - search (points)", *costs,
+                    *[f"{c} / FP32" for c in costs], "bit-config"], rows), ""]
+    if diffs:
+        mean = sum(diffs) / len(diffs)
+        out.append(f"Hold-out minus search accuracy over the {len(diffs)} points: mean {100 * mean:+.2f} points, "
+                   f"from {100 * min(diffs):+.2f} to {100 * max(diffs):+.2f}.")
+        if shift is not None:
+            kept = sum(1 for e in run.front if (run.holdout.get(e.bits) is not None
+                                                and run.holdout[e.bits] >= fp32["holdout"] - drop))
+            out.append(f"FP32 itself scores {100 * shift:+.2f} points on hold-out against search (the splits "
+                       f"differ in difficulty), so the search's own optimism on the points it selected is "
+                       f"{100 * (mean - shift):+.2f} points on average. {kept} of {len(diffs)} points stay "
+                       f"within {100 * drop:.2f} points of FP32 on the hold-out split too.")
+        out.append("")
+    elif not run.front:
+        out += ["No configuration met the floor.", ""]
+    else:
+        out += ["No hold-out split: the front was not re-checked on unseen data.", ""]
+
+    out += ["## Convergence", "",
+            f"Hypervolume of the feasible front of every evaluation so far, reference point {REFERENCE_POINT}. "
+            "Generation 0 holds the uniform baselines; the feasible fraction is over the configurations first "
+            "evaluated in that generation.", ""]
+    out += [_table(["generation", "new evaluations", "feasible %", "hypervolume"],
+                   [[g, n, "-" if n == 0 else f"{100 * f / n:.0f}", f"{h:.4f}"]
+                    for g, n, f, h in zip(conv.generations, conv.evaluations, conv.feasible, conv.hypervolume)]),
+            ""]
+
+    out += ["## Figures", "", f"![Pareto front: accuracy against {costs[0]}](pareto.png)", "",
+            "![Bits per quantizer across the front, network order](bits_heatmap.png)", "",
+            "![Hold-out against search accuracy of the Pareto points](holdout.png)", "",
+            "![Hypervolume and feasible fraction per generation](convergence.png)", ""]
+    return "\n".join(out)
+
+
+def write_report(store: RunStore) -> Path:
+    """Write ``convergence.csv``, ``convergence.png``, ``holdout.png`` and ``report.md`` through the run store."""
+    run = _record(store)
+    conv = run.convergence()
+    store.write_csv("convergence.csv", Convergence.HEADER, conv.rows())
+    plot_convergence(conv.generations, conv.hypervolume, conv.feasible_fraction,
+                     path=store.run_dir / "convergence.png")
+    plot_holdout(run.front, run.holdout, run.fp32_accuracy, path=store.run_dir / "holdout.png")
+    return store.write_file("report.md", render_report(run, conv))
