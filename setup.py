@@ -26,6 +26,7 @@ setup(
         "pymoo>=0.6.1",
         "timm>=1.0",
         "numpy",
+        "scipy",
         "pandas",
         "matplotlib",
         "tqdm",
@@ -36,5 +37,6 @@ setup(
         "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
         "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel"],
     },
-    entry_points={"console_scripts": ["quantsearch-explore=quantsearch.explore:main"]},
+    entry_points={"console_scripts": ["quantsearch-explore=quantsearch.explore:main",
+                                      "quantsearch-calibrate=quantsearch.calibrate:main"]},
 )

@@ -1,4 +1,4 @@
-"""The bit-config: one configuration (bits and amax per quantizer) as validated JSON that can be re-applied.
+"""The bit-config: one configuration (bits, amax, signedness per quantizer) as validated JSON that can be re-applied.
 
 The JSON Schema ships in the package (``quantsearch/schemas/bitconfig.schema.json``); every load validates against
 it, and applying refuses a configuration whose quantizer names do not match the model, naming the first mismatch.
@@ -31,7 +31,7 @@ def schema() -> dict:
 
 @dataclass(frozen=True)
 class BitConfig:
-    """Bits and amax per quantizer, the model they belong to, and what they scored."""
+    """Bits, amax and signedness per quantizer, the model they belong to, and what they scored."""
 
     model: Mapping[str, Any]
     quantizers: Mapping[str, Mapping[str, Any]]
@@ -48,9 +48,16 @@ class BitConfig:
     def amax(self) -> dict[str, float]:
         return {n: float(q["amax"]) for n, q in self.quantizers.items()}
 
+    @property
+    def unsigned(self) -> dict[str, bool]:
+        """Whether each quantizer uses the unsigned range (absent in a bit-config means signed)."""
+        return {n: bool(q.get("unsigned", False)) for n, q in self.quantizers.items()}
+
     @classmethod
     def from_model(cls, qmodel, model: Mapping[str, Any], **kwargs) -> "BitConfig":
-        quantizers = {n: {"num_bits": b, "amax": qmodel.amax[n]} for n, b in qmodel.bits_dict().items()}
+        amax, unsigned = qmodel.amax, qmodel.unsigned
+        quantizers = {n: {"num_bits": b, "amax": amax[n], "unsigned": unsigned[n]}
+                      for n, b in qmodel.bits_dict().items()}
         return cls(model=dict(model), quantizers=quantizers, **kwargs)
 
     def to_dict(self) -> dict:
@@ -86,7 +93,7 @@ class BitConfig:
         return cls.from_dict(payload, source=str(path))
 
     def apply(self, qmodel) -> None:
-        """Set bits and amax on ``qmodel``; the quantizer names must match exactly, in order."""
+        """Set bits, amax and signedness on ``qmodel``; the quantizer names must match exactly, in order."""
         names = qmodel.quantizer_names
         for i, (ours, theirs) in enumerate(zip(list(self.quantizers), names)):
             if ours != theirs:
@@ -96,8 +103,10 @@ class BitConfig:
             extra = (list(self.quantizers)[len(names):] or names[len(self.quantizers):])[0]
             raise BitConfigError(f"bit-config does not fit the model: {len(self.quantizers)} quantizers in the "
                                  f"bit-config, {len(names)} in the model (first unmatched: {extra!r})")
-        qmodel.amax = self.amax
+        # bits first: with an amax table, setting bits sets amax, which this configuration then overrides
         qmodel.bit_widths = self.bits
+        qmodel.amax = self.amax
+        qmodel.unsigned = self.unsigned
 
 
 def apply_bitconfig(model: nn.Module, config: "BitConfig | str | Path"):

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .bitconfig import BitConfig
+from .calibration import Calibration, calibrate, data_fingerprint
 from .config import ExploreConfig
 from .costs import get_costs
 from .data import load_dataset, split_dataset
@@ -28,7 +29,7 @@ from .results import pareto_front
 from .search import nsga2, run_search
 from .store import RunStore
 
-__all__ = ["RunResult", "explore", "resolve_predicate", "UNIFORM_BASELINES"]
+__all__ = ["RunResult", "explore", "resolve_predicate", "calibrate_run", "calibrate_only", "UNIFORM_BASELINES"]
 
 log = logging.getLogger("quantsearch")
 UNIFORM_BASELINES = (8, 6, 4)
@@ -68,6 +69,34 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def calibrate_run(config: ExploreConfig, qmodel: QuantizedActivationsModel, calibration_split) -> Calibration:
+    """Calibrate ``qmodel`` as ``config`` says, or apply ``config.calibration`` after checking that it fits."""
+    loader = DataLoader(calibration_split, batch_size=config.batch_size)
+    if config.calibration:
+        calibration = Calibration.load(config.calibration)
+        calibration.check_fits(qmodel, data_fingerprint(loader, config.calib_batches), config.bit_range,
+                               source=f"calibration file {config.calibration}")
+        calibration.apply(qmodel)
+        return calibration
+    return calibrate(qmodel, loader, config.calib_batches, config.calib_method, bits=config.bit_range,
+                     overrides=config.calib_overrides, percentile=config.calib_percentile,
+                     momentum=config.calib_momentum)
+
+
+def calibrate_only(config: ExploreConfig) -> tuple[Calibration, QuantizedActivationsModel]:
+    """Build the run's model, data and quantizers and calibrate them, nothing more (``quantsearch.calibrate``)."""
+    config.validate()
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, checkpoint=config.checkpoint).to(torch.device(config.device))
+    splits = split_dataset(load_dataset(config.dataset), config.calibration_samples, config.eval_samples,
+                           config.holdout_samples, seed=config.seed)
+    predicate = resolve_predicate(config.predicate, model)
+    qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input).to(config.device)
+    if len(qmodel) == 0:
+        raise ValueError(f"predicate {predicate!r} selects no module of {config.model}")
+    return calibrate_run(config, qmodel, splits.calibration), qmodel
+
+
 def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     """Run one exploration as ``config`` says and write its outputs into ``config.out``."""
     config.validate()
@@ -92,9 +121,10 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input).to(device)
     if len(qmodel) == 0:
         raise ValueError(f"predicate {predicate!r} selects no module of {config.model}")
-    qmodel.calibrate(DataLoader(splits.calibration, batch_size=config.batch_size), config.calib_batches)
+    calibration = calibrate_run(config, qmodel, splits.calibration)
     timings["calibration"] = time.perf_counter() - t
-    log.info("%d quantizers (%s), calibrated on %d images", len(qmodel), predicate, len(splits.calibration))
+    log.info("%d quantizers (%s), calibrated on %d images (%s)", len(qmodel), predicate, len(splits.calibration),
+             config.calibration or config.calib_method)
 
     # evaluators and the floor
     t = time.perf_counter()
@@ -116,6 +146,7 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     # store, problem, baselines
     settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": predicate}
     store = RunStore.create(run_dir, settings, overwrite=config.overwrite)
+    store.write_json("calibration.json", calibration.to_dict())
     costs = get_costs(config.cost, qmodel)
     cost_names = [c.name for c in costs]
     problem = LayerwiseQuantizationProblem(qmodel, search_eval, min_accuracy, (lo, hi), costs)
