@@ -90,7 +90,7 @@ def test_percentile_amax_by_hand(outliers, percentile):
         float(reference._compute_amax_percentile(counts, edges, percentile)))
 
 
-@pytest.mark.parametrize("num_bits,unsigned", [(8, False), (4, False), (4, True), (2, False)])
+@pytest.mark.parametrize("num_bits,unsigned", [(10, False), (8, True), (8, False), (4, False), (4, True), (2, False)])
 def test_entropy_amax_by_hand(outliers, num_bits, unsigned):
     _, counts, edges = outliers
     got = entropy_amax(counts, edges, num_bits, unsigned)
@@ -323,7 +323,7 @@ def test_calibrate_cli_then_explore_reuses_it_and_refuses_a_mismatch(tmp_path, c
     from quantsearch.explore import main as explore_main
     from quantsearch.models import create_demo_vit
 
-    common = ["--calib-batches", "1", "--batch-size", "200", "--eval-samples", "400", "--holdout-samples", "200",
+    common = ["--calib-batches", "1", "--batch-size", "200", "--eval-samples", "200", "--holdout-samples", "100",
               "--bits", "4:8"]
     path = tmp_path / "calibration.json"
     assert calibrate_main([*common, "--calib-method", "entropy", "--output", str(path), "--seed", "1"]) == 0

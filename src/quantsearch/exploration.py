@@ -144,7 +144,8 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     timings["fp32"] = time.perf_counter() - t
 
     # store, problem, baselines
-    settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": predicate}
+    settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": predicate,
+                                 "calibration_methods": sorted(set(calibration.methods.values()))}
     store = RunStore.create(run_dir, settings, overwrite=config.overwrite)
     store.write_json("calibration.json", calibration.to_dict())
     costs = get_costs(config.cost, qmodel)
