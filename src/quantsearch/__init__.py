@@ -9,10 +9,10 @@ from .bitconfig import BitConfig, apply_bitconfig
 from .calibration import calibrate_max, load_amax, save_amax
 from .config import ExploreConfig
 from .costs import TotalBits, get_costs
-from .data import load_dataset, load_fashion_mnist, split_dataset
-from .evaluation import AccuracyEvaluator
+from .data import Preprocessing, load_dataset, load_fashion_mnist, split_dataset
+from .evaluation import AccuracyEvaluator, Evaluator, get_metric
 from .exploration import explore
-from .models import create_model
+from .models import create_model, model_preprocessing
 from .predicates import PRESETS, Predicate, Target, by_name, by_type
 from .problem import Evaluation, LayerwiseQuantizationProblem
 from .quantized_model import QuantizedActivationsModel
@@ -27,5 +27,6 @@ __all__ = [
     "Predicate", "Target", "PRESETS", "by_type", "by_name",
     "AccuracyEvaluator", "TotalBits", "get_costs",
     "create_model", "load_dataset", "load_fashion_mnist", "split_dataset",
+    "Evaluator", "get_metric", "model_preprocessing", "Preprocessing",
     "__version__",
 ]

@@ -12,15 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from . import __version__
 from .bitconfig import BitConfig
 from .config import ExploreConfig
 from .costs import get_costs
-from .data import load_dataset, split_dataset
-from .evaluation import AccuracyEvaluator
-from .models import DEMO_MODEL, create_model
+from .data import data_loader, load_dataset, split_dataset
+from .evaluation import Evaluator
+from .models import DEMO_MODEL, create_model, model_preprocessing
 from .plots import plot_bits_heatmap, plot_front
 from .problem import Evaluation, LayerwiseQuantizationProblem
 from .quantized_model import QuantizedActivationsModel
@@ -49,6 +48,9 @@ class RunResult:
     bitconfigs: list[Path]
     timings: dict[str, float] = field(default_factory=dict)
     num_evaluations: int = 0
+    metric: str = "top1"  # what "accuracy" holds; a fraction shown as %, or not
+    higher_is_better: bool = True
+    fraction: bool = True
 
 
 def resolve_predicate(predicate: str, model: torch.nn.Module) -> str:
@@ -80,8 +82,12 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     RunStore.check_free(run_dir, config.overwrite)
 
     # model and data
-    model = create_model(config.model, checkpoint=config.checkpoint).to(device)
-    dataset = load_dataset(config.dataset)
+    pretrained = config.pretrained if config.pretrained is not None else config.checkpoint is None
+    model = create_model(config.model, checkpoint=config.checkpoint, pretrained=pretrained,
+                         checkpoint_key=config.checkpoint_key, **(config.model_kwargs or {}))
+    preprocessing = model_preprocessing(model, config.preprocessing)
+    model = model.to(device, memory_format=torch.channels_last) if config.channels_last else model.to(device)
+    dataset = load_dataset(config.dataset, preprocessing, config.class_index, **(config.dataset_kwargs or {}))
     splits = split_dataset(dataset, config.calibration_samples, config.eval_samples, config.holdout_samples,
                            seed=config.seed)
     predicate = resolve_predicate(config.predicate, model)
@@ -92,29 +98,38 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input).to(device)
     if len(qmodel) == 0:
         raise ValueError(f"predicate {predicate!r} selects no module of {config.model}")
-    qmodel.calibrate(DataLoader(splits.calibration, batch_size=config.batch_size), config.calib_batches)
+    qmodel.calibrate(data_loader(splits.calibration, config.batch_size, device, config.workers), config.calib_batches)
     timings["calibration"] = time.perf_counter() - t
     log.info("%d quantizers (%s), calibrated on %d images", len(qmodel), predicate, len(splits.calibration))
 
     # evaluators and the floor
     t = time.perf_counter()
-    search_eval = AccuracyEvaluator(splits.search, config.batch_size, device)
-    holdout_eval = AccuracyEvaluator(splits.holdout, config.batch_size, device) if len(splits.holdout) else None
+    # batches on the device; label-free metrics cache the FP32 (quantization off) outputs here, once
+    options = dict(metric=config.metric, batch_size=config.batch_size, device=device, reference=qmodel,
+                   channels_last=config.channels_last, amp=config.amp, workers=config.workers,
+                   metric_kwargs=config.metric_kwargs)
+    search_eval = Evaluator(splits.search, **options)
+    holdout_eval = Evaluator(splits.holdout, **options) if len(splits.holdout) else None
     with qmodel.quantization_disabled():
         fp32 = {"search": search_eval(qmodel)}
         if holdout_eval:
             fp32["holdout"] = holdout_eval(qmodel)
+    metric, better = search_eval.name, search_eval.higher_is_better
+    # the bound: a floor for higher-is-better metrics, a ceiling (FP32 + drop) for KL and other lower-is-better ones
+    drop = float(config.max_accuracy_drop)
     min_accuracy = (float(config.min_accuracy) if config.min_accuracy is not None
-                    else fp32["search"] - float(config.max_accuracy_drop))
-    if min_accuracy > fp32["search"]:
-        raise ValueError(f"min-accuracy {min_accuracy:.4f} is above the FP32 accuracy on the search split "
-                         f"({fp32['search']:.4f}): no configuration can reach it")
-    log.info("FP32 accuracy: search %.4f%s; floor %.4f", fp32["search"],
-             f", hold-out {fp32['holdout']:.4f}" if holdout_eval else "", min_accuracy)
+                    else fp32["search"] - drop if better else fp32["search"] + drop)
+    if (min_accuracy > fp32["search"]) if better else (min_accuracy < fp32["search"]):
+        raise ValueError(f"min-accuracy {min_accuracy:.4f} is {'above' if better else 'below'} the FP32 {metric} "
+                         f"on the search split ({fp32['search']:.4f}): no configuration can reach it")
+    log.info("FP32 %s: search %.4f%s; %s %.4f", metric, fp32["search"],
+             f", hold-out {fp32['holdout']:.4f}" if holdout_eval else "", "floor" if better else "ceiling",
+             min_accuracy)
     timings["fp32"] = time.perf_counter() - t
 
     # store, problem, baselines
-    settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": predicate}
+    settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": predicate,
+                                 "preprocessing_resolved": preprocessing.to_dict(), "pretrained_resolved": pretrained}
     store = RunStore.create(run_dir, settings, overwrite=config.overwrite)
     costs = get_costs(config.cost, qmodel)
     cost_names = [c.name for c in costs]
@@ -138,9 +153,9 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
 
     def on_generation(n_gen, _algorithm):
         generation["now"] = n_gen + 1
-        store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy)
+        store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
         if bar is not None:
-            front_now = pareto_front(problem.evaluations, min_accuracy, cost_names)
+            front_now = pareto_front(problem.evaluations, min_accuracy, cost_names, better)
             bar.update(1)
             bar.set_postfix(evals=len(problem.evaluations), front=len(front_now),
                             cheapest=f"{front_now[0].costs[cost_names[0]]:g}" if front_now else "-")
@@ -150,12 +165,12 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     finally:
         if bar is not None:
             bar.close()
-        store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy)
+        store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
     timings["search"] = time.perf_counter() - t
 
     # front, hold-out confirmation, outputs
     t = time.perf_counter()
-    front = pareto_front(problem.evaluations, min_accuracy, cost_names)
+    front = pareto_front(problem.evaluations, min_accuracy, cost_names, better)
     holdout = {}
     if holdout_eval:
         for e in front:
@@ -167,11 +182,14 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     timings["total"] = time.perf_counter() - clock
 
     result = RunResult(run_dir, qmodel.quantizer_names, cost_names, fp32, min_accuracy, baselines, front, holdout,
-                       bitconfigs, timings, len(problem.evaluations))
+                       bitconfigs, timings, len(problem.evaluations), metric, better, search_eval.fraction)
     _write_summary(store, result, settings, splits, costs)
+    store.write_json("splits.json", {"seed": config.seed, "dataset": config.dataset, "num_samples": len(dataset),
+                                     **splits.indices()})
     plot_front(problem.evaluations, front, cost_names[0], baselines, fp32["search"], min_accuracy,
-               path=run_dir / "pareto.png")
-    plot_bits_heatmap(front, qmodel.quantizer_names, cost_names[0], path=run_dir / "bits_heatmap.png")
+               path=run_dir / "pareto.png", metric=metric, percent=search_eval.fraction, higher_is_better=better)
+    plot_bits_heatmap(front, qmodel.quantizer_names, cost_names[0], path=run_dir / "bits_heatmap.png",
+                      metric=metric, percent=search_eval.fraction)
     store.close()
     return result
 
@@ -180,7 +198,8 @@ def _write_front(store, qmodel, config, predicate, splits, front, holdout, fp32_
     model_info = {"name": config.model, "checkpoint": config.checkpoint, "predicate": predicate,
                   "quantize_input": config.quantize_input}
     dataset_info = {"name": config.dataset, "seed": config.seed, "calibration": len(splits.calibration),
-                    "search": len(splits.search), "holdout": len(splits.holdout), "batch_size": config.batch_size}
+                    "search": len(splits.search), "holdout": len(splits.holdout), "batch_size": config.batch_size,
+                    "metric": config.metric}
     paths, rows = [], []
     for i, e in enumerate(front):
         qmodel.bit_widths = e.bits
@@ -208,6 +227,9 @@ def _write_summary(store, result: RunResult, settings, splits, costs) -> None:
         "settings": settings,
         "model_is_demo": settings["model"] == DEMO_MODEL,
         "splits": splits.describe(),
+        "splits_sha256": splits.fingerprint(),
+        "metric": {"name": result.metric, "higher_is_better": result.higher_is_better,
+                   "bound": "floor" if result.higher_is_better else "ceiling"},
         "quantizers": result.quantizer_names,
         "fp32_accuracy": result.fp32,
         "fp32_costs": {c.name: c.fp32 for c in costs},

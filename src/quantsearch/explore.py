@@ -19,17 +19,27 @@ def build_parser() -> argparse.ArgumentParser:
     d = ExploreConfig()
     p = argparse.ArgumentParser(prog="python -m quantsearch.explore", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML file with any of the settings below (flags override it)")
-    p.add_argument("--model", help=f"timm name, package.module:callable, or the demo (default {d.model})")
+    p.add_argument("--model", help="timm name, torchvision:NAME, package.module:callable, or the demo "
+                                   f"(default {d.model}); keyword arguments: model_kwargs in --config")
     p.add_argument("--checkpoint", help="state dict to load into the model (read with weights_only=True)")
-    p.add_argument("--dataset", help=f"fashion-mnist[:DIR] or imagefolder:PATH (default {d.dataset})")
+    p.add_argument("--checkpoint-key", help="entry of a nested checkpoint that holds the state dict (model.ema)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False,
+                   help="random weights for a timm/torchvision name (default: its published weights)")
+    p.add_argument("--dataset", help="fashion-mnist[:DIR], imagefolder:PATH, images:PATH (unlabeled) or "
+                                     f"package.module:callable (default {d.dataset})")
+    p.add_argument("--class-index", help="JSON or text file mapping imagefolder class folders to class indices")
+    p.add_argument("--metric", help="top1, top5, agreement (top-1 equals FP32's), kl (to FP32's outputs; lower is "
+                                    f"better) or package.module:callable (default {d.metric})")
     p.add_argument("--predicate", help="where quantizers go: auto, conv2d, linear, vit, all-leaf (default auto)")
     p.add_argument("--no-input-quant", dest="quantize_input", action="store_const", const=False,
                    help="do not quantize the model input")
     p.add_argument("--bits", help=f"bit-width range LO:HI (default {d.bits})")
     floor = p.add_mutually_exclusive_group()
-    floor.add_argument("--min-accuracy", type=float, help="accuracy floor, a fraction in [0, 1]")
+    floor.add_argument("--min-accuracy", type=float,
+                       help="the bound on the metric: a floor, a fraction in [0, 1]; for kl a ceiling in nats")
     floor.add_argument("--max-accuracy-drop", type=float,
-                       help=f"floor relative to FP32 on the search split (default {d.max_accuracy_drop})")
+                       help=f"bound relative to FP32 on the search split (default {d.max_accuracy_drop}; "
+                            "for kl: FP32 + this)")
     p.add_argument("--cost", help=f"cost objective(s), comma separated (default {d.cost})")
     p.add_argument("--pop-size", type=int, help=f"NSGA-II population (default {d.pop_size})")
     p.add_argument("--generations", type=int, help=f"NSGA-II generations (default {d.generations})")
@@ -39,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
     p.add_argument("--seed", type=int, help=f"seed of splits and search (default {d.seed})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--channels-last", action="store_const", const=True, help="channels-last model and batches")
+    p.add_argument("--amp", action="store_const", const=True,
+                   help="autocast evaluations: float16 on CUDA, bfloat16 on CPU (see README)")
+    p.add_argument("--workers", type=int, help="data loader worker processes (default: one per core, up to 8, "
+                                               "for image files; none for tensors)")
     p.add_argument("--out", help="run directory (default runs/<timestamp>)")
     p.add_argument("--overwrite", action="store_const", const=True, help="replace a run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,18 +75,28 @@ def print_report(result) -> None:
     from .results import format_table
 
     cost = result.cost_names[0]
-    print(f"\nFP32 accuracy: search {100 * result.fp32['search']:.2f}%"
-          + (f", hold-out {100 * result.fp32['holdout']:.2f}%" if "holdout" in result.fp32 else "")
-          + f"; floor {100 * result.min_accuracy:.2f}% on the search split")
-    rows = [[name, f"{100 * e.accuracy:.2f}", *[f"{e.costs[c]:g}" for c in result.cost_names]]
+    metric = getattr(result, "metric", "top1")
+    fraction = getattr(result, "fraction", True)
+
+    def show(value: float) -> str:
+        return f"{100 * value:.2f}" if fraction else f"{value:.4g}"
+
+    unit = "%" if fraction else ""
+    label = "accuracy" if metric == "top1" else metric
+    bound = "floor" if getattr(result, "higher_is_better", True) else "ceiling"
+    print(f"\nFP32 {label}: search {show(result.fp32['search'])}{unit}"
+          + (f", hold-out {show(result.fp32['holdout'])}{unit}" if "holdout" in result.fp32 else "")
+          + f"; {bound} {show(result.min_accuracy)}{unit} on the search split")
+    head = f"{'acc' if metric == 'top1' else metric}{' %' if fraction else ''}"
+    rows = [[name, show(e.accuracy), *[f"{e.costs[c]:g}" for c in result.cost_names]]
             for name, e in result.baselines.items()]
-    print("\nUniform baselines (search split)\n" + format_table(["config", "acc %", *result.cost_names], rows))
-    rows = [[i, f"{100 * e.accuracy:.2f}",
-             f"{100 * result.holdout[e.bits]:.2f}" if e.bits in result.holdout else "-",
+    print("\nUniform baselines (search split)\n" + format_table(["config", head, *result.cost_names], rows))
+    rows = [[i, show(e.accuracy), show(result.holdout[e.bits]) if e.bits in result.holdout else "-",
              *[f"{e.costs[c]:g}" for c in result.cost_names], " ".join(map(str, e.bits))]
             for i, e in enumerate(result.front)]
     print(f"\nPareto front ({len(result.front)} points, {result.num_evaluations} evaluations, cheapest {cost} first)\n"
-          + format_table(["#", "search %", "hold-out %", *result.cost_names, "bits per quantizer"], rows))
+          + format_table(["#", f"search{' %' if fraction else ''}", f"hold-out{' %' if fraction else ''}",
+                          *result.cost_names, "bits per quantizer"], rows))
     print(f"\nWrote {result.run_dir}/ (evaluations.csv, pareto.csv, pareto/*.json, pareto.png, run.json) "
           f"in {result.timings['total']:.0f} s")
 
@@ -82,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from .bitconfig import BitConfigError
     from .calibration import CalibrationError
     from .data import DataError
+    from .evaluation import MetricError
     from .models import ModelError
     from .store import StoreError
 
@@ -90,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         from .exploration import explore
 
         result = explore(config, progress=not args.no_progress)
-    except (ConfigError, ModelError, DataError, StoreError, BitConfigError, CalibrationError, ValueError) as exc:
+    except (ConfigError, ModelError, DataError, MetricError, StoreError, BitConfigError, CalibrationError,
+            ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
