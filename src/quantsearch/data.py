@@ -130,6 +130,16 @@ class Preprocessing:
     crop_pct: float = 0.875
     crop_mode: str = "center"
 
+    def __post_init__(self):  # one mean or std value applies to every channel
+        for key in ("mean", "std"):
+            value = tuple(float(v) for v in getattr(self, key))
+            if len(value) == 1 and self.channels > 1:
+                value = value * self.channels
+            if len(value) != self.channels:
+                raise DataError(f"preprocessing {key} has {len(value)} values for {self.channels} input channels")
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+
     @property
     def channels(self) -> int:
         return self.input_size[0]
@@ -157,15 +167,7 @@ class Preprocessing:
             if key in values:
                 value = values[key]
                 values[key] = tuple(float(v) for v in ([value] if isinstance(value, (int, float)) else value))
-        result = replace(self, **values)
-        channels = result.channels
-        for key in ("mean", "std"):
-            value = getattr(result, key)
-            if len(value) == 1 and channels > 1:
-                result = replace(result, **{key: value * channels})
-            elif len(value) != channels:
-                raise DataError(f"preprocessing {key} has {len(value)} values for {channels} input channels")
-        return result
+        return replace(self, **values)
 
     def with_channels(self, channels: int) -> "Preprocessing":
         """The same preprocessing for ``channels`` input channels (1 = grey: mean of the RGB statistics)."""

@@ -70,6 +70,12 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     """Run one exploration as ``config`` says and write its outputs into ``config.out``."""
     config.validate()
@@ -111,7 +117,9 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
     search_eval = Evaluator(splits.search, **options)
     holdout_eval = Evaluator(splits.holdout, **options) if len(splits.holdout) else None
     with qmodel.quantization_disabled():
+        t_fp32 = time.perf_counter()
         fp32 = {"search": search_eval(qmodel)}
+        timings["fp32_search_evaluation"] = time.perf_counter() - t_fp32  # the yardstick of seconds per evaluation
         if holdout_eval:
             fp32["holdout"] = holdout_eval(qmodel)
     metric, better = search_eval.name, search_eval.higher_is_better
@@ -167,6 +175,7 @@ def explore(config: ExploreConfig, progress: bool = True) -> RunResult:
             bar.close()
         store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
     timings["search"] = time.perf_counter() - t
+    timings["mean_evaluation"] = sum(e.seconds for e in problem.evaluations) / max(1, len(problem.evaluations))
 
     # front, hold-out confirmation, outputs
     t = time.perf_counter()
@@ -238,5 +247,6 @@ def _write_summary(store, result: RunResult, settings, splits, costs) -> None:
         "front": [point(e) | {"accuracy_holdout": result.holdout.get(e.bits)} for e in result.front],
         "num_evaluations": result.num_evaluations,
         "versions": _versions(),
+        "device": _device_name(settings.get("device", "cpu")),
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
     })

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-index", help="JSON or text file mapping imagefolder class folders to class indices")
     p.add_argument("--metric", help="top1, top5, agreement (top-1 equals FP32's), kl (to FP32's outputs; lower is "
                                     f"better) or package.module:callable (default {d.metric})")
-    p.add_argument("--predicate", help="where quantizers go: auto, conv2d, linear, vit, all-leaf (default auto)")
+    p.add_argument("--predicate", help="where quantizers go: auto, conv2d, batchnorm, linear, vit, all-leaf (default auto)")
     p.add_argument("--no-input-quant", dest="quantize_input", action="store_const", const=False,
                    help="do not quantize the model input")
     p.add_argument("--bits", help=f"bit-width range LO:HI (default {d.bits})")
@@ -97,8 +97,11 @@ def print_report(result) -> None:
     print(f"\nPareto front ({len(result.front)} points, {result.num_evaluations} evaluations, cheapest {cost} first)\n"
           + format_table(["#", f"search{' %' if fraction else ''}", f"hold-out{' %' if fraction else ''}",
                           *result.cost_names, "bits per quantizer"], rows))
+    per = result.timings.get("mean_evaluation")
+    speed = (f"; {per:.3g} s per evaluation (FP32: {result.timings['fp32_search_evaluation']:.3g} s)"
+             if per and "fp32_search_evaluation" in result.timings else "")
     print(f"\nWrote {result.run_dir}/ (evaluations.csv, pareto.csv, pareto/*.json, pareto.png, run.json) "
-          f"in {result.timings['total']:.0f} s")
+          f"in {result.timings['total']:.0f} s{speed}")
 
 
 def main(argv: list[str] | None = None) -> int:
