@@ -203,3 +203,25 @@ def test_fashion_mnist_resized_for_an_rgb_model_and_disjoint_seeded_splits():
     assert sum(map(len, parts.values())) == len(set().union(*map(set, parts.values()))) == 600
     assert split_dataset(dataset, 100, 200, 300, seed=4).fingerprint() == s.fingerprint()
     assert split_dataset(dataset, 100, 200, 300, seed=5).fingerprint() != s.fingerprint()
+
+
+def test_bad_sources_exit_2_with_one_line(tmp_path, capsys):
+    write_fashion_pngs(tmp_path / "photos", 12)
+    (tmp_path / "bad.yaml").write_text("preprocessing: {size: 224}\n")
+    cases = [
+        (["--metric", "miou"], "unknown metric 'miou'"),
+        (["--dataset", "nowhere"], "unknown dataset 'nowhere'"),
+        (["--dataset", f"images:{tmp_path / 'missing'}"], "is not a directory"),
+        (["--config", str(tmp_path / "bad.yaml")], "preprocessing: unknown key 'size'"),
+        (["--class-index", str(tmp_path / "none.json")], "class index"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--workers", "-1"], "CUDA" if not
+         torch.cuda.is_available() else "workers"),
+        # the demo on unlabeled images: top-1 needs labels, and the run says which metrics do not
+        (["--dataset", f"images:{tmp_path / 'photos'}", "--calib-batches", "1", "--batch-size", "4",
+          "--eval-samples", "4"], "top1 needs labels"),
+    ]
+    for args, message in cases:
+        code = main([*args, "--out", str(tmp_path / "run"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.startswith("error: ") and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "run").exists()

@@ -152,7 +152,7 @@ def _timm_model(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> nn.Mo
     except Exception as exc:  # network, hub or file errors: one line, never a traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot fetch pretrained weights for timm model {name!r} ({first}); not in the local "
-                         f"cache either (looked in {where}): give --checkpoint FILE or set pretrained: false") from None
+                         f"cache either (looked in {where}): give --checkpoint FILE, or --no-pretrained") from None
 
 
 def _torchvision_model(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> nn.Module:
@@ -169,7 +169,7 @@ def _torchvision_model(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -
     except (ValueError, KeyError, AttributeError):
         weights = None
     if pretrained and weights is None:
-        raise ModelError(f"torchvision model {name!r} has no published weights: set pretrained: false")
+        raise ModelError(f"torchvision model {name!r} has no published weights: use --no-pretrained")
     model = tv.get_model(name, weights=None, **kwargs)
     if pretrained:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
@@ -181,7 +181,7 @@ def _torchvision_model(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"cannot fetch pretrained weights for torchvision:{name} into {cached} ({first}): "
-                             "give --checkpoint FILE or set pretrained: false") from None
+                             "give --checkpoint FILE, or --no-pretrained") from None
         model.load_state_dict(state)
     if weights is not None:  # the preprocessing the published weights expect, in timm's format
         tf = weights.transforms()
