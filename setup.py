@@ -26,6 +26,7 @@ setup(
         "pymoo>=0.6.1",
         "timm>=1.0",
         "numpy",
+        "scipy",
         "pandas",
         "matplotlib",
         "tqdm",
@@ -38,5 +39,6 @@ setup(
         "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["quantsearch-explore=quantsearch.explore:main",
-                                   "quantsearch-apply=quantsearch.apply:main"]},
+                                      "quantsearch-apply=quantsearch.apply:main",
+                                      "quantsearch-calibrate=quantsearch.calibrate:main"]},
 )

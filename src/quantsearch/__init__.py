@@ -6,7 +6,7 @@ search (``pymoo.optimize.minimize`` with :func:`nsga2`) -> results (Pareto front
 __version__ = "0.1.0"
 
 from .bitconfig import BitConfig, apply_bitconfig
-from .calibration import calibrate_max, load_amax, save_amax
+from .calibration import Calibration, calibrate, calibrate_max, load_amax, save_amax
 from .config import ExploreConfig
 from .convergence import hypervolume
 from .costs import BOPs, ActivationMemory, ModelSize, TotalBits, get_costs, profile_model
@@ -24,7 +24,7 @@ from .search import algorithm_for, nsga2, nsga3, run_search
 
 __all__ = [
     "QuantizedActivationsModel", "LayerwiseQuantizationProblem", "Evaluation",
-    "calibrate_max", "save_amax", "load_amax",
+    "calibrate", "Calibration", "calibrate_max", "save_amax", "load_amax",
     "nsga2", "run_search", "explore", "ExploreConfig", "pareto_front",
     "BitConfig", "apply_bitconfig", "export_quantized", "load_exported", "load_run", "hypervolume",
     "Predicate", "Target", "PRESETS", "by_type", "by_name",

@@ -1,4 +1,4 @@
-"""The bit-config: one configuration (bits and amax per quantizer) as validated JSON that can be re-applied.
+"""The bit-config: one configuration (bits, amax, signedness per quantizer) as validated JSON that can be re-applied.
 
 Activation quantizers carry one amax; weight quantizers (``<module>:weight``, present when ``model`` says
 ``"weight_quantizers": true``) carry a list, one amax per output channel, so re-applying reproduces the
@@ -37,7 +37,7 @@ def schema() -> dict:
 
 @dataclass(frozen=True)
 class BitConfig:
-    """Bits and amax per quantizer, the model they belong to, and what they scored."""
+    """Bits, amax and signedness per quantizer, the model they belong to, and what they scored."""
 
     model: Mapping[str, Any]
     quantizers: Mapping[str, Mapping[str, Any]]
@@ -60,6 +60,11 @@ class BitConfig:
         """Recorded per-sample tensor shape per quantizer (quantizers without one are left out)."""
         return {n: list(q["shape"]) for n, q in self.quantizers.items() if "shape" in q}
 
+    @property
+    def unsigned(self) -> dict[str, bool]:
+        """Whether each quantizer uses the unsigned range (absent in a bit-config means signed)."""
+        return {n: bool(q.get("unsigned", False)) for n, q in self.quantizers.items()}
+
     @classmethod
     def from_model(cls, qmodel, model: Mapping[str, Any], example: torch.Tensor | None = None,
                    **kwargs) -> "BitConfig":
@@ -69,9 +74,10 @@ class BitConfig:
         if example is not None:
             shapes = qmodel.tensor_shapes(example)
             model["input_shape"] = [int(d) for d in example.shape[1:]]
+        amax, unsigned = qmodel.amax, qmodel.unsigned
         quantizers = {}
         for n, b in qmodel.bits_dict().items():
-            quantizers[n] = {"num_bits": b, "amax": qmodel.amax[n]}
+            quantizers[n] = {"num_bits": b, "amax": amax[n], "unsigned": unsigned[n]}
             if n in shapes:
                 quantizers[n]["shape"] = shapes[n]
         return cls(model=model, quantizers=quantizers, **kwargs)
@@ -109,7 +115,8 @@ class BitConfig:
         return cls.from_dict(payload, source=str(path))
 
     def apply(self, qmodel, example: torch.Tensor | None = None) -> None:
-        """Set bits and amax on ``qmodel``; quantizer names must match exactly, in order, and so must shapes.
+        """Set bits, amax and signedness on ``qmodel``; quantizer names must match exactly, in order, and so must
+        shapes.
 
         Shapes are checked with one forward pass of ``example`` (a batch), or of zeros of the recorded
         ``model.input_shape`` when no example is given; a bit-config that records no shapes skips the check.
@@ -117,11 +124,13 @@ class BitConfig:
         self.check_names(qmodel)
         if self.shapes:
             self.check_shapes(qmodel, example)
+        # bits first: with an amax table, setting bits sets amax, which this configuration then overrides
+        qmodel.bit_widths = self.bits
         try:
             qmodel.amax = self.amax
         except ValueError as exc:
             raise BitConfigError(f"bit-config does not fit the model: {exc}") from None
-        qmodel.bit_widths = self.bits
+        qmodel.unsigned = self.unsigned
 
     def check_names(self, qmodel) -> None:
         names = qmodel.quantizer_names

@@ -38,6 +38,11 @@ class ExploreConfig:
     pop_size: int = 20
     generations: int = 10
     calib_batches: int = 4
+    calib_method: str = "mse"
+    calib_percentile: float = 99.99
+    calib_momentum: float = 0.95
+    calib_overrides: dict | None = None
+    calibration: str | None = None
     eval_samples: int = 3000
     holdout_samples: int | None = None
     batch_size: int = 250
@@ -122,6 +127,19 @@ class ExploreConfig:
             parse_cost_names(self.cost)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        from .calibration import CalibrationError, MethodSpec, override_spec
+
+        try:
+            default = MethodSpec(self.calib_method, self.calib_percentile, self.calib_momentum).validated()
+            if self.calib_overrides is not None and not isinstance(self.calib_overrides, dict):
+                raise ConfigError(f"calib-overrides must map quantizer-name globs to methods, "
+                                  f"got {type(self.calib_overrides).__name__}")
+            for glob, value in (self.calib_overrides or {}).items():  # the globs are matched on the model
+                override_spec(str(glob), value, default)
+        except CalibrationError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise ConfigError(f"calibration file {self.calibration} does not exist")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         return self

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .bitconfig import BitConfig
+from .calibration import Calibration, calibrate, data_fingerprint
 from .config import ExploreConfig
 from .costs import COSTS, get_costs, profile_model
 from .data import load_dataset, split_dataset
@@ -31,7 +32,7 @@ from .search import algorithm_for, run_search
 from .store import RunStore, StoreError
 
 __all__ = ["RunResult", "Interrupted", "explore", "resume_config", "resolve_predicate", "BASELINES",
-           "search_genes"]
+           "search_genes", "calibrate_run", "calibrate_only"]
 
 log = logging.getLogger("quantsearch")
 # uniform (weight bits, activation bits) configurations, as in the ViT quantization literature's tables
@@ -87,6 +88,41 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def calibration_bits(config: ExploreConfig) -> tuple[int, int]:
+    """The activation widths to calibrate: the search range, widened to the uniform baselines' A4..A8."""
+    lo, hi = config.bit_range
+    return min(lo, min(a for _, a in BASELINES.values())), max(hi, max(a for _, a in BASELINES.values()))
+
+
+def calibrate_run(config: ExploreConfig, qmodel: QuantizedActivationsModel, calibration_split) -> Calibration:
+    """Calibrate ``qmodel`` as ``config`` says, or apply ``config.calibration`` after checking that it fits."""
+    loader = DataLoader(calibration_split, batch_size=config.batch_size)
+    if config.calibration:
+        calibration = Calibration.load(config.calibration)
+        calibration.check_fits(qmodel, data_fingerprint(loader, config.calib_batches), config.bit_range,
+                               source=f"calibration file {config.calibration}")
+        calibration.apply(qmodel)
+        return calibration
+    return calibrate(qmodel, loader, config.calib_batches, config.calib_method, bits=calibration_bits(config),
+                     overrides=config.calib_overrides, percentile=config.calib_percentile,
+                     momentum=config.calib_momentum)
+
+
+def calibrate_only(config: ExploreConfig) -> tuple[Calibration, QuantizedActivationsModel]:
+    """Build the run's model, data and quantizers and calibrate them, nothing more (``quantsearch.calibrate``)."""
+    config.validate()
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, checkpoint=config.checkpoint).to(torch.device(config.device))
+    splits = split_dataset(load_dataset(config.dataset), config.calibration_samples, config.eval_samples,
+                           config.holdout_samples, seed=config.seed)
+    predicate = resolve_predicate(config.predicate, model)
+    qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input,
+                                       weight_quantizers=True).to(config.device)
+    if len(qmodel.activation_names) == 0:
+        raise ValueError(f"predicate {predicate!r} selects no module of {config.model}")
+    return calibrate_run(config, qmodel, splits.calibration), qmodel
+
+
 def resume_config(run_dir: str | Path) -> ExploreConfig:
     """The configuration a run in ``run_dir`` was started with, read from its store."""
     store = RunStore.open(run_dir)
@@ -140,11 +176,11 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     genes = search_genes(qmodel, config.search_space)
     if not genes:
         raise ValueError(f"search-space {config.search_space}: {config.model} has no Conv/Linear weight to search")
-    qmodel.calibrate(DataLoader(splits.calibration, batch_size=config.batch_size), config.calib_batches)
+    calibration = calibrate_run(config, qmodel, splits.calibration)
     timings["calibration"] = time.perf_counter() - t
-    log.info("%d activation and %d weight quantizers (%s), calibrated on %d images; %d genes (%s)",
-             len(qmodel.activation_names), len(qmodel.weight_names), predicate, len(splits.calibration), len(genes),
-             config.search_space)
+    log.info("%d activation and %d weight quantizers (%s), calibrated on %d images (%s); %d genes (%s)",
+             len(qmodel.activation_names), len(qmodel.weight_names), predicate, len(splits.calibration),
+             config.calibration or config.calib_method, len(genes), config.search_space)
 
     # evaluators and the floor
     t = time.perf_counter()
@@ -164,8 +200,9 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     timings["fp32"] = time.perf_counter() - t
 
     # store, problem, baselines
-    settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": predicate}
-    fingerprint = {"model": fingerprint_model(model), "amax": fingerprint_values(qmodel.amax),
+    settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": predicate,
+                                 "calibration_methods": sorted(set(calibration.methods.values()))}
+    fingerprint = {"model": fingerprint_model(model), "calibration": fingerprint_values(calibration.to_dict()),
                    "search": fingerprint_tensors(t for batch in search_eval.batches for t in batch)}
     if resume:
         stored_fingerprint = store.get("fingerprint")
@@ -176,6 +213,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     else:
         store = RunStore.create(run_dir, settings, overwrite=config.overwrite)
         store.put("fingerprint", fingerprint)
+        store.write_json("calibration.json", calibration.to_dict())
     known = store.cache()
     t = time.perf_counter()
     profile = profile_model(qmodel, splits.calibration[0][0].unsqueeze(0).to(device))

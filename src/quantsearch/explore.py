@@ -40,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pop-size", type=int, help=f"NSGA-II population (default {d.pop_size})")
     p.add_argument("--generations", type=int, help=f"NSGA-II generations (default {d.generations})")
     p.add_argument("--calib-batches", type=int, help=f"calibration batches (default {d.calib_batches})")
+    p.add_argument("--calib-method", help="max, percentile, entropy, mse or moving-max; per-quantizer overrides "
+                   f"go in the YAML config as calib-overrides (default {d.calib_method})")
+    p.add_argument("--calib-percentile", type=float,
+                   help=f"percentile of |x| kept by --calib-method percentile (default {d.calib_percentile})")
+    p.add_argument("--calib-momentum", type=float,
+                   help=f"momentum of --calib-method moving-max (default {d.calib_momentum})")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="reuse a calibration file (python -m quantsearch.calibrate) instead of calibrating; "
+                        "refused if it was made for other weights or data")
     p.add_argument("--eval-samples", type=int, help=f"images in the search split (default {d.eval_samples})")
     p.add_argument("--holdout-samples", type=int, help="images in the hold-out split (default: the rest)")
     p.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")

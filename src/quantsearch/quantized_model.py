@@ -28,7 +28,7 @@ from .fakequant import FastTensorQuantizer
 from .predicates import PredicateLike, get_target
 
 __all__ = ["QuantizedActivationsModel", "INPUT_QUANTIZER", "WEIGHT_SUFFIX", "WEIGHT_LAYERS", "MIN_BITS",
-           "MAX_BITS", "make_quantizer", "make_weight_quantizer", "quiet_quantizers"]
+           "MAX_BITS", "make_quantizer", "make_weight_quantizer", "quiet_quantizers", "amax_for_bits"]
 
 INPUT_QUANTIZER = "input"
 INPUT_SUFFIX = ":input"
@@ -116,6 +116,26 @@ class WeightFakeQuant:
             self._saved = None
 
 
+def amax_for_bits(table: Mapping[int, float], bits: int) -> float:
+    """The amax a per-bit-width table gives ``bits``: its own entry, else the nearest width's (higher on a tie)."""
+    if bits in table:
+        return table[bits]
+    return table[min(table, key=lambda b: (abs(b - bits), -b))]
+
+
+def _clamp_negatives_when_unsigned(quantizer: TensorQuantizer, args: tuple):
+    """An unsigned quantizer represents [0, amax]: a negative input is clamped to 0, the grid's floor.
+
+    pytorch-quantization raises on a negative input to an unsigned quantizer instead; a quantizer is made unsigned
+    because its calibration data was never negative, and a value unseen in calibration must not abort a search.
+    """
+    if quantizer.unsigned and quantizer._if_quant and not quantizer._disabled and args:
+        if isinstance(quantizer, FastTensorQuantizer) and args[0].dtype == torch.float32:
+            return None  # its fast path clamps to the grid's floor already (a fallback path would not)
+        return (args[0].clamp_min(0),) + tuple(args[1:])
+    return None
+
+
 class QuantizedActivationsModel(nn.Module):
     """A model whose selected activations pass through fake quantizers.
 
@@ -130,6 +150,9 @@ class QuantizedActivationsModel(nn.Module):
             max|w| per channel) on every Conv1d/2d/3d and Linear layer; a predicate narrows that choice.
             Weight quantizers come after the activation quantizers in :attr:`quantizer_names`.
         fast: use the bit-identical fast fake-quant forward (``False``: plain ``TensorQuantizer``, for comparison).
+
+    ``amax_table`` maps a quantizer name to ``{num_bits: amax}`` (filled by calibration): setting
+    :attr:`bit_widths` then gives every quantizer its own bit-width's amax, with no forward pass.
     """
 
     def __init__(self, model: nn.Module, predicate: PredicateLike = "conv2d", quantize_input: bool = True,
@@ -142,6 +165,7 @@ class QuantizedActivationsModel(nn.Module):
         self._handles: list = []
         self._weights: "OrderedDict[str, WeightFakeQuant]" = OrderedDict()
         self._fused_attn: dict[nn.Module, bool] = {}
+        self.amax_table: dict[str, dict[int, float]] = {}
         if self.target.unfuse_attention:
             for module in model.modules():
                 if isinstance(getattr(module, "fused_attn", None), bool):
@@ -260,6 +284,8 @@ class QuantizedActivationsModel(nn.Module):
             if not MIN_BITS <= b <= MAX_BITS:
                 raise ValueError(f"bit-width {b} for {name!r} outside {MIN_BITS}..{MAX_BITS}")
             self._quantizers[name].num_bits = b
+            if self.amax_table.get(name):
+                self._set_amax(name, amax_for_bits(self.amax_table[name], b))
 
     def bits_dict(self) -> dict[str, int]:
         return dict(zip(self._quantizers, self.bit_widths))
@@ -286,24 +312,44 @@ class QuantizedActivationsModel(nn.Module):
         if unknown:
             raise KeyError(f"no quantizer named {unknown[0]!r}")
         for name, value in values.items():
+            self._set_amax(name, value)
+
+    def _set_amax(self, name: str, value: float | Sequence[float]) -> None:
+        quantizer = self._quantizers[name]
+        if name in self._weights:
+            weight = self._weights[name].module.weight
+            shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
+            tensor = torch.as_tensor(value, dtype=torch.float32).flatten()
+            if tensor.numel() != shape[0]:
+                raise ValueError(f"amax of {name!r} needs {shape[0]} values (one per output channel), "
+                                 f"got {tensor.numel()}")
+            tensor = tensor.reshape(shape)
+            self._weights[name].cache.clear()
+        else:
+            if not math.isfinite(float(value)) or float(value) <= 0:
+                raise ValueError(f"amax {value} for {name!r}: it must be positive and finite")
+            tensor = torch.tensor(float(value), dtype=torch.float32)
+        if hasattr(quantizer, "_amax") and quantizer._amax.shape == tensor.shape:
+            quantizer._amax.data.copy_(tensor)
+        else:
+            quantizer.register_buffer("_amax", tensor.to(self._device()))
+
+    @property
+    def unsigned(self) -> dict[str, bool]:
+        """Whether each quantizer uses the unsigned integer range [0, 2^b - 1] (twice the signed resolution)."""
+        return {n: bool(q.unsigned) for n, q in self._quantizers.items()}
+
+    @unsigned.setter
+    def unsigned(self, values: Mapping[str, bool]) -> None:
+        unknown = [n for n in values if n not in self._quantizers]
+        if unknown:
+            raise KeyError(f"no quantizer named {unknown[0]!r}")
+        for name, flag in values.items():
             quantizer = self._quantizers[name]
-            if name in self._weights:
-                weight = self._weights[name].module.weight
-                shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
-                tensor = torch.as_tensor(value, dtype=torch.float32).flatten()
-                if tensor.numel() != shape[0]:
-                    raise ValueError(f"amax of {name!r} needs {shape[0]} values (one per output channel), "
-                                     f"got {tensor.numel()}")
-                tensor = tensor.reshape(shape)
-                self._weights[name].cache.clear()
-            else:
-                if not math.isfinite(float(value)) or float(value) <= 0:
-                    raise ValueError(f"amax {value} for {name!r}: it must be positive and finite")
-                tensor = torch.tensor(float(value), dtype=torch.float32)
-            if hasattr(quantizer, "_amax") and quantizer._amax.shape == tensor.shape:
-                quantizer._amax.data.copy_(tensor)
-            else:
-                quantizer.register_buffer("_amax", tensor.to(self._device()))
+            quantizer.unsigned = bool(flag)
+            if flag and not getattr(quantizer, "_clamps_negatives", False):
+                quantizer.register_forward_pre_hook(_clamp_negatives_when_unsigned)
+                quantizer._clamps_negatives = True
 
     def _device(self) -> torch.device:
         param = next(self.model.parameters(), None)
@@ -328,11 +374,18 @@ class QuantizedActivationsModel(nn.Module):
             for q, was in zip(self._quantizers.values(), previous):
                 q._disabled = was
 
-    def calibrate(self, batches: Iterable, num_batches: int | None = None) -> dict[str, float]:
-        """Max calibration over ``num_batches`` batches (quantization off meanwhile); returns amax per quantizer."""
-        from .calibration import calibrate_max
+    def calibrate(self, batches: Iterable, num_batches: int | None = None, method: str = "max",
+                  **options) -> dict[str, float]:
+        """Calibrate over ``num_batches`` batches (quantization off meanwhile); returns each activation's amax.
 
-        return calibrate_max(self, batches, num_batches)
+        ``method`` and ``options`` are those of :func:`quantsearch.calibration.calibrate`, which fills
+        :attr:`amax_table` and :attr:`unsigned` too.
+        """
+        from .calibration import calibrate
+
+        calibrate(self, batches, num_batches, method=method, **options)
+        amax = self.amax
+        return {n: amax[n] for n in self.activation_names}
 
     def tensor_shapes(self, example: torch.Tensor) -> dict[str, list[int]]:
         """Per-sample shape (batch dimension dropped) of the tensor each quantizer sees, from one forward pass.
