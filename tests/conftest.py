@@ -48,3 +48,26 @@ def fake_quant_by_hand(x, amax, bits):
     bound = 2 ** (bits - 1) - 1
     scale = bound / amax
     return torch.clamp(torch.round(x * scale), -bound, bound) / scale
+
+
+def write_fashion_pngs(folder, count, start=0, by_class=False):
+    """The first ``count`` shipped Fashion-MNIST test images as 28x28 grey PNG files, in nested folders (by class
+    name when ``by_class``); returns their dataset indices in the order of the sorted file paths."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from quantsearch.data import FASHION_MNIST_CLASSES, _fashion_mnist_files, read_idx
+
+    images_path, labels_path = _fashion_mnist_files("test", None)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    folder = Path(folder)
+    written = []
+    for i in range(start, start + count):
+        sub = FASHION_MNIST_CLASSES[labels[i]].replace("/", "-") if by_class else f"part{i % 3}"
+        path = folder / sub / f"img_{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(images[i])).save(path)
+        written.append((str(path), i))
+    return [i for _, i in sorted(written)]

@@ -19,7 +19,7 @@ def test_type_and_name_compose(convnet):
 
 
 def test_presets_on_demo_vit(demo_vit):
-    assert set(PRESETS) == {"conv2d", "linear", "vit", "all-leaf"}
+    assert set(PRESETS) == {"conv2d", "batchnorm", "linear", "vit", "all-leaf"}
     assert selected(get_target("conv2d").outputs, demo_vit) == ["patch_embed.proj"]
     linear = selected(get_target("linear").outputs, demo_vit)
     assert len(linear) == 4 * 4 + 1  # qkv, proj, fc1, fc2 per block + head

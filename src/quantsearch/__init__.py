@@ -10,11 +10,11 @@ from .calibration import Calibration, calibrate, calibrate_max, load_amax, save_
 from .config import ExploreConfig
 from .convergence import hypervolume
 from .costs import BOPs, ActivationMemory, ModelSize, TotalBits, get_costs, profile_model
-from .data import load_dataset, load_fashion_mnist, split_dataset
-from .evaluation import AccuracyEvaluator
+from .data import Preprocessing, load_dataset, load_fashion_mnist, split_dataset
+from .evaluation import AccuracyEvaluator, Evaluator, get_metric
 from .exploration import explore
 from .export import export_quantized, load_exported
-from .models import create_model
+from .models import create_model, model_preprocessing
 from .predicates import PRESETS, Predicate, Target, by_name, by_type
 from .problem import Evaluation, LayerwiseQuantizationProblem
 from .quantized_model import QuantizedActivationsModel
@@ -31,5 +31,6 @@ __all__ = [
     "AccuracyEvaluator", "TotalBits", "get_costs",
     "BOPs", "ActivationMemory", "ModelSize", "profile_model", "nsga3", "algorithm_for",
     "create_model", "load_dataset", "load_fashion_mnist", "split_dataset",
+    "Evaluator", "get_metric", "model_preprocessing", "Preprocessing",
     "__version__",
 ]

@@ -51,6 +51,18 @@ class ExploreConfig:
     compile: bool = False
     out: str | None = None
     overwrite: bool = False
+    # model, data and metric sources (see models.py, data.py, evaluation.py)
+    checkpoint_key: str | None = None
+    pretrained: bool | None = None  # published weights of a timm/torchvision name; None: yes unless --checkpoint
+    model_kwargs: dict | None = None
+    preprocessing: dict | None = None  # overrides of input_size, mean, std, interpolation, crop_pct, crop_mode
+    class_index: str | None = None
+    dataset_kwargs: dict | None = None
+    metric: str = "top1"
+    metric_kwargs: dict | None = None
+    channels_last: bool = False
+    amp: bool = False
+    workers: int | None = None
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -104,18 +116,23 @@ class ExploreConfig:
         if self.holdout_samples is not None and (not isinstance(self.holdout_samples, int)
                                                  or self.holdout_samples < 0):
             raise ConfigError(f"holdout-samples must be a non-negative integer, got {self.holdout_samples!r}")
-        if self.min_accuracy is not None and not 0.0 <= float(self.min_accuracy) <= 1.0:
+        self._validate_sources()
+        fraction = _is_fraction_metric(self.metric)
+        if self.min_accuracy is not None and not 0.0 <= float(self.min_accuracy) <= 1.0 and fraction:
             raise ConfigError(f"min-accuracy must lie in [0, 1] (a fraction, not a percentage), "
                               f"got {self.min_accuracy}")
-        if not 0.0 <= float(self.max_accuracy_drop) <= 1.0:
-            raise ConfigError(f"max-accuracy-drop must lie in [0, 1], got {self.max_accuracy_drop}")
+        if self.min_accuracy is not None and self.metric == "kl" and float(self.min_accuracy) < 0:
+            raise ConfigError(f"min-accuracy is the ceiling of metric kl and must be >= 0, got {self.min_accuracy}")
+        if not 0.0 <= float(self.max_accuracy_drop) <= (1.0 if fraction else float("inf")):
+            raise ConfigError(f"max-accuracy-drop must lie in [0, {1 if fraction else 'inf'}], "
+                              f"got {self.max_accuracy_drop}")
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise ConfigError(f"checkpoint {self.checkpoint} does not exist")
         kind, _, arg = self.dataset.partition(":")
-        if kind not in ("fashion-mnist", "imagefolder"):
-            raise ConfigError(f"unknown dataset {self.dataset!r}: use fashion-mnist, fashion-mnist:DIR "
-                              "or imagefolder:PATH")
-        if arg and not Path(arg).is_dir():
+        if kind not in DATASET_KINDS and not _is_callable_spec(self.dataset):
+            raise ConfigError(f"unknown dataset {self.dataset!r}: use fashion-mnist[:DIR], imagefolder:PATH, "
+                              "images:PATH or package.module:callable")
+        if kind in DATASET_KINDS and arg and not Path(arg).is_dir():
             raise ConfigError(f"dataset path {arg} is not a directory")
         from .predicates import PRESETS
 
@@ -142,7 +159,60 @@ class ExploreConfig:
             raise ConfigError(f"calibration file {self.calibration} does not exist")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            try:
+                index = torch.device(self.device).index or 0
+            except RuntimeError:
+                raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {self.device}: this torch build or machine has no CUDA device")
+            if index >= torch.cuda.device_count():
+                raise ConfigError(f"device {self.device}: only {torch.cuda.device_count()} CUDA device(s) here")
         return self
+
+    def _validate_sources(self) -> None:
+        """Model, data and metric settings: kinds, files and mappings, checked before any loading."""
+        if not isinstance(self.metric, str):
+            raise ConfigError(f"metric must be a name or package.module:callable, got {self.metric!r}")
+        for name in ("model_kwargs", "preprocessing", "dataset_kwargs", "metric_kwargs"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{name.replace('_', '-')} must be a mapping, got {type(value).__name__}")
+        for name in ("pretrained", "channels_last", "amp"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{name.replace('_', '-')} must be true or false, got {value!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or isinstance(self.workers, bool)
+                                         or self.workers < 0):
+            raise ConfigError(f"workers must be a non-negative integer, got {self.workers!r}")
+        if self.preprocessing is not None:
+            from .data import DataError, check_preprocessing
+
+            try:
+                check_preprocessing(self.preprocessing)
+            except DataError as exc:
+                raise ConfigError(str(exc)) from None
+        if self.class_index is not None and not Path(self.class_index).is_file():
+            raise ConfigError(f"class index {self.class_index} does not exist")
+        if not _is_fraction_metric(self.metric) and self.metric != "kl" and not _is_callable_spec(self.metric):
+            raise ConfigError(f"unknown metric {self.metric!r}: use top1, top5, agreement, kl or "
+                              "package.module:callable")
+
+
+DATASET_KINDS = ("fashion-mnist", "imagefolder", "images")
+
+
+def _is_fraction_metric(metric: str) -> bool:
+    """``agreement`` and ``topK``: fractions in [0, 1]."""
+    return metric == "agreement" or (metric.startswith("top") and metric[3:].isdigit() and int(metric[3:]) > 0)
+
+
+def _is_callable_spec(spec: str) -> bool:
+    """``package.module:callable``."""
+    module, colon, attr = str(spec).partition(":")
+    return bool(colon) and all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()
 
 
 def parse_bits(text: str, option: str = "bits") -> tuple[int, int]:

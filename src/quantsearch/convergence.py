@@ -30,22 +30,26 @@ REFERENCE_POINT = ("(accuracy floor, FP32 cost): objectives are (-100 x accuracy
                    "FP32 cost saved")
 
 
-def _feasible(e: Evaluation, min_accuracy: float) -> bool:
-    return e.status == "ok" and e.accuracy >= min_accuracy
+def _feasible(e: Evaluation, min_accuracy: float, higher_is_better: bool = True) -> bool:
+    return e.status == "ok" and (e.accuracy >= min_accuracy if higher_is_better else e.accuracy <= min_accuracy)
 
 
 def hypervolume(evaluations: Sequence[Evaluation], min_accuracy: float, fp32_costs: Mapping[str, float],
-                cost_names: Sequence[str] | None = None) -> float:
-    """Hypervolume of the feasible ``evaluations`` against the fixed reference point (see the module docstring)."""
+                cost_names: Sequence[str] | None = None, higher_is_better: bool = True) -> float:
+    """Hypervolume of the feasible ``evaluations`` against the fixed reference point (see the module docstring).
+
+    For a lower-is-better metric (KL) the first objective is ``+100 * metric`` and the reference the ceiling.
+    """
     from pymoo.indicators.hv import HV
 
-    feasible = [e for e in evaluations if _feasible(e, min_accuracy)]
+    feasible = [e for e in evaluations if _feasible(e, min_accuracy, higher_is_better)]
     if not feasible:
         return 0.0
+    sign = -100.0 if higher_is_better else 100.0
     cost_names = list(cost_names or feasible[0].costs)
-    points = np.array([[-100.0 * e.accuracy] + [e.costs[c] / fp32_costs[c] for c in cost_names]
+    points = np.array([[sign * e.accuracy] + [e.costs[c] / fp32_costs[c] for c in cost_names]
                        for e in feasible])
-    reference = np.array([-100.0 * min_accuracy] + [1.0] * len(cost_names))
+    reference = np.array([sign * min_accuracy] + [1.0] * len(cost_names))
     inside = points[np.all(points < reference, axis=1)]
     return float(HV(ref_point=reference)(inside)) if len(inside) else 0.0
 
@@ -72,7 +76,8 @@ class Convergence:
 
 
 def convergence(evaluations: Sequence[tuple[Evaluation, int]], min_accuracy: float,
-                fp32_costs: Mapping[str, float], cost_names: Sequence[str] | None = None) -> Convergence:
+                fp32_costs: Mapping[str, float], cost_names: Sequence[str] | None = None,
+                higher_is_better: bool = True) -> Convergence:
     """Per-generation hypervolume and feasibility of ``(evaluation, generation)`` pairs (a run store's)."""
     if not evaluations:
         return Convergence([], [], [], [])
@@ -86,6 +91,6 @@ def convergence(evaluations: Sequence[tuple[Evaluation, int]], min_accuracy: flo
         new = by_generation.get(g, [])
         seen.extend(new)
         counts.append(len(new))
-        feasible.append(sum(_feasible(e, min_accuracy) for e in new))
-        volumes.append(hypervolume(seen, min_accuracy, fp32_costs, cost_names))
+        feasible.append(sum(_feasible(e, min_accuracy, higher_is_better) for e in new))
+        volumes.append(hypervolume(seen, min_accuracy, fp32_costs, cost_names, higher_is_better))
     return Convergence(generations, counts, feasible, volumes)

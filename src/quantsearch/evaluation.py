@@ -1,52 +1,340 @@
 """Evaluation: the metric a candidate configuration is judged by, on a fixed split held in memory.
 
 Batches are materialised once (on the target device) so a search of thousands of candidates pays the data
-pipeline once, not per candidate.
+pipeline once, not per candidate. Metrics (:func:`get_metric`):
+
+- ``top1``, ``top5`` (any ``topK``): accuracy against the labels.
+- ``agreement``: the fraction of images whose top-1 class is the FP32 model's top-1 class. Needs no labels.
+- ``kl``: the mean KL divergence KL(p_fp32 || p_quantized) of the softmax outputs, in nats. Needs no labels;
+  lower is better.
+- ``package.module:callable``: a torchmetrics-style class (``update(outputs, labels)``, ``compute()``, optional
+  ``reset()``), or a function ``fn(outputs, labels) -> float`` called once on the whole split. Either may take a
+  ``reference`` argument (the FP32 outputs) and declare ``higher_is_better = False``.
+
+The FP32 outputs the label-free metrics compare with are computed once, when the evaluator is built, and kept on
+the device beside the batches (for ``kl``, log-probabilities; for ``agreement``, only the top-1 classes).
 """
 from __future__ import annotations
 
-from typing import Iterable
+import importlib
+import inspect
+import re
+from contextlib import nullcontext
+from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-__all__ = ["NumericalError", "AccuracyEvaluator", "materialize"]
+__all__ = [
+    "NumericalError",
+    "MetricError",
+    "Metric",
+    "TopK",
+    "Agreement",
+    "KLDivergence",
+    "BUILTIN_METRICS",
+    "get_metric",
+    "amp_dtype",
+    "Evaluator",
+    "AccuracyEvaluator",
+    "materialize",
+]
+
+BUILTIN_METRICS = ("top1", "top5", "agreement", "kl")
 
 
 class NumericalError(ArithmeticError):
     """The model produced NaN or Inf: the configuration is recorded as failed, never silently scored."""
 
 
+class MetricError(ValueError):
+    """A metric that cannot be built, or that cannot be computed on this data (labels missing)."""
+
+
+# -- metrics -----------------------------------------------------------------------------------------------------
+class Metric:
+    """A metric accumulated over batches: ``reset``, ``update`` per batch, ``compute`` at the end.
+
+    ``reference(outputs)`` says what to keep of the FP32 outputs of a batch (for metrics that compare with them).
+    ``fraction`` metrics are shown as percentages.
+    """
+
+    name = "metric"
+    higher_is_better = True
+    needs_labels = False
+    needs_reference = False
+    fraction = False
+
+    def reference(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def update(self, outputs: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> float:
+        raise NotImplementedError
+
+
+class TopK(Metric):
+    """The fraction of samples whose label is among the ``k`` highest outputs."""
+
+    needs_labels = True
+    fraction = True
+
+    def __init__(self, k: int = 1):
+        self.k = int(k)
+        self.name = f"top{self.k}"
+        self.reset()
+
+    def reset(self) -> None:
+        self.correct, self.total = 0, 0
+
+    def update(self, outputs, labels, reference=None) -> None:
+        if self.k == 1:
+            hit = outputs.argmax(1) == labels
+        else:
+            hit = (outputs.topk(min(self.k, outputs.shape[1]), dim=1).indices == labels[:, None]).any(1)
+        self.correct = self.correct + hit.sum()  # stays on the device: one synchronisation, in compute
+        self.total += len(labels)
+
+    def compute(self) -> float:
+        return float(self.correct) / self.total
+
+
+class Agreement(Metric):
+    """The fraction of samples whose top-1 class equals the FP32 model's top-1 class."""
+
+    name = "agreement"
+    needs_reference = True
+    fraction = True
+
+    def __init__(self):
+        self.reset()
+
+    def reference(self, outputs):
+        return outputs.argmax(1)
+
+    def reset(self) -> None:
+        self.same, self.total = 0, 0
+
+    def update(self, outputs, labels, reference) -> None:
+        self.same = self.same + (outputs.argmax(1) == reference).sum()
+        self.total += len(reference)
+
+    def compute(self) -> float:
+        return float(self.same) / self.total
+
+
+class KLDivergence(Metric):
+    """Mean KL(p_fp32 || p) over samples, of the softmax over dimension 1, in nats (float32 throughout)."""
+
+    name = "kl"
+    higher_is_better = False
+    needs_reference = True
+
+    def __init__(self):
+        self.reset()
+
+    def reference(self, outputs):
+        return torch.log_softmax(outputs.float(), dim=1)
+
+    def reset(self) -> None:
+        self.sum, self.total = 0.0, 0
+
+    def update(self, outputs, labels, reference) -> None:
+        log_q = torch.log_softmax(outputs.float(), dim=1)
+        self.sum = self.sum + (reference.exp() * (reference - log_q)).sum()
+        self.total += len(reference)
+
+    def compute(self) -> float:
+        return float(self.sum) / self.total
+
+
+def _takes(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _StatefulMetric(Metric):
+    """A user object with ``update(outputs, labels[, reference])`` and ``compute()`` (torchmetrics works as is)."""
+
+    def __init__(self, name: str, obj: Any, device: torch.device):
+        self.name, self.obj = name, obj
+        if hasattr(obj, "to"):
+            obj.to(device)
+        self.higher_is_better = getattr(obj, "higher_is_better", True) is not False
+        self.needs_reference = _takes(obj.update, "reference")
+
+    def reset(self) -> None:
+        if hasattr(self.obj, "reset"):
+            self.obj.reset()
+
+    def update(self, outputs, labels, reference) -> None:
+        if self.needs_reference:
+            self.obj.update(outputs, labels, reference=reference)
+        else:
+            self.obj.update(outputs, labels)
+
+    def compute(self) -> float:
+        value = self.obj.compute()
+        return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+class _FunctionMetric(Metric):
+    """A user function ``fn(outputs, labels[, reference]) -> float`` on the outputs of the whole split."""
+
+    def __init__(self, name: str, fn, kwargs: dict):
+        self.name, self.fn, self.kwargs = name, fn, kwargs
+        self.higher_is_better = getattr(fn, "higher_is_better", True) is not False
+        self.needs_reference = _takes(fn, "reference")
+        self.reset()
+
+    def reset(self) -> None:
+        self.outputs, self.labels, self.references = [], [], []
+
+    def update(self, outputs, labels, reference) -> None:
+        self.outputs.append(outputs)
+        self.labels.append(labels)
+        if reference is not None:
+            self.references.append(reference)
+
+    def compute(self) -> float:
+        extra = {"reference": torch.cat(self.references)} if self.needs_reference else {}
+        value = self.fn(torch.cat(self.outputs), torch.cat(self.labels), **extra, **self.kwargs)
+        return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def get_metric(spec: str | Metric, device: torch.device | str = "cpu", **kwargs: Any) -> Metric:
+    """A metric by name: ``top1``, ``top5`` (any ``topK``), ``agreement``, ``kl``, or ``package.module:callable``
+    (a class is instantiated with ``kwargs``; a function receives them on every call)."""
+    if isinstance(spec, Metric):
+        return spec
+    top = re.fullmatch(r"top(\d+)", spec)
+    if top and int(top.group(1)) >= 1:
+        return TopK(int(top.group(1)))
+    if spec == "agreement":
+        return Agreement()
+    if spec == "kl":
+        return KLDivergence()
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not attr:
+        raise MetricError(f"unknown metric {spec!r}: use {', '.join(BUILTIN_METRICS)} or package.module:callable")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise MetricError(f"cannot import module {module_name!r} for metric {spec!r}: {exc}") from None
+    obj = getattr(module, attr, None)
+    if obj is None or not callable(obj):
+        raise MetricError(f"{module_name!r} has no callable {attr!r} (metric {spec!r})")
+    if inspect.isclass(obj):
+        try:
+            instance = obj(**kwargs)
+        except TypeError as exc:
+            raise MetricError(f"{spec}(**metric_kwargs) failed: {exc}") from None
+        if not (callable(getattr(instance, "update", None)) and callable(getattr(instance, "compute", None))):
+            raise MetricError(f"metric class {spec!r} must have update(outputs, labels) and compute() methods")
+        return _StatefulMetric(spec, instance, torch.device(device))
+    return _FunctionMetric(spec, obj, dict(kwargs))
+
+
+# -- data in memory ----------------------------------------------------------------------------------------------
+def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    from .data import NO_LABEL
+
+    if isinstance(batch, (tuple, list)):
+        x = batch[0]
+        y = batch[1] if len(batch) > 1 else None
+    else:
+        x, y = batch, None
+    if y is None:
+        y = torch.full((len(x),), NO_LABEL, dtype=torch.long)
+    return x, torch.as_tensor(y)
+
+
 def materialize(data: Dataset | Iterable, batch_size: int, device: torch.device | str = "cpu",
-                limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Collect ``(inputs, labels)`` batches into memory, at most ``limit`` samples."""
-    loader = data if not isinstance(data, Dataset) else DataLoader(data, batch_size=batch_size, shuffle=False)
+                limit: int | None = None, workers: int | None = None,
+                channels_last: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Collect ``(inputs, labels)`` batches on ``device``, at most ``limit`` samples (label -1: none)."""
+    from .data import data_loader
+
+    device = torch.device(device)
+    loader = data_loader(data, batch_size, device, workers) if isinstance(data, Dataset) else data
     batches, seen = [], 0
-    for x, y in loader:
+    for batch in loader:
+        x, y = _split_batch(batch)
         if limit is not None and seen + len(x) > limit:
             x, y = x[: limit - seen], y[: limit - seen]
         if len(x):
-            batches.append((x.to(device), y.to(device)))
+            x = x.to(device, non_blocking=True)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            batches.append((x, y.to(device, non_blocking=True)))
         seen += len(x)
         if limit is not None and seen >= limit:
             break
     return batches
 
 
-class AccuracyEvaluator:
-    """Top-1 accuracy of a model on fixed batches."""
+def amp_dtype(device: torch.device | str) -> torch.dtype:
+    """The autocast type: float16 on CUDA (pytorch-quantization quantizes half tensors in float32, exactly),
+    bfloat16 on CPU (quantized in bfloat16 itself: rounding may move a value by one quantization step)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
 
-    name = "top1"
 
-    def __init__(self, data: Dataset | Iterable, batch_size: int = 500, device: torch.device | str = "cpu",
-                 limit: int | None = None, compile: bool = False):
-        self.batches = materialize(data, batch_size, device, limit)
+# -- the evaluator -----------------------------------------------------------------------------------------------
+class Evaluator:
+    """A metric of a model on fixed batches held on ``device``: ``evaluator(model) -> float``.
+
+    Args:
+        data: a Dataset (loaded once, in order) or an iterable of batches.
+        metric: a name or a :class:`Metric` (see :func:`get_metric`).
+        reference: the model whose outputs label-free metrics compare with; a ``QuantizedActivationsModel`` is
+            run with quantization disabled, so this is the FP32 model. Its outputs are computed here, once.
+        channels_last: store 4-D input batches channels-last (convert the model too, for the speed-up).
+        amp: run forward passes under ``torch.autocast`` (see :func:`amp_dtype`).
+        workers: loader worker processes (None: see ``data.default_workers``).
+        compile: run candidates through ``torch.compile`` (one graph for every configuration, see :meth:`runner`).
+    """
+
+    def __init__(self, data: Dataset | Iterable, metric: str | Metric = "top1", batch_size: int = 500,
+                 device: torch.device | str = "cpu", limit: int | None = None, reference: nn.Module | None = None,
+                 channels_last: bool = False, amp: bool = False, workers: int | None = None,
+                 metric_kwargs: dict | None = None, compile: bool = False):
+        self.device = torch.device(device)
+        self.compile = bool(compile)
+        self._compiled: dict[int, nn.Module] = {}
+        self.metric = get_metric(metric, self.device, **(metric_kwargs or {}))
+        self.amp = bool(amp)
+        self.batches = materialize(data, batch_size, self.device, limit, workers, channels_last)
         self.num_samples = sum(len(y) for _, y in self.batches)
         if self.num_samples == 0:
             raise ValueError("the evaluation split is empty")
-        self.compile = compile
-        self._compiled: dict[int, nn.Module] = {}
+        if self.metric.needs_labels and any(bool((y < 0).any()) for _, y in self.batches):
+            raise MetricError(f"metric {self.metric.name} needs labels and this data has none: "
+                              f"use --metric agreement or kl for unlabeled images")
+        self.references: list[torch.Tensor] | None = None
+        if self.metric.needs_reference:
+            if reference is None:
+                raise MetricError(f"metric {self.metric.name} compares with the FP32 model: give reference=model")
+            self.references = self.reference_outputs(reference)
+
+    @property
+    def name(self) -> str:
+        return self.metric.name
+
+    @property
+    def higher_is_better(self) -> bool:
+        return bool(self.metric.higher_is_better)
+
+    @property
+    def fraction(self) -> bool:
+        return bool(self.metric.fraction)
 
     def runner(self, model: nn.Module) -> nn.Module:
         """The module that runs the batches: ``model`` itself, or its ``torch.compile``-d form (built once).
@@ -60,14 +348,41 @@ class AccuracyEvaluator:
             self._compiled[id(model)] = torch.compile(model, dynamic=False)
         return self._compiled[id(model)]
 
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=amp_dtype(self.device)) if self.amp else nullcontext():
+            return model(x)
+
+    def reference_outputs(self, model: nn.Module) -> list[torch.Tensor]:
+        """What the metric keeps of ``model``'s FP32 outputs, per batch, on the device."""
+        model.eval()
+        fp32 = model.quantization_disabled() if hasattr(model, "quantization_disabled") else nullcontext()
+        references = []
+        with fp32, torch.inference_mode():
+            for x, _ in self.batches:
+                outputs = self._forward(model, x)
+                if not torch.isfinite(outputs).all():
+                    raise NumericalError("the FP32 reference model output holds NaN or Inf")
+                references.append(self.metric.reference(outputs))
+        return references
+
     def __call__(self, model: nn.Module) -> float:
         model.eval()
         run = self.runner(model)
-        correct = 0
+        self.metric.reset()
         with torch.inference_mode():
-            for x, y in self.batches:
-                logits = run(x)
-                if not torch.isfinite(logits).all():
-                    raise NumericalError("model output holds NaN or Inf")
-                correct += int((logits.argmax(1) == y).sum())
-        return correct / self.num_samples
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
+            for i, (x, y) in enumerate(self.batches):
+                outputs = self._forward(run, x)
+                finite &= torch.isfinite(outputs).all()
+                self.metric.update(outputs, y, self.references[i] if self.references is not None else None)
+        if not bool(finite):
+            raise NumericalError("model output holds NaN or Inf")
+        return self.metric.compute()
+
+
+class AccuracyEvaluator(Evaluator):
+    """Top-1 accuracy of a model on fixed batches."""
+
+    def __init__(self, data: Dataset | Iterable, batch_size: int = 500, device: torch.device | str = "cpu",
+                 limit: int | None = None, **kwargs: Any):
+        super().__init__(data, "top1", batch_size, device, limit, **kwargs)

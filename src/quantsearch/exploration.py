@@ -12,17 +12,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from . import __version__
 from .bitconfig import BitConfig
 from .calibration import Calibration, calibrate, data_fingerprint
 from .config import ExploreConfig
 from .costs import COSTS, get_costs, profile_model
-from .data import load_dataset, split_dataset
-from .evaluation import AccuracyEvaluator
+from .data import data_loader, load_dataset, split_dataset
+from .evaluation import Evaluator
 from .fingerprints import fingerprint_model, fingerprint_tensors, fingerprint_values
-from .models import DEMO_MODEL, create_model
+from .models import DEMO_MODEL, create_model, model_preprocessing
 from .plots import plot_bits_heatmap, plot_front
 from .problem import Evaluation, LayerwiseQuantizationProblem
 from .quantized_model import QuantizedActivationsModel
@@ -63,6 +62,9 @@ class RunResult:
     search_space: str = "activations"
     genes: list[str] = field(default_factory=list)
     reused_evaluations: int = 0
+    metric: str = "top1"  # what "accuracy" holds; a fraction shown as %, or not
+    higher_is_better: bool = True
+    fraction: bool = True
 
 
 def resolve_predicate(predicate: str, model: torch.nn.Module) -> str:
@@ -96,7 +98,7 @@ def calibration_bits(config: ExploreConfig) -> tuple[int, int]:
 
 def calibrate_run(config: ExploreConfig, qmodel: QuantizedActivationsModel, calibration_split) -> Calibration:
     """Calibrate ``qmodel`` as ``config`` says, or apply ``config.calibration`` after checking that it fits."""
-    loader = DataLoader(calibration_split, batch_size=config.batch_size)
+    loader = data_loader(calibration_split, config.batch_size, config.device, config.workers)
     if config.calibration:
         calibration = Calibration.load(config.calibration)
         calibration.check_fits(qmodel, data_fingerprint(loader, config.calib_batches), config.bit_range,
@@ -112,15 +114,32 @@ def calibrate_only(config: ExploreConfig) -> tuple[Calibration, QuantizedActivat
     """Build the run's model, data and quantizers and calibrate them, nothing more (``quantsearch.calibrate``)."""
     config.validate()
     torch.manual_seed(config.seed)
-    model = create_model(config.model, checkpoint=config.checkpoint).to(torch.device(config.device))
-    splits = split_dataset(load_dataset(config.dataset), config.calibration_samples, config.eval_samples,
-                           config.holdout_samples, seed=config.seed)
+    model, dataset, _ = load_model_and_data(config)
+    model = model.to(torch.device(config.device))
+    splits = split_dataset(dataset, config.calibration_samples, config.eval_samples, config.holdout_samples,
+                           seed=config.seed)
     predicate = resolve_predicate(config.predicate, model)
     qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input,
                                        weight_quantizers=True).to(config.device)
     if len(qmodel.activation_names) == 0:
         raise ValueError(f"predicate {predicate!r} selects no module of {config.model}")
     return calibrate_run(config, qmodel, splits.calibration), qmodel
+
+
+def load_model_and_data(config: ExploreConfig):
+    """The model (on the CPU), the dataset with the model's preprocessing, and whether weights are pretrained."""
+    pretrained = config.pretrained if config.pretrained is not None else config.checkpoint is None
+    model = create_model(config.model, checkpoint=config.checkpoint, pretrained=pretrained,
+                         checkpoint_key=config.checkpoint_key, **(config.model_kwargs or {}))
+    preprocessing = model_preprocessing(model, config.preprocessing)
+    dataset = load_dataset(config.dataset, preprocessing, config.class_index, **(config.dataset_kwargs or {}))
+    return model, dataset, (preprocessing, pretrained)
+
+
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def resume_config(run_dir: str | Path) -> ExploreConfig:
@@ -160,8 +179,8 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
         RunStore.check_free(run_dir, config.overwrite)
 
     # model and data
-    model = create_model(config.model, checkpoint=config.checkpoint).to(device)
-    dataset = load_dataset(config.dataset)
+    model, dataset, (preprocessing, pretrained) = load_model_and_data(config)
+    model = model.to(device, memory_format=torch.channels_last) if config.channels_last else model.to(device)
     splits = split_dataset(dataset, config.calibration_samples, config.eval_samples, config.holdout_samples,
                            seed=config.seed)
     predicate = resolve_predicate(config.predicate, model)
@@ -184,24 +203,35 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
 
     # evaluators and the floor
     t = time.perf_counter()
-    search_eval = AccuracyEvaluator(splits.search, config.batch_size, device, compile=config.compile)
-    holdout_eval = AccuracyEvaluator(splits.holdout, config.batch_size, device) if len(splits.holdout) else None
+    # batches on the device; label-free metrics cache the FP32 (quantization off) outputs here, once
+    options = dict(metric=config.metric, batch_size=config.batch_size, device=device, reference=qmodel,
+                   channels_last=config.channels_last, amp=config.amp, workers=config.workers,
+                   metric_kwargs=config.metric_kwargs)
+    search_eval = Evaluator(splits.search, compile=config.compile, **options)
+    holdout_eval = Evaluator(splits.holdout, **options) if len(splits.holdout) else None
     with qmodel.quantization_disabled():
+        t_fp32 = time.perf_counter()
         fp32 = {"search": search_eval(qmodel)}
+        timings["fp32_search_evaluation"] = time.perf_counter() - t_fp32  # the yardstick of seconds per evaluation
         if holdout_eval:
             fp32["holdout"] = holdout_eval(qmodel)
+    metric, better = search_eval.name, search_eval.higher_is_better
+    # the bound: a floor for higher-is-better metrics, a ceiling (FP32 + drop) for KL and other lower-is-better ones
+    drop = float(config.max_accuracy_drop)
     min_accuracy = (float(config.min_accuracy) if config.min_accuracy is not None
-                    else fp32["search"] - float(config.max_accuracy_drop))
-    if min_accuracy > fp32["search"]:
-        raise ValueError(f"min-accuracy {min_accuracy:.4f} is above the FP32 accuracy on the search split "
-                         f"({fp32['search']:.4f}): no configuration can reach it")
-    log.info("FP32 accuracy: search %.4f%s; floor %.4f", fp32["search"],
-             f", hold-out {fp32['holdout']:.4f}" if holdout_eval else "", min_accuracy)
+                    else fp32["search"] - drop if better else fp32["search"] + drop)
+    if (min_accuracy > fp32["search"]) if better else (min_accuracy < fp32["search"]):
+        raise ValueError(f"min-accuracy {min_accuracy:.4f} is {'above' if better else 'below'} the FP32 {metric} "
+                         f"on the search split ({fp32['search']:.4f}): no configuration can reach it")
+    log.info("FP32 %s: search %.4f%s; %s %.4f", metric, fp32["search"],
+             f", hold-out {fp32['holdout']:.4f}" if holdout_eval else "", "floor" if better else "ceiling",
+             min_accuracy)
     timings["fp32"] = time.perf_counter() - t
 
     # store, problem, baselines
     settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": predicate,
-                                 "calibration_methods": sorted(set(calibration.methods.values()))}
+                                 "calibration_methods": sorted(set(calibration.methods.values())),
+                                 "preprocessing_resolved": preprocessing.to_dict(), "pretrained_resolved": pretrained}
     fingerprint = {"model": fingerprint_model(model), "calibration": fingerprint_values(calibration.to_dict()),
                    "search": fingerprint_tensors(t for batch in search_eval.batches for t in batch)}
     if resume:
@@ -263,9 +293,9 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
 
     def on_generation(n_gen, _algorithm):
         generation["now"] = n_gen + 1
-        store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy)
+        store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
         if bar is not None:
-            front_now = pareto_front(searched(), min_accuracy, cost_names)
+            front_now = pareto_front(searched(), min_accuracy, cost_names, better)
             bar.update(1)
             bar.set_postfix(evals=len(problem.evaluations), front=len(front_now),
                             cheapest=f"{front_now[0].costs[cost_names[0]]:g}" if front_now else "-")
@@ -276,13 +306,14 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     finally:
         if bar is not None:
             bar.close()
-        store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy)
+        store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
     timings["search"] = time.perf_counter() - t
+    timings["mean_evaluation"] = sum(e.seconds for e in problem.evaluations) / max(1, len(problem.evaluations))
 
     # front, hold-out confirmation, outputs
     t = time.perf_counter()
     evaluations = stored_evaluations()
-    front = pareto_front([e for e in evaluations if problem.in_space(e.bits)], min_accuracy, cost_names)
+    front = pareto_front([e for e in evaluations if problem.in_space(e.bits)], min_accuracy, cost_names, better)
     holdout = {}
     if holdout_eval:
         for e in front:
@@ -294,11 +325,14 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
 
     result = RunResult(run_dir, qmodel.quantizer_names, cost_names, fp32, min_accuracy, baselines, front, holdout,
                        bitconfigs, timings, len(evaluations), fp32_costs, baseline_costs,
-                       config.search_space, list(genes), len(known))
+                       config.search_space, list(genes), len(known), metric, better, search_eval.fraction)
     _write_summary(store, result, settings, splits)
+    store.write_json("splits.json", {"seed": config.seed, "dataset": config.dataset, "num_samples": len(dataset),
+                                     **splits.indices()})
     plot_front(evaluations, front, cost_names[0], baselines, fp32["search"], min_accuracy,
-               path=run_dir / "pareto.png")
-    plot_bits_heatmap(front, qmodel.quantizer_names, cost_names[0], path=run_dir / "bits_heatmap.png")
+               path=run_dir / "pareto.png", metric=metric, percent=search_eval.fraction, higher_is_better=better)
+    plot_bits_heatmap(front, qmodel.quantizer_names, cost_names[0], path=run_dir / "bits_heatmap.png",
+                      metric=metric, percent=search_eval.fraction)
     write_report(store)  # convergence.csv/.png, holdout.png, report.md
     store.close()
     return result
@@ -308,7 +342,8 @@ def _write_front(store, qmodel, config, predicate, splits, front, holdout, fp32_
     model_info = {"name": config.model, "checkpoint": config.checkpoint, "predicate": predicate,
                   "quantize_input": config.quantize_input, "weight_quantizers": bool(qmodel.weight_names)}
     dataset_info = {"name": config.dataset, "seed": config.seed, "calibration": len(splits.calibration),
-                    "search": len(splits.search), "holdout": len(splits.holdout), "batch_size": config.batch_size}
+                    "search": len(splits.search), "holdout": len(splits.holdout), "batch_size": config.batch_size,
+                    "metric": config.metric}
     paths, rows = [], []
     example = splits.search[0][0].unsqueeze(0)  # one input: records tensor shapes for the check on apply
     for i, e in enumerate(front):
@@ -343,6 +378,9 @@ def _write_summary(store, result: RunResult, settings, splits) -> None:
         "settings": settings,
         "model_is_demo": settings["model"] == DEMO_MODEL,
         "splits": splits.describe(),
+        "splits_sha256": splits.fingerprint(),
+        "metric": {"name": result.metric, "higher_is_better": result.higher_is_better,
+                   "bound": "floor" if result.higher_is_better else "ceiling"},
         "quantizers": result.quantizer_names,
         "search_space": result.search_space,
         "genes": result.genes,
@@ -355,5 +393,6 @@ def _write_summary(store, result: RunResult, settings, splits) -> None:
         "reused_evaluations": result.reused_evaluations,
         "new_evaluations": result.num_evaluations - result.reused_evaluations,
         "versions": _versions(),
+        "device": _device_name(settings.get("device", "cpu")),
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
     })

@@ -20,10 +20,18 @@ def build_parser() -> argparse.ArgumentParser:
     d = ExploreConfig()
     p = argparse.ArgumentParser(prog="python -m quantsearch.explore", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML file with any of the settings below (flags override it)")
-    p.add_argument("--model", help=f"timm name, package.module:callable, or the demo (default {d.model})")
+    p.add_argument("--model", help="timm name, torchvision:NAME, package.module:callable, or the demo "
+                                   f"(default {d.model}); keyword arguments: model_kwargs in --config")
     p.add_argument("--checkpoint", help="state dict to load into the model (read with weights_only=True)")
-    p.add_argument("--dataset", help=f"fashion-mnist[:DIR] or imagefolder:PATH (default {d.dataset})")
-    p.add_argument("--predicate", help="where quantizers go: auto, conv2d, linear, vit, all-leaf (default auto)")
+    p.add_argument("--checkpoint-key", help="entry of a nested checkpoint that holds the state dict (model.ema)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False,
+                   help="random weights for a timm/torchvision name (default: its published weights)")
+    p.add_argument("--dataset", help="fashion-mnist[:DIR], imagefolder:PATH, images:PATH (unlabeled) or "
+                                     f"package.module:callable (default {d.dataset})")
+    p.add_argument("--class-index", help="JSON or text file mapping imagefolder class folders to class indices")
+    p.add_argument("--metric", help="top1, top5, agreement (top-1 equals FP32's), kl (to FP32's outputs; lower is "
+                                    f"better) or package.module:callable (default {d.metric})")
+    p.add_argument("--predicate", help="where quantizers go: auto, conv2d, batchnorm, linear, vit, all-leaf (default auto)")
     p.add_argument("--no-input-quant", dest="quantize_input", action="store_const", const=False,
                    help="do not quantize the model input")
     p.add_argument("--bits", help=f"activation bit-width range LO:HI (default {d.bits})")
@@ -32,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-space", help="which quantizers are genes: activations, weights or both "
                    f"(default {d.search_space})")
     floor = p.add_mutually_exclusive_group()
-    floor.add_argument("--min-accuracy", type=float, help="accuracy floor, a fraction in [0, 1]")
+    floor.add_argument("--min-accuracy", type=float,
+                       help="the bound on the metric: a floor, a fraction in [0, 1]; for kl a ceiling in nats")
     floor.add_argument("--max-accuracy-drop", type=float,
-                       help=f"floor relative to FP32 on the search split (default {d.max_accuracy_drop})")
+                       help=f"bound relative to FP32 on the search split (default {d.max_accuracy_drop}; "
+                            "for kl: FP32 + this)")
     p.add_argument("--cost", help="cost objective(s), comma separated, from bits, activation-memory, model-size, "
                    f"bops (default {d.cost}); three or more objectives use NSGA-III")
     p.add_argument("--pop-size", type=int, help=f"NSGA-II population (default {d.pop_size})")
@@ -57,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_const", const=True,
                    help="torch.compile the quantized model once (one graph serves every candidate; pays off on "
                         "long searches and large models)")
+    p.add_argument("--channels-last", action="store_const", const=True, help="channels-last model and batches")
+    p.add_argument("--amp", action="store_const", const=True,
+                   help="autocast evaluations: float16 on CUDA, bfloat16 on CPU (see README)")
+    p.add_argument("--workers", type=int, help="data loader worker processes (default: one per core, up to 8, "
+                                               "for image files; none for tensors)")
     p.add_argument("--out", help="run directory (default runs/<timestamp>)")
     p.add_argument("--overwrite", action="store_const", const=True, help="replace a run already in --out")
     p.add_argument("--resume", metavar="DIR",
@@ -89,31 +104,44 @@ def print_report(result) -> None:
     from .results import format_table
 
     cost = result.cost_names[0]
+    metric = getattr(result, "metric", "top1")
+    fraction = getattr(result, "fraction", True)
+
+    def show(value: float) -> str:
+        return f"{100 * value:.2f}" if fraction else f"{value:.4g}"
+
+    unit = "%" if fraction else ""
+    label = "accuracy" if metric == "top1" else metric
+    bound = "floor" if getattr(result, "higher_is_better", True) else "ceiling"
     fp32_costs = result.fp32_costs
-    print(f"\nFP32 accuracy: search {100 * result.fp32['search']:.2f}%"
-          + (f", hold-out {100 * result.fp32['holdout']:.2f}%" if "holdout" in result.fp32 else "")
-          + f"; floor {100 * result.min_accuracy:.2f}% on the search split")
+    print(f"\nFP32 {label}: search {show(result.fp32['search'])}{unit}"
+          + (f", hold-out {show(result.fp32['holdout'])}{unit}" if "holdout" in result.fp32 else "")
+          + f"; {bound} {show(result.min_accuracy)}{unit} on the search split")
+    head = f"{'acc' if metric == 'top1' else metric}{' %' if fraction else ''}"
     every = list(fp32_costs)
     rows = []
     for name, costs in result.baseline_costs.items():
         accuracy = result.baselines[name].accuracy if name in result.baselines else result.fp32["search"]
-        rows.append([name, f"{100 * accuracy:.2f}",
+        rows.append([name, show(accuracy),
                      *[cell for c in every for cell in (f"{costs[c]:g}", f"{costs[c] / fp32_costs[c]:.4f}")]])
     print("\nBaselines (search split; costs per sample, memory and size in bytes; x FP32 = relative to FP32)\n"
-          + format_table(["config", "acc %", *[h for c in every for h in (c, "x FP32")]], rows))
+          + format_table(["config", head, *[h for c in every for h in (c, "x FP32")]], rows))
     genes = set(result.genes)
     gene_index = [i for i, n in enumerate(result.quantizer_names) if n in genes]
-    rows = [[i, f"{100 * e.accuracy:.2f}",
-             f"{100 * result.holdout[e.bits]:.2f}" if e.bits in result.holdout else "-",
+    rows = [[i, show(e.accuracy), show(result.holdout[e.bits]) if e.bits in result.holdout else "-",
              *[cell for c in result.cost_names for cell in (f"{e.costs[c]:g}", f"{e.costs[c] / fp32_costs[c]:.4f}")],
              " ".join(str(e.bits[j]) for j in gene_index)]
             for i, e in enumerate(result.front)]
     print(f"\nPareto front ({len(result.front)} points, {result.num_evaluations} evaluations, cheapest {cost} first; "
           f"{len(genes)} genes: {result.search_space})\n"
-          + format_table(["#", "search %", "hold-out %", *[h for c in result.cost_names for h in (c, "x FP32")],
-                          "bits per searched quantizer"], rows))
+          + format_table(["#", f"search{' %' if fraction else ''}", f"hold-out{' %' if fraction else ''}",
+                          *[h for c in result.cost_names for h in (c, "x FP32")], "bits per searched quantizer"],
+                         rows))
+    per = result.timings.get("mean_evaluation")
+    speed = (f"; {per:.3g} s per evaluation (FP32: {result.timings['fp32_search_evaluation']:.3g} s)"
+             if per and "fp32_search_evaluation" in result.timings else "")
     print(f"\nWrote {result.run_dir}/ (report.md, evaluations.csv, pareto.csv, pareto/*.json, *.png, run.json) "
-          f"in {result.timings['total']:.0f} s")
+          f"in {result.timings['total']:.0f} s{speed}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from .bitconfig import BitConfigError
     from .calibration import CalibrationError
     from .data import DataError
+    from .evaluation import MetricError
     from .models import ModelError
     from .store import StoreError
 
@@ -141,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
         result = explore(config, progress=not args.no_progress, resume=bool(args.resume),
                          stop_requested=lambda: stop["requested"])
-    except (ConfigError, ModelError, DataError, StoreError, BitConfigError, CalibrationError, ValueError) as exc:
+    except (ConfigError, ModelError, DataError, MetricError, StoreError, BitConfigError, CalibrationError,
+            ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt):

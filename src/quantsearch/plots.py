@@ -32,33 +32,47 @@ def _axes(ax, path, figsize):
 
 def plot_front(evaluations: Sequence[Evaluation], front: Sequence[Evaluation], cost: str,
                baselines: Mapping[str, Evaluation] | None = None, fp32_accuracy: float | None = None,
-               min_accuracy: float | None = None, path: str | Path | None = None, ax=None):
-    """Accuracy against ``cost``: every evaluation, the front, uniform baselines, FP32 and the floor."""
+               min_accuracy: float | None = None, path: str | Path | None = None, ax=None,
+               metric: str = "accuracy", percent: bool = True, higher_is_better: bool = True):
+    """Accuracy (or ``metric``) against ``cost``: every evaluation, the front, uniform baselines, FP32 and the bound.
+
+    ``percent`` shows fractions as percentages; a lower-is-better metric (KL) is drawn with its axis inverted, so
+    that better is up in every plot.
+    """
     ax = _axes(ax, path, (7, 4.5))
+    k = 100.0 if percent else 1.0
+    unit = "%" if percent else ""
     ok = [e for e in evaluations if e.status == "ok"]
-    ax.scatter([e.costs[cost] for e in ok], [100 * e.accuracy for e in ok], s=10, c="0.75", label="evaluated")
+    ax.scatter([e.costs[cost] for e in ok], [k * e.accuracy for e in ok], s=10, c="0.75", label="evaluated")
     f = sorted(front, key=lambda e: e.costs[cost])
-    ax.plot([e.costs[cost] for e in f], [100 * e.accuracy for e in f], "o-", c="C0", ms=5, label="Pareto front")
+    ax.plot([e.costs[cost] for e in f], [k * e.accuracy for e in f], "o-", c="C0", ms=5, label="Pareto front")
     for label, e in (baselines or {}).items():
-        ax.scatter([e.costs[cost]], [100 * e.accuracy], marker="s", s=40, c="C3", zorder=3)
-        ax.annotate(label, (e.costs[cost], 100 * e.accuracy), textcoords="offset points", xytext=(4, -10),
+        ax.scatter([e.costs[cost]], [k * e.accuracy], marker="s", s=40, c="C3", zorder=3)
+        ax.annotate(label, (e.costs[cost], k * e.accuracy), textcoords="offset points", xytext=(4, -10),
                     fontsize=8, color="C3")
     if fp32_accuracy is not None:
-        ax.axhline(100 * fp32_accuracy, ls="--", c="k", lw=0.8, label=f"FP32 {100 * fp32_accuracy:.2f}%")
+        ax.axhline(k * fp32_accuracy, ls="--", c="k", lw=0.8, label=f"FP32 {k * fp32_accuracy:.4g}{unit}")
     if min_accuracy is not None:
-        ax.axhline(100 * min_accuracy, ls=":", c="C2", lw=1, label=f"floor {100 * min_accuracy:.2f}%")
-    top = 100 * max([e.accuracy for e in ok] + [fp32_accuracy or 0])
-    low = 100 * (min_accuracy if min_accuracy is not None else min(e.accuracy for e in ok))
-    ax.set_ylim(max(0, low - 3 * max(1, top - low)), top + 0.5)
+        ax.axhline(k * min_accuracy, ls=":", c="C2", lw=1,
+                   label=f"{'floor' if higher_is_better else 'ceiling'} {k * min_accuracy:.4g}{unit}")
+    sign = 1.0 if higher_is_better else -1.0  # limits worked out on sign * value, where higher is better
+    scores = [sign * k * e.accuracy for e in ok] + ([sign * k * fp32_accuracy] if fp32_accuracy is not None else [])
+    best = max(scores)
+    bound = sign * k * min_accuracy if min_accuracy is not None else min(scores)
+    span = max(best - bound, 1.0 if percent else 1e-9)
+    low, high = bound - 3 * span, best + (0.5 if percent else 0.05 * span)
+    low = max(0.0, low) if percent else low
+    ax.set_ylim((low, high) if higher_is_better else (-low, -high))
     ax.set_xlabel(cost)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{metric} ({unit})" if percent else f"{metric} (lower is better)" if not higher_is_better
+                  else metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _finish(ax, path)
 
 
 def plot_bits_heatmap(front: Sequence[Evaluation], quantizer_names: Sequence[str], cost: str,
-                      path: str | Path | None = None, ax=None):
+                      path: str | Path | None = None, ax=None, metric: str = "accuracy", percent: bool = True):
     """Bits per quantizer (rows, network order) for each Pareto point (columns, cheapest first)."""
     f = sorted(front, key=lambda e: e.costs[cost])
     ax = _axes(ax, path, (max(5, 0.5 * len(f) + 3), max(4, 0.22 * len(quantizer_names) + 1)))
@@ -67,8 +81,9 @@ def plot_bits_heatmap(front: Sequence[Evaluation], quantizer_names: Sequence[str
     ax.set_yticks(range(len(quantizer_names)))
     ax.set_yticklabels(quantizer_names, fontsize=6)
     ax.set_xticks(range(len(f)))
-    ax.set_xticklabels([f"{100 * e.accuracy:.1f}%" for e in f], rotation=90, fontsize=7)
-    ax.set_xlabel(f"Pareto points (accuracy; cheapest {cost} first)")
+    ax.set_xticklabels([f"{100 * e.accuracy:.1f}%" if percent else f"{e.accuracy:.3g}" for e in f], rotation=90,
+                       fontsize=7)
+    ax.set_xlabel(f"Pareto points ({metric}; cheapest {cost} first)")
     ax.figure.colorbar(image, ax=ax, label="bits")
     return _finish(ax, path)
 

@@ -2,7 +2,8 @@
 
 A predicate is any callable ``(qualified_name, module) -> bool``. :class:`Predicate` wraps one so that
 predicates compose with ``&``, ``|`` and ``~``; :func:`by_type` and :func:`by_name` build the common ones, and
-:data:`PRESETS` names the targets people ask for (``conv2d``, ``linear``, ``vit``, ``all-leaf``).
+:data:`PRESETS` names the targets people ask for (``conv2d``, ``batchnorm``, ``linear``, ``vit``,
+``all-leaf``).
 
 A :class:`Target` is what a preset really describes: the modules whose *output* is quantized, the modules whose
 *input* is quantized (a tensor that no module produces, such as the attention output entering ``attn.proj``),
@@ -100,6 +101,10 @@ def _vit_target() -> Target:
 
 PRESETS: dict[str, Callable[[], Target]] = {
     "conv2d": lambda: Target(by_type(nn.Conv2d), description="Conv2d outputs"),
+    # after each BatchNorm2d (timm's BatchNormAct2d includes the activation): the tensors that an integer model,
+    # with BatchNorm folded into its convolutions, quantizes; pre-BatchNorm conv outputs of depthwise networks
+    # (MobileNet, EfficientNet) spread over channels so unevenly that one per-tensor range loses most of them
+    "batchnorm": lambda: Target(by_type(nn.BatchNorm2d), description="BatchNorm2d (+ activation) outputs"),
     "linear": lambda: Target(by_type(nn.Linear), description="Linear outputs"),
     "vit": _vit_target,
     "all-leaf": lambda: Target(leaf() & ~by_type(nn.Dropout, nn.Identity), description="every leaf module's output"),

@@ -2,8 +2,11 @@
 
 Genes are integers in ``[lo, hi]``, one per searched quantizer (by default every quantizer, in the model's order;
 ``genes`` may name a subset, such as the weight quantizers only); every other quantizer keeps a fixed width.
-Objectives: ``-accuracy`` and each cost. One inequality constraint: ``min_accuracy - accuracy <= 0``. The problem knows no files and prints nothing; it
-remembers every configuration it evaluated (never paying twice for one) and tells listeners about new ones.
+Objectives: ``-accuracy`` and each cost. One inequality constraint: ``min_accuracy - accuracy <= 0``. For a metric
+where lower is better (an evaluator with ``higher_is_better = False``, such as KL divergence to FP32) both flip:
+the objective is ``metric`` itself and ``min_accuracy`` is a ceiling, ``metric - min_accuracy <= 0``; "accuracy"
+below means the metric's value. The problem knows no files and prints nothing; it remembers every configuration it
+evaluated (never paying twice for one) and tells listeners about new ones.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
     Args:
         qmodel: a calibrated ``QuantizedActivationsModel``.
         evaluate: ``model -> accuracy`` in [0, 1] (for example an ``AccuracyEvaluator``).
-        min_accuracy: the floor; configurations below it are infeasible.
+        min_accuracy: the floor; configurations below it are infeasible (the ceiling, above which they are, when
+            ``evaluate.higher_is_better`` is False).
         bits: inclusive ``(lo, hi)`` range of every gene, or a mapping ``gene name -> (lo, hi)``.
         costs: cost models to minimise (default: total bits).
         cache: a mapping ``bits tuple -> Evaluation`` of configurations already known (a run store's, on resume).
@@ -78,6 +82,7 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
                       for n in names if n not in genes_set}
         self.qmodel = qmodel
         self.metric = evaluate
+        self.higher_is_better = bool(getattr(evaluate, "higher_is_better", True))
         self.min_accuracy = float(min_accuracy)
         self.costs = list(costs) if costs else [TotalBits(names)]
         self.cache: dict[tuple[int, ...], Evaluation] = dict(cache or {})
@@ -96,7 +101,12 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
 
     @property
     def objective_names(self) -> list[str]:
-        return ["-accuracy"] + [c.name for c in self.costs]
+        name = getattr(self.metric, "name", "accuracy")
+        return ([f"-{name}"] if self.higher_is_better else [name]) + [c.name for c in self.costs]
+
+    def is_feasible(self, result: Evaluation) -> bool:
+        """Whether ``result`` satisfies the bound (what the constraint says, for listeners and reports)."""
+        return result.status == "ok" and self.objectives(result)[1][0] <= 0
 
     def configuration(self, bits: Sequence[int] | Mapping[str, int]) -> tuple[int, ...]:
         """The widths of all quantizers, in the model's order, from a genome (one value per gene) or a mapping.
@@ -154,8 +164,11 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
 
     def objectives(self, result: Evaluation) -> tuple[list[float], list[float]]:
         """``(F, G)`` of an evaluation, as pymoo minimises them."""
-        return ([-result.accuracy] + [result.costs[c.name] for c in self.costs],
-                [self.min_accuracy - result.accuracy])
+        sign = -1.0 if self.higher_is_better else 1.0  # pymoo minimises
+        violation = sign * (result.accuracy - self.min_accuracy)
+        if result.status != "ok":  # a failed configuration is infeasible whatever its placeholder value says
+            violation = max(violation, 1.0 + abs(self.min_accuracy))
+        return ([sign * result.accuracy] + [result.costs[c.name] for c in self.costs], [violation])
 
     def _evaluate(self, x, out, *args, **kwargs):
         genes = np.rint(np.asarray(x, dtype=float)).astype(int)

@@ -43,8 +43,14 @@ class RunRecord:
     def all_evaluations(self) -> list[Evaluation]:
         return [e for e, _ in self.evaluations]
 
+    @property
+    def higher_is_better(self) -> bool:
+        """False for a metric such as KL, where the bound is a ceiling."""
+        return bool(self.summary.get("metric", {}).get("higher_is_better", True))
+
     def convergence(self) -> Convergence:
-        return convergence(self.evaluations, self.min_accuracy, self.fp32_costs, self.cost_names)
+        return convergence(self.evaluations, self.min_accuracy, self.fp32_costs, self.cost_names,
+                           self.higher_is_better)
 
     def point(self, index: int) -> tuple[Evaluation, Path]:
         """The ``index``-th Pareto point and its bit-config file."""
