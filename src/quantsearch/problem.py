@@ -20,7 +20,7 @@ from pymoo.core.problem import ElementwiseProblem
 from .costs import CostModel, TotalBits
 from .evaluation import NumericalError
 
-__all__ = ["Evaluation", "LayerwiseQuantizationProblem"]
+__all__ = ["Evaluation", "Measurement", "LayerwiseQuantizationProblem", "measure"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,30 @@ class Evaluation:
     status: str = "ok"
     message: str = ""
     extra: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What running the metric on one configuration gives: the value, ``ok``/``failed``, why, and how long."""
+
+    accuracy: float
+    status: str = "ok"
+    message: str = ""
+    seconds: float = 0.0
+
+
+def measure(qmodel, metric: Callable, key: Sequence[int]) -> Measurement:
+    """Set the widths ``key`` (every quantizer, in order) on ``qmodel`` and run ``metric`` on it.
+
+    A NaN/Inf output is a failed configuration (accuracy 0), not an error: the search goes on.
+    """
+    qmodel.bit_widths = tuple(key)
+    start = time.perf_counter()
+    try:
+        accuracy, status, message = float(metric(qmodel)), "ok", ""
+    except NumericalError as exc:
+        accuracy, status, message = 0.0, "failed", str(exc)
+    return Measurement(accuracy, status, message, time.perf_counter() - start)
 
 
 class LayerwiseQuantizationProblem(ElementwiseProblem):
@@ -146,15 +170,17 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         known = self.cache.get(key)
         if known is not None:
             return known
-        self.qmodel.bit_widths = key
+        return self.record(key, measure(self.qmodel, self.metric, key))
+
+    def record(self, key: tuple[int, ...], measured: "Measurement") -> Evaluation:
+        """Turn a measurement of the full configuration ``key`` into an :class:`Evaluation`: costs, cache, listeners.
+
+        :meth:`evaluate_bits` measures on this process's model; a parallel runner measures elsewhere and records
+        here, so that the driver alone holds the cache and tells the listeners (the run store).
+        """
         named = dict(zip(self.qmodel.quantizer_names, key))
-        start = time.perf_counter()
-        try:
-            accuracy, status, message = float(self.metric(self.qmodel)), "ok", ""
-        except NumericalError as exc:
-            accuracy, status, message = 0.0, "failed", str(exc)
-        result = Evaluation(key, accuracy, {c.name: float(c(named)) for c in self.costs},
-                            time.perf_counter() - start, status, message)
+        result = Evaluation(key, measured.accuracy, {c.name: float(c(named)) for c in self.costs},
+                            measured.seconds, measured.status, measured.message)
         if self.memoize:
             self.cache[key] = result
         self.evaluations.append(result)
