@@ -7,6 +7,10 @@ where lower is better (an evaluator with ``higher_is_better = False``, such as K
 the objective is ``metric`` itself and ``min_accuracy`` is a ceiling, ``metric - min_accuracy <= 0``; "accuracy"
 below means the metric's value. The problem knows no files and prints nothing; it remembers every configuration it
 evaluated (never paying twice for one) and tells listeners about new ones.
+
+An evaluator with early rejection (:meth:`Evaluator.reject_below`) may stop part-way: the configuration is recorded
+with status ``rejected``, its accuracy on the images seen, and ``extra["samples"]``, the number of images it cost
+(every evaluation records it when the evaluator knows its split size).
 """
 from __future__ import annotations
 
@@ -18,16 +22,18 @@ import numpy as np
 from pymoo.core.problem import ElementwiseProblem
 
 from .costs import CostModel, TotalBits
-from .evaluation import NumericalError
+from .evaluation import EarlyRejected, NumericalError
 
 __all__ = ["Evaluation", "LayerwiseQuantizationProblem"]
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One evaluated configuration; ``status`` is ``ok`` or ``failed`` (NaN/Inf output, accuracy 0).
+    """One evaluated configuration; ``status`` is ``ok``, ``failed`` (NaN/Inf output, accuracy 0) or ``rejected``
+    (stopped early, below the floor with high confidence; accuracy on the images seen).
 
-    ``bits`` holds the width of every quantizer of the model (genes and fixed ones), in the model's order.
+    ``bits`` holds the width of every quantizer of the model (genes and fixed ones), in the model's order;
+    ``extra["samples"]`` the images the evaluation ran (when known).
     """
 
     bits: tuple[int, ...]
@@ -149,12 +155,17 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         self.qmodel.bit_widths = key
         named = dict(zip(self.qmodel.quantizer_names, key))
         start = time.perf_counter()
+        total = getattr(self.metric, "num_samples", None)
+        extra = {} if total is None else {"samples": int(total)}
         try:
             accuracy, status, message = float(self.metric(self.qmodel)), "ok", ""
         except NumericalError as exc:
             accuracy, status, message = 0.0, "failed", str(exc)
+        except EarlyRejected as exc:
+            accuracy, status, message = float(exc.accuracy), "rejected", str(exc)
+            extra = {"samples": int(exc.samples)}
         result = Evaluation(key, accuracy, {c.name: float(c(named)) for c in self.costs},
-                            time.perf_counter() - start, status, message)
+                            time.perf_counter() - start, status, message, extra)
         if self.memoize:
             self.cache[key] = result
         self.evaluations.append(result)
@@ -166,8 +177,10 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         """``(F, G)`` of an evaluation, as pymoo minimises them."""
         sign = -1.0 if self.higher_is_better else 1.0  # pymoo minimises
         violation = sign * (result.accuracy - self.min_accuracy)
-        if result.status != "ok":  # a failed configuration is infeasible whatever its placeholder value says
+        if result.status == "failed":  # infeasible whatever its placeholder value says
             violation = max(violation, 1.0 + abs(self.min_accuracy))
+        elif result.status != "ok":  # rejected: below the floor, by its partial accuracy
+            violation = max(violation, 1e-9)
         return ([sign * result.accuracy] + [result.costs[c.name] for c in self.costs], [violation])
 
     def _evaluate(self, x, out, *args, **kwargs):

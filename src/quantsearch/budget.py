@@ -1,0 +1,62 @@
+"""Evaluation budgets, counted in full-evaluation equivalents.
+
+One full evaluation (every image of the search split) costs 1; an early-rejected one costs the fraction of the
+split it ran; a configuration answered from the cache costs nothing. A budget counts every new evaluation the
+problem made (the uniform baselines and sensitivity measurements included), so algorithms that spend evaluations
+on preparation pay for it from the same budget as the search.
+"""
+from __future__ import annotations
+
+from pymoo.core.termination import Termination
+
+__all__ = ["evaluation_cost", "spent", "Budget", "BudgetTermination"]
+
+
+def evaluation_cost(evaluation, total: int | None) -> float:
+    """Full-evaluation equivalents of one evaluation: images run / split size (1 when either is unknown)."""
+    samples = evaluation.extra.get("samples") if evaluation.extra else None
+    return 1.0 if not total or samples is None else float(samples) / float(total)
+
+
+def spent(problem) -> float:
+    """Full-evaluation equivalents of every new evaluation ``problem`` made."""
+    total = getattr(problem.metric, "num_samples", None)
+    return sum(evaluation_cost(e, total) for e in problem.evaluations)
+
+
+class Budget:
+    """``limit`` full-evaluation equivalents of ``problem`` (counted over all its evaluations)."""
+
+    def __init__(self, problem, limit: float):
+        self.problem, self.limit = problem, float(limit)
+
+    @property
+    def spent(self) -> float:
+        return spent(self.problem)
+
+    @property
+    def left(self) -> float:
+        return self.limit - self.spent
+
+    @property
+    def exhausted(self) -> bool:
+        return self.left <= 1e-9
+
+
+class BudgetTermination(Termination):
+    """pymoo termination once a :class:`Budget` is spent (checked after each generation: it may overshoot by one),
+    or after ``stall`` generations in a row that evaluated nothing new (every offspring already known: a converged
+    search would otherwise never spend its budget)."""
+
+    def __init__(self, budget: Budget, stall: int = 10):
+        super().__init__()
+        self.budget, self.stall = budget, int(stall)
+        self._count, self._still = -1, 0
+
+    def _update(self, algorithm) -> float:
+        count = len(self.budget.problem.evaluations)
+        self._still = self._still + 1 if count == self._count else 0
+        self._count = count
+        if self._still >= self.stall or self.budget.limit <= 0:
+            return 1.0
+        return min(1.0, self.budget.spent / self.budget.limit)
