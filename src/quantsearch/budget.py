@@ -1,9 +1,11 @@
 """Evaluation budgets, counted in full-evaluation equivalents.
 
 One full evaluation (every image of the search split) costs 1; an early-rejected one costs the fraction of the
-split it ran; a configuration answered from the cache costs nothing. A budget counts every new evaluation the
-problem made (the uniform baselines and sensitivity measurements included), so algorithms that spend evaluations
-on preparation pay for it from the same budget as the search.
+split it ran. A budget counts every distinct configuration the problem was asked for (its ``visited`` list: the
+uniform baselines and sensitivity measurements included, so algorithms that spend evaluations on preparation pay
+for it from the same budget as the search), whether it was evaluated now or read from the cache of a run being
+resumed: a resumed run then stops exactly where the uninterrupted one would have. Asking again for a configuration
+already visited costs nothing.
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ def evaluation_cost(evaluation, total: int | None) -> float:
 
 
 def spent(problem) -> float:
-    """Full-evaluation equivalents of every new evaluation ``problem`` made."""
+    """Full-evaluation equivalents of every configuration ``problem`` visited."""
     total = getattr(problem.metric, "num_samples", None)
-    return sum(evaluation_cost(e, total) for e in problem.evaluations)
+    return sum(evaluation_cost(e, total) for e in problem.visited)
 
 
 class Budget:
@@ -54,7 +56,7 @@ class BudgetTermination(Termination):
         self._count, self._still = -1, 0
 
     def _update(self, algorithm) -> float:
-        count = len(self.budget.problem.evaluations)
+        count = len(self.budget.problem.visited)
         self._still = self._still + 1 if count == self._count else 0
         self._count = count
         if self._still >= self.stall or self.budget.limit <= 0:

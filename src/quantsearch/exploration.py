@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -22,12 +23,13 @@ from .data import data_loader, load_dataset, split_dataset
 from .evaluation import Evaluator
 from .fingerprints import fingerprint_model, fingerprint_tensors, fingerprint_values
 from .models import DEMO_MODEL, create_model, model_preprocessing
-from .plots import plot_bits_heatmap, plot_front
+from .plots import plot_bits_heatmap, plot_front, plot_sensitivity_table
 from .problem import Evaluation, LayerwiseQuantizationProblem
 from .quantized_model import QuantizedActivationsModel
 from .report import write_report
 from .results import pareto_front
-from .search import algorithm_for, run_search
+from .budget import Budget, evaluation_cost, spent
+from .search import run_algorithm
 from .store import RunStore, StoreError
 
 __all__ = ["RunResult", "Interrupted", "explore", "resume_config", "resolve_predicate", "BASELINES",
@@ -65,6 +67,7 @@ class RunResult:
     metric: str = "top1"  # what "accuracy" holds; a fraction shown as %, or not
     higher_is_better: bool = True
     fraction: bool = True
+    search: dict = field(default_factory=dict)  # algorithm, budget, early rejection (see _search_summary)
 
 
 def resolve_predicate(predicate: str, model: torch.nn.Module) -> str:
@@ -277,12 +280,18 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
 
     # search
     t = time.perf_counter()
+    if config.early_reject:  # after the baselines: their table reports full-split accuracies
+        search_eval.reject_below(min_accuracy)
+    budget = Budget(problem, config.budget if config.budget is not None
+                    else spent(problem) + config.pop_size * (config.generations + 1))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.generations, desc="NSGA-II" if problem.n_obj <= 2 else "NSGA-III", unit="gen",
-                   dynamic_ncols=True)
+        evolutionary = config.algorithm == "nsga2"
+        bar = tqdm(total=config.generations if evolutionary else None,
+                   desc=config.algorithm if config.algorithm != "nsga2" or problem.n_obj <= 2 else "NSGA-III",
+                   unit="gen" if evolutionary else "step", dynamic_ncols=True)
     generation["now"] = 1
 
     def searched():  # baselines outside the search space (W4A8 in an activations search) stay off the front
@@ -291,7 +300,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     def stored_evaluations():  # this run's and any resumed ones, in the order they were first recorded
         return [e for e, _ in store.evaluations()]
 
-    def on_generation(n_gen, _algorithm):
+    def on_generation(n_gen):
         generation["now"] = n_gen + 1
         store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
         if bar is not None:
@@ -301,12 +310,18 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
                             cheapest=f"{front_now[0].costs[cost_names[0]]:g}" if front_now else "-")
 
     try:
-        algorithm = algorithm_for(problem.n_obj, config.pop_size, extra_seeds=seeds or None)
-        run_search(problem, algorithm, config.generations, config.seed, on_generation)
+        outcome = run_algorithm(config.algorithm, problem, budget, config.pop_size, config.generations,
+                                config.seed, np.array(seeds, dtype=int) if seeds else None, on_generation)
     finally:
         if bar is not None:
             bar.close()
         store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
+    search_summary = _search_summary(config, problem, budget, outcome, search_eval)
+    if outcome.sensitivity is not None:
+        store.put("sensitivity", outcome.sensitivity.to_dict())
+        store.write_csv("sensitivity.csv", ["quantizer", "bits", "accuracy", "drop", "modelled_drop", "status"],
+                        outcome.sensitivity.rows())
+        plot_sensitivity_table(outcome.sensitivity, path=run_dir / "sensitivity.png")
     timings["search"] = time.perf_counter() - t
     timings["mean_evaluation"] = sum(e.seconds for e in problem.evaluations) / max(1, len(problem.evaluations))
 
@@ -325,7 +340,8 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
 
     result = RunResult(run_dir, qmodel.quantizer_names, cost_names, fp32, min_accuracy, baselines, front, holdout,
                        bitconfigs, timings, len(evaluations), fp32_costs, baseline_costs,
-                       config.search_space, list(genes), len(known), metric, better, search_eval.fraction)
+                       config.search_space, list(genes), len(known), metric, better, search_eval.fraction,
+                       search_summary)
     _write_summary(store, result, settings, splits)
     store.write_json("splits.json", {"seed": config.seed, "dataset": config.dataset, "num_samples": len(dataset),
                                      **splits.indices()})
@@ -364,6 +380,24 @@ def _write_front(store, qmodel, config, predicate, splits, front, holdout, fp32_
     return paths
 
 
+def _search_summary(config, problem, budget, outcome, search_eval) -> dict:
+    """What the search did: algorithm and its details, budget spent, and what early rejection saved (new
+    evaluations of this process; a resumed run counts its own)."""
+    total = search_eval.num_samples
+    rejected = [e for e in problem.evaluations if e.status == "rejected"]
+    images = sum(evaluation_cost(e, total) for e in problem.evaluations) * total
+    summary = {"algorithm": config.algorithm, "budget": budget.limit, "budget_spent": budget.spent,
+               "details": {k: v for k, v in outcome.details.items()}}
+    if config.early_reject:
+        full = len(problem.evaluations) * total
+        summary["early_rejection"] = {
+            "confidence": search_eval.early_rejection.confidence, "rejected": len(rejected),
+            "evaluations": len(problem.evaluations), "images_run": int(round(images)),
+            "images_saved": int(round(full - images)), "fraction_saved": (full - images) / full if full else 0.0,
+            "bound": "exact hypergeometric p-value at doubling slices, union bound over the checks"}
+    return summary
+
+
 def _write_summary(store, result: RunResult, settings, splits) -> None:
     def point(e: Evaluation) -> dict:
         return {"accuracy": e.accuracy, "costs": dict(e.costs), "bits": list(e.bits)}
@@ -389,6 +423,7 @@ def _write_summary(store, result: RunResult, settings, splits) -> None:
         "min_accuracy": result.min_accuracy,
         "baselines": {name: baseline(name) for name in result.baseline_costs},
         "front": [point(e) | {"accuracy_holdout": result.holdout.get(e.bits)} for e in result.front],
+        "search": result.search,
         "num_evaluations": result.num_evaluations,
         "reused_evaluations": result.reused_evaluations,
         "new_evaluations": result.num_evaluations - result.reused_evaluations,

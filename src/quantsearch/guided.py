@@ -53,20 +53,31 @@ def guided_seeds(model: AdditiveModel, count: int, allowed_drop: float, span: fl
 
 
 def insensitivity_weights(model: AdditiveModel) -> np.ndarray:
-    """Per gene, cost saved per modelled drop for one bit below the top, normalised to sum to 1."""
+    """Per gene, cost saved per modelled drop two bits below the top, normalised to sum to 1.
+
+    A gene that saves no cost gets 0; one that saves cost but was not measured gets the median of the measured."""
     costs = model.costs
     hi, lo = costs.hi.astype(int), costs.lo.astype(int)
     n = len(hi)
     saved = costs.savings(hi)
     weights = np.zeros(n)
-    scale_drop = max(float(np.nanmax(np.where(np.isfinite(model.drops), model.drops, np.nan))), 1e-6)
+    finite = model.drops[np.isfinite(model.drops)]
+    scale_drop = max(float(finite.max()) if finite.size else 0.0, 1e-6)
+    unmeasured = []
     for i in range(n):
-        if hi[i] <= lo[i] or not np.isfinite(model.drops[i, hi[i] - 1]):
+        if hi[i] <= lo[i]:
             continue
         b = max(lo[i], hi[i] - 2)  # two bits down: above the noise of one
         per_bit_saving = max(saved[i, b], 0.0) / (hi[i] - b)
-        per_bit_drop = model.drops[i, b] / (hi[i] - b)
-        weights[i] = per_bit_saving / (per_bit_drop + 1e-3 * scale_drop)
+        if per_bit_saving <= 0:
+            continue
+        if not np.isfinite(model.drops[i, b]):
+            unmeasured.append(i)
+            continue
+        weights[i] = per_bit_saving / (model.drops[i, b] / (hi[i] - b) + 1e-3 * scale_drop)
+    if unmeasured:
+        known = weights[weights > 0]
+        weights[unmeasured] = float(np.median(known)) if known.size else 1.0
     total = weights.sum()
     return weights / total if total > 0 else np.full(n, 1.0 / n)
 
@@ -105,6 +116,7 @@ def fit_drop_scale(model: AdditiveModel, evaluations, problem) -> float:
         if np.isfinite(d) and d > 0:
             predicted.append(d)
             measured.append(model.sign * (model.reference - e.accuracy))
+        # genes never measured are left out of the fit's predictions: only fully modelled genomes count
     if not predicted:
         return 1.0
     p, m = np.array(predicted), np.array(measured)
@@ -124,11 +136,11 @@ class ScreenedMating(Mating):
 
     def _do(self, problem, pop, n_offsprings, **kwargs):
         off = super()._do(problem, pop, n_offsprings, **kwargs)
-        if len(self.problem.evaluations) != self._seen:  # refit once per generation's worth of new evaluations
-            self._seen = len(self.problem.evaluations)
-            self._scale = fit_drop_scale(self.model, self.problem.evaluations, self.problem)
+        if len(self.problem.visited) != self._seen:  # refit when configurations were added (resumed runs match)
+            self._seen = len(self.problem.visited)
+            self._scale = fit_drop_scale(self.model, self.problem.visited, self.problem)
         X = np.rint(np.asarray(off.get("X"), dtype=float)).astype(int)
-        keep = self._scale * self.model.total_drop(X) <= self.limit
+        keep = self._scale * self.model.total_drop(X, known_only=True) <= self.limit
         self.screened += int((~keep).sum())
         return off[keep]
 
@@ -136,14 +148,17 @@ class ScreenedMating(Mating):
 def guided_nsga2(problem, model: AdditiveModel, pop_size: int = 20, allowed_drop: float = 0.01,
                  extra_seeds: np.ndarray | None = None, screen: float | None = 3.0, span: float = 2.0) -> NSGA2:
     """NSGA-II with sensitivity seeds, biased mutation and (``screen`` not None) the surrogate pre-screen."""
-    n_uniform = len(uniform_configurations(problem.n_var, *problem.bit_range))
-    n_extra = 0 if extra_seeds is None else len(extra_seeds)
-    seeds = guided_seeds(model, max(0, pop_size - n_uniform - n_extra), allowed_drop, span)
-    extra = seeds if extra_seeds is None or not len(extra_seeds) else np.concatenate(
-        [np.asarray(extra_seeds, dtype=int).reshape(-1, problem.n_var), seeds])
+    lo, hi = np.asarray(problem.xl, dtype=int), np.asarray(problem.xu, dtype=int)
+    fixed_rows = [np.clip(uniform_configurations(problem.n_var, *problem.bit_range), lo, hi)]
+    if extra_seeds is not None and len(extra_seeds):
+        fixed_rows.append(np.asarray(extra_seeds, dtype=int).reshape(-1, problem.n_var))
+    fixed = len({tuple(r) for r in np.concatenate(fixed_rows).tolist()})
+    seeds = guided_seeds(model, max(pop_size - fixed, (pop_size + 1) // 2), allowed_drop, span)
+    # the model's seeds first, so that a small population keeps them; then the uniform configurations and extras
+    sampling = UniformSeededSampling(extra_seeds, first=seeds)
     crossover = SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair())
     mutation = SensitivityMutation(insensitivity_weights(model))
-    algorithm = NSGA2(pop_size=pop_size, sampling=UniformSeededSampling(extra), crossover=crossover,
+    algorithm = NSGA2(pop_size=pop_size, sampling=sampling, crossover=crossover,
                       mutation=mutation, eliminate_duplicates=True)
     algorithm.seeds = seeds
     if screen is not None:

@@ -147,15 +147,22 @@ def ilp_search(problem, model: AdditiveModel, budget, allowed_drop: float, span:
                sweep: int | None = None) -> list[np.ndarray]:
     """Evaluate ILP solutions for a sweep of budgets (coarse to fine) until the evaluation ``budget`` is spent.
 
-    ``sweep`` budgets (default: as many as whole evaluations are left, at least 2). Returns the solutions, in the
-    order evaluated.
+    ``sweep`` budgets (default: as many as whole evaluations are left, at least 2); while evaluations are left
+    and a finer sweep still finds new solutions, the sweep is doubled. Returns the solutions in the order evaluated.
     """
     count = sweep if sweep is not None else max(2, int(math.floor(budget.left)))
-    solutions = ilp_sweep(model, count, allowed_drop, span)
-    evaluated = []
-    for genome in solutions:
-        if budget.exhausted:
+    evaluated, seen = [], set()
+    for _ in range(4):
+        new = [g for g in ilp_sweep(model, count, allowed_drop, span) if tuple(g) not in seen]
+        if not new:
             break
-        problem.evaluate_bits(genome)
-        evaluated.append(genome)
+        for genome in new:
+            if budget.exhausted:
+                return evaluated
+            seen.add(tuple(genome))
+            problem.evaluate_bits(genome)
+            evaluated.append(genome)
+        if sweep is not None:
+            break
+        count *= 2
     return evaluated

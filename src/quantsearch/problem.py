@@ -95,6 +95,9 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         self.memoize = memoize
         self.listeners: list[Callable[[Evaluation], None]] = []
         self.evaluations: list[Evaluation] = []
+        self.visited: list[Evaluation] = []  # every configuration asked for, once, known or new (budgets count it)
+        self.visitors: list[Callable[[Evaluation], None]] = []  # told of each, before listeners hear of new ones
+        self._visited: set[tuple[int, ...]] = set()
         xl = np.array([self.bit_ranges[g][0] for g in self.gene_names])
         xu = np.array([self.bit_ranges[g][1] for g in self.gene_names])
         super().__init__(n_var=len(self.gene_names), n_obj=1 + len(self.costs), n_ieq_constr=1,
@@ -151,6 +154,7 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         key = self.configuration(bits)
         known = self.cache.get(key)
         if known is not None:
+            self._visit(key, known)
             return known
         self.qmodel.bit_widths = key
         named = dict(zip(self.qmodel.quantizer_names, key))
@@ -169,9 +173,17 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         if self.memoize:
             self.cache[key] = result
         self.evaluations.append(result)
+        self._visit(key, result)
         for listener in self.listeners:
             listener(result)
         return result
+
+    def _visit(self, key: tuple[int, ...], result: Evaluation) -> None:
+        if key not in self._visited:
+            self._visited.add(key)
+            self.visited.append(result)
+            for visitor in self.visitors:
+                visitor(result)
 
     def objectives(self, result: Evaluation) -> tuple[list[float], list[float]]:
         """``(F, G)`` of an evaluation, as pymoo minimises them."""

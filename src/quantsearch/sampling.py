@@ -17,15 +17,18 @@ def uniform_configurations(n_var: int, lo: int, hi: int) -> np.ndarray:
 
 
 class UniformSeededSampling(Sampling):
-    """Uniform configurations (and any ``extra`` rows) followed by uniformly random integer genes."""
+    """Uniform configurations (and any ``extra`` rows) followed by uniformly random integer genes; ``first`` rows
+    (a guided search's seeds) go before the uniform ones."""
 
-    def __init__(self, extra: np.ndarray | None = None):
+    def __init__(self, extra: np.ndarray | None = None, first: np.ndarray | None = None):
         super().__init__()
-        self.extra = extra
+        self.extra, self.first = extra, first
 
     def _do(self, problem, n_samples, random_state=None, **kwargs):
         lo, hi = np.asarray(problem.xl, dtype=int), np.asarray(problem.xu, dtype=int)
-        seeds = [np.clip(uniform_configurations(problem.n_var, int(lo.min()), int(hi.max())), lo, hi)]
+        seeds = [] if self.first is None or not len(self.first) else [
+            np.asarray(self.first, dtype=int).reshape(-1, problem.n_var)]
+        seeds.append(np.clip(uniform_configurations(problem.n_var, int(lo.min()), int(hi.max())), lo, hi))
         if self.extra is not None and len(self.extra):
             seeds.append(np.asarray(self.extra, dtype=int).reshape(-1, problem.n_var))
         rows = list(dict.fromkeys(map(tuple, np.concatenate(seeds).tolist())))[:n_samples]

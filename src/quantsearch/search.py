@@ -38,6 +38,7 @@ from pymoo.termination.max_gen import MaximumGenerationTermination
 
 from .baselines import greedy_search, random_search
 from .budget import Budget, BudgetTermination
+from .config import ALGORITHM_NAMES
 from .guided import guided_nsga2, guided_seeds
 from .ilp import ilp_search
 from .sampling import UniformSeededSampling
@@ -47,7 +48,7 @@ from .surrogate import AdditiveModel, GeneCosts
 __all__ = ["nsga2", "nsga3", "algorithm_for", "run_search", "GenerationCallback", "ALGORITHMS", "SearchOutcome",
            "run_algorithm", "model_from_sensitivity"]
 
-ALGORITHMS = ("random", "greedy", "ilp", "nsga2", "guided")
+ALGORITHMS = ALGORITHM_NAMES
 
 
 def _operators(extra_seeds: np.ndarray | None) -> dict:
@@ -137,26 +138,27 @@ def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, genera
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}")
     outcome = SearchOutcome(name)
-    step = {"n": 0, "mark": len(problem.evaluations)}
+    step = {"n": 0, "count": 0}
 
-    def tick(_evaluation=None) -> None:
-        if len(problem.evaluations) - step["mark"] >= pop_size:
-            step["mark"] = len(problem.evaluations)
-            step["n"] += 1
-            if on_generation:
-                on_generation(step["n"])
+    def tick(_evaluation=None) -> None:  # a visitor: counts known configurations too, so resumed runs match
+        step["count"] += 1
+        if step["count"] >= pop_size:
+            close()
 
-    def steps(phase):  # report every pop_size evaluations of a phase that has no generations
-        problem.listeners.append(tick)
+    def close() -> None:
+        step["count"] = 0
+        step["n"] += 1
+        if on_generation:
+            on_generation(step["n"])
+
+    def steps(phase):  # report every pop_size visited configurations of a phase that has no generations
+        problem.visitors.append(tick)
         try:
             return phase()
         finally:
-            problem.listeners.remove(tick)
-            if len(problem.evaluations) > step["mark"]:
-                step["mark"] = len(problem.evaluations)
-                step["n"] += 1
-                if on_generation:
-                    on_generation(step["n"])
+            problem.visitors.remove(tick)
+            if step["count"]:
+                close()
 
     def evolve(algorithm) -> None:
         offset = step["n"]

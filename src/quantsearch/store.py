@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import re
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -41,6 +42,15 @@ def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_REJECTED = re.compile(r"rejected after (\d+) of (\d+) images")
+
+
+def _extra(status: str, message: str) -> dict:
+    """What an evaluation's message records beyond its columns: the images an early-rejected one ran."""
+    found = _REJECTED.match(message) if status == "rejected" else None
+    return {"samples": int(found.group(1))} if found else {}
 
 
 class RunStore:
@@ -123,7 +133,7 @@ class RunStore:
         """Every stored evaluation with its generation, in the order they were recorded."""
         rows = self._db.execute(
             "SELECT genome, accuracy, costs, generation, seconds, status, message FROM evaluations ORDER BY id")
-        return [(Evaluation(tuple(json.loads(g)), a, json.loads(c), s, st, m), gen)
+        return [(Evaluation(tuple(json.loads(g)), a, json.loads(c), s, st, m, _extra(st, m)), gen)
                 for g, a, c, gen, s, st, m in rows]
 
     def cache(self) -> dict[tuple[int, ...], Evaluation]:

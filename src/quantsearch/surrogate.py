@@ -127,6 +127,18 @@ class AdditiveModel:
         g = np.asarray(genomes, dtype=int)
         return self.reference - self.sign * self.drops[np.arange(g.shape[1]), g].sum(axis=1)
 
-    def total_drop(self, genomes: np.ndarray) -> np.ndarray:
+    def total_drop(self, genomes: np.ndarray, known_only: bool = False) -> np.ndarray:
+        """Summed modelled drop of each genome; ``known_only``: genes without a measurement add nothing (a lower
+        bound, for screening) instead of making the sum infinite."""
         g = np.asarray(genomes, dtype=int)
-        return self.drops[np.arange(g.shape[1]), g].sum(axis=1)
+        drops = self.drops[np.arange(g.shape[1]), g]
+        if known_only:
+            drops = np.where(np.isfinite(drops), drops, 0.0)
+        return drops.sum(axis=1)
+
+    @property
+    def measured(self) -> np.ndarray:
+        """Whether each gene has a modelled drop below its top (was measured at some width)."""
+        hi = self.costs.hi.astype(int)
+        return np.array([hi[i] <= self.costs.lo[i] or np.isfinite(self.drops[i, hi[i] - 1])
+                         for i in range(len(hi))])
