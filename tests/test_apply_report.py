@@ -176,7 +176,8 @@ def test_report_and_convergence_of_the_run(run_dir):
     # convergence against the other views of the run: evaluations.csv per generation, pareto.csv at the end
     evaluations = list(csv.DictReader((run_dir / "evaluations.csv").open()))
     conv = list(csv.DictReader((run_dir / "convergence.csv").open()))
-    assert [int(r["generation"]) for r in conv] == [0, 1, 2]
+    # generation 0: the baselines; then one row per generation (the guided search's sensitivity steps first)
+    assert [int(r["generation"]) for r in conv] == list(range(len(conv))) and len(conv) >= 3
     for row in conv:
         mine = [e for e in evaluations if e["generation"] == row["generation"]]
         assert int(row["evaluations"]) == len(mine)

@@ -40,7 +40,7 @@ def test_shipped_fashion_mnist_and_disjoint_splits(fashion):
 
 def test_store_records_reads_back_and_refuses_reuse(tmp_path):
     store = RunStore.create(tmp_path / "run", {"seed": 1})
-    e = Evaluation((8, 4), 0.91, {"bits": 12.0}, 0.5)
+    e = Evaluation((8, 4), 0.91, {"bits": 12.0}, 0.5, extra={"samples": 3000})
     store.record(e, generation=2)
     store.record(e, generation=3)  # a known configuration keeps its first record
     store.close()
@@ -49,8 +49,8 @@ def test_store_records_reads_back_and_refuses_reuse(tmp_path):
     assert again.evaluations() == [(e, 2)]
     assert again.cache() == {(8, 4): e}
     path = again.write_evaluations_csv(["a", "b"], min_accuracy=0.9)
-    assert path.read_text().splitlines() == ["index,generation,accuracy,bits,feasible,status,seconds,a,b",
-                                             "0,2,0.910000,12,1,ok,0.500,8,4"]
+    assert path.read_text().splitlines() == ["index,generation,accuracy,bits,feasible,status,samples,seconds,a,b",
+                                             "0,2,0.910000,12,1,ok,3000,0.500,8,4"]
     assert not list((tmp_path / "run").glob(".*.tmp"))
     with pytest.raises(StoreError, match="already holds a run"):
         RunStore.create(tmp_path / "run", {})

@@ -11,9 +11,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["ConfigError", "ExploreConfig", "parse_bits", "load_yaml", "SEARCH_SPACES"]
+__all__ = ["ConfigError", "ExploreConfig", "parse_bits", "load_yaml", "SEARCH_SPACES", "ALGORITHM_NAMES"]
 
 SEARCH_SPACES = ("activations", "weights", "both")
+ALGORITHM_NAMES = ("random", "greedy", "ilp", "nsga2", "guided")  # as quantsearch.search.ALGORITHMS
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,10 @@ class ExploreConfig:
     loader_workers: int | None = None  # data loader processes (None: one per core, up to 8, for image files)
     workers: int = 0  # evaluation actors on Ray (0: serial, no Ray)
     ray_address: str | None = None  # join an existing Ray cluster (auto: the one this node belongs to)
+    # search algorithm, evaluation budget, early rejection (see search.py, budget.py, evaluation.py)
+    algorithm: str = "guided"
+    budget: float | None = None  # full-evaluation equivalents, the baselines included; None: see resolved_budget
+    early_reject: bool = False
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -118,6 +123,16 @@ class ExploreConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.algorithm not in ALGORITHM_NAMES:
+            raise ConfigError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHM_NAMES)}")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
+                                        or not self.budget > 0):
+            raise ConfigError(f"budget must be a positive number of full evaluations, got {self.budget!r}")
+        if not isinstance(self.early_reject, bool):
+            raise ConfigError(f"early-reject must be true or false, got {self.early_reject!r}")
+        if self.early_reject and not _is_fraction_metric(self.metric):
+            raise ConfigError(f"early-reject needs a metric that counts hits per image (top-k, agreement), "
+                              f"not {self.metric}")
         if self.holdout_samples is not None and (not isinstance(self.holdout_samples, int)
                                                  or self.holdout_samples < 0):
             raise ConfigError(f"holdout-samples must be a non-negative integer, got {self.holdout_samples!r}")

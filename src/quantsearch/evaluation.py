@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import re
 from contextlib import nullcontext
 from typing import Any, Iterable
@@ -39,6 +40,8 @@ __all__ = [
     "Evaluator",
     "AccuracyEvaluator",
     "materialize",
+    "EarlyRejection",
+    "EarlyRejected",
 ]
 
 BUILTIN_METRICS = ("top1", "top5", "agreement", "kl")
@@ -50,6 +53,19 @@ class NumericalError(ArithmeticError):
 
 class MetricError(ValueError):
     """A metric that cannot be built, or that cannot be computed on this data (labels missing)."""
+
+
+class EarlyRejected(Exception):
+    """A candidate stopped part-way: its metric on the whole split is below the floor with high confidence.
+
+    ``accuracy`` is the metric on the ``samples`` images seen (of ``total``); ``p_value`` is the test's (see
+    :class:`EarlyRejection`).
+    """
+
+    def __init__(self, accuracy: float, samples: int, total: int, p_value: float):
+        super().__init__(f"rejected after {samples} of {total} images: {100 * accuracy:.2f} % so far, below the "
+                         f"floor with p = {p_value:.2g}")
+        self.accuracy, self.samples, self.total, self.p_value = accuracy, samples, total, p_value
 
 
 # -- metrics -----------------------------------------------------------------------------------------------------
@@ -78,6 +94,10 @@ class Metric:
     def compute(self) -> float:
         raise NotImplementedError
 
+    def successes(self) -> tuple[int, int] | None:
+        """``(hits, samples)`` so far for a metric that is a fraction of samples (top-k, agreement), else None."""
+        return None
+
 
 class TopK(Metric):
     """The fraction of samples whose label is among the ``k`` highest outputs."""
@@ -104,6 +124,9 @@ class TopK(Metric):
     def compute(self) -> float:
         return float(self.correct) / self.total
 
+    def successes(self) -> tuple[int, int]:
+        return int(self.correct), self.total
+
 
 class Agreement(Metric):
     """The fraction of samples whose top-1 class equals the FP32 model's top-1 class."""
@@ -127,6 +150,9 @@ class Agreement(Metric):
 
     def compute(self) -> float:
         return float(self.same) / self.total
+
+    def successes(self) -> tuple[int, int]:
+        return int(self.same), self.total
 
 
 class KLDivergence(Metric):
@@ -287,6 +313,59 @@ def amp_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
 
 
+# -- early rejection ---------------------------------------------------------------------------------------------
+class EarlyRejection:
+    """Stop evaluating a candidate once its accuracy on the whole split is below ``floor`` with high confidence.
+
+    **The bound.** The search split is a random sample (``split_dataset`` shuffles), so its first ``n`` images are a
+    uniformly random subset of its ``N`` images, drawn without replacement. If the candidate is right on ``K`` of
+    the ``N`` images, the number right among the first ``n`` is hypergeometric, ``X ~ H(N, K, n)``. The candidate
+    meets the floor iff ``K >= K0``, the fewest hits whose fraction ``K0 / N`` reaches ``floor``. After ``k`` hits in
+    ``n`` images the test of "meets the floor" has the exact p-value ``P(X <= k | K = K0)`` (the largest over all
+    ``K >= K0``, since ``X`` grows stochastically with ``K``). The candidate is rejected when that p-value is at most
+    ``(1 - confidence) / m``, ``m`` being the number of checkpoints (a union bound over the checks), so a candidate
+    that meets the floor on the whole split is rejected with probability at most ``1 - confidence`` (0.1 % at the
+    default 99.9 %), whatever its accuracy. A candidate that cannot reach ``K0`` even if every remaining image were
+    right has p-value 0 and is always rejected.
+
+    **The slices.** Checkpoints after 1, 2, 4, 8, ... batches (doubling slices), never after the last batch.
+    """
+
+    def __init__(self, floor: float, confidence: float = 0.999):
+        if not 0.0 < float(confidence) < 1.0:
+            raise ValueError(f"early-rejection confidence must lie in (0, 1), got {confidence}")
+        self.floor, self.confidence = float(floor), float(confidence)
+
+    @staticmethod
+    def checkpoints(num_batches: int) -> list[int]:
+        """Batch counts after which to test: 1, 2, 4, ... below ``num_batches``."""
+        points, b = [], 1
+        while b < num_batches:
+            points.append(b)
+            b *= 2
+        return points
+
+    def hits_needed(self, total: int) -> int:
+        """``K0``: the fewest hits out of ``total`` whose fraction (as a float, as the floor is compared) reaches it."""
+        k0 = max(0, min(total, math.ceil(self.floor * total)))
+        while k0 < total and k0 / total < self.floor:
+            k0 += 1
+        while k0 > 0 and (k0 - 1) / total >= self.floor:
+            k0 -= 1
+        return k0
+
+    def p_value(self, hits: int, seen: int, total: int) -> float:
+        """``P(X <= hits)`` for ``X ~ H(total, K0, seen)``: how likely so few hits are if the floor is met."""
+        from scipy.stats import hypergeom
+
+        return float(hypergeom.cdf(hits, total, self.hits_needed(total), seen))
+
+    def rejects(self, hits: int, seen: int, total: int, checks: int) -> tuple[bool, float]:
+        """Whether ``hits`` in the first ``seen`` of ``total`` images reject, with ``checks`` tests in all."""
+        p = self.p_value(hits, seen, total)
+        return p <= (1.0 - self.confidence) / max(1, checks), p
+
+
 # -- the evaluator -----------------------------------------------------------------------------------------------
 class Evaluator:
     """A metric of a model on fixed batches held on ``device``: ``evaluator(model) -> float``.
@@ -300,7 +379,12 @@ class Evaluator:
         amp: run forward passes under ``torch.autocast`` (see :func:`amp_dtype`).
         workers: loader worker processes (None: see ``data.default_workers``).
         compile: run candidates through ``torch.compile`` (one graph for every configuration, see :meth:`runner`).
+
+    ``early_rejection`` (off by default; see :meth:`reject_below`) makes a call stop part-way and raise
+    :class:`EarlyRejected` for a candidate clearly below the floor.
     """
+
+    early_rejection: EarlyRejection | None = None
 
     def __init__(self, data: Dataset | Iterable, metric: str | Metric = "top1", batch_size: int = 500,
                  device: torch.device | str = "cpu", limit: int | None = None, reference: nn.Module | None = None,
@@ -327,6 +411,16 @@ class Evaluator:
     @property
     def name(self) -> str:
         return self.metric.name
+
+    def reject_below(self, floor: float | None, confidence: float = 0.999) -> None:
+        """Turn early rejection on against ``floor`` (None: off). Needs a metric that is a fraction of samples."""
+        if floor is None:
+            self.early_rejection = None
+            return
+        if self.metric.successes is Metric.successes or not self.higher_is_better:
+            raise MetricError(f"early rejection needs a metric that counts hits per image (top-k, agreement), "
+                              f"not {self.metric.name}")
+        self.early_rejection = EarlyRejection(floor, confidence)
 
     @property
     def higher_is_better(self) -> bool:
@@ -369,12 +463,21 @@ class Evaluator:
         model.eval()
         run = self.runner(model)
         self.metric.reset()
+        rejection = self.early_rejection
+        checks = set(rejection.checkpoints(len(self.batches))) if rejection is not None else set()
         with torch.inference_mode():
             finite = torch.ones((), dtype=torch.bool, device=self.device)
             for i, (x, y) in enumerate(self.batches):
                 outputs = self._forward(run, x)
                 finite &= torch.isfinite(outputs).all()
                 self.metric.update(outputs, y, self.references[i] if self.references is not None else None)
+                if i + 1 in checks:
+                    hits, seen = self.metric.successes()
+                    rejected, p = rejection.rejects(hits, seen, self.num_samples, len(checks))
+                    if rejected:
+                        if not bool(finite):
+                            raise NumericalError("model output holds NaN or Inf")
+                        raise EarlyRejected(hits / seen, seen, self.num_samples, p)
         if not bool(finite):
             raise NumericalError("model output holds NaN or Inf")
         return self.metric.compute()

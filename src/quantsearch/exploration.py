@@ -11,11 +11,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from pymoo.core.problem import LoopedElementwiseEvaluation
 
 from . import __version__
 from .bitconfig import BitConfig
+from .budget import Budget, evaluation_cost, spent
 from .calibration import Calibration, calibrate, data_fingerprint
 from .config import PARALLEL_KEYS, ExploreConfig
 from .costs import COSTS, get_costs, profile_model
@@ -23,16 +25,17 @@ from .data import data_loader, load_dataset, split_dataset
 from .evaluation import Evaluator
 from .fingerprints import fingerprint_model, fingerprint_tensors, fingerprint_values
 from .models import DEMO_MODEL, create_model, model_preprocessing
-from .plots import plot_bits_heatmap, plot_front
+from .plots import plot_bits_heatmap, plot_front, plot_sensitivity_table
 from .problem import Evaluation, LayerwiseQuantizationProblem
 from .quantized_model import QuantizedActivationsModel
 from .report import write_report
 from .results import pareto_front
-from .search import algorithm_for, run_search
+from .sampling import uniform_genomes
+from .search import run_algorithm
 from .store import RunStore, StoreError
 
 __all__ = ["RunResult", "Interrupted", "explore", "resume_config", "resolve_predicate", "BASELINES",
-           "search_genes", "calibrate_run", "calibrate_only"]
+           "search_genes", "calibrate_run", "calibrate_only", "evaluate_baselines"]
 
 log = logging.getLogger("quantsearch")
 # uniform (weight bits, activation bits) configurations, as in the ViT quantization literature's tables
@@ -67,6 +70,7 @@ class RunResult:
     higher_is_better: bool = True
     fraction: bool = True
     parallel: dict = field(default_factory=dict)  # Ray workers: evaluations per worker, replacements
+    search: dict = field(default_factory=dict)  # algorithm, budget, early rejection (see _search_summary)
 
 
 def resolve_predicate(predicate: str, model: torch.nn.Module) -> str:
@@ -90,6 +94,21 @@ def _versions() -> dict[str, str]:
     return {"quantsearch": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "pymoo": pymoo.__version__, "pytorch_quantization": pytorch_quantization.__version__,
             "python": platform.python_version()}
+
+
+def evaluate_baselines(problem: LayerwiseQuantizationProblem) -> tuple[dict[str, Evaluation], np.ndarray]:
+    """Evaluate the uniform baselines (:data:`BASELINES`) and every uniform configuration of the search space.
+
+    Every algorithm starts from them, so that no front is worse than uniform quantization. Returns the baselines
+    by name and the genomes of all those in the space (seeds for a population).
+    """
+    names, weights = problem.qmodel.quantizer_names, set(problem.qmodel.weight_names)
+    baselines = {name: problem.evaluate_bits({n: (w if n in weights else a) for n in names})
+                 for name, (w, a) in BASELINES.items()}
+    uniform = problem.evaluate_genomes(uniform_genomes(problem))
+    inside = [e for e in [*baselines.values(), *uniform] if problem.in_space(e.bits)]
+    seeds = np.array(list(dict.fromkeys(problem.genome(e.bits) for e in inside)), dtype=int)
+    return baselines, seeds.reshape(-1, problem.n_var)
 
 
 def calibration_bits(config: ExploreConfig) -> tuple[int, int]:
@@ -273,55 +292,62 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
 
     problem.listeners.append(record)
 
-    t = time.perf_counter()
-    baselines = {name: problem.evaluate_bits({n: (w if n in weights else a) for n in qmodel.quantizer_names})
-                 for name, (w, a) in BASELINES.items()}
-    fp32_costs = {c.name: c.fp32 for c in every_cost}
-    baseline_costs = {"FP32": dict(fp32_costs)} | {
-        name: {c.name: float(c(dict(zip(qmodel.quantizer_names, e.bits)))) for c in every_cost}
-        for name, e in baselines.items()}
-    seeds = [problem.genome(e.bits) for e in baselines.values() if problem.in_space(e.bits)]
-    timings["baselines"] = time.perf_counter() - t
-
-    # search
-    t = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.generations, desc="NSGA-II" if problem.n_obj <= 2 else "NSGA-III", unit="gen",
-                   dynamic_ncols=True)
-    generation["now"] = 1
-
     def searched():  # baselines outside the search space (W4A8 in an activations search) stay off the front
         return [e for e in problem.evaluations if problem.in_space(e.bits)]
 
     def stored_evaluations():  # this run's and any resumed ones, in the order they were first recorded
         return [e for e, _ in store.evaluations()]
 
-    def on_generation(n_gen, _algorithm):
-        generation["now"] = n_gen + 1
-        store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
-        if bar is not None:
-            front_now = pareto_front(searched(), min_accuracy, cost_names, better)
-            bar.update(1)
-            bar.set_postfix(evals=len(problem.evaluations), front=len(front_now),
-                            cheapest=f"{front_now[0].costs[cost_names[0]]:g}" if front_now else "-",
-                            **({"per_worker": pool.progress()} if pool is not None else {}))
-        if pool is not None:
-            log.debug("generation %d: evaluations per worker %s", n_gen, pool.progress())
-
     pool, parallel = None, {}
+    bar = None
     try:
-        if config.workers:
+        if config.workers:  # before the baselines: every batch of genomes of the run goes to the pool
             from .parallel import RayEvaluationPool
 
-            t_pool = time.perf_counter()
+            t = time.perf_counter()
             pool = RayEvaluationPool(asdict(config), calibration.to_dict(), config.workers, config.ray_address)
-            timings["workers_start"] = time.perf_counter() - t_pool  # Ray and every actor's model, once
+            timings["workers_start"] = time.perf_counter() - t  # Ray and every actor's model, once
             problem.elementwise_runner = pool
-        algorithm = algorithm_for(problem.n_obj, config.pop_size, extra_seeds=seeds or None)
-        run_search(problem, algorithm, config.generations, config.seed, on_generation)
+
+        t = time.perf_counter()
+        baselines, seeds = evaluate_baselines(problem)
+        fp32_costs = {c.name: c.fp32 for c in every_cost}
+        baseline_costs = {"FP32": dict(fp32_costs)} | {
+            name: {c.name: float(c(dict(zip(qmodel.quantizer_names, e.bits)))) for c in every_cost}
+            for name, e in baselines.items()}
+        timings["baselines"] = time.perf_counter() - t
+
+        # search
+        t = time.perf_counter()
+        if config.early_reject:  # after the baselines: their table reports full-split accuracies
+            search_eval.reject_below(min_accuracy)
+            if pool is not None:
+                pool.reject_below(min_accuracy)
+        budget = Budget(problem, config.budget if config.budget is not None
+                        else spent(problem) + config.pop_size * (config.generations + 1))
+        if progress:
+            from tqdm.auto import tqdm
+
+            evolutionary = config.algorithm == "nsga2"
+            bar = tqdm(total=config.generations if evolutionary else None,
+                       desc=config.algorithm if config.algorithm != "nsga2" or problem.n_obj <= 2 else "NSGA-III",
+                       unit="gen" if evolutionary else "step", dynamic_ncols=True)
+        generation["now"] = 1
+
+        def on_generation(n_gen):
+            generation["now"] = n_gen + 1
+            store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
+            if bar is not None:
+                front_now = pareto_front(searched(), min_accuracy, cost_names, better)
+                bar.update(1)
+                bar.set_postfix(evals=len(problem.evaluations), front=len(front_now),
+                                cheapest=f"{front_now[0].costs[cost_names[0]]:g}" if front_now else "-",
+                                **({"per_worker": pool.progress()} if pool is not None else {}))
+            if pool is not None:
+                log.debug("generation %d: evaluations per worker %s", n_gen, pool.progress())
+
+        outcome = run_algorithm(config.algorithm, problem, budget, config.pop_size, config.generations,
+                                config.seed, seeds, on_generation)
     finally:
         if pool is not None:
             parallel = {"workers": len(pool.done), "evaluations_per_worker": list(pool.done),
@@ -331,6 +357,13 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
         if bar is not None:
             bar.close()
         store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
+
+    search_summary = _search_summary(config, problem, budget, outcome, search_eval)
+    if outcome.sensitivity is not None:
+        store.put("sensitivity", outcome.sensitivity.to_dict())
+        store.write_csv("sensitivity.csv", ["quantizer", "bits", "accuracy", "drop", "modelled_drop", "status"],
+                        outcome.sensitivity.rows())
+        plot_sensitivity_table(outcome.sensitivity, path=run_dir / "sensitivity.png")
     timings["search"] = time.perf_counter() - t
     timings["mean_evaluation"] = sum(e.seconds for e in problem.evaluations) / max(1, len(problem.evaluations))
 
@@ -349,8 +382,8 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
 
     result = RunResult(run_dir, qmodel.quantizer_names, cost_names, fp32, min_accuracy, baselines, front, holdout,
                        bitconfigs, timings, len(evaluations), fp32_costs, baseline_costs,
-                       config.search_space, list(genes), len(known), metric, better, search_eval.fraction)
-    result.parallel = parallel
+                       config.search_space, list(genes), len(known), metric, better, search_eval.fraction,
+                       parallel, search_summary)
     _write_summary(store, result, settings, splits)
     store.write_json("splits.json", {"seed": config.seed, "dataset": config.dataset, "num_samples": len(dataset),
                                      **splits.indices()})
@@ -389,6 +422,24 @@ def _write_front(store, qmodel, config, predicate, splits, front, holdout, fp32_
     return paths
 
 
+def _search_summary(config, problem, budget, outcome, search_eval) -> dict:
+    """What the search did: algorithm and its details, budget spent, and what early rejection saved (new
+    evaluations of this process; a resumed run counts its own)."""
+    total = search_eval.num_samples
+    rejected = [e for e in problem.evaluations if e.status == "rejected"]
+    images = sum(evaluation_cost(e, total) for e in problem.evaluations) * total
+    summary = {"algorithm": config.algorithm, "budget": budget.limit, "budget_spent": budget.spent,
+               "details": {k: v for k, v in outcome.details.items()}}
+    if config.early_reject:
+        full = len(problem.evaluations) * total
+        summary["early_rejection"] = {
+            "confidence": search_eval.early_rejection.confidence, "rejected": len(rejected),
+            "evaluations": len(problem.evaluations), "images_run": int(round(images)),
+            "images_saved": int(round(full - images)), "fraction_saved": (full - images) / full if full else 0.0,
+            "bound": "exact hypergeometric p-value at doubling slices, union bound over the checks"}
+    return summary
+
+
 def _write_summary(store, result: RunResult, settings, splits) -> None:
     def point(e: Evaluation) -> dict:
         return {"accuracy": e.accuracy, "costs": dict(e.costs), "bits": list(e.bits)}
@@ -414,6 +465,7 @@ def _write_summary(store, result: RunResult, settings, splits) -> None:
         "min_accuracy": result.min_accuracy,
         "baselines": {name: baseline(name) for name in result.baseline_costs},
         "front": [point(e) | {"accuracy_holdout": result.holdout.get(e.bits)} for e in result.front],
+        "search": result.search,
         "num_evaluations": result.num_evaluations,
         "reused_evaluations": result.reused_evaluations,
         "new_evaluations": result.num_evaluations - result.reused_evaluations,

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "for kl: FP32 + this)")
     p.add_argument("--cost", help="cost objective(s), comma separated, from bits, activation-memory, model-size, "
                    f"bops (default {d.cost}); three or more objectives use NSGA-III")
+    p.add_argument("--algorithm", help="random, greedy (AMP-style), ilp (HAWQ-style), nsga2, or guided (NSGA-II "
+                   f"seeded from sensitivities, greedy and ILP; default {d.algorithm})")
+    p.add_argument("--budget", type=float, help="evaluations to spend, in full search-split equivalents, the "
+                   "baselines included (default: pop-size x (generations + 1) after the baselines)")
+    p.add_argument("--early-reject", action="store_const", const=True,
+                   help="stop evaluating a candidate once it is below the floor with 99.9 %% confidence")
     p.add_argument("--pop-size", type=int, help=f"NSGA-II population (default {d.pop_size})")
     p.add_argument("--generations", type=int, help=f"NSGA-II generations (default {d.generations})")
     p.add_argument("--calib-batches", type=int, help=f"calibration batches (default {d.calib_batches})")
@@ -142,6 +148,13 @@ def print_report(result) -> None:
           + format_table(["#", f"search{' %' if fraction else ''}", f"hold-out{' %' if fraction else ''}",
                           *[h for c in result.cost_names for h in (c, "x FP32")], "bits per searched quantizer"],
                          rows))
+    search = getattr(result, "search", None) or {}
+    if search:
+        rejection = search.get("early_rejection") or {}
+        saved = (f"; early rejection: {rejection['rejected']} rejected, {100 * rejection['fraction_saved']:.1f} % "
+                 f"of images saved" if rejection else "")
+        print(f"\nSearch: {search['algorithm']}, {search['budget_spent']:.1f} of {search['budget']:.1f} full "
+              f"evaluations spent{saved}")
     per = result.timings.get("mean_evaluation")
     speed = (f"; {per:.3g} s per evaluation (FP32: {result.timings['fp32_search_evaluation']:.3g} s)"
              if per and "fp32_search_evaluation" in result.timings else "")

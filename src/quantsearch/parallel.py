@@ -39,7 +39,8 @@ def ray_available() -> bool:
 class EvaluationWorker:
     """One copy of the run's quantized model and search evaluator, built once (the body of a Ray actor)."""
 
-    def __init__(self, settings: dict, calibration: dict, threads: int | None = None):
+    def __init__(self, settings: dict, calibration: dict, threads: int | None = None,
+                 reject_below: float | None = None):
         import torch
 
         from .calibration import Calibration
@@ -64,13 +65,18 @@ class EvaluationWorker:
         Calibration.from_dict(calibration, source="the driver's calibration").apply(self.qmodel)
         self.evaluate = Evaluator(splits.search, compile=config.compile,
                                   **evaluator_options(config, device, self.qmodel))
+        self.reject_below(reject_below)
+
+    def reject_below(self, floor: float | None) -> None:
+        """Early rejection against the driver's floor (None: every candidate in full)."""
+        self.evaluate.reject_below(floor)
 
     def ready(self) -> int:
         return os.getpid()
 
-    def measure(self, key: tuple[int, ...]) -> tuple[float, str, str, float]:
+    def measure(self, key: tuple[int, ...]) -> tuple[float, str, str, float, int | None]:
         m = measure(self.qmodel, self.evaluate, key)
-        return m.accuracy, m.status, m.message, m.seconds
+        return m.accuracy, m.status, m.message, m.seconds, m.samples
 
 
 class RayEvaluationPool:
@@ -108,7 +114,7 @@ class RayEvaluationPool:
             threads = max(1, cpus // workers)
             self._options = {"num_cpus": threads}
         self._threads = threads
-        self._settings, self._calibration = settings, calibration
+        self._settings, self._calibration, self._reject_below = settings, calibration, None
         self._remote = ray.remote(EvaluationWorker).options(**self._options)
         self.actors = [self._spawn() for _ in range(workers)]
         self.done = [0] * workers  # evaluations measured per worker slot
@@ -118,7 +124,7 @@ class RayEvaluationPool:
                  "1 GPU" if on_gpu else f"{threads} CPU thread{'s' * (threads > 1)}", pids)
 
     def _spawn(self):
-        return self._remote.remote(self._settings, self._calibration, self._threads)
+        return self._remote.remote(self._settings, self._calibration, self._threads, self._reject_below)
 
     # -- the pymoo runner -----------------------------------------------------------------------------------
     def __call__(self, f, X) -> list[dict]:
@@ -166,6 +172,11 @@ class RayEvaluationPool:
                     queue.appendleft(key)
                 idle.append(slot)
         return results
+
+    def reject_below(self, floor: float | None) -> None:
+        """Turn early rejection on (against ``floor``) or off (None) on every actor, and on any replacement."""
+        self._reject_below = floor
+        self.ray.get([actor.reject_below.remote(floor) for actor in self.actors])
 
     def progress(self) -> str:
         """Evaluations per worker, for a progress bar: ``"12/11"``."""

@@ -15,7 +15,8 @@ import numpy as np
 from .problem import Evaluation
 from .store import write_atomic
 
-__all__ = ["plot_front", "plot_bits_heatmap", "plot_convergence", "plot_sensitivity", "plot_holdout"]
+__all__ = ["plot_front", "plot_bits_heatmap", "plot_convergence", "plot_sensitivity", "plot_sensitivity_table",
+           "plot_holdout"]
 
 
 def _axes(ax, path, figsize):
@@ -130,6 +131,17 @@ def plot_sensitivity(quantizer_names: Sequence[str], drops: Mapping[int, Sequenc
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8, loc="lower right")
     return _finish(ax, path)
+
+
+def plot_sensitivity_table(sensitivity, path: str | Path | None = None, ax=None):
+    """:func:`plot_sensitivity` of a :class:`~quantsearch.sensitivity.Sensitivity` table: the measured drops (no
+    bar where a gene was not measured at a width), against the reference with every gene at its top."""
+    widths = sorted({b for m in sensitivity.measured.values() for b in m}, reverse=True)
+    drops = {b: [sensitivity.raw_drop(g, b) if b in sensitivity.measured.get(g, {}) else math.nan
+                 for g in sensitivity.genes] for b in widths}
+    tops = {hi for _, hi in sensitivity.ranges}
+    return plot_sensitivity(list(sensitivity.genes), drops, reference_bits=tops.pop() if len(tops) == 1 else None,
+                            path=path, ax=ax)
 
 
 def plot_holdout(front: Sequence[Evaluation], holdout: Mapping[tuple[int, ...], float | None],

@@ -7,6 +7,10 @@ where lower is better (an evaluator with ``higher_is_better = False``, such as K
 the objective is ``metric`` itself and ``min_accuracy`` is a ceiling, ``metric - min_accuracy <= 0``; "accuracy"
 below means the metric's value. The problem knows no files and prints nothing; it remembers every configuration it
 evaluated (never paying twice for one) and tells listeners about new ones.
+
+An evaluator with early rejection (:meth:`Evaluator.reject_below`) may stop part-way: the configuration is recorded
+with status ``rejected``, its accuracy on the images seen, and ``extra["samples"]``, the number of images it cost
+(every evaluation records it when the evaluator knows its split size).
 """
 from __future__ import annotations
 
@@ -15,19 +19,21 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from pymoo.core.problem import ElementwiseProblem
+from pymoo.core.problem import ElementwiseEvaluationFunction, ElementwiseProblem
 
 from .costs import CostModel, TotalBits
-from .evaluation import NumericalError
+from .evaluation import EarlyRejected, NumericalError
 
 __all__ = ["Evaluation", "Measurement", "LayerwiseQuantizationProblem", "measure"]
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One evaluated configuration; ``status`` is ``ok`` or ``failed`` (NaN/Inf output, accuracy 0).
+    """One evaluated configuration; ``status`` is ``ok``, ``failed`` (NaN/Inf output, accuracy 0) or ``rejected``
+    (stopped early, below the floor with high confidence; accuracy on the images seen).
 
-    ``bits`` holds the width of every quantizer of the model (genes and fixed ones), in the model's order.
+    ``bits`` holds the width of every quantizer of the model (genes and fixed ones), in the model's order;
+    ``extra["samples"]`` the images the evaluation ran (when known).
     """
 
     bits: tuple[int, ...]
@@ -41,26 +47,33 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Measurement:
-    """What running the metric on one configuration gives: the value, ``ok``/``failed``, why, and how long."""
+    """What running the metric on one configuration gives: the value, ``ok``/``failed``/``rejected``, why, how
+    long, and on how many images (``None``: the evaluator does not say)."""
 
     accuracy: float
     status: str = "ok"
     message: str = ""
     seconds: float = 0.0
+    samples: int | None = None
 
 
 def measure(qmodel, metric: Callable, key: Sequence[int]) -> Measurement:
     """Set the widths ``key`` (every quantizer, in order) on ``qmodel`` and run ``metric`` on it.
 
-    A NaN/Inf output is a failed configuration (accuracy 0), not an error: the search goes on.
+    A NaN/Inf output is a failed configuration (accuracy 0), not an error: the search goes on. An early-rejected
+    one (see :meth:`~quantsearch.evaluation.Evaluator.reject_below`) keeps the accuracy of the images it ran.
     """
     qmodel.bit_widths = tuple(key)
     start = time.perf_counter()
+    samples = getattr(metric, "num_samples", None)
     try:
         accuracy, status, message = float(metric(qmodel)), "ok", ""
     except NumericalError as exc:
         accuracy, status, message = 0.0, "failed", str(exc)
-    return Measurement(accuracy, status, message, time.perf_counter() - start)
+    except EarlyRejected as exc:
+        accuracy, status, message, samples = float(exc.accuracy), "rejected", str(exc), int(exc.samples)
+    return Measurement(accuracy, status, message, time.perf_counter() - start,
+                       None if samples is None else int(samples))
 
 
 class LayerwiseQuantizationProblem(ElementwiseProblem):
@@ -113,6 +126,9 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         self.memoize = memoize
         self.listeners: list[Callable[[Evaluation], None]] = []
         self.evaluations: list[Evaluation] = []
+        self.visited: list[Evaluation] = []  # every configuration asked for, once, known or new (budgets count it)
+        self.visitors: list[Callable[[Evaluation], None]] = []  # told of each, before listeners hear of new ones
+        self._visited: set[tuple[int, ...]] = set()
         xl = np.array([self.bit_ranges[g][0] for g in self.gene_names])
         xu = np.array([self.bit_ranges[g][1] for g in self.gene_names])
         super().__init__(n_var=len(self.gene_names), n_obj=1 + len(self.costs), n_ieq_constr=1,
@@ -169,8 +185,17 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         key = self.configuration(bits)
         known = self.cache.get(key)
         if known is not None:
+            self._visit(key, known)
             return known
         return self.record(key, measure(self.qmodel, self.metric, key))
+
+    def evaluate_genomes(self, genomes) -> list[Evaluation]:
+        """Evaluate several genomes, in order, through the problem's elementwise runner: serially by default, side
+        by side on a parallel pool (``problem.elementwise_runner``), recorded in the order given either way."""
+        rows = np.asarray(genomes, dtype=int).reshape(-1, self.n_var)
+        if len(rows):
+            self.elementwise_runner(ElementwiseEvaluationFunction(self, [], {}), rows)
+        return [self.evaluate_bits(row) for row in rows]
 
     def record(self, key: tuple[int, ...], measured: "Measurement") -> Evaluation:
         """Turn a measurement of the full configuration ``key`` into an :class:`Evaluation`: costs, cache, listeners.
@@ -180,20 +205,31 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         """
         named = dict(zip(self.qmodel.quantizer_names, key))
         result = Evaluation(key, measured.accuracy, {c.name: float(c(named)) for c in self.costs},
-                            measured.seconds, measured.status, measured.message)
+                            measured.seconds, measured.status, measured.message,
+                            {} if measured.samples is None else {"samples": measured.samples})
         if self.memoize:
             self.cache[key] = result
         self.evaluations.append(result)
+        self._visit(key, result)
         for listener in self.listeners:
             listener(result)
         return result
+
+    def _visit(self, key: tuple[int, ...], result: Evaluation) -> None:
+        if key not in self._visited:
+            self._visited.add(key)
+            self.visited.append(result)
+            for visitor in self.visitors:
+                visitor(result)
 
     def objectives(self, result: Evaluation) -> tuple[list[float], list[float]]:
         """``(F, G)`` of an evaluation, as pymoo minimises them."""
         sign = -1.0 if self.higher_is_better else 1.0  # pymoo minimises
         violation = sign * (result.accuracy - self.min_accuracy)
-        if result.status != "ok":  # a failed configuration is infeasible whatever its placeholder value says
+        if result.status == "failed":  # infeasible whatever its placeholder value says
             violation = max(violation, 1.0 + abs(self.min_accuracy))
+        elif result.status != "ok":  # rejected: below the floor, by its partial accuracy
+            violation = max(violation, 1e-9)
         return ([sign * result.accuracy] + [result.costs[c.name] for c in self.costs], [violation])
 
     def _evaluate(self, x, out, *args, **kwargs):

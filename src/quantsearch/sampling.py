@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from pymoo.core.sampling import Sampling
 
-__all__ = ["uniform_configurations", "UniformSeededSampling"]
+__all__ = ["uniform_configurations", "uniform_genomes", "UniformSeededSampling"]
 
 
 def uniform_configurations(n_var: int, lo: int, hi: int) -> np.ndarray:
@@ -16,16 +16,27 @@ def uniform_configurations(n_var: int, lo: int, hi: int) -> np.ndarray:
     return np.array([[b] * n_var for b in range(hi, lo - 1, -1)], dtype=int)
 
 
-class UniformSeededSampling(Sampling):
-    """Uniform configurations (and any ``extra`` rows) followed by uniformly random integer genes."""
+def uniform_genomes(problem) -> np.ndarray:
+    """The uniform configurations of ``problem``: each width of its widest range, clipped to every gene's own
+    range, highest first, each once."""
+    lo, hi = np.asarray(problem.xl, dtype=int), np.asarray(problem.xu, dtype=int)
+    rows = np.clip(uniform_configurations(problem.n_var, int(lo.min()), int(hi.max())), lo, hi)
+    return np.array(list(dict.fromkeys(map(tuple, rows.tolist()))), dtype=int).reshape(-1, problem.n_var)
 
-    def __init__(self, extra: np.ndarray | None = None):
+
+class UniformSeededSampling(Sampling):
+    """Uniform configurations (and any ``extra`` rows) followed by uniformly random integer genes; ``first`` rows
+    (a guided search's seeds) go before the uniform ones."""
+
+    def __init__(self, extra: np.ndarray | None = None, first: np.ndarray | None = None):
         super().__init__()
-        self.extra = extra
+        self.extra, self.first = extra, first
 
     def _do(self, problem, n_samples, random_state=None, **kwargs):
         lo, hi = np.asarray(problem.xl, dtype=int), np.asarray(problem.xu, dtype=int)
-        seeds = [np.clip(uniform_configurations(problem.n_var, int(lo.min()), int(hi.max())), lo, hi)]
+        seeds = [] if self.first is None or not len(self.first) else [
+            np.asarray(self.first, dtype=int).reshape(-1, problem.n_var)]
+        seeds.append(uniform_genomes(problem))
         if self.extra is not None and len(self.extra):
             seeds.append(np.asarray(self.extra, dtype=int).reshape(-1, problem.n_var))
         rows = list(dict.fromkeys(map(tuple, np.concatenate(seeds).tolist())))[:n_samples]

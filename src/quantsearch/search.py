@@ -1,11 +1,27 @@
-"""Search: NSGA-II (NSGA-III beyond two objectives) configured for integer bit-widths, run through pymoo.
+"""Search: NSGA-II (NSGA-III beyond two objectives) configured for integer bit-widths, run through pymoo, and
+:func:`run_algorithm`, which runs any of :data:`ALGORITHMS` on a problem within an evaluation budget.
 
-``minimize(problem, algorithm, termination)`` stays the one verb; this module only builds the algorithm
-(uniform-seeded integer sampling, SBX and polynomial mutation with rounding repair, duplicate elimination).
-NSGA-II's crowding distance thins out with three or more objectives (accuracy and two costs); NSGA-III keeps
-the front spread along Das-Dennis reference directions instead.
+``minimize(problem, algorithm, termination)`` stays the one verb for the evolutionary searches; this module builds
+the algorithm (uniform-seeded integer sampling, SBX and polynomial mutation with rounding repair, duplicate
+elimination). NSGA-II's crowding distance thins out with three or more objectives (accuracy and two costs);
+NSGA-III keeps the front spread along Das-Dennis reference directions instead.
+
+The algorithms (``--algorithm``):
+
+- ``random``: uniformly random configurations (:func:`~quantsearch.baselines.random_search`);
+- ``greedy``: AIMET AMP's greedy path over single-gene sensitivities (:func:`~quantsearch.baselines.greedy_search`);
+- ``ilp``: HAWQ's integer program for a sweep of cost budgets (:func:`~quantsearch.ilp.ilp_search`);
+- ``nsga2``: NSGA-II (NSGA-III with several costs) as above;
+- ``guided`` (the default): NSGA-II seeded from the greedy and ILP solutions, with sensitivity-biased mutation and
+  the surrogate pre-screen (:func:`~quantsearch.guided.guided_nsga2`; several costs: plain NSGA-III seeded
+  likewise).
+
+``greedy``, ``ilp`` and ``guided`` first measure single-gene sensitivities (:mod:`quantsearch.sensitivity`),
+spending at most ``sensitivity_share`` of the budget left, and model the first cost.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
@@ -17,9 +33,22 @@ from pymoo.operators.repair.rounding import RoundingRepair
 from pymoo.optimize import minimize
 from pymoo.util.ref_dirs import get_reference_directions
 
-from .sampling import UniformSeededSampling
+from pymoo.core.termination import TerminateIfAny
+from pymoo.termination.max_gen import MaximumGenerationTermination
 
-__all__ = ["nsga2", "nsga3", "algorithm_for", "run_search", "GenerationCallback"]
+from .baselines import greedy_search, random_search
+from .budget import Budget, BudgetTermination
+from .config import ALGORITHM_NAMES
+from .guided import guided_nsga2, guided_seeds
+from .ilp import ilp_search
+from .sampling import UniformSeededSampling
+from .sensitivity import Sensitivity, budgeted_plan, measure_sensitivity
+from .surrogate import AdditiveModel, GeneCosts
+
+__all__ = ["nsga2", "nsga3", "algorithm_for", "run_search", "GenerationCallback", "ALGORITHMS", "SearchOutcome",
+           "run_algorithm", "model_from_sensitivity"]
+
+ALGORITHMS = ALGORITHM_NAMES
 
 
 def _operators(extra_seeds: np.ndarray | None) -> dict:
@@ -65,8 +94,108 @@ class GenerationCallback(Callback):
         self.on_generation(algorithm.n_gen, algorithm)
 
 
-def run_search(problem, algorithm=None, generations: int = 10, seed: int = 0, on_generation=None):
-    """Run ``algorithm`` (default: :func:`nsga2`) on ``problem`` for ``generations`` generations."""
+def run_search(problem, algorithm=None, generations: int = 10, seed: int = 0, on_generation=None,
+               termination=None):
+    """Run ``algorithm`` (default: :func:`nsga2`) on ``problem`` for ``generations`` generations (or until
+    ``termination``, a pymoo termination, says so).
+
+    The algorithm and termination run in place, not on pymoo's deep copies: they may hold the problem (the guided
+    search's pre-screen reads its evaluations, a budget counts them), and a copy would watch a stale problem.
+    """
     algorithm = algorithm if algorithm is not None else nsga2()
     options = {"callback": GenerationCallback(on_generation)} if on_generation else {}
-    return minimize(problem, algorithm, ("n_gen", generations), seed=seed, verbose=False, **options)
+    return minimize(problem, algorithm, termination if termination is not None else ("n_gen", generations),
+                    seed=seed, verbose=False, copy_algorithm=False, copy_termination=False, **options)
+
+
+@dataclass
+class SearchOutcome:
+    """What :func:`run_algorithm` did besides evaluating: the sensitivity table it measured (if any) and details
+    (greedy path length, seeds, offspring screened out, ...)."""
+
+    algorithm: str
+    sensitivity: Sensitivity | None = None
+    details: dict = field(default_factory=dict)
+
+
+def model_from_sensitivity(problem, sensitivity: Sensitivity, cost_index: int = 0) -> AdditiveModel:
+    """The additive model of ``problem``'s ``cost_index``-th cost and the sensitivity table."""
+    return AdditiveModel(sensitivity, GeneCosts(problem, cost_index))
+
+
+def _allowed_drop(problem, sensitivity: Sensitivity) -> float:
+    return max(sensitivity.sign * (sensitivity.effective_reference - problem.min_accuracy), 1e-9)
+
+
+def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, generations: int | None = None,
+                  seed: int = 0, extra_seeds: np.ndarray | None = None, on_generation=None,
+                  sensitivity_share: float = 0.4, screen: float | None = 3.0) -> SearchOutcome:
+    """Run algorithm ``name`` on ``problem`` until ``budget`` is spent (``generations``: also stop NSGA-II there).
+
+    ``on_generation(n)`` is called after each generation, and for the algorithms without generations after every
+    ``pop_size`` new evaluations, with ``n`` counting on across phases (sensitivity, then search).
+    """
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}")
+    outcome = SearchOutcome(name)
+    step = {"n": 0, "count": 0}
+
+    def tick(_evaluation=None) -> None:  # a visitor: counts known configurations too, so resumed runs match
+        step["count"] += 1
+        if step["count"] >= pop_size:
+            close()
+
+    def close() -> None:
+        step["count"] = 0
+        step["n"] += 1
+        if on_generation:
+            on_generation(step["n"])
+
+    def steps(phase):  # report every pop_size visited configurations of a phase that has no generations
+        problem.visitors.append(tick)
+        try:
+            return phase()
+        finally:
+            problem.visitors.remove(tick)
+            if step["count"]:
+                close()
+
+    def evolve(algorithm) -> None:
+        offset = step["n"]
+        termination = BudgetTermination(budget)
+        if generations is not None:
+            termination = TerminateIfAny(MaximumGenerationTermination(generations), termination)
+        callback = (lambda n_gen, _algorithm: on_generation(offset + n_gen)) if on_generation else None
+        run_search(problem, algorithm, seed=seed, on_generation=callback, termination=termination)
+
+    if name == "random":
+        steps(lambda: random_search(problem, budget, seed))
+        return outcome
+    if name == "nsga2":
+        evolve(algorithm_for(problem.n_obj, pop_size, extra_seeds))
+        return outcome
+    costs = GeneCosts(problem, 0)
+    plan = budgeted_plan(problem, costs, int(max(0.0, budget.left) * sensitivity_share))
+    sensitivity = steps(lambda: measure_sensitivity(problem, plan=plan, budget=budget))
+    model = AdditiveModel(sensitivity, costs)
+    allowed = _allowed_drop(problem, sensitivity)
+    outcome.sensitivity = sensitivity
+    outcome.details.update(sensitivity_measurements=sensitivity.num_measurements, cost_model_exact=costs.exact,
+                           sensitivity_noise=sensitivity.noise)
+    if name == "greedy":
+        path, evaluated = steps(lambda: greedy_search(problem, model, budget))
+        outcome.details.update(path_length=len(path), path_evaluated=len(evaluated))
+    elif name == "ilp":
+        solutions = steps(lambda: ilp_search(problem, model, budget, allowed))
+        outcome.details.update(ilp_solutions=len(solutions))
+    elif problem.n_obj <= 2:
+        algorithm = guided_nsga2(problem, model, pop_size, allowed, extra_seeds, screen)
+        evolve(algorithm)
+        screened = getattr(algorithm.mating, "screened", 0)
+        outcome.details.update(seeds=len(algorithm.seeds), screened=screened)
+    else:  # several costs: NSGA-III from the same seeds (the model covers the first cost)
+        seeds = guided_seeds(model, pop_size, allowed)
+        extra = seeds if extra_seeds is None else np.concatenate([np.asarray(extra_seeds, dtype=int), seeds])
+        evolve(algorithm_for(problem.n_obj, pop_size, extra))
+        outcome.details.update(seeds=len(seeds))
+    return outcome

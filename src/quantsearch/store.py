@@ -19,7 +19,7 @@ from .problem import Evaluation
 __all__ = ["StoreError", "RunStore", "write_atomic", "STORE_NAME"]
 
 STORE_NAME = "run.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the images each evaluation ran (early rejection stops part-way)
 
 
 class StoreError(RuntimeError):
@@ -70,7 +70,8 @@ class RunStore:
             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
             CREATE TABLE evaluations (
                 id INTEGER PRIMARY KEY, genome TEXT UNIQUE NOT NULL, accuracy REAL NOT NULL, costs TEXT NOT NULL,
-                generation INTEGER NOT NULL, seconds REAL NOT NULL, status TEXT NOT NULL, message TEXT NOT NULL);
+                generation INTEGER NOT NULL, seconds REAL NOT NULL, status TEXT NOT NULL, message TEXT NOT NULL,
+                samples INTEGER);
         """)
         with db:
             db.executemany("INSERT INTO meta VALUES (?, ?)", [
@@ -114,17 +115,21 @@ class RunStore:
         """Commit one evaluation (a configuration already stored is kept as first recorded)."""
         with self._db:
             self._db.execute(
-                "INSERT OR IGNORE INTO evaluations (genome, accuracy, costs, generation, seconds, status, message)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO evaluations"
+                " (genome, accuracy, costs, generation, seconds, status, message, samples)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (json.dumps(list(evaluation.bits)), evaluation.accuracy, json.dumps(dict(evaluation.costs)),
-                 generation, evaluation.seconds, evaluation.status, evaluation.message))
+                 generation, evaluation.seconds, evaluation.status, evaluation.message,
+                 (evaluation.extra or {}).get("samples")))
 
     def evaluations(self) -> list[tuple[Evaluation, int]]:
         """Every stored evaluation with its generation, in the order they were recorded."""
         rows = self._db.execute(
-            "SELECT genome, accuracy, costs, generation, seconds, status, message FROM evaluations ORDER BY id")
-        return [(Evaluation(tuple(json.loads(g)), a, json.loads(c), s, st, m), gen)
-                for g, a, c, gen, s, st, m in rows]
+            "SELECT genome, accuracy, costs, generation, seconds, status, message, samples FROM evaluations"
+            " ORDER BY id")
+        return [(Evaluation(tuple(json.loads(g)), a, json.loads(c), s, st, m, {} if n is None else {"samples": n}),
+                 gen)
+                for g, a, c, gen, s, st, m, n in rows]
 
     def cache(self) -> dict[tuple[int, ...], Evaluation]:
         return {e.bits: e for e, _ in self.evaluations()}
@@ -152,10 +157,11 @@ class RunStore:
         sign = 1.0 if higher_is_better else -1.0
         evaluations = self.evaluations()
         cost_names = list(evaluations[0][0].costs) if evaluations else []
-        header = ["index", "generation", "accuracy", *cost_names, "feasible", "status", "seconds",
+        header = ["index", "generation", "accuracy", *cost_names, "feasible", "status", "samples", "seconds",
                   *quantizer_names]
         rows = [[i, gen, f"{e.accuracy:.6f}", *[f"{e.costs[c]:g}" for c in cost_names],
-                 int(e.status == "ok" and sign * (e.accuracy - min_accuracy) >= 0), e.status, f"{e.seconds:.3f}", *e.bits]
+                 int(e.status == "ok" and sign * (e.accuracy - min_accuracy) >= 0), e.status,
+                 (e.extra or {}).get("samples", ""), f"{e.seconds:.3f}", *e.bits]
                 for i, (e, gen) in enumerate(evaluations)]
         return self.write_csv("evaluations.csv", header, rows)
 

@@ -1,0 +1,83 @@
+"""Evaluation budgets, counted in full-evaluation equivalents.
+
+One full evaluation (every image of the search split) costs 1; an early-rejected one costs the fraction of the
+split it ran. A budget counts every distinct configuration the problem was asked for (its ``visited`` list: the
+uniform baselines and sensitivity measurements included, so algorithms that spend evaluations on preparation pay
+for it from the same budget as the search), whether it was evaluated now or read from the cache of a run being
+resumed: a resumed run then stops exactly where the uninterrupted one would have. Asking again for a configuration
+already visited costs nothing.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Iterable
+
+from pymoo.core.termination import Termination
+
+__all__ = ["evaluation_cost", "spent", "Budget", "BudgetTermination"]
+
+
+def evaluation_cost(evaluation, total: int | None) -> float:
+    """Full-evaluation equivalents of one evaluation: images run / split size (1 when either is unknown)."""
+    samples = evaluation.extra.get("samples") if evaluation.extra else None
+    return 1.0 if not total or samples is None else float(samples) / float(total)
+
+
+def spent(problem) -> float:
+    """Full-evaluation equivalents of every configuration ``problem`` visited."""
+    total = getattr(problem.metric, "num_samples", None)
+    return sum(evaluation_cost(e, total) for e in problem.visited)
+
+
+class Budget:
+    """``limit`` full-evaluation equivalents of ``problem`` (counted over all its evaluations)."""
+
+    def __init__(self, problem, limit: float):
+        self.problem, self.limit = problem, float(limit)
+
+    @property
+    def spent(self) -> float:
+        return spent(self.problem)
+
+    @property
+    def left(self) -> float:
+        return self.limit - self.spent
+
+    @property
+    def exhausted(self) -> bool:
+        return self.left <= 1e-9
+
+    def evaluate(self, genomes: Iterable) -> list:
+        """Evaluate ``genomes`` in order until the budget is spent; returns their evaluations.
+
+        Each evaluation costs at most one, so as many as whole evaluations are left go at once through
+        ``problem.evaluate_genomes`` (side by side on a parallel pool), then the rest of the budget is looked at
+        again (early-rejected ones cost less, and configurations already known nothing).
+        """
+        pending, done = iter(genomes), []
+        while not self.exhausted:
+            chunk = list(itertools.islice(pending, max(1, math.floor(self.left + 1e-9))))
+            if not chunk:
+                break
+            done.extend(self.problem.evaluate_genomes(chunk))
+        return done
+
+
+class BudgetTermination(Termination):
+    """pymoo termination once a :class:`Budget` is spent (checked after each generation: it may overshoot by one),
+    or after ``stall`` generations in a row that evaluated nothing new (every offspring already known: a converged
+    search would otherwise never spend its budget)."""
+
+    def __init__(self, budget: Budget, stall: int = 10):
+        super().__init__()
+        self.budget, self.stall = budget, int(stall)
+        self._count, self._still = -1, 0
+
+    def _update(self, algorithm) -> float:
+        count = len(self.budget.problem.visited)
+        self._still = self._still + 1 if count == self._count else 0
+        self._count = count
+        if self._still >= self.stall or self.budget.limit <= 0:
+            return 1.0
+        return min(1.0, self.budget.spent / self.budget.limit)

@@ -1,0 +1,164 @@
+"""HAWQ / ModelOpt-style integer program: least summed sensitivity under a cost budget, solved exactly.
+
+Variables: one binary ``x[g, b]`` per gene and width of its range, exactly one per gene. Objective: the summed
+modelled drop ``sum d_g(b) x[g, b]`` (:class:`~quantsearch.surrogate.AdditiveModel`), plus ``1e-7`` x the cost as a
+fraction of the all-top cost, so that among equally accurate solutions the cheapest is returned. Constraint: the
+cost, exactly as :class:`~quantsearch.surrogate.GeneCosts` writes it, at most the budget. Its pairwise terms
+``c * b_g * b_h`` (BOPs of a weight and its input, or of two activations) are linearised exactly with one continuous
+``z >= 0`` per pair and, for every width ``a`` of gene ``g``, ``z >= a * b_h - a * hi_h * (1 - x[g, a])``; since the
+cost only bounds ``z`` from above, a solution exists exactly when the true cost fits the budget. Solved by HiGHS
+through ``scipy.optimize.milp``.
+
+:func:`ilp_sweep` solves it for a sweep of budgets between the cheapest one whose optimum keeps the modelled drop
+within ``span`` times the allowed drop and the cheapest one with no modelled drop at all; :func:`ilp_search`
+evaluates the solutions, coarse to fine, within an evaluation budget.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from .surrogate import AdditiveModel
+
+__all__ = ["solve_ilp", "min_cost_for_drop", "ilp_sweep", "coarse_to_fine", "ilp_search"]
+
+_TIE = 1e-7
+
+
+class _Program:
+    """The variables and rows shared by both forms of the program."""
+
+    def __init__(self, model: AdditiveModel):
+        costs = model.costs
+        self.model = model
+        self.lo, self.hi = costs.lo.astype(int), costs.hi.astype(int)
+        self.slots = [(i, b) for i in range(len(self.lo)) for b in range(self.lo[i], self.hi[i] + 1)]
+        self.n_x, self.n_z = len(self.slots), len(costs.pair_c)
+        n = self.n_x + self.n_z
+        slot = {s: k for k, s in enumerate(self.slots)}
+        drops = np.array([model.drops[i, b] for i, b in self.slots])
+        self.allowed = np.isfinite(drops)  # an unmodelled gene stays at its top
+        self.drop = np.where(self.allowed, drops, 0.0)
+        self.cost_row = np.zeros(n)
+        self.cost_row[: self.n_x] = [costs.unary[i, b] for i, b in self.slots]
+        self.cost_row[self.n_x:] = costs.pair_c
+        rows, lb, ub = [], [], []
+        for i in range(len(self.lo)):  # one width per gene
+            row = np.zeros(n)
+            row[[slot[(i, b)] for b in range(self.lo[i], self.hi[i] + 1)]] = 1
+            rows.append(row), lb.append(1), ub.append(1)
+        for k, (i, j, _) in enumerate(costs.pairs):  # z_k >= a * b_j - a * hi_j * (1 - x[i, a])
+            for a in range(self.lo[i], self.hi[i] + 1):
+                row = np.zeros(n)
+                row[self.n_x + k] = 1
+                for b in range(self.lo[j], self.hi[j] + 1):
+                    row[slot[(j, b)]] -= a * b
+                big = a * self.hi[j]
+                row[slot[(i, a)]] -= big
+                rows.append(row), lb.append(-big), ub.append(np.inf)
+        self.rows, self.lb, self.ub = rows, lb, ub
+        self.integrality = np.r_[np.ones(self.n_x), np.zeros(self.n_z)]
+        upper = np.r_[np.where(self.allowed | self._is_top(), 1.0, 0.0), np.full(self.n_z, np.inf)]
+        self.bounds = Bounds(np.zeros(n), upper)
+        self.top_cost = float(costs.values(np.array([self.hi]))[0])
+
+    def _is_top(self) -> np.ndarray:
+        return np.array([b == self.hi[i] for i, b in self.slots])
+
+    def solve(self, objective: np.ndarray, extra_row: np.ndarray, extra_ub: float, time_limit: float):
+        constraints = LinearConstraint(np.array(self.rows + [extra_row]), np.array(self.lb + [-np.inf]),
+                                       np.array(self.ub + [extra_ub]))
+        result = milp(objective, integrality=self.integrality, bounds=self.bounds, constraints=constraints,
+                      options={"time_limit": time_limit, "mip_rel_gap": 0.0})
+        if result.x is None:
+            return None
+        genome = np.array(self.hi)
+        for k, (i, b) in enumerate(self.slots):
+            if result.x[k] > 0.5:
+                genome[i] = b
+        return genome
+
+    def tie_break(self) -> np.ndarray:
+        return _TIE * self.cost_row / max(self.top_cost, 1e-300)
+
+
+def solve_ilp(model: AdditiveModel, budget: float, time_limit: float = 30.0) -> np.ndarray | None:
+    """The genome of least summed modelled drop whose cost is at most ``budget`` (None: no genome fits)."""
+    program = _Program(model)
+    objective = np.r_[program.drop, np.zeros(program.n_z)] + program.tie_break()
+    return program.solve(objective, program.cost_row, budget - model.costs.constant, time_limit)
+
+
+def min_cost_for_drop(model: AdditiveModel, max_drop: float, time_limit: float = 30.0) -> np.ndarray | None:
+    """The cheapest genome whose summed modelled drop is at most ``max_drop``."""
+    program = _Program(model)
+    row = np.r_[program.drop, np.zeros(program.n_z)]
+    return program.solve(program.cost_row.copy(), row, max_drop, time_limit)
+
+
+def coarse_to_fine(n: int) -> list[int]:
+    """Indices ``0..n-1`` in bisection order (middle, then quarters, ...), so that any prefix spreads out."""
+    order, seen = [], set()
+    if n <= 0:
+        return order
+    level = 1
+    while len(order) < n:
+        for k in range(1, 2 * level, 2):
+            i = min(n - 1, int(k * n / (2 * level)))
+            if i not in seen:
+                seen.add(i)
+                order.append(i)
+        level *= 2
+        if level > 4 * n:
+            order.extend(i for i in range(n) if i not in seen)
+            break
+    return order
+
+
+def ilp_sweep(model: AdditiveModel, count: int, allowed_drop: float, span: float = 2.0,
+              time_limit: float = 30.0) -> list[np.ndarray]:
+    """Distinct ILP solutions for ``count`` budgets, spaced evenly in log cost, in coarse-to-fine order.
+
+    The budgets run from the cheapest cost whose optimum stays within ``span * allowed_drop`` of modelled drop
+    (``allowed_drop``: the reference minus the floor) up to the cheapest cost with no modelled drop.
+    """
+    costs = model.costs
+    cheap = min_cost_for_drop(model, span * max(allowed_drop, 0.0) + 1e-12, time_limit)
+    free = min_cost_for_drop(model, 1e-12, time_limit)
+    if cheap is None or free is None:
+        return []
+    low, high = costs.value(cheap), costs.value(free)
+    if count <= 1 or high <= low * (1 + 1e-9):
+        budgets = [low]
+    else:
+        budgets = list(np.exp(np.linspace(math.log(low), math.log(high), count)))
+    solutions, seen = [], set()
+    for k in coarse_to_fine(len(budgets)):
+        genome = solve_ilp(model, budgets[k] * (1 + 1e-9), time_limit)
+        if genome is not None and tuple(genome) not in seen:
+            seen.add(tuple(genome))
+            solutions.append(genome)
+    return solutions
+
+
+def ilp_search(problem, model: AdditiveModel, budget, allowed_drop: float, span: float = 2.0,
+               sweep: int | None = None) -> list[np.ndarray]:
+    """Evaluate ILP solutions for a sweep of budgets (coarse to fine) until the evaluation ``budget`` is spent.
+
+    ``sweep`` budgets (default: as many as whole evaluations are left, at least 2); while evaluations are left
+    and a finer sweep still finds new solutions, the sweep is doubled. Returns the solutions in the order evaluated.
+    """
+    count = sweep if sweep is not None else max(2, int(math.floor(budget.left)))
+    evaluated, seen = [], set()
+    for _ in range(4):
+        new = [g for g in ilp_sweep(model, count, allowed_drop, span) if tuple(g) not in seen]
+        if not new:
+            break
+        seen.update(tuple(g) for g in new)
+        evaluated.extend(new[:len(budget.evaluate(new))])
+        if budget.exhausted or sweep is not None:
+            break
+        count *= 2
+    return evaluated

@@ -1,0 +1,203 @@
+"""Sensitivity tables, the additive cost model, greedy path, ILP, guided NSGA-II seeds and budgets, checked by hand
+and by brute force on small instances."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from quantsearch.baselines import greedy_path, greedy_search, random_search
+from quantsearch.budget import Budget
+from quantsearch.costs import get_costs
+from quantsearch.evaluation import AccuracyEvaluator
+from quantsearch.guided import guided_nsga2
+from quantsearch.ilp import coarse_to_fine, min_cost_for_drop, solve_ilp
+from quantsearch.problem import LayerwiseQuantizationProblem
+from quantsearch.quantized_model import QuantizedActivationsModel
+from quantsearch.sampling import uniform_configurations
+from quantsearch.search import run_algorithm, run_search
+from quantsearch.sensitivity import Sensitivity, measure_sensitivity
+from quantsearch.surrogate import AdditiveModel, GeneCosts
+
+# input, conv1, conv2, conv1:weight, conv2:weight, fc:weight
+WEIGHTS = np.array([0.3, 0.5, 0.2, 1.0, 0.4, 0.1])
+
+
+class Separable:
+    """accuracy = 1 - sum_i w_i 2^-b_i: every single-gene drop is known in closed form."""
+
+    def __init__(self, weights=WEIGHTS):
+        self.weights = np.asarray(weights)
+
+    def __call__(self, qmodel):
+        return float(1 - (self.weights * 0.5 ** np.array(qmodel.bit_widths)).sum())
+
+
+@pytest.fixture
+def qmodel(convnet):
+    return QuantizedActivationsModel(convnet, "conv2d", weight_quantizers=True)
+
+
+@pytest.fixture
+def bops(qmodel):
+    return get_costs("bops", qmodel, torch.randn(1, 1, 8, 8))
+
+
+def test_sensitivity_by_hand(qmodel):
+    problem = LayerwiseQuantizationProblem(qmodel, Separable(), 0.5, bits=(2, 6))
+    heard = []
+    problem.listeners.append(heard.append)
+    table = measure_sensitivity(problem, widths=[5, 3])
+    w = WEIGHTS
+    reference = 1 - (w * 0.5 ** 6).sum()
+    assert table.reference == pytest.approx(reference)
+    for i, g in enumerate(qmodel.quantizer_names):
+        for b in (5, 3):
+            assert table.measured[g][b] == pytest.approx(reference - w[i] * (0.5 ** b - 0.5 ** 6))
+            assert table.raw_drop(g, b) == pytest.approx(w[i] * (0.5 ** b - 0.5 ** 6))
+    # 1 reference + 6 genes x 2 widths, all through the problem: cached and heard by its listeners
+    assert len(problem.evaluations) == len(heard) == 13 and len(problem.cache) == 13
+    # the reference's "luck": the median drop one bit below the top (6 such drops, the middle two averaged)
+    top1 = sorted(w * (0.5 ** 5 - 0.5 ** 6))
+    noise = (top1[2] + top1[3]) / 2
+    assert table.noise == pytest.approx(noise)
+    drops = table.drops()
+    conv1 = "conv1"  # w = 0.5
+    d5, d3 = (max(0.0, 0.5 * (0.5 ** b - 0.5 ** 6) - noise) for b in (5, 3))
+    assert drops[conv1][6] == 0 and drops[conv1][5] == pytest.approx(d5) and drops[conv1][3] == pytest.approx(d3)
+    # width 4 is interpolated linearly in 4^-b between 5 and 3; width 2 extrapolated from the top through 3
+    t = (4.0 ** -4 - 4.0 ** -5) / (4.0 ** -3 - 4.0 ** -5)
+    assert drops[conv1][4] == pytest.approx(d5 + t * (d3 - d5))
+    assert drops[conv1][2] == pytest.approx(d3 * (4.0 ** -2 - 4.0 ** -6) / (4.0 ** -3 - 4.0 ** -6))
+    model = AdditiveModel(table, GeneCosts(problem))
+    genome = [6, 4, 3, 6, 5, 2]
+    expected = table.effective_reference - sum(drops[g][b] for g, b in zip(qmodel.quantizer_names, genome))
+    assert model.predicted(np.array([genome]))[0] == pytest.approx(expected)
+    assert Sensitivity.from_dict(table.to_dict()) == table
+
+
+def test_sensitivity_through_a_real_evaluator(convnet, splits):
+    qmodel = QuantizedActivationsModel(convnet, "conv2d")
+    qmodel.calibrate([(x.unsqueeze(0), y) for x, y in (splits.calibration[i] for i in range(32))])
+    evaluator = AccuracyEvaluator(splits.search, 100, limit=200)
+    problem = LayerwiseQuantizationProblem(qmodel, evaluator, 0.0, bits=(2, 8))
+    table = measure_sensitivity(problem, widths=[3])
+    for i, g in enumerate(qmodel.quantizer_names):  # each by hand: that gene alone at 3 bits
+        qmodel.bit_widths = [3 if j == i else 8 for j in range(len(qmodel))]
+        assert table.measured[g][3] == evaluator(qmodel)
+    qmodel.bit_widths = [8] * len(qmodel)
+    assert table.reference == evaluator(qmodel)
+
+
+def test_gene_costs_match_the_cost_models(qmodel, bops):
+    problem = LayerwiseQuantizationProblem(qmodel, Separable(), 0.5, bits=(2, 6),
+                                           costs=bops + get_costs("bits,model-size", qmodel, torch.randn(1, 1, 8, 8)))
+    rng = np.random.default_rng(0)
+    genomes = rng.integers(2, 7, size=(20, 6))
+    for k in range(3):
+        costs = GeneCosts(problem, k)
+        assert costs.exact
+        truth = [problem.costs[k](dict(zip(qmodel.quantizer_names, g))) for g in genomes]
+        np.testing.assert_allclose(costs.values(genomes), truth, rtol=1e-12)
+        saved = costs.savings(genomes[0])
+        for i in range(6):
+            for b in range(2, 7):
+                moved = genomes[0].copy()
+                moved[i] = b
+                assert saved[i, b] == pytest.approx(costs.value(genomes[0]) - costs.value(moved))
+    assert len(GeneCosts(problem, 0).pairs) == 2  # conv1 and conv2: weight gene x input gene
+
+
+def _model(qmodel, costs, bits=(2, 5)):
+    problem = LayerwiseQuantizationProblem(qmodel, Separable(), 0.5, bits=bits, costs=costs)
+    return problem, AdditiveModel(measure_sensitivity(problem), GeneCosts(problem))
+
+
+def test_ilp_is_optimal_against_brute_force(qmodel, bops):
+    problem, model = _model(qmodel, bops)
+    genomes = np.array(list(itertools.product(range(2, 6), repeat=6)))
+    drops, costs = model.total_drop(genomes), model.costs.values(genomes)
+    for fraction in (0.2, 0.35, 0.5, 0.7, 0.9):
+        budget = costs.min() + fraction * (costs.max() - costs.min())
+        best = drops[costs <= budget].min()
+        genome = solve_ilp(model, budget)
+        assert model.costs.value(genome) <= budget * (1 + 1e-12)
+        assert model.total_drop(np.array([genome]))[0] == pytest.approx(best, abs=1e-9)
+    assert solve_ilp(model, costs.min() * 0.99) is None  # nothing fits below the all-lowest cost
+    for limit in (0.0, 0.05, 0.2):  # the other form: cheapest within a drop
+        genome = min_cost_for_drop(model, limit)
+        assert model.costs.value(genome) == pytest.approx(costs[drops <= limit + 1e-12].min())
+
+
+def test_greedy_path_is_monotone_and_takes_the_best_ratio(qmodel, bops):
+    problem, model = _model(qmodel, bops)
+    path = greedy_path(model)
+    costs = [model.costs.value(g) for g in path]
+    assert list(path[0]) == [5] * 6
+    assert all(later < earlier for earlier, later in zip(costs, costs[1:]))  # strictly cheaper at every step
+    for before, after in zip(path, path[1:]):
+        moved = np.flatnonzero(before != after)
+        assert len(moved) == 1 and after[moved[0]] < before[moved[0]]  # one gene, lowered
+        ratios = []  # every possible move from `before`, by hand
+        for i in range(6):
+            for b in range(2, before[i]):
+                candidate = before.copy()
+                candidate[i] = b
+                saved = model.costs.value(before) - model.costs.value(candidate)
+                if saved > 0:
+                    ratios.append((model.drops[i, b] - model.drops[i, before[i]]) / saved)
+        taken = (model.drops[moved[0], after[moved[0]]] - model.drops[moved[0], before[moved[0]]]) / (
+            model.costs.value(before) - model.costs.value(after))
+        assert taken == pytest.approx(min(ratios), abs=1e-15)
+    # every gene that saves cost ends at the bottom of its range
+    last = path[-1]
+    for i in range(6):
+        if model.costs.savings(np.full(6, 5))[i, 2] > 0:
+            assert last[i] == 2
+
+
+def test_greedy_and_random_respect_the_budget(qmodel, bops):
+    problem, model = _model(qmodel, bops)
+    used = len(problem.visited)
+    budget = Budget(problem, used + 5)
+    path, evaluated = greedy_search(problem, model, budget)
+    # step 0 (every gene at the top) is the sensitivity reference, already known: it costs nothing
+    assert len(problem.visited) == used + 5 and len(evaluated) == 6 and evaluated[0] == 0
+    # with a budget below the path's length the first steps are a bisection for the floor crossing
+    assert evaluated[1] == len(path) // 2
+    random_problem = LayerwiseQuantizationProblem(qmodel, Separable(), 0.5, bits=(2, 5), costs=bops)
+    random_search(random_problem, Budget(random_problem, 12), seed=3)
+    assert len(random_problem.visited) == 12
+
+
+def test_guided_seeds_are_in_generation_zero(qmodel, bops):
+    problem, model = _model(qmodel, bops, bits=(2, 6))
+    algorithm = guided_nsga2(problem, model, pop_size=16, allowed_drop=0.05)
+    seeds = {tuple(int(v) for v in s) for s in algorithm.seeds}
+    assert len(seeds) == 11  # the population less the 5 uniform configurations (at least half of it)
+    assert all(problem.in_space(problem.configuration(s)) for s in seeds)
+    run_search(problem, algorithm, generations=1, seed=0)  # one generation: the initial population only
+    initial = {tuple(int(v) for v in x) for x in np.rint(algorithm.pop.get("X"))}
+    uniform = {tuple(int(v) for v in r) for r in uniform_configurations(6, 2, 6)}
+    assert initial == seeds | uniform
+    # the seeds are ILP solutions and greedy steps: the ILP optimum at some budget is among them
+    path = {tuple(int(v) for v in g) for g in greedy_path(model)}
+    assert seeds & path and seeds - path
+
+
+def test_run_algorithm_every_algorithm_within_budget(qmodel, bops):
+    for name in ("random", "greedy", "ilp", "nsga2", "guided"):
+        problem = LayerwiseQuantizationProblem(qmodel, Separable(), 0.9, bits=(2, 6), costs=bops)
+        ticks = []
+        outcome = run_algorithm(name, problem, Budget(problem, 40), pop_size=8, seed=1, on_generation=ticks.append)
+        assert ticks == list(range(1, len(ticks) + 1)) and ticks, name
+        limit = 40 + (8 if name in ("nsga2", "guided") else 0)  # a generation may overshoot
+        assert len(problem.visited) <= limit, name
+        assert (outcome.sensitivity is None) == (name in ("random", "nsga2")), name
+
+
+def test_coarse_to_fine_covers_each_index_once():
+    for n in (1, 2, 5, 16, 33):
+        order = coarse_to_fine(n)
+        assert sorted(order) == list(range(n))
+    assert coarse_to_fine(8)[:3] == [4, 2, 6]
