@@ -44,7 +44,7 @@ from quantsearch.convergence import hypervolume  # noqa: E402
 from quantsearch.costs import get_costs, profile_model  # noqa: E402
 from quantsearch.data import split_dataset  # noqa: E402
 from quantsearch.evaluation import EarlyRejected, Evaluator, NumericalError  # noqa: E402
-from quantsearch.exploration import BASELINES, calibrate_run, load_model_and_data, search_genes  # noqa: E402
+from quantsearch.exploration import calibrate_run, evaluate_baselines, load_model_and_data, search_genes  # noqa: E402
 from quantsearch.problem import LayerwiseQuantizationProblem  # noqa: E402
 from quantsearch.quantized_model import QuantizedActivationsModel  # noqa: E402
 from quantsearch.results import format_table  # noqa: E402
@@ -111,10 +111,7 @@ def new_problem(qmodel, shared, floor, costs, genes):
 def run_one(name, budget, seed, qmodel, shared, floor, costs, genes, pop_size):
     """One run from scratch: baselines, then the algorithm; returns the problem (its visited configurations)."""
     problem = new_problem(qmodel, shared, floor, costs, genes)
-    weights = set(qmodel.weight_names)
-    baselines = [problem.evaluate_bits({n: (w if n in weights else a) for n in qmodel.quantizer_names})
-                 for w, a in BASELINES.values()]
-    seeds = np.array([problem.genome(e.bits) for e in baselines], dtype=int)
+    _, seeds = evaluate_baselines(problem)
     run_algorithm(name, problem, Budget(problem, budget), pop_size=pop_size, seed=seed, extra_seeds=seeds)
     return problem
 

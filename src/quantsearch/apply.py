@@ -127,15 +127,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
-    from .bitconfig import BitConfigError
-    from .config import ConfigError
-    from .data import DataError
-    from .export import ExportError
-    from .models import ModelError
-
     try:
         return run(args)
-    except (BitConfigError, ConfigError, ModelError, DataError, ExportError, ValueError) as exc:
+    except ValueError as exc:  # every error a user can fix (BitConfigError, ModelError, DataError, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -19,10 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, metavar="FILE", help="the calibration file to write (JSON)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
-    from .calibration import CalibrationError
-    from .data import DataError
-    from .models import ModelError
-
     try:
         config = config_from_args(args)
         if config.calibration:
@@ -31,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
         calibration, _ = calibrate_only(config)
         path = calibration.save(args.output)
-    except (ConfigError, ModelError, DataError, CalibrationError, ValueError) as exc:
+    except ValueError as exc:  # every error a user can fix (ConfigError, ModelError, DataError, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     unsigned = [n for n, flag in calibration.unsigned.items() if flag]

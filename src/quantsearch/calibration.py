@@ -19,7 +19,7 @@ The entropy and mse searches are pytorch-quantization's algorithms (``calib/hist
 candidate ranges at once: its entropy loops over bins in Python (seconds per quantizer and width, tens of minutes
 for the demo's table) and its mse runs only on CUDA. The tests check both give the reference's answers.
 
-A :class:`Calibration` is saved as JSON (never pickle) with sha256 fingerprints of the model weights and of the
+A :class:`Calibration` is saved as JSON (data, never code) with sha256 fingerprints of the model weights and of the
 calibration data, so a file is never applied to another model or other data by mistake.
 """
 from __future__ import annotations
@@ -153,6 +153,7 @@ class TensorStatistics:
 
     def reset(self) -> None:
         self.batches = 0
+        self.nonfinite = 0  # batches holding NaN or Inf (left out of every statistic)
         self.absmax = 0.0
         self.moving_max: float | None = None
         self.min = math.inf
@@ -164,6 +165,9 @@ class TensorStatistics:
         if x.numel() == 0:
             return
         lo, hi = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            self.nonfinite += 1
+            return
         absmax = max(-lo, hi)
         self.min = min(self.min, lo)
         self.absmax = max(self.absmax, absmax)
@@ -516,6 +520,9 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     result = {}
     for name, _ in quantizers:
         s, spec = stats[name], specs[name]
+        if s.nonfinite:
+            raise CalibrationError(f"quantizer {name!r} saw NaN or Inf in {s.nonfinite} calibration batch(es): it "
+                                   "cannot quantize (non-finite calibration data, made by the model before it)")
         if s.batches == 0:
             raise CalibrationError(f"quantizer {name!r} saw no tensor during calibration (is its module used?)")
         if not math.isfinite(s.absmax) or s.absmax <= 0:

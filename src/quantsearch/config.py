@@ -21,6 +21,7 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names it."""
 
 
+MIN_BITS, MAX_BITS = 2, 16  # the widths a quantizer may take (pytorch-quantization's fake quant goes this far)
 PARALLEL_KEYS = ("workers", "ray_address")  # settings that change how fast a run goes, never its results
 
 
@@ -114,7 +115,10 @@ class ExploreConfig:
         return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
     def validate(self) -> "ExploreConfig":
-        """Check every setting that can be checked without loading anything; raise ConfigError on the first."""
+        """Check every setting that can be checked without loading anything; raise ConfigError on the first.
+
+        Numbers, ranges, files and kinds come first and need no torch, so most mistakes are refused in a fraction
+        of a second; names checked against a registry (predicate, cost, calibration method) come last."""
         parse_bits(self.bits)
         parse_bits(self.weight_bits, "weight-bits")
         if self.search_space not in SEARCH_SPACES:
@@ -154,6 +158,30 @@ class ExploreConfig:
                               "images:PATH or package.module:callable")
         if kind in DATASET_KINDS and arg and not Path(arg).is_dir():
             raise ConfigError(f"dataset path {arg} is not a directory")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise ConfigError(f"calibration file {self.calibration} does not exist")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.calib_overrides is not None and not isinstance(self.calib_overrides, dict):
+            raise ConfigError(f"calib-overrides must map quantizer-name globs to methods, "
+                              f"got {type(self.calib_overrides).__name__}")
+        self._validate_names()
+        if self.device.startswith("cuda"):
+            import torch
+
+            try:
+                index = torch.device(self.device).index or 0
+            except RuntimeError:
+                raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {self.device}: this torch build or machine has no CUDA device")
+            if index >= torch.cuda.device_count():
+                raise ConfigError(f"device {self.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return self
+
+    def _validate_names(self) -> None:
+        """Predicate, cost, calibration and preprocessing settings, against the registries of the modules that
+        implement them (which import torch: these checks come after every other one)."""
         from .predicates import PRESETS
 
         if self.predicate != "auto" and self.predicate not in PRESETS:
@@ -168,29 +196,17 @@ class ExploreConfig:
 
         try:
             default = MethodSpec(self.calib_method, self.calib_percentile, self.calib_momentum).validated()
-            if self.calib_overrides is not None and not isinstance(self.calib_overrides, dict):
-                raise ConfigError(f"calib-overrides must map quantizer-name globs to methods, "
-                                  f"got {type(self.calib_overrides).__name__}")
             for glob, value in (self.calib_overrides or {}).items():  # the globs are matched on the model
                 override_spec(str(glob), value, default)
         except CalibrationError as exc:
             raise ConfigError(str(exc)) from None
-        if self.calibration is not None and not Path(self.calibration).is_file():
-            raise ConfigError(f"calibration file {self.calibration} does not exist")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.device.startswith("cuda"):
-            import torch
+        if self.preprocessing is not None:
+            from .data import DataError, check_preprocessing
 
             try:
-                index = torch.device(self.device).index or 0
-            except RuntimeError:
-                raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device {self.device}: this torch build or machine has no CUDA device")
-            if index >= torch.cuda.device_count():
-                raise ConfigError(f"device {self.device}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return self
+                check_preprocessing(self.preprocessing)
+            except DataError as exc:
+                raise ConfigError(str(exc)) from None
 
     def _validate_sources(self) -> None:
         """Model, data and metric settings: kinds, files and mappings, checked before any loading."""
@@ -212,18 +228,11 @@ class ExploreConfig:
         if self.ray_address is not None and not self.workers:
             raise ConfigError("ray-address joins a Ray cluster for --workers N: give --workers too")
         if self.workers:
-            from .parallel import ray_available
+            from importlib.util import find_spec
 
-            if not ray_available():
+            if find_spec("ray") is None:
                 raise ConfigError(f"--workers {self.workers} evaluates on Ray, which is not installed: "
                                   "pip install 'quantsearch[ray]' (or leave --workers out for serial evaluation)")
-        if self.preprocessing is not None:
-            from .data import DataError, check_preprocessing
-
-            try:
-                check_preprocessing(self.preprocessing)
-            except DataError as exc:
-                raise ConfigError(str(exc)) from None
         if self.class_index is not None and not Path(self.class_index).is_file():
             raise ConfigError(f"class index {self.class_index} does not exist")
         if not _is_fraction_metric(self.metric) and self.metric != "kl" and not _is_callable_spec(self.metric):
@@ -247,8 +256,6 @@ def _is_callable_spec(spec: str) -> bool:
 
 def parse_bits(text: str, option: str = "bits") -> tuple[int, int]:
     """``"2:8"`` -> ``(2, 8)``; a single number means a fixed width."""
-    from .quantized_model import MAX_BITS, MIN_BITS
-
     try:
         parts = [int(p) for p in str(text).split(":")]
     except ValueError:

@@ -455,7 +455,8 @@ class Evaluator:
             for x, _ in self.batches:
                 outputs = self._forward(model, x)
                 if not torch.isfinite(outputs).all():
-                    raise NumericalError("the FP32 reference model output holds NaN or Inf")
+                    raise NumericalError("output holds NaN or Inf, so it cannot be the reference of "
+                                         f"metric {self.metric.name}")
                 references.append(self.metric.reference(outputs))
         return references
 
@@ -476,11 +477,21 @@ class Evaluator:
                     rejected, p = rejection.rejects(hits, seen, self.num_samples, len(checks))
                     if rejected:
                         if not bool(finite):
-                            raise NumericalError("model output holds NaN or Inf")
+                            raise NumericalError(self._nonfinite(model, run))
                         raise EarlyRejected(hits / seen, seen, self.num_samples, p)
         if not bool(finite):
-            raise NumericalError("model output holds NaN or Inf")
+            raise NumericalError(self._nonfinite(model, run))
         return self.metric.compute()
+
+    def _nonfinite(self, model: nn.Module, run: nn.Module) -> str:
+        """The message of a NaN/Inf output: the first batch that has one and, for a quantized model, where."""
+        with torch.inference_mode():
+            bad = next((i for i, (x, _) in enumerate(self.batches)
+                        if not torch.isfinite(self._forward(run, x)).all()), None)
+        message = "model output holds NaN or Inf" + ("" if bad is None else f" (batch {bad})")
+        where = model.locate_nonfinite(self.batches[bad][0]) if bad is not None and hasattr(
+            model, "locate_nonfinite") else None
+        return f"{message}: {where}" if where else message
 
 
 class AccuracyEvaluator(Evaluator):

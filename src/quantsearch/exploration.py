@@ -22,12 +22,12 @@ from .calibration import Calibration, calibrate, data_fingerprint
 from .config import PARALLEL_KEYS, ExploreConfig
 from .costs import COSTS, get_costs, profile_model
 from .data import data_loader, load_dataset, split_dataset
-from .evaluation import Evaluator
+from .evaluation import Evaluator, NumericalError
 from .fingerprints import fingerprint_model, fingerprint_tensors, fingerprint_values
 from .models import DEMO_MODEL, create_model, model_preprocessing
 from .plots import plot_bits_heatmap, plot_front, plot_sensitivity_table
 from .problem import Evaluation, LayerwiseQuantizationProblem
-from .quantized_model import QuantizedActivationsModel
+from .quantized_model import INPUT_QUANTIZER, QuantizedActivationsModel
 from .report import write_report
 from .results import pareto_front
 from .sampling import uniform_genomes
@@ -117,6 +117,12 @@ def calibration_bits(config: ExploreConfig) -> tuple[int, int]:
     return min(lo, min(a for _, a in BASELINES.values())), max(hi, max(a for _, a in BASELINES.values()))
 
 
+def check_predicate_selects(qmodel: QuantizedActivationsModel, predicate: str, model: str) -> None:
+    """Refuse a predicate that places no activation quantizer (the model input's own does not count)."""
+    if not [n for n in qmodel.activation_names if n != INPUT_QUANTIZER]:
+        raise ValueError(f"predicate {predicate!r} selects no module of {model}")
+
+
 def calibrate_run(config: ExploreConfig, qmodel: QuantizedActivationsModel, calibration_split) -> Calibration:
     """Calibrate ``qmodel`` as ``config`` says, or apply ``config.calibration`` after checking that it fits."""
     loader = data_loader(calibration_split, config.batch_size, config.device, config.loader_workers)
@@ -142,8 +148,7 @@ def calibrate_only(config: ExploreConfig) -> tuple[Calibration, QuantizedActivat
     predicate = resolve_predicate(config.predicate, model)
     qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input,
                                        weight_quantizers=True).to(config.device)
-    if len(qmodel.activation_names) == 0:
-        raise ValueError(f"predicate {predicate!r} selects no module of {config.model}")
+    check_predicate_selects(qmodel, predicate, config.model)
     return calibrate_run(config, qmodel, splits.calibration), qmodel
 
 
@@ -219,8 +224,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     t = time.perf_counter()
     qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input,
                                        weight_quantizers=True).to(device)
-    if len(qmodel.activation_names) == 0:
-        raise ValueError(f"predicate {predicate!r} selects no module of {config.model}")
+    check_predicate_selects(qmodel, predicate, config.model)
     genes = search_genes(qmodel, config.search_space)
     if not genes:
         raise ValueError(f"search-space {config.search_space}: {config.model} has no Conv/Linear weight to search")
@@ -234,14 +238,17 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     t = time.perf_counter()
     # batches on the device; label-free metrics cache the FP32 (quantization off) outputs here, once
     options = evaluator_options(config, device, qmodel)
-    search_eval = Evaluator(splits.search, compile=config.compile, **options)
-    holdout_eval = Evaluator(splits.holdout, **options) if len(splits.holdout) else None
-    with qmodel.quantization_disabled():
-        t_fp32 = time.perf_counter()
-        fp32 = {"search": search_eval(qmodel)}
-        timings["fp32_search_evaluation"] = time.perf_counter() - t_fp32  # the yardstick of seconds per evaluation
-        if holdout_eval:
-            fp32["holdout"] = holdout_eval(qmodel)
+    try:
+        search_eval = Evaluator(splits.search, compile=config.compile, **options)
+        holdout_eval = Evaluator(splits.holdout, **options) if len(splits.holdout) else None
+        with qmodel.quantization_disabled():
+            t_fp32 = time.perf_counter()
+            fp32 = {"search": search_eval(qmodel)}
+            timings["fp32_search_evaluation"] = time.perf_counter() - t_fp32  # the yardstick of one evaluation
+            if holdout_eval:
+                fp32["holdout"] = holdout_eval(qmodel)
+    except NumericalError as exc:  # nothing to compare candidates with: a bad input, not a failed candidate
+        raise ValueError(f"the FP32 model (quantization off) {exc}") from None
     metric, better = search_eval.name, search_eval.higher_is_better
     # the bound: a floor for higher-is-better metrics, a ceiling (FP32 + drop) for KL and other lower-is-better ones
     drop = float(config.max_accuracy_drop)
@@ -287,6 +294,8 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
 
     def record(evaluation: Evaluation) -> None:
         store.record(evaluation, generation["now"])
+        if evaluation.status == "failed":
+            log.warning("candidate %d failed: %s", len(problem.evaluations), evaluation.message)
         if stop_requested():
             raise Interrupted(f"stopped after {len(problem.evaluations)} new evaluations")
 

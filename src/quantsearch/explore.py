@@ -165,13 +165,6 @@ def print_report(result) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
-    from .bitconfig import BitConfigError
-    from .calibration import CalibrationError
-    from .data import DataError
-    from .evaluation import MetricError
-    from .models import ModelError
-    from .store import StoreError
-
     stop = {"requested": False}
 
     def on_sigint(_signum, _frame):
@@ -188,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = explore(config, progress=not args.no_progress, resume=bool(args.resume),
                          stop_requested=lambda: stop["requested"])
-    except (ConfigError, ModelError, DataError, MetricError, StoreError, BitConfigError, CalibrationError,
-            ValueError) as exc:
+    except ValueError as exc:  # every error a user can fix (ConfigError, ModelError, DataError, StoreError, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt):

@@ -1,6 +1,6 @@
 """Export a quantized model for use elsewhere: its weights plus every quantizer's amax and bits, as data.
 
-Two tensor formats, chosen by the file suffix, both free of pickle:
+Two tensor formats, chosen by the file suffix, both plain data (no Python objects):
 
 - ``.safetensors``: read with ``safetensors.torch.load_file``; the metadata is also stored in its header;
 - ``.pt`` / ``.pth``: a flat ``{name: tensor}`` dict, read with ``torch.load(path, weights_only=True)``.
@@ -96,7 +96,7 @@ def export_quantized(qmodel, config: BitConfig, path: str | Path) -> tuple[Path,
 
 
 def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read an export back: ``(tensors, metadata)``, without pickle; the metadata's bit-config is validated."""
+    """Read an export back: ``(tensors, metadata)``, as plain data; the metadata's bit-config is validated."""
     path = Path(path)
     _check_suffix(path)
     try:

@@ -5,8 +5,9 @@ modelled drop ``sum d_g(b) x[g, b]`` (:class:`~quantsearch.surrogate.AdditiveMod
 fraction of the all-top cost, so that among equally accurate solutions the cheapest is returned. Constraint: the
 cost, exactly as :class:`~quantsearch.surrogate.GeneCosts` writes it, at most the budget. Its pairwise terms
 ``c * b_g * b_h`` (BOPs of a weight and its input, or of two activations) are linearised exactly with one continuous
-``z >= 0`` per pair and, for every width ``a`` of gene ``g``, ``z >= a * b_h - a * hi_h * (1 - x[g, a])``; since the
-cost only bounds ``z`` from above, a solution exists exactly when the true cost fits the budget. Solved by HiGHS
+``y[a, b] in [0, 1]`` per pair of widths, whose row and column sums are the one-hot choices ``x[g, a]`` and
+``x[h, b]``: for binary ``x`` the only solution is ``y[a, b] = x[g, a] x[h, b]``, and the relaxation is the tightest
+linear one (a big-M form made HiGHS branch for its whole time limit on the demo ViT's 22 pairs). Solved by HiGHS
 through ``scipy.optimize.milp``.
 
 :func:`ilp_sweep` solves it for a sweep of budgets between the cheapest one whose optimum keeps the modelled drop
@@ -35,32 +36,40 @@ class _Program:
         self.model = model
         self.lo, self.hi = costs.lo.astype(int), costs.hi.astype(int)
         self.slots = [(i, b) for i in range(len(self.lo)) for b in range(self.lo[i], self.hi[i] + 1)]
-        self.n_x, self.n_z = len(self.slots), len(costs.pair_c)
-        n = self.n_x + self.n_z
         slot = {s: k for k, s in enumerate(self.slots)}
+        self.n_x = len(self.slots)
+        # one continuous y[k, a, b] per pair k = (i, j) and widths a of gene i, b of gene j: the product x[i,a] x[j,b]
+        self.products = [(k, a, b) for k, (i, j, _) in enumerate(costs.pairs)
+                         for a in range(self.lo[i], self.hi[i] + 1) for b in range(self.lo[j], self.hi[j] + 1)]
+        self.n_z = len(self.products)
+        n = self.n_x + self.n_z
         drops = np.array([model.drops[i, b] for i, b in self.slots])
         self.allowed = np.isfinite(drops)  # an unmodelled gene stays at its top
         self.drop = np.where(self.allowed, drops, 0.0)
         self.cost_row = np.zeros(n)
         self.cost_row[: self.n_x] = [costs.unary[i, b] for i, b in self.slots]
-        self.cost_row[self.n_x:] = costs.pair_c
+        pairs = costs.pairs
+        self.cost_row[self.n_x:] = [pairs[k][2] * a * b for k, a, b in self.products]
         rows, lb, ub = [], [], []
         for i in range(len(self.lo)):  # one width per gene
             row = np.zeros(n)
             row[[slot[(i, b)] for b in range(self.lo[i], self.hi[i] + 1)]] = 1
             rows.append(row), lb.append(1), ub.append(1)
-        for k, (i, j, _) in enumerate(costs.pairs):  # z_k >= a * b_j - a * hi_j * (1 - x[i, a])
-            for a in range(self.lo[i], self.hi[i] + 1):
-                row = np.zeros(n)
-                row[self.n_x + k] = 1
-                for b in range(self.lo[j], self.hi[j] + 1):
-                    row[slot[(j, b)]] -= a * b
-                big = a * self.hi[j]
-                row[slot[(i, a)]] -= big
-                rows.append(row), lb.append(-big), ub.append(np.inf)
+        # the products' marginals are the one-hot choices: sum_b y[k,a,b] = x[i,a] and sum_a y[k,a,b] = x[j,b]
+        # (exact for binary x, and the tightest linear form, so HiGHS needs no big-M branching)
+        marginals: dict[tuple, np.ndarray] = {}
+        for z, (k, a, b) in enumerate(self.products):
+            i, j, _ = pairs[k]
+            for key, x_slot in (((k, "a", a), slot[(i, a)]), ((k, "b", b), slot[(j, b)])):
+                if key not in marginals:
+                    marginals[key] = np.zeros(n)
+                    marginals[key][x_slot] = -1
+                marginals[key][self.n_x + z] = 1
+        for row in marginals.values():
+            rows.append(row), lb.append(0), ub.append(0)
         self.rows, self.lb, self.ub = rows, lb, ub
         self.integrality = np.r_[np.ones(self.n_x), np.zeros(self.n_z)]
-        upper = np.r_[np.where(self.allowed | self._is_top(), 1.0, 0.0), np.full(self.n_z, np.inf)]
+        upper = np.r_[np.where(self.allowed | self._is_top(), 1.0, 0.0), np.ones(self.n_z)]
         self.bounds = Bounds(np.zeros(n), upper)
         self.top_cost = float(costs.values(np.array([self.hi]))[0])
 
@@ -144,15 +153,17 @@ def ilp_sweep(model: AdditiveModel, count: int, allowed_drop: float, span: float
 
 
 def ilp_search(problem, model: AdditiveModel, budget, allowed_drop: float, span: float = 2.0,
-               sweep: int | None = None) -> list[np.ndarray]:
+               sweep: int | None = None, max_sweep: int = 48, rounds: int = 3) -> list[np.ndarray]:
     """Evaluate ILP solutions for a sweep of budgets (coarse to fine) until the evaluation ``budget`` is spent.
 
-    ``sweep`` budgets (default: as many as whole evaluations are left, at least 2); while evaluations are left
-    and a finer sweep still finds new solutions, the sweep is doubled. Returns the solutions in the order evaluated.
+    ``sweep`` budgets (default: as many as whole evaluations are left, at most ``max_sweep``, at least 2); while
+    evaluations are left and a finer sweep still finds new solutions, the sweep is doubled (``rounds`` sweeps at
+    most: each solve takes a fraction of a second, and neighbouring budgets mostly give the same solution).
+    Returns the solutions in the order evaluated.
     """
-    count = sweep if sweep is not None else max(2, int(math.floor(budget.left)))
+    count = sweep if sweep is not None else max(2, min(max_sweep, int(math.floor(budget.left))))
     evaluated, seen = [], set()
-    for _ in range(4):
+    for _ in range(rounds):
         new = [g for g in ilp_sweep(model, count, allowed_drop, span) if tuple(g) not in seen]
         if not new:
             break

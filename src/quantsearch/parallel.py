@@ -8,7 +8,7 @@ else an equal share of the CPU threads. Candidates go to whichever actor comes f
 
 Results do not depend on the number of workers: the driver alone records evaluations (cache, listeners, run
 store), in population order, after the population is measured; an actor that dies is replaced and its candidate
-measured again. Ray's own serialisation carries settings and measurements between processes; nothing is pickled
+measured again. Ray's own serialisation carries settings and measurements between processes; nothing is serialised
 to disk.
 """
 from __future__ import annotations

@@ -24,6 +24,7 @@ with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.scr
     from pytorch_quantization.nn import TensorQuantizer
     from pytorch_quantization.tensor_quant import QuantDescriptor
 
+from .config import MAX_BITS, MIN_BITS
 from .fakequant import FastTensorQuantizer
 from .predicates import PredicateLike, get_target
 
@@ -34,7 +35,6 @@ INPUT_QUANTIZER = "input"
 INPUT_SUFFIX = ":input"
 WEIGHT_SUFFIX = ":weight"
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # weight shape (out, in, ...): channels on axis 0
-MIN_BITS, MAX_BITS = 2, 16
 
 
 @contextmanager
@@ -409,6 +409,44 @@ class QuantizedActivationsModel(nn.Module):
             for handle in handles:
                 handle.remove()
         return shapes
+
+    def locate_nonfinite(self, example: torch.Tensor) -> str | None:
+        """Where NaN or Inf first appears in a forward pass of ``example`` with the current bits, by quantizer name.
+
+        A quantizer whose input was finite and whose output is not made the fault (an amax or a weight that does
+        not quantize); one whose input already was not names the first quantized tensor downstream of the fault.
+        None if the pass is finite throughout.
+        """
+        for name, swap in self._weights.items():  # weights first: a fake-quantized weight is cached per width
+            q = swap.quantizer
+            if not q._disabled and q._if_quant and not torch.isfinite(swap.quantized(q.num_bits)).all():
+                return f"weight quantizer {name!r} ({q.num_bits} bits) makes NaN or Inf from a finite weight"
+        found: list[str] = []
+
+        def check(name):
+            def hook(_module, args, output):
+                if found or not args or not isinstance(args[0], torch.Tensor):
+                    return
+                if not torch.isfinite(args[0]).all():
+                    found.append(f"NaN or Inf reaches quantizer {name!r}: made upstream of it, not by a quantizer")
+                elif isinstance(output, torch.Tensor) and not torch.isfinite(output).all():
+                    found.append(f"quantizer {name!r} ({_module.num_bits} bits, amax "
+                                 f"{float(_module.amax.max()) if _module.amax is not None else None:g}) turns a "
+                                 "finite tensor into NaN or Inf")
+            return hook
+
+        handles = [q.register_forward_hook(check(n)) for n, q in self._quantizers.items() if n not in self._weights]
+        try:
+            with torch.inference_mode():
+                output = self.model(example.to(self._device()))
+        finally:
+            for handle in handles:
+                handle.remove()
+        if found:
+            return found[0]
+        if isinstance(output, torch.Tensor) and not torch.isfinite(output).all():
+            return "NaN or Inf appears after the last quantizer"
+        return None
 
     def extra_repr(self) -> str:
         return f"{len(self)} quantizers ({self.target.description})"

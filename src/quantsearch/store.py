@@ -22,7 +22,7 @@ STORE_NAME = "run.sqlite"
 SCHEMA_VERSION = 2  # 2: the images each evaluation ran (early rejection stops part-way)
 
 
-class StoreError(RuntimeError):
+class StoreError(ValueError):
     """A run directory that cannot be used: another run's, corrupted, or from different settings."""
 
 
@@ -157,11 +157,11 @@ class RunStore:
         sign = 1.0 if higher_is_better else -1.0
         evaluations = self.evaluations()
         cost_names = list(evaluations[0][0].costs) if evaluations else []
-        header = ["index", "generation", "accuracy", *cost_names, "feasible", "status", "samples", "seconds",
-                  *quantizer_names]
+        header = ["index", "generation", "accuracy", *cost_names, "feasible", "status", "samples", "message",
+                  "seconds", *quantizer_names]
         rows = [[i, gen, f"{e.accuracy:.6f}", *[f"{e.costs[c]:g}" for c in cost_names],
                  int(e.status == "ok" and sign * (e.accuracy - min_accuracy) >= 0), e.status,
-                 (e.extra or {}).get("samples", ""), f"{e.seconds:.3f}", *e.bits]
+                 (e.extra or {}).get("samples", ""), e.message, f"{e.seconds:.3f}", *e.bits]
                 for i, (e, gen) in enumerate(evaluations)]
         return self.write_csv("evaluations.csv", header, rows)
 
