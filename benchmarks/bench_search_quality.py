@@ -1,29 +1,36 @@
 """Search quality per evaluation budget: every algorithm on the same W+A problem, budgets and seeds.
 
-    python benchmarks/bench_search_quality.py [--quick] [--budgets 50,100,200] [--seeds 0,1,2] [--no-early-reject]
+    python benchmarks/bench_search_quality.py [--quick] [--budgets 50,100,200,400] [--seeds 0,1,2]
 
-The embedded demo ViT, activation and weight bits both searched in 2:8 (58 genes), cost BOPs, floor FP32 - 1 point
-on the search split (3000 images; ``--quick``: 1000), calibration as ``explore`` does it (mse). Each run starts as
-``explore`` does: the six uniform baselines (W8A8 ... W4A4) are evaluated first and count against the budget;
-``greedy``, ``ilp`` and ``guided`` then spend up to 40 % of what is left on single-gene sensitivities, which count
-too. Budgets are in full-evaluation equivalents: an early-rejected candidate costs the fraction of the split it ran.
+The embedded demo ViT, activation and weight bits both searched in 2:8 (58 genes), cost BOPs counting every
+matmul input (the attention matmuls and the input of the attention projection included), floor FP32 - 1 point on
+the search split (3000 images; ``--quick``: 1000), calibration as ``explore`` does it (mse), early rejection on.
+Each run starts as ``explore`` does: the uniform baselines and uniform configurations are evaluated first and
+count against the budget; ``greedy``, ``ilp`` and ``guided`` then spend part of what is left on single-gene
+sensitivities, which count too. Budgets are in full-evaluation equivalents: an early-rejected candidate costs the
+fraction of the split it ran.
 
-- ``random`` and ``nsga2`` do not depend on the budget, so one run per seed at the largest budget is read at every
+- ``random`` and ``nsga2`` do not plan with the budget, so one run per seed at the largest budget is read at every
   budget (the evaluations whose cumulative cost fits it).
-- ``greedy``, ``ilp`` and ``guided`` plan with the budget (how many sensitivities, how many sweep points), so they run
-  once per budget (and per seed for ``guided``; ``greedy`` and ``ilp`` are deterministic: one run per budget,
-  the same for every seed). Any overshoot of a run's last generation is cut off the same way.
+- ``greedy``, ``ilp`` and ``guided`` plan with the budget, so they run once per budget (``greedy`` and ``ilp``
+  are deterministic: one run per budget serves every seed).
 
-Hypervolume as in ``quantsearch.convergence``: feasible points ``(-100 x accuracy, BOPs / FP32 BOPs)``, reference
-``(-100 x floor, 1)``; units: accuracy points above the floor x fraction of the FP32 BOPs saved. Since W8A8 already
-saves 93.75 % of FP32's BOPs, the same figure with BOPs relative to W8A8 (reference ``(floor, W8A8 BOPs)``) is printed
-too: it tells apart fronts that differ below W8A8. "Budget to 99 %" is the smallest budget at which the mean over
-seeds reaches 99 % of the best mean hypervolume in the table (for random and nsga2 read off their runs at every
-evaluation; otherwise at the budgets of the table).
+**Hypervolume.** Feasible points ``(-100 x accuracy, BOPs / W8A8 BOPs)``, reference ``(-100 x floor, 1)``: accuracy
+points above the floor x fraction of the W8A8 BOPs saved. W8A8 is the reference cost because it already saves
+94 % of FP32's BOPs and stays within noise of FP32: everything a mixed-precision search adds lies below it (the
+same figure against FP32's BOPs, ``quantsearch.convergence``'s, is printed too). **Hold-out HV** is that of each
+run's front (its feasible non-dominated points on the search split) re-evaluated on the hold-out split (6000
+images, floor FP32 hold-out - 1): what a user would get, with the luck of the search split taken out.
+"Budget to 99 %" is the smallest budget at which the mean over seeds reaches 99 % of the best mean HV of the table
+(read off every evaluation for random and nsga2, at the table's budgets for the others).
+
+**Early rejection.** For nsga2 and guided at the largest budget, every configuration early rejection stopped is
+evaluated in full once more: a rejected configuration that meets the floor in full would be a point the front lost
+(the bound says at most 0.1 % of them). The fraction of images saved is printed per algorithm.
 
 The same configuration always gets the same result (fixed split, deterministic evaluation), so results are shared
-between runs through one table in memory: each run is charged for every configuration as if it were the first to
-evaluate it; only the wall time of this script is saved. ``uptime`` is printed at the start and the end.
+between runs through a table in memory: each run is charged for every configuration as if it were the first to
+evaluate it; only this script's wall time is saved. ``uptime`` is printed at the start and the end.
 """
 from __future__ import annotations
 
@@ -45,16 +52,16 @@ from quantsearch.costs import get_costs, profile_model  # noqa: E402
 from quantsearch.data import split_dataset  # noqa: E402
 from quantsearch.evaluation import EarlyRejected, Evaluator, NumericalError  # noqa: E402
 from quantsearch.exploration import calibrate_run, evaluate_baselines, load_model_and_data, search_genes  # noqa: E402
-from quantsearch.problem import LayerwiseQuantizationProblem  # noqa: E402
+from quantsearch.problem import Evaluation, LayerwiseQuantizationProblem  # noqa: E402
 from quantsearch.quantized_model import QuantizedActivationsModel  # noqa: E402
-from quantsearch.results import format_table  # noqa: E402
+from quantsearch.results import format_table, pareto_front  # noqa: E402
 from quantsearch.search import ALGORITHMS, run_algorithm  # noqa: E402
 
 ANYTIME = ("random", "nsga2")
 
 
 class SharedResults:
-    """The search evaluator behind a table of results by configuration: same answers, computed once."""
+    """An evaluator behind a table of results by configuration: same answers, each computed once."""
 
     def __init__(self, evaluator: Evaluator):
         self.evaluator = evaluator
@@ -65,7 +72,7 @@ class SharedResults:
         return getattr(self.evaluator, name)
 
     def __call__(self, qmodel):
-        key = (tuple(qmodel.bit_widths), self.evaluator.early_rejection is not None)
+        key = tuple(qmodel.bit_widths)
         if key not in self.results:
             self.computed += 1
             try:
@@ -85,58 +92,65 @@ def uptime() -> str:
         return "uptime unavailable"
 
 
-def setup(args):
+def setup(quick: bool):
     config = ExploreConfig(search_space="both", cost="bops", bits="2:8", weight_bits="2:8",
-                           eval_samples=1000 if args.quick else 3000, seed=0)
+                           eval_samples=1000 if quick else 3000, seed=0)
     torch.manual_seed(config.seed)
     model, dataset, _ = load_model_and_data(config)
     splits = split_dataset(dataset, config.calibration_samples, config.eval_samples, config.holdout_samples,
                            seed=config.seed)
     qmodel = QuantizedActivationsModel(model, "vit", weight_quantizers=True)
-    start = time.perf_counter()
     calibrate_run(config, qmodel, splits.calibration)
-    calibration_s = time.perf_counter() - start
-    evaluator = Evaluator(splits.search, batch_size=config.batch_size)
+    search = Evaluator(splits.search, batch_size=config.batch_size)
+    holdout = Evaluator(splits.holdout, batch_size=config.batch_size)
     with qmodel.quantization_disabled():
-        fp32 = evaluator(qmodel)
+        fp32 = {"search": search(qmodel), "holdout": holdout(qmodel)}
     costs = get_costs("bops", qmodel, profile=profile_model(qmodel, splits.calibration[0][0].unsqueeze(0)))
-    genes = search_genes(qmodel, "both")
-    return config, qmodel, evaluator, fp32, costs, genes, calibration_s
+    return qmodel, search, holdout, fp32, costs, search_genes(qmodel, "both")
 
 
-def new_problem(qmodel, shared, floor, costs, genes):
-    return LayerwiseQuantizationProblem(qmodel, shared, floor, (2, 8), costs, genes=genes, fixed_bits=8)
-
-
-def run_one(name, budget, seed, qmodel, shared, floor, costs, genes, pop_size):
-    """One run from scratch: baselines, then the algorithm; returns the problem (its visited configurations)."""
-    problem = new_problem(qmodel, shared, floor, costs, genes)
+def run_one(name, budget, seed, qmodel, evaluate, floor, costs, genes, pop_size):
+    """One run from scratch, as explore does it: baselines, then the algorithm; returns the problem."""
+    problem = LayerwiseQuantizationProblem(qmodel, evaluate, floor, (2, 8), costs, genes=genes, fixed_bits=8)
     _, seeds = evaluate_baselines(problem)
     run_algorithm(name, problem, Budget(problem, budget), pop_size=pop_size, seed=seed, extra_seeds=seeds)
     return problem
 
 
-def curve(problem, budgets, floor, normaliser):
-    """Hypervolume of the visited configurations whose cumulative cost fits each budget."""
-    total = problem.metric.num_samples
-    spent, prefix, out = 0.0, [], {}
-    costs = [evaluation_cost(e, total) for e in problem.visited]
-    for budget in budgets:
-        while len(prefix) < len(costs) and spent + costs[len(prefix)] <= budget + 1e-9:
-            spent += costs[len(prefix)]
-            prefix.append(problem.visited[len(prefix)])
-        out[budget] = hypervolume(prefix, floor, normaliser, ["bops"])
+def prefix(problem, budget: float) -> list[Evaluation]:
+    """The configurations a run had visited when its cumulative cost reached ``budget``."""
+    total, spent, out = problem.metric.num_samples, 0.0, []
+    for e in problem.visited:
+        spent += evaluation_cost(e, total)
+        if spent > budget + 1e-9:
+            break
+        out.append(e)
     return out
+
+
+class HoldoutTable:
+    """Hold-out accuracy of configurations, each computed once (quantization as the search set it)."""
+
+    def __init__(self, qmodel, evaluator: Evaluator):
+        self.qmodel, self.evaluator, self.values = qmodel, evaluator, {}
+
+    def __call__(self, e: Evaluation) -> Evaluation:
+        if e.bits not in self.values:
+            self.qmodel.bit_widths = e.bits
+            try:
+                self.values[e.bits] = self.evaluator(self.qmodel)
+            except NumericalError:
+                self.values[e.bits] = 0.0
+        return Evaluation(e.bits, self.values[e.bits], e.costs, 0.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1000-image search split instead of 3000")
-    parser.add_argument("--budgets", default="50,100,200")
+    parser.add_argument("--budgets", default="50,100,200,400")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument("--pop-size", type=int, default=20)
-    parser.add_argument("--no-early-reject", action="store_true", help="evaluate every candidate in full")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -144,23 +158,25 @@ def main() -> None:
     print(f"start: {uptime()}; torch threads {torch.get_num_threads()}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
     clock = time.perf_counter()
-    config, qmodel, evaluator, fp32, costs, genes, calibration_s = setup(args)
-    floor = fp32 - 0.01
-    if not args.no_early_reject:
-        evaluator.reject_below(floor)
-    shared = SharedResults(evaluator)
+    qmodel, search, holdout_eval, fp32, costs, genes = setup(args.quick)
+    floor, holdout_floor = fp32["search"] - 0.01, fp32["holdout"] - 0.01
+    search.reject_below(floor)
+    shared = SharedResults(search)
+    holdout = HoldoutTable(qmodel, holdout_eval)
     bops = costs[0]
     w8a8 = bops({n: 8 for n in qmodel.quantizer_names})
-    print(f"fashion-vit, {len(genes)} genes (W+A, 2:8), cost bops; search split {evaluator.num_samples} images; "
-          f"FP32 {100 * fp32:.2f} %, floor {100 * floor:.2f} %; early rejection "
-          f"{'off' if args.no_early_reject else 'on (99.9 %)'}; calibration {calibration_s:.0f} s", flush=True)
+    ref8, ref32 = {"bops": w8a8}, {"bops": bops.fp32}
+    print(f"fashion-vit, {len(genes)} genes (W+A, 2:8), cost bops; search split {search.num_samples} images, FP32 "
+          f"{100 * fp32['search']:.2f} %, floor {100 * floor:.2f} %; hold-out {holdout_eval.num_samples} images, "
+          f"FP32 {100 * fp32['holdout']:.2f} %; early rejection on (99.9 %)", flush=True)
 
-    fp32_norm, w8a8_norm = {"bops": bops.fp32}, {"bops": w8a8}
-    hv = {a: {b: [] for b in budgets} for a in algorithms}
-    hv8 = {a: {b: [] for b in budgets} for a in algorithms}
+    hv = {a: {b: [] for b in budgets} for a in algorithms}  # against W8A8
+    hv32 = {a: {b: [] for b in budgets} for a in algorithms}  # against FP32 (convergence.py)
+    hvh = {a: {b: [] for b in budgets} for a in algorithms}  # the front on the hold-out split, against W8A8
+    cheapest = {a: [] for a in algorithms}  # at the largest budget: cheapest point within 1 point of FP32
     fine = {a: [] for a in algorithms if a in ANYTIME}
     grid = np.arange(1, int(max(budgets)) + 1, dtype=float)
-    union, best_cheap = {}, None
+    last_runs: dict[str, list] = {a: [] for a in algorithms}
     for name in algorithms:
         start = time.perf_counter()
         for seed in seeds:
@@ -171,47 +187,67 @@ def main() -> None:
                 runs = {b: run_one(name, b, seed, qmodel, shared, floor, costs, genes, args.pop_size)
                         for b in budgets}
             for b in budgets:
-                problem = runs[b] if b in runs else runs[max(budgets)]
-                hv[name][b].append(curve(problem, [b], floor, fp32_norm)[b])
-                hv8[name][b].append(curve(problem, [b], floor, w8a8_norm)[b])
+                seen = prefix(runs[b] if b in runs else runs[max(budgets)], b)
+                front = pareto_front([e for e in seen], floor, ["bops"])
+                hv[name][b].append(hypervolume(seen, floor, ref8, ["bops"]))
+                hv32[name][b].append(hypervolume(seen, floor, ref32, ["bops"]))
+                hvh[name][b].append(hypervolume([holdout(e) for e in front], holdout_floor, ref8, ["bops"]))
             if name in ANYTIME:
-                fine[name].append(curve(runs[max(budgets)], grid, floor, fp32_norm))
-            for problem in runs.values():
-                for e in problem.visited:
-                    union[e.bits] = e
+                seen_all = runs[max(budgets)]
+                fine[name].append([hypervolume(prefix(seen_all, g), floor, ref8, ["bops"]) for g in grid])
+            final = prefix(runs[max(budgets)], max(budgets))
+            last_runs[name].append(runs[max(budgets)])
+            within = [e for e in pareto_front(final, floor, ["bops"])]
+            if within:
+                best = within[0]  # cheapest first
+                cheapest[name].append((best.costs["bops"] / w8a8, best.accuracy, holdout(best).accuracy))
         print(f"  {name}: {time.perf_counter() - start:.0f} s, {shared.computed} configurations computed so far",
               flush=True)
 
     mean = {a: {b: float(np.mean(v)) for b, v in hv[a].items()} for a in algorithms}
-    mean8 = {a: {b: float(np.mean(v)) for b, v in hv8[a].items()} for a in algorithms}
     best = max(v for a in algorithms for v in mean[a].values())
 
     def needed(name):
         if name in fine:
-            means = np.mean([[c[g] for g in grid] for c in fine[name]], axis=0)
+            means = np.mean(fine[name], axis=0)
             hit = np.flatnonzero(means >= 0.99 * best)
             return f"{grid[hit[0]]:.0f}" if len(hit) else f"> {max(budgets):.0f}"
         hit = [b for b in budgets if mean[name][b] >= 0.99 * best]
         return f"{hit[0]:.0f}" if hit else f"> {max(budgets):.0f}"
 
+    def cells(table, a, fmt):
+        return [fmt.format(np.mean(table[a][b])) for b in budgets]
+
     header = ["algorithm", *[f"HV @ {b:.0f}" for b in budgets], "budget to 99 %",
-              *[f"HV/W8A8 @ {b:.0f}" for b in budgets]]
-    rows = [[a, *[f"{mean[a][b]:.4f}" for b in budgets], needed(a), *[f"{mean8[a][b]:.3f}" for b in budgets]]
+              *[f"hold-out HV @ {b:.0f}" for b in budgets], *[f"HV/FP32 @ {b:.0f}" for b in budgets]]
+    rows = [[a, *cells(hv, a, "{:.4f}"), needed(a), *cells(hvh, a, "{:.4f}"), *cells(hv32, a, "{:.4f}")]
             for a in algorithms]
-    print(f"\nMean hypervolume over seeds {seeds} (HV: reference (floor, FP32 BOPs), convergence.py; HV/W8A8: "
-          f"reference (floor, W8A8 BOPs)); best mean HV {best:.4f}\n" + format_table(header, rows))
+    print(f"\nMean over seeds {seeds} (HV: reference (floor, W8A8 BOPs); hold-out HV: each front on the hold-out "
+          f"split; HV/FP32: reference (floor, FP32 BOPs)); best mean HV {best:.4f}\n" + format_table(header, rows))
     for a in algorithms:
         spread = "  ".join(f"{b:.0f}: " + ",".join(f"{v:.4f}" for v in hv[a][b]) for b in budgets)
-        print(f"  {a:7} per seed  {spread}")
-    feasible = [e for e in union.values() if e.status == "ok" and e.accuracy >= floor]
-    union_hv = hypervolume(feasible, floor, fp32_norm, ["bops"])
-    cheap = [e for e in feasible if e.accuracy >= fp32 - 0.01]
-    best_cheap = min(cheap, key=lambda e: e.costs["bops"]) if cheap else None
-    print(f"\nUnion of every run's evaluations: HV {union_hv:.4f}; {len(union)} configurations, "
-          f"{shared.computed} computed")
-    if best_cheap is not None:
-        print(f"cheapest configuration within 1 point of FP32 on the search split: {100 * best_cheap.accuracy:.2f} % "
-              f"at {best_cheap.costs['bops'] / w8a8:.3f} of W8A8 BOPs")
+        print(f"  {a:7} HV per seed  {spread}")
+
+    print(f"\nCheapest front point at budget {max(budgets):.0f} (BOPs / W8A8, search %, hold-out %), per seed:")
+    for a in algorithms:
+        print(f"  {a:7} " + "  ".join(f"{c:.3f} ({100 * s:.2f}, {100 * h:.2f})" for c, s, h in cheapest[a]))
+
+    print("\nEarly rejection at the largest budget (images saved; rejected configurations that meet the floor in "
+          "full):")
+    full = Evaluator([(x, y) for x, y in search.batches], batch_size=search.batches[0][0].shape[0])
+    for a in [a for a in ("nsga2", "guided") if a in algorithms]:
+        saved, total, rejected, wrong = 0.0, 0.0, 0, 0
+        for problem in last_runs[a]:
+            for e in problem.visited:
+                n = (e.extra or {}).get("samples", search.num_samples)
+                saved += search.num_samples - n
+                total += search.num_samples
+                if e.status == "rejected":
+                    rejected += 1
+                    qmodel.bit_widths = e.bits
+                    wrong += full(qmodel) >= floor
+        print(f"  {a:7} {100 * saved / total:.1f} % of images saved; {rejected} rejected, {wrong} of them feasible "
+              "in full")
     print(f"\nend: {uptime()}; wall time {time.perf_counter() - clock:.0f} s")
 
 

@@ -35,10 +35,15 @@ class Budget:
 
     def __init__(self, problem, limit: float):
         self.problem, self.limit = problem, float(limit)
+        self.charged = 0.0  # work that is not an evaluation of the problem (gradient sensitivities)
+
+    def charge(self, amount: float) -> None:
+        """Count ``amount`` full-evaluation equivalents of other work against the budget."""
+        self.charged += float(amount)
 
     @property
     def spent(self) -> float:
-        return spent(self.problem)
+        return spent(self.problem) + self.charged
 
     @property
     def left(self) -> float:

@@ -21,21 +21,23 @@ import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.mating import Mating
 from pymoo.core.mutation import Mutation
+from pymoo.core.population import Population
 from pymoo.operators.crossover.sbx import SBX
 from pymoo.operators.repair.rounding import RoundingRepair
 
 from .baselines import greedy_path
-from .ilp import coarse_to_fine, ilp_sweep
+from .ilp import coarse_to_fine, ilp_sweep, solve_ilp
 from .sampling import UniformSeededSampling, uniform_genomes
 from .surrogate import AdditiveModel
 
-__all__ = ["guided_seeds", "insensitivity_weights", "SensitivityMutation", "ScreenedMating", "guided_nsga2",
-           "fit_drop_scale"]
+__all__ = ["guided_seeds", "insensitivity_weights", "SensitivityMutation", "GuidedMating", "guided_nsga2"]
 
 
-def guided_seeds(model: AdditiveModel, count: int, allowed_drop: float, span: float = 2.0) -> np.ndarray:
-    """Up to ``count`` distinct genomes: ILP solutions for a budget sweep, alternating with greedy-path steps
-    around the step where the modelled drop crosses ``allowed_drop`` (both coarse to fine)."""
+def guided_seeds(model: AdditiveModel, count: int, allowed_drop: float, span: float = 2.0,
+                 ilp_share: float = 0.75) -> np.ndarray:
+    """Up to ``count`` distinct genomes: ILP solutions for a budget sweep (``ilp_share`` of them), then greedy-path
+    steps around the step where the modelled drop crosses ``allowed_drop`` (both coarse to fine), then whichever
+    family has more to give."""
     if count <= 0:
         return np.zeros((0, model.drops.shape[0]), dtype=int)
     ilp = ilp_sweep(model, max(2, count), allowed_drop, span)
@@ -43,12 +45,12 @@ def guided_seeds(model: AdditiveModel, count: int, allowed_drop: float, span: fl
     drops = model.total_drop(np.array(path))
     window = [i for i, d in enumerate(drops) if d <= span * allowed_drop]
     steps = [path[window[k]] for k in coarse_to_fine(len(window))] if window else []
+    first = int(round(ilp_share * count))
     seeds, seen = [], set()
-    for pair in zip(ilp + [None] * len(steps), steps + [None] * len(ilp)):
-        for genome in pair:
-            if genome is not None and tuple(genome) not in seen and len(seeds) < count:
-                seen.add(tuple(genome))
-                seeds.append(np.asarray(genome, dtype=int))
+    for genome in ilp[:first] + steps[:count - first] + ilp[first:] + steps[count - first:]:
+        if tuple(genome) not in seen and len(seeds) < count:
+            seen.add(tuple(genome))
+            seeds.append(np.asarray(genome, dtype=int))
     return np.array(seeds, dtype=int).reshape(-1, model.drops.shape[0])
 
 
@@ -105,65 +107,101 @@ class SensitivityMutation(Mutation):
         return X
 
 
-def fit_drop_scale(model: AdditiveModel, evaluations, problem) -> float:
-    """Least-squares ratio of measured to modelled drop over ``ok`` evaluations in the space (in [0.25, 4])."""
-    predicted, measured = [], []
-    for e in evaluations:
-        if e.status != "ok" or not problem.in_space(e.bits):
-            continue
-        genome = np.array([problem.genome(e.bits)])
-        d = float(model.total_drop(genome)[0])
-        if np.isfinite(d) and d > 0:
-            predicted.append(d)
-            measured.append(model.sign * (model.reference - e.accuracy))
-        # genes never measured are left out of the fit's predictions: only fully modelled genomes count
-    if not predicted:
-        return 1.0
-    p, m = np.array(predicted), np.array(measured)
-    return float(np.clip((p * m).sum() / (p * p).sum(), 0.25, 4.0))
+class GuidedMating(Mating):
+    """The offspring of guided NSGA-II, each generation: model infill, then bred offspring, all new and screened.
 
-
-class ScreenedMating(Mating):
-    """Mating that discards offspring predicted (drop x fitted scale) beyond ``screen`` x the allowed drop."""
+    The additive model is refitted on every evaluation so far (:meth:`AdditiveModel.refit`: one weight per gene).
+    **Infill**: up to ``infill`` x the offspring are ILP solutions of the refitted model for budgets spread over the
+    cost range of the feasible front found so far (from 0.85 x its cheapest point to its most accurate one), the
+    configurations the measurements now say are best at each cost. **Bred**: the rest come from tournament
+    selection, crossover and the sensitivity-biased mutation; one the refitted model predicts to lose more than
+    ``screen`` x the allowed drop is discarded before evaluation (the pre-screen). Configurations already
+    evaluated are never offered again.
+    """
 
     def __init__(self, selection, crossover, mutation, model: AdditiveModel, problem, allowed_drop: float,
-                 screen: float = 3.0, **kwargs):
+                 screen: float | None = 3.0, infill: float = 0.5, **kwargs):
         super().__init__(selection, crossover, mutation, **kwargs)
-        self.model, self.problem = model, problem
-        self.limit = screen * max(allowed_drop, 1e-12)
-        self.screened = 0
-        self._scale, self._seen = 1.0, -1
+        self.model, self.problem, self.allowed = model, problem, max(allowed_drop, 1e-12)
+        self.screen, self.infill = screen, float(infill)
+        self.screened = self.infilled = 0
+        self.fitted, self._seen, self._generation = model, -1, None
+
+    def _refit(self) -> AdditiveModel:
+        if len(self.problem.visited) != self._seen:  # new evaluations (a resumed run replays the same ones)
+            self._seen = len(self.problem.visited)
+            self.fitted = self.model.refit(self.problem.visited, self.problem, cap=10 * self.allowed)
+        return self.fitted
+
+    def _new(self, X: np.ndarray, pop) -> np.ndarray:
+        """Which rows are configurations never evaluated and not in the population."""
+        known = {tuple(int(v) for v in x) for x in np.rint(np.asarray(pop.get("X"), dtype=float))}
+        return np.array([self.problem.configuration(x) not in self.problem.cache and tuple(x) not in known
+                         for x in X.tolist()], dtype=bool)
+
+    def _infill(self, model: AdditiveModel, pop, count: int) -> np.ndarray:
+        front = [e for e in self.problem.visited if self.problem.is_feasible(e) and self.problem.in_space(e.bits)]
+        width = self.problem.n_var
+        if count <= 0 or not front:
+            return np.zeros((0, width), dtype=int)
+        cost = model.costs.name
+        low = 0.85 * min(e.costs[cost] for e in front)
+        best = max(front, key=lambda e: (self.problem.higher_is_better * 2 - 1) * e.accuracy)
+        high = max(best.costs[cost], low * 1.01)
+        rows, seen = [], set()
+        for budget in np.exp(np.linspace(np.log(low), np.log(high), count)):
+            genome = solve_ilp(model, float(budget))
+            if genome is not None and tuple(genome) not in seen:
+                seen.add(tuple(genome))
+                rows.append(genome)
+        X = np.array(rows, dtype=int).reshape(-1, width)
+        return X[self._new(X, pop)] if len(X) else X
 
     def _do(self, problem, pop, n_offsprings, **kwargs):
-        off = super()._do(problem, pop, n_offsprings, **kwargs)
-        if len(self.problem.visited) != self._seen:  # refit when configurations were added (resumed runs match)
-            self._seen = len(self.problem.visited)
-            self._scale = fit_drop_scale(self.model, self.problem.visited, self.problem)
-        X = np.rint(np.asarray(off.get("X"), dtype=float)).astype(int)
-        keep = self._scale * self.model.total_drop(X, known_only=True) <= self.limit
-        self.screened += int((~keep).sum())
-        return off[keep]
+        model = self._refit()
+        algorithm = kwargs.get("algorithm")
+        generation = getattr(algorithm, "n_gen", None)
+        parts = []
+        if generation != self._generation:  # the first call of a generation: the infill
+            self._generation = generation
+            X = self._infill(model, pop, int(round(self.infill * n_offsprings)))
+            self.infilled += len(X)
+            if len(X):
+                parts.append(Population.new(X=X.astype(float)))
+        bred = super()._do(problem, pop, n_offsprings, **kwargs)
+        X = np.rint(np.asarray(bred.get("X"), dtype=float)).astype(int)
+        keep = self._new(X, pop)
+        if self.screen is not None:
+            ok = model.total_drop(X, known_only=True) <= self.screen * self.allowed
+            self.screened += int((keep & ~ok).sum())
+            keep &= ok
+        parts.append(bred[keep])
+        return Population.merge(*parts) if len(parts) > 1 else parts[0]
 
 
 def guided_nsga2(problem, model: AdditiveModel, pop_size: int = 20, allowed_drop: float = 0.01,
-                 extra_seeds: np.ndarray | None = None, screen: float | None = 3.0, span: float = 2.0) -> NSGA2:
-    """NSGA-II with sensitivity seeds, biased mutation and (``screen`` not None) the surrogate pre-screen."""
+                 extra_seeds: np.ndarray | None = None, screen: float | None = 3.0, span: float = 2.0,
+                 seeds: int | None = None, infill: float = 0.5) -> NSGA2:
+    """NSGA-II with sensitivity seeds, biased mutation and (``screen`` not None) the surrogate pre-screen.
+
+    The first population holds ``seeds`` model seeds (default: what the population leaves after the uniform
+    configurations and extras, at least half of it) and every uniform configuration and extra seed: with more
+    seeds than ``pop_size`` it is larger than later ones (survival trims it after the first offspring)."""
     fixed_rows = [uniform_genomes(problem)]
     if extra_seeds is not None and len(extra_seeds):
         fixed_rows.append(np.asarray(extra_seeds, dtype=int).reshape(-1, problem.n_var))
     fixed = len({tuple(r) for r in np.concatenate(fixed_rows).tolist()})
-    seeds = guided_seeds(model, max(pop_size - fixed, (pop_size + 1) // 2), allowed_drop, span)
+    count = seeds if seeds is not None else max(pop_size - fixed, (pop_size + 1) // 2)
+    model_seeds = guided_seeds(model, count, allowed_drop, span)
     # the model's seeds first, so that a small population keeps them; then the uniform configurations and extras
-    sampling = UniformSeededSampling(extra_seeds, first=seeds)
+    sampling = UniformSeededSampling(extra_seeds, first=model_seeds, keep_all=seeds is not None)
     crossover = SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair())
     mutation = SensitivityMutation(insensitivity_weights(model))
     algorithm = NSGA2(pop_size=pop_size, sampling=sampling, crossover=crossover,
                       mutation=mutation, eliminate_duplicates=True)
-    algorithm.seeds = seeds
-    if screen is not None:
-        mating = algorithm.mating
-        algorithm.mating = ScreenedMating(mating.selection, crossover, mutation, model, problem, allowed_drop,
-                                          screen, repair=mating.repair,
-                                          eliminate_duplicates=mating.eliminate_duplicates,
-                                          n_max_iterations=mating.n_max_iterations)
+    algorithm.seeds = model_seeds
+    mating = algorithm.mating
+    algorithm.mating = GuidedMating(mating.selection, crossover, mutation, model, problem, allowed_drop, screen,
+                                    infill, repair=mating.repair, eliminate_duplicates=mating.eliminate_duplicates,
+                                    n_max_iterations=mating.n_max_iterations)
     return algorithm

@@ -26,11 +26,14 @@ def uniform_genomes(problem) -> np.ndarray:
 
 class UniformSeededSampling(Sampling):
     """Uniform configurations (and any ``extra`` rows) followed by uniformly random integer genes; ``first`` rows
-    (a guided search's seeds) go before the uniform ones."""
+    (a guided search's seeds) go before the uniform ones.
 
-    def __init__(self, extra: np.ndarray | None = None, first: np.ndarray | None = None):
+    ``keep_all`` returns every seed even beyond the population size: pymoo keeps a whole first population, and
+    survival trims it to the population size after the first offspring."""
+
+    def __init__(self, extra: np.ndarray | None = None, first: np.ndarray | None = None, keep_all: bool = False):
         super().__init__()
-        self.extra, self.first = extra, first
+        self.extra, self.first, self.keep_all = extra, first, keep_all
 
     def _do(self, problem, n_samples, random_state=None, **kwargs):
         lo, hi = np.asarray(problem.xl, dtype=int), np.asarray(problem.xu, dtype=int)
@@ -39,7 +42,8 @@ class UniformSeededSampling(Sampling):
         seeds.append(uniform_genomes(problem))
         if self.extra is not None and len(self.extra):
             seeds.append(np.asarray(self.extra, dtype=int).reshape(-1, problem.n_var))
-        rows = list(dict.fromkeys(map(tuple, np.concatenate(seeds).tolist())))[:n_samples]
+        rows = list(dict.fromkeys(map(tuple, np.concatenate(seeds).tolist())))
+        rows = rows if self.keep_all else rows[:n_samples]
         rows = np.array(rows, dtype=int).reshape(-1, problem.n_var)
-        rest = random_state.integers(lo, hi + 1, size=(n_samples - len(rows), problem.n_var))
+        rest = random_state.integers(lo, hi + 1, size=(max(0, n_samples - len(rows)), problem.n_var))
         return np.concatenate([rows, rest]).astype(int)

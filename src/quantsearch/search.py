@@ -16,8 +16,11 @@ The algorithms (``--algorithm``):
   the surrogate pre-screen (:func:`~quantsearch.guided.guided_nsga2`; several costs: plain NSGA-III seeded
   likewise).
 
-``greedy``, ``ilp`` and ``guided`` first measure single-gene sensitivities (:mod:`quantsearch.sensitivity`),
-spending at most ``sensitivity_share`` of the budget left, and model the first cost.
+``greedy``, ``ilp`` and ``guided`` first build a per-gene sensitivity table (:mod:`quantsearch.sensitivity`) and
+model the first cost. ``sensitivity="measured"`` evaluates single-gene configurations (AMP's way; at most
+``sensitivity_share`` of the budget left); ``"gradient"`` estimates every gene at every width from one forward and
+backward pass over 500 search images (HAWQ's and ModelOpt's way; about 1.7 full evaluations on the demo). The
+defaults follow the peers: measured for ``greedy``, gradient for ``ilp`` and ``guided``.
 """
 from __future__ import annotations
 
@@ -42,13 +45,16 @@ from .config import ALGORITHM_NAMES
 from .guided import guided_nsga2, guided_seeds
 from .ilp import ilp_search
 from .sampling import UniformSeededSampling
-from .sensitivity import Sensitivity, budgeted_plan, measure_sensitivity
+from .sensitivity import Sensitivity, budgeted_plan, gradient_sensitivity, measure_sensitivity
 from .surrogate import AdditiveModel, GeneCosts
 
 __all__ = ["nsga2", "nsga3", "algorithm_for", "run_search", "GenerationCallback", "ALGORITHMS", "SearchOutcome",
-           "run_algorithm", "model_from_sensitivity"]
+           "run_algorithm", "model_from_sensitivity", "SENSITIVITIES", "SENSITIVITY_DEFAULTS"]
 
 ALGORITHMS = ALGORITHM_NAMES
+SENSITIVITIES = ("measured", "gradient")
+# as the peers do it: AMP measures each layer, HAWQ and ModelOpt estimate from second-order / gradient information
+SENSITIVITY_DEFAULTS = {"greedy": "measured", "ilp": "gradient", "guided": "gradient"}
 
 
 def _operators(extra_seeds: np.ndarray | None) -> dict:
@@ -129,7 +135,8 @@ def _allowed_drop(problem, sensitivity: Sensitivity) -> float:
 
 def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, generations: int | None = None,
                   seed: int = 0, extra_seeds: np.ndarray | None = None, on_generation=None,
-                  sensitivity_share: float = 0.4, screen: float | None = 3.0) -> SearchOutcome:
+                  sensitivity_share: float = 0.4, screen: float | None = 3.0,
+                  sensitivity: str | None = None, seed_share: float = 0.5) -> SearchOutcome:
     """Run algorithm ``name`` on ``problem`` until ``budget`` is spent (``generations``: also stop NSGA-II there).
 
     ``on_generation(n)`` is called after each generation, and for the algorithms without generations after every
@@ -175,13 +182,20 @@ def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, genera
         evolve(algorithm_for(problem.n_obj, pop_size, extra_seeds))
         return outcome
     costs = GeneCosts(problem, 0)
-    plan = budgeted_plan(problem, costs, int(max(0.0, budget.left) * sensitivity_share))
-    sensitivity = steps(lambda: measure_sensitivity(problem, plan=plan, budget=budget))
-    model = AdditiveModel(sensitivity, costs)
-    allowed = _allowed_drop(problem, sensitivity)
-    outcome.sensitivity = sensitivity
-    outcome.details.update(sensitivity_measurements=sensitivity.num_measurements, cost_model_exact=costs.exact,
-                           sensitivity_noise=sensitivity.noise)
+    method = sensitivity or SENSITIVITY_DEFAULTS[name]
+    if method == "gradient" and not hasattr(problem.metric, "batches"):
+        method = "measured"  # a metric without data of its own (a plain callable) has no gradients to offer
+    if method == "gradient":
+        table = steps(lambda: gradient_sensitivity(problem, budget))
+    else:
+        plan = budgeted_plan(problem, costs, int(max(0.0, budget.left) * sensitivity_share))
+        table = steps(lambda: measure_sensitivity(problem, plan=plan, budget=budget))
+    model = AdditiveModel(table, costs)
+    allowed = _allowed_drop(problem, table)
+    outcome.sensitivity = table
+    outcome.details.update(sensitivity=table.method, sensitivity_measurements=table.num_measurements,
+                           cost_model_exact=costs.exact, sensitivity_noise=table.noise, sensitivity_scale=table.scale,
+                           budget_charged=budget.charged)
     if name == "greedy":
         path, evaluated = steps(lambda: greedy_search(problem, model, budget))
         outcome.details.update(path_length=len(path), path_evaluated=len(evaluated))
@@ -189,10 +203,11 @@ def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, genera
         solutions = steps(lambda: ilp_search(problem, model, budget, allowed))
         outcome.details.update(ilp_solutions=len(solutions))
     elif problem.n_obj <= 2:
-        algorithm = guided_nsga2(problem, model, pop_size, allowed, extra_seeds, screen)
+        count = max(pop_size, min(4 * pop_size, int(seed_share * max(0.0, budget.left))))
+        algorithm = guided_nsga2(problem, model, pop_size, allowed, extra_seeds, screen, seeds=count)
         evolve(algorithm)
-        screened = getattr(algorithm.mating, "screened", 0)
-        outcome.details.update(seeds=len(algorithm.seeds), screened=screened)
+        outcome.details.update(seeds=len(algorithm.seeds), screened=algorithm.mating.screened,
+                               infilled=algorithm.mating.infilled)
     else:  # several costs: NSGA-III from the same seeds (the model covers the first cost)
         seeds = guided_seeds(model, pop_size, allowed)
         extra = seeds if extra_seeds is None else np.concatenate([np.asarray(extra_seeds, dtype=int), seeds])

@@ -27,7 +27,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-__all__ = ["Sensitivity", "measure_sensitivity", "sensitivity_plan", "budgeted_plan"]
+import numpy as np
+
+__all__ = ["Sensitivity", "measure_sensitivity", "sensitivity_plan", "budgeted_plan", "gradient_scores",
+           "gradient_sensitivity", "fit_scale", "GRADIENT_PASSES"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class Sensitivity:
     higher_is_better: bool = True
     fraction: bool = True
     statuses: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    method: str = "measured"
+    scores: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+    scale: float = 1.0
 
     @property
     def sign(self) -> float:
@@ -57,7 +63,10 @@ class Sensitivity:
 
     @property
     def noise(self) -> float:
-        """The reference's luck: the median drop one bit below the top (0 with fewer than 3 such measurements)."""
+        """The reference's luck: the median drop one bit below the top (0 with fewer than 3 such measurements, and
+        for gradient estimates, which are not noisy measurements)."""
+        if self.method == "gradient":
+            return 0.0
         top_minus_one = [self.raw_drop(g, hi - 1) for g, (lo, hi) in zip(self.genes, self.ranges)
                          if hi - 1 >= lo and hi - 1 in self.measured.get(g, {})]
         if len(top_minus_one) < 3:
@@ -73,7 +82,17 @@ class Sensitivity:
         return self.reference - self.sign * self.noise
 
     def drops(self) -> dict[str, dict[int, float]]:
-        """The modelled drop of every gene at every width of its range (``inf`` below the top if not measured)."""
+        """The modelled drop of every gene at every width of its range (``inf`` below the top if not measured).
+
+        Gradient estimates are ``scale`` x (score at the width - score at the top), never decreasing downwards."""
+        if self.method == "gradient":
+            table = {}
+            for gene, (lo, hi) in zip(self.genes, self.ranges):
+                scores, drop, table[gene] = self.scores[gene], 0.0, {}
+                for b in range(hi, lo - 1, -1):
+                    drop = max(drop, self.scale * (scores[b] - scores[hi]))
+                    table[gene][b] = drop
+            return table
         noise, cap = self.noise, (abs(self.effective_reference) if self.fraction else math.inf)
         table = {}
         for gene, (lo, hi) in zip(self.genes, self.ranges):
@@ -94,25 +113,36 @@ class Sensitivity:
     def num_measurements(self) -> int:
         return sum(len(v) for v in self.measured.values())
 
+    ROW_HEADER = ("quantizer", "bits", "accuracy", "drop", "score", "modelled_drop", "status")
+
     def rows(self) -> list[list]:
-        """One row per measurement: gene, bits, measured value, raw drop, modelled drop, status."""
+        """One row per measurement (:attr:`ROW_HEADER`): measured accuracy and drop, or the gradient score, and the
+        modelled drop; a gradient table has a row for every gene at every width below its top."""
         drops = self.drops()
-        return [[g, b, self.measured[g][b], self.raw_drop(g, b), drops[g][b],
+        if self.method == "gradient":
+            return [[g, b, "", "", self.scores[g][b], drops[g][b], "estimated"]
+                    for g, (lo, hi) in zip(self.genes, self.ranges) for b in range(hi - 1, lo - 1, -1)]
+        return [[g, b, self.measured[g][b], self.raw_drop(g, b), "", drops[g][b],
                  self.statuses.get(g, {}).get(b, "ok")]
                 for g in self.genes for b in sorted(self.measured.get(g, {}), reverse=True)]
 
     def to_dict(self) -> dict:
         return {"genes": list(self.genes), "ranges": [list(r) for r in self.ranges], "reference": self.reference,
                 "higher_is_better": self.higher_is_better, "fraction": self.fraction, "noise": self.noise,
+                "method": self.method, "scale": self.scale,
                 "measured": {g: {str(b): v for b, v in m.items()} for g, m in self.measured.items()},
-                "statuses": {g: {str(b): v for b, v in m.items()} for g, m in self.statuses.items()}}
+                "statuses": {g: {str(b): v for b, v in m.items()} for g, m in self.statuses.items()},
+                "scores": {g: {str(b): v for b, v in m.items()} for g, m in self.scores.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Sensitivity":
+        def table(key, kind):
+            return {g: {int(b): kind(v) for b, v in m.items()} for g, m in data.get(key, {}).items()}
+
         return cls(tuple(data["genes"]), tuple(tuple(r) for r in data["ranges"]), float(data["reference"]),
-                   {g: {int(b): float(v) for b, v in m.items()} for g, m in data["measured"].items()},
-                   bool(data.get("higher_is_better", True)), bool(data.get("fraction", True)),
-                   {g: {int(b): str(v) for b, v in m.items()} for g, m in data.get("statuses", {}).items()})
+                   table("measured", float), bool(data.get("higher_is_better", True)),
+                   bool(data.get("fraction", True)), table("statuses", str), str(data.get("method", "measured")),
+                   table("scores", float), float(data.get("scale", 1.0)))
 
 
 def _power(bits: float) -> float:
@@ -209,3 +239,132 @@ def budgeted_plan(problem, costs, evaluations: int, noise_genes: int = 4) -> lis
         for g, i in genes:
             add(g, i, int(costs.lo[i]) + offset)
     return plan[:max(0, int(evaluations))]
+
+
+# -- gradient estimates ------------------------------------------------------------------------------------------
+GRADIENT_PASSES = 3  # a forward and a backward pass cost about three forward passes
+
+
+def _fake_quant(x, amax, bits: int, unsigned: bool):
+    """Symmetric narrow-range (or unsigned) fake quantization, as the quantizers do it; zero amax keeps zeros."""
+    import torch
+
+    bound = 2.0 ** (bits - 1 + int(unsigned)) - 1.0
+    low = 0.0 if unsigned else -bound
+    amax = torch.as_tensor(amax, dtype=x.dtype, device=x.device)
+    scale = torch.where(amax > 0, bound / amax.clamp_min(1e-30), torch.zeros_like(amax))
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale > 0, torch.clamp(torch.round(x * safe), low, bound) / safe, torch.zeros_like(x))
+
+
+def gradient_scores(qmodel, batches, genes, ranges) -> dict[str, dict[int, float]]:
+    """Estimated loss increase of each gene alone at each width of its range, from gradients of the FP32 model.
+
+    Second-order Taylor with the diagonal empirical Fisher (as FIT and HAWQ-style estimates do): lowering one
+    quantizer perturbs a tensor ``y`` by ``dy`` (its quantization error; for a weight, the layer output's change
+    ``F(x, Q(W) - W)``), and the cross-entropy loss ``L`` grows by about ``1/2 sum_i (dL/dy_i dy_i)^2`` per sample.
+    One forward and backward pass per batch (labels: the batch's own, or the FP32 top-1 where there are none), then
+    one pass of each weight layer per width; activations use each width's calibrated amax and signedness.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    genes, weights = list(genes), set(qmodel.weight_names)
+    scores = {g: {b: 0.0 for b in range(lo, hi + 1)} for g, (lo, hi) in zip(genes, ranges)}
+    amax, unsigned = qmodel.amax, qmodel.unsigned
+    captured: dict[str, tuple] = {}
+    handles = []
+    for g in genes:
+        if g in weights:
+            def keep_layer(module, args, output, g=g):
+                captured[g] = (module, args[0].detach(), output)
+            handles.append(qmodel.weight_module(g).register_forward_hook(keep_layer))
+        else:
+            def keep(_q, _args, output, g=g):
+                captured[g] = (None, None, output)
+            handles.append(qmodel.quantizer(g).register_forward_hook(keep))
+    samples = 0
+    try:
+        with qmodel.quantization_disabled(), torch.enable_grad():
+            for x, y in batches:
+                captured.clear()
+                x = x.detach().requires_grad_(True)
+                out = qmodel(x)
+                labels = y if bool((y >= 0).all()) else out.detach().argmax(1)
+                loss = F.cross_entropy(out.float(), labels, reduction="sum")  # per-sample gradients, exactly
+                names = [g for g in genes if g in captured and captured[g][2].requires_grad]
+                grads = torch.autograd.grad(loss, [captured[g][2] for g in names], allow_unused=True)
+                with torch.no_grad():
+                    for g, grad in zip(names, grads):
+                        if grad is None:
+                            continue
+                        module, inputs, output = captured[g]
+                        for b in scores[g]:
+                            if module is not None:  # the layer's output change from its weight's error
+                                w = module.weight.detach()
+                                shape = (-1,) + (1,) * (w.dim() - 1)
+                                error = _fake_quant(w, torch.tensor(amax[g]).reshape(shape), b, False) - w
+                                change = (F.linear(inputs, error) if isinstance(module, torch.nn.Linear)
+                                          else module._conv_forward(inputs, error, None))
+                            else:
+                                a = output.detach()
+                                table = qmodel.amax_table.get(g) or {b: amax[g]}
+                                change = _fake_quant(a, _nearest(table, b), b, unsigned[g]) - a
+                            scores[g][b] += 0.5 * float(((grad * change) ** 2).sum())
+                samples += len(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {g: {b: v / max(1, samples) for b, v in t.items()} for g, t in scores.items()}
+
+
+def _nearest(table: Mapping[int, float], bits: int) -> float:
+    return table[bits] if bits in table else table[min(table, key=lambda b: (abs(b - bits), -b))]
+
+
+def fit_scale(sensitivity: Sensitivity, evaluations, problem, cap: float) -> float:
+    """Accuracy drop per unit of estimated loss increase, least squares through the origin over the ``ok``
+    evaluations in the search space whose measured drop lies in (0, ``cap``] (the region the search cares about:
+    far larger drops are where the second-order estimate no longer holds)."""
+    unit = Sensitivity(**{**sensitivity.__dict__, "scale": 1.0}).drops()
+    predicted, measured = [], []
+    for e in evaluations:
+        if e.status != "ok" or not problem.in_space(e.bits):
+            continue
+        drop = sensitivity.sign * (sensitivity.reference - e.accuracy)
+        p = sum(unit[g][int(b)] for g, b in zip(sensitivity.genes, problem.genome(e.bits)))
+        if 0 < drop <= cap and p > 0:
+            predicted.append(p)
+            measured.append(drop)
+    if not predicted:
+        return 1.0
+    p, m = np.asarray(predicted), np.asarray(measured)
+    return float((p * m).sum() / (p * p).sum())
+
+
+def gradient_sensitivity(problem, budget=None, images: int = 500, cap_drops: float = 10.0) -> Sensitivity:
+    """Gradient estimates (:func:`gradient_scores`) of every gene at every width, on the first ``images`` of the
+    problem's search split, scaled to accuracy by the evaluations made so far (the uniform baselines; see
+    :func:`fit_scale`, ``cap`` = ``cap_drops`` x the allowed drop). ``budget`` is charged
+    ``images / split x (GRADIENT_PASSES + widths)`` full evaluations: the backward pass and one pass of the weight
+    layers per width."""
+    metric = problem.metric
+    total = int(metric.num_samples)
+    batches, seen = [], 0
+    for x, y in metric.batches:
+        if seen >= images:
+            break
+        batches.append((x, y))
+        seen += len(x)
+    top = [problem.bit_ranges[g][1] for g in problem.gene_names]
+    reference = problem.evaluate_bits(top)
+    ranges = tuple(problem.bit_ranges[g] for g in problem.gene_names)
+    scores = gradient_scores(problem.qmodel, batches, problem.gene_names, ranges)
+    if budget is not None:
+        widths = max(hi - lo + 1 for lo, hi in ranges)
+        budget.charge(seen / total * (GRADIENT_PASSES + widths))
+    table = Sensitivity(tuple(problem.gene_names), ranges, reference.accuracy, {}, problem.higher_is_better,
+                        bool(getattr(metric, "fraction", True)), {}, "gradient", scores, 1.0)
+    allowed = max(table.sign * (reference.accuracy - problem.min_accuracy), 1e-9)
+    scale = fit_scale(table, problem.visited, problem, cap_drops * allowed)
+    return Sensitivity(**{**table.__dict__, "scale": scale})

@@ -90,8 +90,11 @@ class RunStore:
             version = json.loads(db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
         except (sqlite3.DatabaseError, TypeError, ValueError) as exc:
             raise StoreError(f"run store {path} is corrupted: {exc}") from None
-        if ok != "ok" or version != SCHEMA_VERSION:
-            raise StoreError(f"run store {path} is corrupted or of another version ({ok}, v{version})")
+        if ok != "ok":
+            raise StoreError(f"run store {path} is corrupted: {ok}")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"run store {path} was written with store schema v{version}; this quantsearch reads "
+                             f"v{SCHEMA_VERSION}: start a new run")
         return cls(run_dir, db)
 
     def close(self) -> None:

@@ -127,6 +127,36 @@ class AdditiveModel:
         g = np.asarray(genomes, dtype=int)
         return self.reference - self.sign * self.drops[np.arange(g.shape[1]), g].sum(axis=1)
 
+    def refit(self, evaluations, problem, cap: float, strength: float = 1.0) -> "AdditiveModel":
+        """This model with one weight per gene on its drops (and an offset), fitted to the measured drops of the
+        ``ok`` evaluations in the search space whose drop is at most ``cap``.
+
+        Ridge regression towards weight 1 and offset 0: a gene that few evaluations lowered keeps its estimate,
+        one that many did gets the weight the measurements ask for (clipped to [0.1, 10]); the offset absorbs the
+        reference's own luck. Solved in closed form; the sensitivity table itself is unchanged.
+        """
+        n = self.drops.shape[0]
+        rows, y = [], []
+        for e in evaluations:
+            if e.status != "ok" or not problem.in_space(e.bits):
+                continue
+            drop = self.sign * (self.reference - e.accuracy)
+            d = self.drops[np.arange(n), np.asarray(problem.genome(e.bits), dtype=int)]
+            if drop <= cap and np.isfinite(d).all():
+                rows.append(d)
+                y.append(drop)
+        if len(rows) < 3:
+            return self
+        D = np.column_stack([np.array(rows), np.ones(len(rows))])
+        penalty = strength * max(float(np.mean(np.sum(D[:, :n] ** 2, axis=0))), 1e-12)
+        prior = np.r_[np.ones(n), 0.0]
+        w = np.linalg.solve(D.T @ D + penalty * np.eye(n + 1), D.T @ np.asarray(y) + penalty * prior)
+        fitted = object.__new__(AdditiveModel)
+        fitted.__dict__.update(self.__dict__)
+        fitted.drops = self.drops * np.clip(w[:n], 0.1, 10.0)[:, None]
+        fitted.reference = self.reference - self.sign * float(w[n])
+        return fitted
+
     def total_drop(self, genomes: np.ndarray, known_only: bool = False) -> np.ndarray:
         """Summed modelled drop of each genome; ``known_only``: genes without a measurement add nothing (a lower
         bound, for screening) instead of making the sum infinite."""
