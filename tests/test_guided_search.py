@@ -201,3 +201,142 @@ def test_coarse_to_fine_covers_each_index_once():
         order = coarse_to_fine(n)
         assert sorted(order) == list(range(n))
     assert coarse_to_fine(8)[:3] == [4, 2, 6]
+
+
+# -- early rejection ---------------------------------------------------------------------------------------------
+def test_early_rejection_bound_by_hand():
+    from math import comb
+
+    from quantsearch.evaluation import EarlyRejection
+
+    rule = EarlyRejection(floor=0.8, confidence=0.99)
+    assert rule.hits_needed(10) == 8 and rule.hits_needed(7) == 6  # 6/7 = 0.857 >= 0.8 > 5/7
+    assert EarlyRejection.checkpoints(12) == [1, 2, 4, 8]
+    # P(X <= 3) for X ~ H(N=10, K=8, n=5): hits among the first 5 of 10 images when 8 of 10 are right
+    by_hand = sum(comb(8, k) * comb(2, 5 - k) for k in range(0, 4)) / comb(10, 5)
+    assert rule.p_value(3, 5, 10) == pytest.approx(by_hand)
+    assert rule.rejects(3, 5, 10, checks=1) == (False, pytest.approx(by_hand))  # 0.22 > 0.01
+    assert rule.rejects(0, 3, 10, checks=1)[0]  # 3 misses of 3: K=8 leaves only 2 misses, p = 0
+    assert not rule.rejects(1, 3, 10, checks=1)[0]  # p = C(8,1)C(2,2)/C(10,3) = 8/120 > 0.01
+
+
+def test_early_rejection_stops_bad_candidates_and_never_changes_good_ones(demo_vit, splits):
+    from quantsearch.evaluation import EarlyRejected
+
+    qmodel = QuantizedActivationsModel(demo_vit, "vit")
+    qmodel.calibrate([(splits.calibration[i][0].unsqueeze(0), 0) for i in range(64)], method="max", bits=(2, 8))
+    full = AccuracyEvaluator(splits.search, 100, limit=800)
+    early = AccuracyEvaluator(splits.search, 100, limit=800)
+    qmodel.bit_widths = [8] * len(qmodel)
+    good = full(qmodel)
+    early.reject_below(good - 0.05)
+    assert early(qmodel) == good  # above the floor: evaluated in full, the same value
+    qmodel.bit_widths = [2] * len(qmodel)
+    bad = full(qmodel)
+    with pytest.raises(EarlyRejected) as raised:
+        early(qmodel)
+    assert raised.value.samples < 800 and raised.value.accuracy < good - 0.05 and bad < good - 0.05
+    problem = LayerwiseQuantizationProblem(qmodel, early, good - 0.05, bits=(2, 8))
+    e = problem.evaluate_bits([2] * len(qmodel))
+    assert e.status == "rejected" and e.extra["samples"] == raised.value.samples and not problem.is_feasible(e)
+
+
+# -- budgets -----------------------------------------------------------------------------------------------------
+def test_budget_evaluates_in_batches_that_fit_and_charges_other_work(qmodel, bops):
+    problem = LayerwiseQuantizationProblem(qmodel, Separable(), 0.5, bits=(2, 6), costs=bops)
+    batches = []
+
+    def runner(f, X):
+        batches.append(len(X))
+        return [f(x) for x in X]
+
+    problem.elementwise_runner = runner
+    budget = Budget(problem, 10.5)
+    budget.charge(2.25)
+    rng = np.random.default_rng(0)
+    results = budget.evaluate(rng.integers(2, 7, size=(50, 6)))
+    # 8.25 whole evaluations were left: 8 at once, then 0.25 left: one more (each costs at most 1)
+    assert batches == [8, 1] and len(results) == 9 and budget.spent == pytest.approx(11.25)
+    assert budget.exhausted
+
+
+# -- gradient sensitivities ----------------------------------------------------------------------------------------
+def test_gradient_scores_by_hand():
+    from torch import nn
+
+    from quantsearch.sensitivity import _fake_quant, gradient_scores
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3)).eval()
+    qmodel = QuantizedActivationsModel(net, "linear", weight_quantizers=True)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    qmodel.calibrate([(x, y)], method="max", bits=(2, 8))
+    genes = qmodel.quantizer_names  # input, 0, 0:weight
+    scores = gradient_scores(qmodel, [(x[:8], y[:8]), (x[8:], y[8:])], genes, [(2, 8)] * 3)
+    W, b = net[0].weight.detach(), net[0].bias.detach()
+    z = x @ W.T + b
+    g = torch.softmax(z, 1) - torch.nn.functional.one_hot(y, 3)  # dL/dz of the summed cross-entropy
+    g_x = g @ W
+    amax = qmodel.amax
+    for bits in (2, 4, 8):
+        dz = _fake_quant(z, qmodel.amax_table["0"][bits], bits, qmodel.unsigned["0"]) - z
+        dx = _fake_quant(x, qmodel.amax_table["input"][bits], bits, False) - x
+        dW = _fake_quant(W, torch.tensor(amax["0:weight"]).reshape(-1, 1), bits, False) - W
+        for gene, value in (("0", (g * dz)), ("input", (g_x * dx)), ("0:weight", g * (x @ dW.T))):
+            assert scores[gene][bits] == pytest.approx(0.5 * float((value ** 2).sum()) / 16, rel=1e-4), (gene, bits)
+    assert scores["0"][2] > scores["0"][4] > scores["0"][8]  # more bits, less loss
+
+
+def test_gradient_sensitivity_is_scaled_to_the_uniform_baselines(demo_vit, splits):
+    from quantsearch.exploration import evaluate_baselines
+    from quantsearch.sensitivity import gradient_sensitivity
+
+    qmodel = QuantizedActivationsModel(demo_vit, "vit", weight_quantizers=True)
+    qmodel.calibrate([(splits.calibration[i][0].unsqueeze(0), 0) for i in range(64)], method="max", bits=(2, 8))
+    evaluate = AccuracyEvaluator(splits.search, 200, limit=400)
+    with qmodel.quantization_disabled():
+        fp32 = evaluate(qmodel)
+    problem = LayerwiseQuantizationProblem(qmodel, evaluate, fp32 - 0.01, (2, 8), genes=qmodel.activation_names,
+                                           fixed_bits=8)
+    evaluate_baselines(problem)
+    budget = Budget(problem, 100)
+    before = budget.spent
+    table = gradient_sensitivity(problem, budget, images=200)
+    # one batch of 200 of the 400 images: (3 passes + 7 widths) x 200 / 400 full evaluations
+    assert budget.spent - before == pytest.approx(5.0) and table.method == "gradient" and table.scale > 0
+    # the scale by hand: geometric mean of measured / estimated drops within [0.25, 5] x the allowed drop
+    unit = AdditiveModel(Sensitivity(**{**table.__dict__, "scale": 1.0}), GeneCosts(problem))
+    allowed = table.reference - problem.min_accuracy
+    ratios = [(table.reference - e.accuracy) / unit.total_drop(np.array([problem.genome(e.bits)]))[0]
+              for e in problem.visited if problem.in_space(e.bits) and e.status == "ok"
+              and 0.25 * allowed <= table.reference - e.accuracy <= 5 * allowed]
+    assert ratios and table.scale == pytest.approx(float(np.exp(np.mean(np.log(ratios)))))
+    # every gene has an estimate at every width, never lower with fewer bits
+    drops = table.drops()
+    assert all(drops[g][b] >= drops[g][b + 1] >= 0 for g in table.genes for b in range(2, 8))
+    assert Sensitivity.from_dict(table.to_dict()) == table
+
+
+def test_refit_recovers_per_gene_weights(qmodel, bops):
+    from quantsearch.problem import Evaluation
+
+    problem, model = _model(qmodel, bops, bits=(2, 6))
+    rng = np.random.default_rng(1)
+    truth = np.array([0.5, 2.0, 1.0, 1.5, 0.8, 1.2])
+    genomes = rng.integers(2, 7, size=(200, 6))
+    drops = model.drops[np.arange(6), genomes]
+    evaluations = [Evaluation(problem.configuration(g), model.reference - 0.002 - float((truth * d).sum()), {}, 0.0)
+                   for g, d in zip(genomes, drops)]
+    fitted = model.refit(evaluations, problem, cap=10.0, strength=1e-6)
+    np.testing.assert_allclose(fitted.drops[:, 2] / model.drops[:, 2], truth, rtol=1e-3)
+    assert fitted.reference == pytest.approx(model.reference - 0.002, abs=1e-6)
+    assert model.refit(evaluations[:2], problem, cap=10.0) is model  # too few to fit: unchanged
+
+
+def test_guided_search_offers_each_configuration_once_and_uses_infill(qmodel, bops):
+    problem = LayerwiseQuantizationProblem(qmodel, Separable(), 0.93, bits=(2, 6), costs=bops)
+    asked = []
+    problem.listeners.append(lambda e: asked.append(e.bits))
+    outcome = run_algorithm("guided", problem, Budget(problem, 60), pop_size=8, seed=0)
+    assert len(asked) == len(set(asked)) == len(problem.visited)
+    assert outcome.details["infilled"] > 0 and outcome.sensitivity.method == "measured"  # Separable has no data

@@ -246,15 +246,18 @@ GRADIENT_PASSES = 3  # a forward and a backward pass cost about three forward pa
 
 
 def _fake_quant(x, amax, bits: int, unsigned: bool):
-    """Symmetric narrow-range (or unsigned) fake quantization, as the quantizers do it; zero amax keeps zeros."""
+    """Symmetric narrow-range (or unsigned) fake quantization, as the quantizers do it (``amax`` a number or a
+    tensor that broadcasts, per channel); a channel whose amax is 0 stays 0."""
     import torch
 
     bound = 2.0 ** (bits - 1 + int(unsigned)) - 1.0
     low = 0.0 if unsigned else -bound
-    amax = torch.as_tensor(amax, dtype=x.dtype, device=x.device)
-    scale = torch.where(amax > 0, bound / amax.clamp_min(1e-30), torch.zeros_like(amax))
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.where(scale > 0, torch.clamp(torch.round(x * safe), low, bound) / safe, torch.zeros_like(x))
+    if not isinstance(amax, torch.Tensor):
+        scale = bound / float(amax)
+        return torch.clamp(torch.round(x * scale), low, bound) / scale
+    amax = amax.to(dtype=x.dtype, device=x.device)
+    scale = bound / torch.where(amax > 0, amax, torch.ones_like(amax))
+    return torch.where(amax > 0, torch.clamp(torch.round(x * scale), low, bound) / scale, torch.zeros_like(x))
 
 
 def gradient_scores(qmodel, batches, genes, ranges) -> dict[str, dict[int, float]]:
@@ -322,30 +325,31 @@ def _nearest(table: Mapping[int, float], bits: int) -> float:
     return table[bits] if bits in table else table[min(table, key=lambda b: (abs(b - bits), -b))]
 
 
-def fit_scale(sensitivity: Sensitivity, evaluations, problem, cap: float) -> float:
-    """Accuracy drop per unit of estimated loss increase, least squares through the origin over the ``ok``
-    evaluations in the search space whose measured drop lies in (0, ``cap``] (the region the search cares about:
-    far larger drops are where the second-order estimate no longer holds)."""
+def fit_scale(sensitivity: Sensitivity, evaluations, problem, allowed: float) -> float:
+    """Accuracy drop per unit of estimated loss increase: the geometric mean of measured / estimated drop over the
+    ``ok`` evaluations in the search space whose drop lies within [0.25, 5] x ``allowed`` (near the floor, where
+    the search decides: far smaller drops are noise, far larger ones are where the second-order estimate no longer
+    holds); any positive drop up to 10 x ``allowed`` if none does; 1 if none at all."""
     unit = Sensitivity(**{**sensitivity.__dict__, "scale": 1.0}).drops()
-    predicted, measured = [], []
+    pairs = []
     for e in evaluations:
         if e.status != "ok" or not problem.in_space(e.bits):
             continue
         drop = sensitivity.sign * (sensitivity.reference - e.accuracy)
-        p = sum(unit[g][int(b)] for g, b in zip(sensitivity.genes, problem.genome(e.bits)))
-        if 0 < drop <= cap and p > 0:
-            predicted.append(p)
-            measured.append(drop)
-    if not predicted:
-        return 1.0
-    p, m = np.asarray(predicted), np.asarray(measured)
-    return float((p * m).sum() / (p * p).sum())
+        estimate = sum(unit[g][int(b)] for g, b in zip(sensitivity.genes, problem.genome(e.bits)))
+        if drop > 0 and estimate > 0:
+            pairs.append((drop, estimate))
+    for low, high in ((0.25, 5.0), (0.0, 10.0)):
+        ratios = [d / p for d, p in pairs if low * allowed <= d <= high * allowed]
+        if ratios:
+            return float(np.exp(np.mean(np.log(ratios))))
+    return 1.0
 
 
-def gradient_sensitivity(problem, budget=None, images: int = 500, cap_drops: float = 10.0) -> Sensitivity:
+def gradient_sensitivity(problem, budget=None, images: int = 500) -> Sensitivity:
     """Gradient estimates (:func:`gradient_scores`) of every gene at every width, on the first ``images`` of the
     problem's search split, scaled to accuracy by the evaluations made so far (the uniform baselines; see
-    :func:`fit_scale`, ``cap`` = ``cap_drops`` x the allowed drop). ``budget`` is charged
+    :func:`fit_scale`). ``budget`` is charged
     ``images / split x (GRADIENT_PASSES + widths)`` full evaluations: the backward pass and one pass of the weight
     layers per width."""
     metric = problem.metric
@@ -366,5 +370,5 @@ def gradient_sensitivity(problem, budget=None, images: int = 500, cap_drops: flo
     table = Sensitivity(tuple(problem.gene_names), ranges, reference.accuracy, {}, problem.higher_is_better,
                         bool(getattr(metric, "fraction", True)), {}, "gradient", scores, 1.0)
     allowed = max(table.sign * (reference.accuracy - problem.min_accuracy), 1e-9)
-    scale = fit_scale(table, problem.visited, problem, cap_drops * allowed)
+    scale = fit_scale(table, problem.visited, problem, allowed)
     return Sensitivity(**{**table.__dict__, "scale": scale})
