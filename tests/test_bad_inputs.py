@@ -104,6 +104,7 @@ CASES = [
     ("explore", ["--calib-method", "kl"], ["unknown calibration method 'kl'"]),
     ("explore", ["--algorithm", "annealing"], ["unknown algorithm 'annealing'"]),
     ("explore", ["--budget", "0"], ["budget", "positive"]),
+    ("explore", ["--sensitivity", "hessian"], ["unknown sensitivity 'hessian'"]),
     ("explore", ["--early-reject", "--metric", "kl"], ["early-reject", "kl"]),
     ("explore", ["--calibration", "/nonexistent/calibration.json"], ["calibration file", "does not exist"]),
     ("explore", ["--calibration", "{calibration}"], ["calibration file", "not a quantsearch calibration file"]),

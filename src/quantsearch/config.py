@@ -14,7 +14,8 @@ from typing import Any, Mapping
 __all__ = ["ConfigError", "ExploreConfig", "parse_bits", "load_yaml", "SEARCH_SPACES", "ALGORITHM_NAMES"]
 
 SEARCH_SPACES = ("activations", "weights", "both")
-ALGORITHM_NAMES = ("random", "greedy", "ilp", "nsga2", "guided")  # as quantsearch.search.ALGORITHMS
+ALGORITHM_NAMES = ("random", "greedy", "ilp", "nsga2", "guided")  # quantsearch.search.ALGORITHMS
+SENSITIVITY_NAMES = ("measured", "gradient")  # quantsearch.search.SENSITIVITIES
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,7 @@ class ExploreConfig:
     algorithm: str = "guided"
     budget: float | None = None  # full-evaluation equivalents, the baselines included; None: see resolved_budget
     early_reject: bool = False
+    sensitivity: str | None = None  # measured or gradient (None: the algorithm's own, see search.SENSITIVITY_DEFAULTS)
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -132,6 +134,8 @@ class ExploreConfig:
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
                                         or not self.budget > 0):
             raise ConfigError(f"budget must be a positive number of full evaluations, got {self.budget!r}")
+        if self.sensitivity is not None and self.sensitivity not in SENSITIVITY_NAMES:
+            raise ConfigError(f"unknown sensitivity {self.sensitivity!r}; choose from {', '.join(SENSITIVITY_NAMES)}")
         if not isinstance(self.early_reject, bool):
             raise ConfigError(f"early-reject must be true or false, got {self.early_reject!r}")
         if self.early_reject and not _is_fraction_metric(self.metric):

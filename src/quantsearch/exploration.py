@@ -356,7 +356,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
                 log.debug("generation %d: evaluations per worker %s", n_gen, pool.progress())
 
         outcome = run_algorithm(config.algorithm, problem, budget, config.pop_size, config.generations,
-                                config.seed, seeds, on_generation)
+                                config.seed, seeds, on_generation, sensitivity=config.sensitivity)
     finally:
         if pool is not None:
             parallel = {"workers": len(pool.done), "evaluations_per_worker": list(pool.done),
@@ -370,8 +370,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     search_summary = _search_summary(config, problem, budget, outcome, search_eval)
     if outcome.sensitivity is not None:
         store.put("sensitivity", outcome.sensitivity.to_dict())
-        store.write_csv("sensitivity.csv", ["quantizer", "bits", "accuracy", "drop", "modelled_drop", "status"],
-                        outcome.sensitivity.rows())
+        store.write_csv("sensitivity.csv", outcome.sensitivity.ROW_HEADER, outcome.sensitivity.rows())
         plot_sensitivity_table(outcome.sensitivity, path=run_dir / "sensitivity.png")
     timings["search"] = time.perf_counter() - t
     timings["mean_evaluation"] = sum(e.seconds for e in problem.evaluations) / max(1, len(problem.evaluations))

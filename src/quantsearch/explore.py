@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"seeded from sensitivities, greedy and ILP; default {d.algorithm})")
     p.add_argument("--budget", type=float, help="evaluations to spend, in full search-split equivalents, the "
                    "baselines included (default: pop-size x (generations + 1) after the baselines)")
+    p.add_argument("--sensitivity", help="how greedy, ilp and guided rate the genes: measured (single-gene "
+                   "evaluations, AMP) or gradient (one backward pass, HAWQ/ModelOpt); default: measured for greedy, "
+                   "gradient for ilp and guided")
     p.add_argument("--early-reject", action="store_const", const=True,
                    help="stop evaluating a candidate once it is below the floor with 99.9 %% confidence")
     p.add_argument("--pop-size", type=int, help=f"NSGA-II population (default {d.pop_size})")

@@ -134,14 +134,24 @@ def plot_sensitivity(quantizer_names: Sequence[str], drops: Mapping[int, Sequenc
 
 
 def plot_sensitivity_table(sensitivity, path: str | Path | None = None, ax=None):
-    """:func:`plot_sensitivity` of a :class:`~quantsearch.sensitivity.Sensitivity` table: the measured drops (no
-    bar where a gene was not measured at a width), against the reference with every gene at its top."""
-    widths = sorted({b for m in sensitivity.measured.values() for b in m}, reverse=True)
-    drops = {b: [sensitivity.raw_drop(g, b) if b in sensitivity.measured.get(g, {}) else math.nan
-                 for g in sensitivity.genes] for b in widths}
+    """:func:`plot_sensitivity` of a :class:`~quantsearch.sensitivity.Sensitivity` table, against the reference with
+    every gene at its top: the measured drops (no bar where a gene was not measured at a width), or for gradient
+    estimates the modelled drops at three widths (two below the top, the middle, the bottom of the range)."""
+    if sensitivity.method == "gradient":
+        modelled = sensitivity.drops()
+        lo, hi = min(r[0] for r in sensitivity.ranges), max(r[1] for r in sensitivity.ranges)
+        widths = sorted({max(lo, hi - 2), (lo + hi) // 2, lo}, reverse=True)
+        drops = {b: [modelled[g].get(b, math.nan) for g in sensitivity.genes] for b in widths}
+    else:
+        widths = sorted({b for m in sensitivity.measured.values() for b in m}, reverse=True)
+        drops = {b: [sensitivity.raw_drop(g, b) if b in sensitivity.measured.get(g, {}) else math.nan
+                     for g in sensitivity.genes] for b in widths}
     tops = {hi for _, hi in sensitivity.ranges}
-    return plot_sensitivity(list(sensitivity.genes), drops, reference_bits=tops.pop() if len(tops) == 1 else None,
-                            path=path, ax=ax)
+    ax = _axes(ax, path, (7, max(4, 0.22 * len(sensitivity.genes) + 1)))
+    plot_sensitivity(list(sensitivity.genes), drops, reference_bits=tops.pop() if len(tops) == 1 else None, ax=ax)
+    if sensitivity.method == "gradient":
+        ax.set_xlabel(ax.get_xlabel().replace("accuracy drop", "estimated drop"))
+    return _finish(ax, path)
 
 
 def plot_holdout(front: Sequence[Evaluation], holdout: Mapping[tuple[int, ...], float | None],

@@ -135,8 +135,7 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
         ["accuracy floor", f"{_pct(run.min_accuracy)} % on the search split (FP32 {_pct(fp32['search'])} % "
                            f"minus {100 * drop:.2f} points)"],
         ["cost", ", ".join(costs)],
-        ["search", f"NSGA-II, population {s['pop_size']}, {s['generations']} generations, seed {s['seed']}; "
-                   f"{run.summary.get('num_evaluations', len(run.evaluations))} evaluations"],
+        ["search", _search_line(s, run.summary)],
         ["time", f"{run.summary.get('timings_s', {}).get('total', float('nan')):.0f} s"],
     ]
     out += [_table(["setting", "value"], settings_rows), ""]
@@ -192,7 +191,30 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
             "![Bits per quantizer across the front, network order](bits_heatmap.png)", "",
             "![Hold-out against search accuracy of the Pareto points](holdout.png)", "",
             "![Hypervolume and feasible fraction per generation](convergence.png)", ""]
+    if (run.run_dir / "sensitivity.png").is_file():
+        out += ["![Per-quantizer sensitivity: accuracy drop with one quantizer lowered](sensitivity.png)", ""]
     return "\n".join(out)
+
+
+def _search_line(s: dict, summary: dict) -> str:
+    """What the search did, in one line: algorithm, budget, sensitivity, early rejection."""
+    search = summary.get("search") or {}
+    algorithm = search.get("algorithm", s.get("algorithm", "nsga2"))
+    details = search.get("details", {})
+    parts = [f"`{algorithm}`, population {s['pop_size']}, at most {s['generations']} generations, seed {s['seed']}",
+             f"{summary.get('num_evaluations', 0)} evaluations"]
+    if search:
+        parts.append(f"{search['budget_spent']:.1f} of {search['budget']:.1f} full evaluations spent")
+    if details.get("sensitivity"):
+        parts.append(f"sensitivity: {details['sensitivity']} (sensitivity.csv, sensitivity.png)")
+    if details.get("infilled") is not None:
+        parts.append(f"{details.get('seeds', 0)} model seeds, {details['infilled']} model infill, "
+                     f"{details.get('screened', 0)} offspring screened out")
+    rejection = search.get("early_rejection")
+    if rejection:
+        parts.append(f"early rejection: {rejection['rejected']} rejected, "
+                     f"{100 * rejection['fraction_saved']:.1f} % of images saved")
+    return "; ".join(parts)
 
 
 def write_report(store: RunStore) -> Path:

@@ -41,7 +41,7 @@ from pymoo.termination.max_gen import MaximumGenerationTermination
 
 from .baselines import greedy_search, random_search
 from .budget import Budget, BudgetTermination
-from .config import ALGORITHM_NAMES
+from .config import ALGORITHM_NAMES, SENSITIVITY_NAMES
 from .guided import guided_nsga2, guided_seeds
 from .ilp import ilp_search
 from .sampling import UniformSeededSampling
@@ -52,7 +52,7 @@ __all__ = ["nsga2", "nsga3", "algorithm_for", "run_search", "GenerationCallback"
            "run_algorithm", "model_from_sensitivity", "SENSITIVITIES", "SENSITIVITY_DEFAULTS"]
 
 ALGORITHMS = ALGORITHM_NAMES
-SENSITIVITIES = ("measured", "gradient")
+SENSITIVITIES = SENSITIVITY_NAMES
 # as the peers do it: AMP measures each layer, HAWQ and ModelOpt estimate from second-order / gradient information
 SENSITIVITY_DEFAULTS = {"greedy": "measured", "ilp": "gradient", "guided": "gradient"}
 
