@@ -11,8 +11,11 @@ import pytest
 
 from quantsearch.explore import main
 
+# the default guided search (model seeds, refitted infill, screening) with early rejection: the replay must take
+# the very path of the uninterrupted run
 ARGS = ["--pop-size", "6", "--generations", "4", "--eval-samples", "400", "--holdout-samples", "200",
-        "--batch-size", "200", "--calib-batches", "1", "--bits", "3:8", "--seed", "2", "--no-progress"]
+        "--batch-size", "100", "--calib-batches", "1", "--bits", "3:8", "--seed", "2", "--early-reject",
+        "--no-progress"]
 
 
 def table(path, drop=("seconds",)):
@@ -61,7 +64,7 @@ def assert_same_run(resumed, uninterrupted, at_stop):
 
 
 def test_sigkill_mid_generation_resumes_to_identical_front(tmp_path, uninterrupted):
-    out, code, _, at_stop = interrupt_then_resume(tmp_path, signal.SIGKILL, after=10)
+    out, code, _, at_stop = interrupt_then_resume(tmp_path, signal.SIGKILL, after=30)
     assert code == -signal.SIGKILL
     assert not (out / "pareto.csv").exists()
     assert main(["--resume", str(out), "--no-progress"]) == 0
@@ -69,7 +72,7 @@ def test_sigkill_mid_generation_resumes_to_identical_front(tmp_path, uninterrupt
 
 
 def test_sigint_stops_cleanly_and_resumes_to_identical_front(tmp_path, uninterrupted):
-    out, code, err, at_stop = interrupt_then_resume(tmp_path, signal.SIGINT, after=8)
+    out, code, err, at_stop = interrupt_then_resume(tmp_path, signal.SIGINT, after=20)
     assert code == 130, err
     assert "--resume" in err and "Traceback" not in err
     assert main(["--resume", str(out), "--no-progress"]) == 0

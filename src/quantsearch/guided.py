@@ -136,8 +136,7 @@ class GuidedMating(Mating):
     def _new(self, X: np.ndarray, pop) -> np.ndarray:
         """Which rows are configurations never evaluated and not in the population."""
         known = {tuple(int(v) for v in x) for x in np.rint(np.asarray(pop.get("X"), dtype=float))}
-        return np.array([self.problem.configuration(x) not in self.problem.cache and tuple(x) not in known
-                         for x in X.tolist()], dtype=bool)
+        return np.array([not self.problem.was_visited(x) and tuple(x) not in known for x in X.tolist()], dtype=bool)
 
     def _infill(self, model: AdditiveModel, pop, count: int) -> np.ndarray:
         front = [e for e in self.problem.visited if self.problem.is_feasible(e) and self.problem.in_space(e.bits)]

@@ -189,6 +189,11 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
             return known
         return self.record(key, measure(self.qmodel, self.metric, key))
 
+    def was_visited(self, genome: Sequence[int]) -> bool:
+        """Whether this run has asked for ``genome`` already (a resumed run's store holds more: this replays the
+        original run's order, so that a search that avoids known configurations takes the same path)."""
+        return self.configuration(genome) in self._visited
+
     def evaluate_genomes(self, genomes) -> list[Evaluation]:
         """Evaluate several genomes, in order, through the problem's elementwise runner: serially by default, side
         by side on a parallel pool (``problem.elementwise_runner``), recorded in the order given either way."""

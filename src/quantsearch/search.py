@@ -49,7 +49,7 @@ from .sensitivity import Sensitivity, budgeted_plan, gradient_sensitivity, measu
 from .surrogate import AdditiveModel, GeneCosts
 
 __all__ = ["nsga2", "nsga3", "algorithm_for", "run_search", "GenerationCallback", "ALGORITHMS", "SearchOutcome",
-           "run_algorithm", "model_from_sensitivity", "SENSITIVITIES", "SENSITIVITY_DEFAULTS"]
+           "run_algorithm", "SENSITIVITIES", "SENSITIVITY_DEFAULTS"]
 
 ALGORITHMS = ALGORITHM_NAMES
 SENSITIVITIES = SENSITIVITY_NAMES
@@ -122,11 +122,6 @@ class SearchOutcome:
     algorithm: str
     sensitivity: Sensitivity | None = None
     details: dict = field(default_factory=dict)
-
-
-def model_from_sensitivity(problem, sensitivity: Sensitivity, cost_index: int = 0) -> AdditiveModel:
-    """The additive model of ``problem``'s ``cost_index``-th cost and the sensitivity table."""
-    return AdditiveModel(sensitivity, GeneCosts(problem, cost_index))
 
 
 def _allowed_drop(problem, sensitivity: Sensitivity) -> float:
