@@ -337,10 +337,10 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
         if progress:
             from tqdm.auto import tqdm
 
-            evolutionary = config.algorithm == "nsga2"
-            bar = tqdm(total=config.generations if evolutionary else None,
-                       desc=config.algorithm if config.algorithm != "nsga2" or problem.n_obj <= 2 else "NSGA-III",
-                       unit="gen" if evolutionary else "step", dynamic_ncols=True)
+            name = "NSGA-III" if config.algorithm == "nsga2" and problem.n_obj > 2 else config.algorithm
+            bar = tqdm(total=round(budget.limit, 1), initial=round(budget.spent, 1), desc=name, unit="eval",
+                       dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} evaluations "
+                                                      "[{elapsed}<{remaining}{postfix}]")
         generation["now"] = 1
 
         def on_generation(n_gen):
@@ -348,7 +348,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
             store.write_evaluations_csv(qmodel.quantizer_names, min_accuracy, better)
             if bar is not None:
                 front_now = pareto_front(searched(), min_accuracy, cost_names, better)
-                bar.update(1)
+                bar.update(min(budget.spent, bar.total) - bar.n)  # in full-evaluation equivalents of the budget
                 bar.set_postfix(evals=len(problem.evaluations), front=len(front_now),
                                 cheapest=f"{front_now[0].costs[cost_names[0]]:g}" if front_now else "-",
                                 **({"per_worker": pool.progress()} if pool is not None else {}))

@@ -1,19 +1,21 @@
-"""Sensitivity-guided NSGA-II: seeded from the greedy path and ILP solutions, mutating insensitive genes more,
-and (optionally) skipping offspring that the additive model predicts far below the floor.
+"""Sensitivity-guided NSGA-II: seeded from ILP solutions and the greedy path, bred with a mutation that favours
+insensitive genes, and fed each generation with ILP solutions of the additive model refitted on every measurement.
 
 :func:`guided_nsga2` builds a pymoo ``NSGA2`` (so ``run_search`` / ``pymoo.optimize.minimize`` run it as any
 other algorithm) from an :class:`~quantsearch.surrogate.AdditiveModel`:
 
-- **Seeds** (:func:`guided_seeds`): the first population holds every uniform configuration, any extra seeds (the
-  run's baselines), ILP solutions for a sweep of cost budgets and the greedy path's steps around its predicted floor
-  crossing; random genomes fill what is left.
-- **Mutation** (:class:`SensitivityMutation`): each offspring moves about one gene by one or two bits, the gene
-  drawn with probability proportional to ``0.2 / n + 0.8 * w_g``, where ``w_g`` (normalised) is the cost one bit
-  saves on gene ``g`` divided by the modelled drop that bit costs: cheap-to-lower genes move most, genes that save
-  nothing (an activation no multiply reads, under BOPs) hardly move.
-- **Pre-screen** (:class:`ScreenedMating`): an offspring whose predicted drop, scaled by the ratio of measured to
-  predicted drop fitted on everything evaluated so far, exceeds ``screen`` times the allowed drop (the reference
-  minus the floor) is discarded before evaluation and another is bred in its place.
+- **Seeds** (:func:`guided_seeds`): the first population holds ILP solutions for a sweep of cost budgets and the
+  greedy path's steps around its predicted floor crossing, plus every uniform configuration and extra seed (the
+  run's baselines); it may be larger than later populations.
+- **Infill** (:class:`GuidedMating`): each generation the model is refitted on every evaluation so far (one weight
+  per gene, ridge towards the estimate) and half the offspring are its ILP solutions across the cost range of the
+  front found: where the measurements now say the best configuration of each cost lies.
+- **Mutation** (:class:`SensitivityMutation`): each bred offspring moves about one gene by one or two bits, the
+  gene drawn with probability proportional to ``0.2 / n + 0.8 * w_g``, where ``w_g`` (normalised) is the cost one
+  bit saves on gene ``g`` divided by the modelled drop that bit costs: cheap-to-lower genes move most, genes that
+  save nothing (an activation no multiply reads, under BOPs) hardly move.
+- **Pre-screen**: a bred offspring the refitted model predicts to lose more than ``screen`` times the allowed drop
+  (the reference minus the floor) is discarded before evaluation, and so is any configuration already evaluated.
 """
 from __future__ import annotations
 
