@@ -201,8 +201,9 @@ def main() -> None:
             if within:
                 best = within[0]  # cheapest first
                 cheapest[name].append((best.costs["bops"] / w8a8, best.accuracy, holdout(best).accuracy))
-        print(f"  {name}: {time.perf_counter() - start:.0f} s, {shared.computed} configurations computed so far",
-              flush=True)
+        print(f"  {name}: {time.perf_counter() - start:.0f} s, {shared.computed} configurations computed so far; "
+              "mean HV " + ", ".join(f"@{b:.0f} {np.mean(hv[name][b]):.4f}" for b in budgets) + "; hold-out "
+              + ", ".join(f"@{b:.0f} {np.mean(hvh[name][b]):.4f}" for b in budgets), flush=True)
 
     mean = {a: {b: float(np.mean(v)) for b, v in hv[a].items()} for a in algorithms}
     best = max(v for a in algorithms for v in mean[a].values())
