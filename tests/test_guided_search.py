@@ -191,8 +191,11 @@ def test_run_algorithm_every_algorithm_within_budget(qmodel, bops):
         ticks = []
         outcome = run_algorithm(name, problem, Budget(problem, 40), pop_size=8, seed=1, on_generation=ticks.append)
         assert ticks == list(range(1, len(ticks) + 1)) and ticks, name
-        limit = 40 + (8 if name in ("nsga2", "guided") else 0)  # a generation may overshoot
-        assert len(problem.visited) <= limit, name
+        # full evaluations (no early rejection) cost 1 each: the last generation is cut to what is left (before
+        # the cut, NSGA-II's last generation of 8 overshot to 48); greedy may end its path earlier
+        assert len(problem.visited) <= 40, name
+        if name in ("random", "nsga2", "guided"):
+            assert len(problem.visited) == 40, name
         assert (outcome.sensitivity is None) == (name in ("random", "nsga2")), name
 
 

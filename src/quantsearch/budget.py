@@ -70,19 +70,26 @@ class Budget:
 
 
 class BudgetTermination(Termination):
-    """pymoo termination once a :class:`Budget` is spent (checked after each generation: it may overshoot by one),
-    or after ``stall`` generations in a row that evaluated nothing new (every offspring already known: a converged
-    search would otherwise never spend its budget)."""
+    """pymoo termination once a :class:`Budget` is spent, or after ``stall`` generations in a row that evaluated
+    nothing new (every offspring already known: a converged search would otherwise never spend its budget).
+
+    After each generation it also caps the next generation's offspring (``algorithm.n_offsprings``) at the whole
+    evaluations left, rounded up, so the last generation overshoots the budget by less than one evaluation instead
+    of by a population."""
 
     def __init__(self, budget: Budget, stall: int = 10):
         super().__init__()
         self.budget, self.stall = budget, int(stall)
         self._count, self._still = -1, 0
+        self._offsprings = None
 
     def _update(self, algorithm) -> float:
         count = len(self.budget.problem.visited)
         self._still = self._still + 1 if count == self._count else 0
         self._count = count
+        if getattr(algorithm, "n_offsprings", None):
+            self._offsprings = self._offsprings or int(algorithm.n_offsprings)
+            algorithm.n_offsprings = max(1, min(self._offsprings, math.ceil(self.budget.left - 1e-9)))
         if self._still >= self.stall or self.budget.limit <= 0:
             return 1.0
         return min(1.0, self.budget.spent / self.budget.limit)
