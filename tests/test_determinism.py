@@ -47,7 +47,9 @@ def test_same_seed_same_bytes_other_seed_other_run(tmp_path):
     assert (a / "pareto.csv").read_bytes() == (b / "pareto.csv").read_bytes()
     for point in sorted((a / "pareto").glob("*.json")):
         assert point.read_bytes() == (b / "pareto" / point.name).read_bytes(), point.name
-    assert store_rows(a) == store_rows(b) and len(store_rows(a)) > 20
+    rows = store_rows(a)
+    assert rows == store_rows(b)
+    assert max(r[3] for r in rows) >= 2 and len(rows) >= 15  # the baselines, the seeds and two generations bred
     summary = json.loads((a / "run.json").read_text())
     assert summary["search"]["algorithm"] == "guided" and summary["search"]["early_rejection"]["evaluations"] > 0
     assert json.loads((b / "run.json").read_text())["front"] == summary["front"]

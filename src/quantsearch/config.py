@@ -73,7 +73,7 @@ class ExploreConfig:
     ray_address: str | None = None  # join an existing Ray cluster (auto: the one this node belongs to)
     # search algorithm, evaluation budget, early rejection (see search.py, budget.py, evaluation.py)
     algorithm: str = "guided"
-    budget: float | None = None  # full-evaluation equivalents, the baselines included; None: see resolved_budget
+    budget: float | None = None  # full evaluations, baselines included; None: baselines + pop x (gens + 1)
     early_reject: bool = False
     sensitivity: str | None = None  # measured or gradient (None: the algorithm's own, see search.SENSITIVITY_DEFAULTS)
 
