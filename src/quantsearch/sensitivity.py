@@ -272,6 +272,8 @@ def gradient_scores(qmodel, batches, genes, ranges) -> dict[str, dict[int, float
     import torch
     import torch.nn.functional as F
 
+    from .quantized_model import amax_for_bits
+
     genes, weights = list(genes), set(qmodel.weight_names)
     scores = {g: {b: 0.0 for b in range(lo, hi + 1)} for g, (lo, hi) in zip(genes, ranges)}
     amax, unsigned = qmodel.amax, qmodel.unsigned
@@ -312,17 +314,13 @@ def gradient_scores(qmodel, batches, genes, ranges) -> dict[str, dict[int, float
                             else:
                                 a = output.detach()
                                 table = qmodel.amax_table.get(g) or {b: amax[g]}
-                                change = _fake_quant(a, _nearest(table, b), b, unsigned[g]) - a
+                                change = _fake_quant(a, amax_for_bits(table, b), b, unsigned[g]) - a
                             scores[g][b] += 0.5 * float(((grad * change) ** 2).sum())
                 samples += len(x)
     finally:
         for handle in handles:
             handle.remove()
     return {g: {b: v / max(1, samples) for b, v in t.items()} for g, t in scores.items()}
-
-
-def _nearest(table: Mapping[int, float], bits: int) -> float:
-    return table[bits] if bits in table else table[min(table, key=lambda b: (abs(b - bits), -b))]
 
 
 def fit_scale(sensitivity: Sensitivity, evaluations, problem, allowed: float) -> float:
