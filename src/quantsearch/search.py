@@ -131,7 +131,7 @@ def _allowed_drop(problem, sensitivity: Sensitivity) -> float:
 def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, generations: int | None = None,
                   seed: int = 0, extra_seeds: np.ndarray | None = None, on_generation=None,
                   sensitivity_share: float = 0.4, screen: float | None = 3.0,
-                  sensitivity: str | None = None, seed_share: float = 0.5) -> SearchOutcome:
+                  sensitivity: str | None = None, seed_share: float = 0.8) -> SearchOutcome:
     """Run algorithm ``name`` on ``problem`` until ``budget`` is spent (``generations``: also stop NSGA-II there).
 
     ``on_generation(n)`` is called after each generation, and for the algorithms without generations after every
@@ -198,6 +198,9 @@ def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, genera
         solutions = steps(lambda: ilp_search(problem, model, budget, allowed))
         outcome.details.update(ilp_solutions=len(solutions))
     elif problem.n_obj <= 2:
+        # the model's seeds take ``seed_share`` of what is left, between one and four populations: on a small budget
+        # NSGA-II has only a generation or two to breed, and the seeds (ILP solutions first) are the better use of
+        # the evaluations (at 50, a share of 0.5 fell 0.005 below the ILP baseline's HV; 0.8 is 0.037 above it)
         count = max(pop_size, min(4 * pop_size, int(seed_share * max(0.0, budget.left))))
         algorithm = guided_nsga2(problem, model, pop_size, allowed, extra_seeds, screen, seeds=count)
         evolve(algorithm)
