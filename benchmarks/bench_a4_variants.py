@@ -31,14 +31,9 @@ from quantsearch.evaluation import Evaluator  # noqa: E402
 from quantsearch.exploration import calibrate_run, load_model_and_data  # noqa: E402
 from quantsearch.quantized_model import QuantizedActivationsModel  # noqa: E402
 from quantsearch.results import format_table  # noqa: E402
+from quantsearch.sensitivity import _fake_quant as fake_quant_symmetric  # noqa: E402  (x, amax, bits, unsigned)
 
 NOT_READ_BY_A_MULTIPLY = ("mlp.fc1", "attn.proj", "mlp.fc2", "patch_embed.proj", "head")
-
-
-def fake_quant_symmetric(x, amax, bits, unsigned=False):
-    bound = 2 ** (bits - 1 + int(unsigned)) - 1
-    scale = bound / amax
-    return (x * scale).round().clamp(0 if unsigned else -bound, bound) / scale
 
 
 def fake_quant_asymmetric(x, lo, hi, bits):
@@ -64,7 +59,7 @@ def fit_asymmetric(x, bits, fallback):
 
 def fit_symmetric(x, bits):
     amaxes = np.linspace(0.05, 1.0, 60) * float(x.abs().max())
-    errors = [float(((fake_quant_symmetric(x, a, bits) - x) ** 2).mean()) for a in amaxes]
+    errors = [float(((fake_quant_symmetric(x, a, bits, False) - x) ** 2).mean()) for a in amaxes]
     return float(amaxes[int(np.argmin(errors))])
 
 
@@ -127,7 +122,7 @@ def main() -> None:
             def grouped(m, a, _o, amax=amax):
                 x = a[0]
                 groups = x.reshape(*x.shape[:-1], 3, heads, -1)
-                return fake_quant_symmetric(groups, amax.reshape(3, heads, 1), m.num_bits).reshape(x.shape)
+                return fake_quant_symmetric(groups, amax.reshape(3, heads, 1), m.num_bits, False).reshape(x.shape)
             handles.append(qmodel.quantizer(name).register_forward_hook(grouped))
         qmodel.bit_widths = bits
         try:

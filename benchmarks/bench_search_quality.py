@@ -185,7 +185,7 @@ def main() -> None:
     for name in algorithms:
         start = time.perf_counter()
         for seed in seeds:
-            if name in ANYTIME:
+            if name in ANYTIME:  # one run on to anytime_to, read at each budget through prefix()
                 runs = {max(budgets): run_one(name, anytime_to, seed, qmodel, shared, floor, costs, genes,
                                               args.pop_size)}
             elif name == "guided" or seed == seeds[0]:
