@@ -25,13 +25,13 @@ import torch
 
 warnings.simplefilter("ignore", FutureWarning)
 
-from quantsearch.config import ExploreConfig  # noqa: E402
-from quantsearch.data import split_dataset  # noqa: E402
-from quantsearch.evaluation import Evaluator  # noqa: E402
-from quantsearch.exploration import calibrate_run, load_model_and_data  # noqa: E402
-from quantsearch.quantized_model import QuantizedActivationsModel  # noqa: E402
-from quantsearch.results import format_table  # noqa: E402
-from quantsearch.sensitivity import _fake_quant as fake_quant_symmetric  # noqa: E402  (x, amax, bits, unsigned)
+from quantsearch.run.settings import ExploreConfig  # noqa: E402
+from quantsearch.sources.data import split_dataset  # noqa: E402
+from quantsearch.search.evaluator import Evaluator  # noqa: E402
+from quantsearch.run.pipeline import calibrate_run, load_model_and_data  # noqa: E402
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel  # noqa: E402
+from quantsearch.run.tables import format_table  # noqa: E402
+from quantsearch.search.sensitivity import _fake_quant as fake_quant_symmetric  # noqa: E402  (x, amax, bits, unsigned)
 
 NOT_READ_BY_A_MULTIPLY = ("mlp.fc1", "attn.proj", "mlp.fc2", "patch_embed.proj", "head")
 

@@ -13,12 +13,12 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from quantsearch.calibration import calibrate
-from quantsearch.data import load_fashion_mnist, split_dataset
-from quantsearch.evaluation import AccuracyEvaluator
-from quantsearch.models import create_model
-from quantsearch.quantized_model import QuantizedActivationsModel
-from quantsearch.results import format_table
+from quantsearch.quantize.calib import calibrate
+from quantsearch.sources.data import load_fashion_mnist, split_dataset
+from quantsearch.search.evaluator import AccuracyEvaluator
+from quantsearch.sources.models import create_model
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
+from quantsearch.run.tables import format_table
 
 WIDTHS = (8, 6, 5, 4)
 ROWS = [  # label, method, options

@@ -22,8 +22,8 @@ from torch import nn
 
 warnings.simplefilter("ignore", FutureWarning)
 
-from quantsearch.predicates import by_type  # noqa: E402
-from quantsearch.quantized_model import QuantizedActivationsModel  # noqa: E402
+from quantsearch.quantize.predicates import by_type  # noqa: E402
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel  # noqa: E402
 
 PREDICATES = {"deit_tiny_patch16_224": by_type(nn.Linear, nn.GELU, nn.LayerNorm), "resnet18": by_type(nn.Conv2d)}
 

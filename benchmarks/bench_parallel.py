@@ -14,9 +14,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from quantsearch.config import ExploreConfig
-from quantsearch.exploration import explore
-from quantsearch.results import format_table
+from quantsearch.run.settings import ExploreConfig
+from quantsearch.run.pipeline import explore
+from quantsearch.run.tables import format_table
 
 
 def _bits(run_dir: Path) -> list[str]:

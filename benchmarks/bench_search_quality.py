@@ -19,7 +19,7 @@ fraction of the split it ran.
 **Hypervolume.** Feasible points ``(-100 x accuracy, BOPs / W8A8 BOPs)``, reference ``(-100 x floor, 1)``: accuracy
 points above the floor x fraction of the W8A8 BOPs saved. W8A8 is the reference cost because it already saves
 94 % of FP32's BOPs and stays within noise of FP32: everything a mixed-precision search adds lies below it (the
-same figure against FP32's BOPs, ``quantsearch.convergence``'s, is printed too). **Hold-out HV** is that of each
+same figure against FP32's BOPs, ``quantsearch.run.convergence``'s, is printed too). **Hold-out HV** is that of each
 run's front (its feasible non-dominated points on the search split) re-evaluated on the hold-out split (6000
 images, floor FP32 hold-out - 1): what a user would get, with the luck of the search split taken out.
 "Budget to 99 %" is the smallest budget at which the mean over seeds reaches 99 % of the best mean HV seen (the
@@ -47,17 +47,18 @@ import torch
 
 warnings.simplefilter("ignore", FutureWarning)
 
-from quantsearch.budget import Budget, evaluation_cost  # noqa: E402
-from quantsearch.config import ExploreConfig  # noqa: E402
-from quantsearch.convergence import hypervolume  # noqa: E402
-from quantsearch.costs import get_costs, profile_model  # noqa: E402
-from quantsearch.data import split_dataset  # noqa: E402
-from quantsearch.evaluation import EarlyRejected, Evaluator, NumericalError  # noqa: E402
-from quantsearch.exploration import calibrate_run, evaluate_baselines, load_model_and_data, search_genes  # noqa: E402
-from quantsearch.problem import Evaluation, LayerwiseQuantizationProblem  # noqa: E402
-from quantsearch.quantized_model import QuantizedActivationsModel  # noqa: E402
-from quantsearch.results import format_table, pareto_front  # noqa: E402
-from quantsearch.search import ALGORITHMS, run_algorithm  # noqa: E402
+from quantsearch.search.budget import Budget, evaluation_cost  # noqa: E402
+from quantsearch.run.settings import ExploreConfig  # noqa: E402
+from quantsearch.run.convergence import hypervolume  # noqa: E402
+from quantsearch.search.costs import get_costs, profile_model  # noqa: E402
+from quantsearch.sources.data import split_dataset  # noqa: E402
+from quantsearch.search.evaluator import EarlyRejected, Evaluator, NumericalError  # noqa: E402
+from quantsearch.run.pipeline import calibrate_run, evaluate_baselines, load_model_and_data, search_genes  # noqa: E402
+from quantsearch.search.problem import Evaluation, LayerwiseQuantizationProblem  # noqa: E402
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel  # noqa: E402
+from quantsearch.run.tables import format_table  # noqa: E402
+from quantsearch.search.front import pareto_front  # noqa: E402
+from quantsearch.search.algorithms import ALGORITHMS, run_algorithm  # noqa: E402
 
 ANYTIME = ("random", "nsga2")
 

@@ -17,10 +17,10 @@ import torch
 
 def main() -> None:
     warnings.simplefilter("ignore", FutureWarning)
-    from quantsearch.data import load_fashion_mnist, split_dataset
-    from quantsearch.evaluation import AccuracyEvaluator
-    from quantsearch.models import create_demo_vit
-    from quantsearch.quantized_model import QuantizedActivationsModel
+    from quantsearch.sources.data import load_fashion_mnist, split_dataset
+    from quantsearch.search.evaluator import AccuracyEvaluator
+    from quantsearch.sources.models import create_demo_vit
+    from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)

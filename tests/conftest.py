@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantsearch.data import load_fashion_mnist, split_dataset
-from quantsearch.models import create_demo_vit
+from quantsearch.sources.data import load_fashion_mnist, split_dataset
+from quantsearch.sources.models import create_demo_vit
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +58,7 @@ def write_fashion_pngs(folder, count, start=0, by_class=False):
     import numpy as np
     from PIL import Image
 
-    from quantsearch.data import FASHION_MNIST_CLASSES, _fashion_mnist_files, read_idx
+    from quantsearch.sources.data import FASHION_MNIST_CLASSES, _fashion_mnist_files, read_idx
 
     images_path, labels_path = _fashion_mnist_files("test", None)
     images, labels = read_idx(images_path), read_idx(labels_path)

@@ -12,12 +12,12 @@ import torch
 
 from timm.models.vision_transformer import VisionTransformer
 
-from quantsearch.apply import main as apply_main
-from quantsearch.bitconfig import BitConfig, BitConfigError, apply_bitconfig
-from quantsearch.explore import main as explore_main
-from quantsearch.export import ExportError, export_quantized, load_exported, model_state
-from quantsearch.models import create_model
-from quantsearch.report import load_run
+from quantsearch.cli.apply import main as apply_main
+from quantsearch.deploy.bitconfig import BitConfig, BitConfigError, apply_bitconfig
+from quantsearch.cli.explore import main as explore_main
+from quantsearch.deploy.export import ExportError, export_quantized, load_exported, model_state
+from quantsearch.sources.models import create_model
+from quantsearch.run.report import load_run
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "pareto_analysis.ipynb"
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantsearch.models import create_demo_vit
-from quantsearch.store import RunStore
+from quantsearch.sources.models import create_demo_vit
+from quantsearch.run.store import RunStore
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # small splits and budgets, for the cases that get as far as loading the model; a case's own flags win

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from conftest import fake_quant_by_hand
-from quantsearch.bitconfig import BitConfig, apply_bitconfig
-from quantsearch.calibration import (Calibration, CalibrationError, calibrate, data_fingerprint, entropy_amax,
+from quantsearch.deploy.bitconfig import BitConfig, apply_bitconfig
+from quantsearch.quantize.calib import (Calibration, CalibrationError, calibrate, data_fingerprint, entropy_amax,
                                      mse_amax, percentile_amax)
-from quantsearch.predicates import by_name, by_type
-from quantsearch.quantized_model import QuantizedActivationsModel
+from quantsearch.quantize.predicates import by_name, by_type
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
@@ -319,9 +319,9 @@ def test_overrides_and_methods_are_checked(convnet):
 
 # -- the command line ------------------------------------------------------------------------------------------------
 def test_calibrate_cli_then_explore_reuses_it_and_refuses_a_mismatch(tmp_path, capsys):
-    from quantsearch.calibrate import main as calibrate_main
-    from quantsearch.explore import main as explore_main
-    from quantsearch.models import create_demo_vit
+    from quantsearch.cli.calibrate import main as calibrate_main
+    from quantsearch.cli.explore import main as explore_main
+    from quantsearch.sources.models import create_demo_vit
 
     common = ["--calib-batches", "1", "--batch-size", "200", "--eval-samples", "200", "--holdout-samples", "100",
               "--bits", "4:8"]

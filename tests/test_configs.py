@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from quantsearch.config import ConfigError, ExploreConfig, load_yaml
+from quantsearch.run.settings import ConfigError, ExploreConfig, load_yaml
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from quantsearch.convergence import convergence, hypervolume
-from quantsearch.problem import Evaluation
-from quantsearch.store import RunStore
+from quantsearch.run.convergence import convergence, hypervolume
+from quantsearch.search.problem import Evaluation
+from quantsearch.run.store import RunStore
 
 
 def ev(accuracy, bits_cost, status="ok", **costs):

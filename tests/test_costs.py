@@ -3,9 +3,9 @@ import pytest
 import torch
 from timm.models.vision_transformer import Block
 
-from quantsearch.config import ConfigError, ExploreConfig
-from quantsearch.costs import COSTS, get_costs, profile_model
-from quantsearch.quantized_model import QuantizedActivationsModel
+from quantsearch.run.settings import ConfigError, ExploreConfig
+from quantsearch.search.costs import COSTS, get_costs, profile_model
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 
 
 def costs_by_name(qmodel, example):

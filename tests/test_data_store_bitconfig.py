@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from quantsearch.bitconfig import BitConfig, BitConfigError, apply_bitconfig
-from quantsearch.data import DataError, read_idx, split_dataset
-from quantsearch.problem import Evaluation
-from quantsearch.quantized_model import QuantizedActivationsModel
-from quantsearch.store import RunStore, StoreError
+from quantsearch.deploy.bitconfig import BitConfig, BitConfigError, apply_bitconfig
+from quantsearch.sources.data import DataError, read_idx, split_dataset
+from quantsearch.search.problem import Evaluation
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
+from quantsearch.run.store import RunStore, StoreError
 
 
 def test_read_idx_by_hand(tmp_path):

@@ -14,14 +14,14 @@ import pytest
 import torch
 from conftest import write_fashion_pngs
 
-from quantsearch.bitconfig import apply_bitconfig
-from quantsearch.data import load_dataset, split_dataset
-from quantsearch.evaluation import Evaluator
-from quantsearch.explore import main
-from quantsearch.models import ModelError, create_model, load_state_dict_in_order, model_preprocessing
+from quantsearch.deploy.bitconfig import apply_bitconfig
+from quantsearch.sources.data import load_dataset, split_dataset
+from quantsearch.search.evaluator import Evaluator
+from quantsearch.cli.explore import main
+from quantsearch.sources.models import ModelError, create_model, load_state_dict_in_order, model_preprocessing
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "efficientnet_lite0_agreement.yaml"
-SPEC = "quantsearch.models:efficientnet_lite0"
+SPEC = "quantsearch.sources.models:efficientnet_lite0"
 MILITARY_UNIFORM, ACADEMIC_GOWN, MORTARBOARD = 652, 400, 667
 
 

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from quantsearch.bitconfig import apply_bitconfig
-from quantsearch.data import load_fashion_mnist, split_dataset
-from quantsearch.evaluation import AccuracyEvaluator
-from quantsearch.explore import main
-from quantsearch.models import create_model
+from quantsearch.deploy.bitconfig import apply_bitconfig
+from quantsearch.sources.data import load_fashion_mnist, split_dataset
+from quantsearch.search.evaluator import AccuracyEvaluator
+from quantsearch.cli.explore import main
+from quantsearch.sources.models import create_model
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import warnings
 import pytest
 import torch
 
-from quantsearch.fakequant import FastTensorQuantizer
-from quantsearch.quantized_model import QuantizedActivationsModel
+from quantsearch.quantize.fakequant import FastTensorQuantizer
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -53,7 +53,7 @@ def test_falls_back_where_the_fast_path_does_not_apply():
 
 
 def test_bit_identical_on_real_activations(fashion):
-    from quantsearch.models import create_demo_vit
+    from quantsearch.sources.models import create_demo_vit
 
     x = fashion.tensors[0][:200]
     outputs = {}

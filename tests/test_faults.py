@@ -3,10 +3,10 @@ candidate is recorded as failed (accuracy 0, infeasible), never silently scored.
 import pytest
 import torch
 
-from quantsearch.calibration import CalibrationError
-from quantsearch.evaluation import Evaluator, NumericalError
-from quantsearch.problem import LayerwiseQuantizationProblem
-from quantsearch.quantized_model import QuantizedActivationsModel
+from quantsearch.quantize.calib import CalibrationError
+from quantsearch.search.evaluator import Evaluator, NumericalError
+from quantsearch.search.problem import LayerwiseQuantizationProblem
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 
 
 @pytest.fixture

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from quantsearch.baselines import greedy_path, greedy_search, random_search
-from quantsearch.budget import Budget
-from quantsearch.costs import get_costs
-from quantsearch.evaluation import AccuracyEvaluator
-from quantsearch.guided import guided_nsga2
-from quantsearch.ilp import coarse_to_fine, min_cost_for_drop, solve_ilp
-from quantsearch.problem import LayerwiseQuantizationProblem
-from quantsearch.quantized_model import QuantizedActivationsModel
-from quantsearch.sampling import uniform_configurations
-from quantsearch.search import run_algorithm, run_search
-from quantsearch.sensitivity import Sensitivity, measure_sensitivity
-from quantsearch.surrogate import AdditiveModel, GeneCosts
+from quantsearch.search.random_greedy import greedy_path, greedy_search, random_search
+from quantsearch.search.budget import Budget
+from quantsearch.search.costs import get_costs
+from quantsearch.search.evaluator import AccuracyEvaluator
+from quantsearch.search.guided import guided_nsga2
+from quantsearch.search.ilp import coarse_to_fine, min_cost_for_drop, solve_ilp
+from quantsearch.search.problem import LayerwiseQuantizationProblem
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
+from quantsearch.search.sampling import uniform_configurations
+from quantsearch.search.algorithms import run_algorithm, run_search
+from quantsearch.search.sensitivity import Sensitivity, measure_sensitivity
+from quantsearch.search.surrogate import AdditiveModel, GeneCosts
 
 # input, conv1, conv2, conv1:weight, conv2:weight, fc:weight
 WEIGHTS = np.array([0.3, 0.5, 0.2, 1.0, 0.4, 0.1])
@@ -210,7 +210,7 @@ def test_coarse_to_fine_covers_each_index_once():
 def test_early_rejection_bound_by_hand():
     from math import comb
 
-    from quantsearch.evaluation import EarlyRejection
+    from quantsearch.search.evaluator import EarlyRejection
 
     rule = EarlyRejection(floor=0.8, confidence=0.99)
     assert rule.hits_needed(10) == 8 and rule.hits_needed(7) == 6  # 6/7 = 0.857 >= 0.8 > 5/7
@@ -224,7 +224,7 @@ def test_early_rejection_bound_by_hand():
 
 
 def test_early_rejection_stops_bad_candidates_and_never_changes_good_ones(demo_vit, splits):
-    from quantsearch.evaluation import EarlyRejected
+    from quantsearch.search.evaluator import EarlyRejected
 
     qmodel = QuantizedActivationsModel(demo_vit, "vit")
     qmodel.calibrate([(splits.calibration[i][0].unsqueeze(0), 0) for i in range(64)], method="max", bits=(2, 8))
@@ -267,7 +267,7 @@ def test_budget_evaluates_in_batches_that_fit_and_charges_other_work(qmodel, bop
 def test_gradient_scores_by_hand():
     from torch import nn
 
-    from quantsearch.sensitivity import _fake_quant, gradient_scores
+    from quantsearch.search.sensitivity import _fake_quant, gradient_scores
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 3)).eval()
@@ -291,8 +291,8 @@ def test_gradient_scores_by_hand():
 
 
 def test_gradient_sensitivity_is_scaled_to_the_uniform_baselines(demo_vit, splits):
-    from quantsearch.exploration import evaluate_baselines
-    from quantsearch.sensitivity import gradient_sensitivity
+    from quantsearch.run.pipeline import evaluate_baselines
+    from quantsearch.search.sensitivity import gradient_sensitivity
 
     qmodel = QuantizedActivationsModel(demo_vit, "vit", weight_quantizers=True)
     qmodel.calibrate([(splits.calibration[i][0].unsqueeze(0), 0) for i in range(64)], method="max", bits=(2, 8))
@@ -321,7 +321,7 @@ def test_gradient_sensitivity_is_scaled_to_the_uniform_baselines(demo_vit, split
 
 
 def test_refit_recovers_per_gene_weights(qmodel, bops):
-    from quantsearch.problem import Evaluation
+    from quantsearch.search.problem import Evaluation
 
     problem, model = _model(qmodel, bops, bits=(2, 6))
     rng = np.random.default_rng(1)

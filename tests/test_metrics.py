@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from quantsearch.evaluation import Evaluator, MetricError, NumericalError, get_metric
-from quantsearch.explore import main
-from quantsearch.problem import LayerwiseQuantizationProblem
-from quantsearch.quantized_model import QuantizedActivationsModel
-from quantsearch.results import pareto_front
+from quantsearch.search.evaluator import Evaluator, NumericalError
+from quantsearch.sources.metrics import MetricError, get_metric
+from quantsearch.cli.explore import main
+from quantsearch.search.problem import LayerwiseQuantizationProblem
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
+from quantsearch.search.front import pareto_front
 
 # four samples, three classes: the data are the logits themselves (the candidate model is the identity)
 LOGITS = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.5], [0.0, 0.0, 4.0]])
@@ -157,7 +158,7 @@ def test_kl_search_end_to_end_on_the_demo(tmp_path):
     kls = [p["accuracy"] for p in run["front"]]
     assert kls == sorted(kls, reverse=True)  # cheapest first: more bits buy lower KL
     # the hypervolume counts KL below the ceiling (not above it): positive, and never shrinking
-    from quantsearch.report import load_run
+    from quantsearch.run.report import load_run
 
     volumes = load_run(out).convergence().hypervolume
     assert volumes[-1] > 0 and volumes == sorted(volumes)

@@ -8,14 +8,14 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from quantsearch.data import split_dataset  # noqa: E402
-from quantsearch.evaluation import AccuracyEvaluator  # noqa: E402
-from quantsearch.explore import main  # noqa: E402
-from quantsearch.models import create_demo_vit  # noqa: E402
-from quantsearch.parallel import RayEvaluationPool  # noqa: E402
-from quantsearch.problem import LayerwiseQuantizationProblem  # noqa: E402
-from quantsearch.quantized_model import QuantizedActivationsModel  # noqa: E402
-from quantsearch.search import nsga2, run_search  # noqa: E402
+from quantsearch.sources.data import split_dataset  # noqa: E402
+from quantsearch.search.evaluator import AccuracyEvaluator  # noqa: E402
+from quantsearch.cli.explore import main  # noqa: E402
+from quantsearch.sources.models import create_demo_vit  # noqa: E402
+from quantsearch.run.parallel import RayEvaluationPool  # noqa: E402
+from quantsearch.search.problem import LayerwiseQuantizationProblem  # noqa: E402
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel  # noqa: E402
+from quantsearch.search.algorithms import nsga2, run_search  # noqa: E402
 
 SMALL = ["--eval-samples", "300", "--holdout-samples", "100", "--calib-batches", "1", "--batch-size", "100",
          "--bits", "3:8", "--pop-size", "6", "--generations", "3", "--no-progress"]
@@ -85,13 +85,13 @@ def qmodel_calibration(qmodel, splits):
     """The calibration the workers build from settings: max over the first 100 calibration images."""
     from torch.utils.data import DataLoader
 
-    from quantsearch.calibration import calibrate
+    from quantsearch.quantize.calib import calibrate
 
     return calibrate(qmodel, DataLoader(splits.calibration, batch_size=100), 1, "max", bits=(2, 8)).to_dict()
 
 
 @pytest.fixture(scope="module")
 def fashion_splits():
-    from quantsearch.data import load_fashion_mnist
+    from quantsearch.sources.data import load_fashion_mnist
 
     return split_dataset(load_fashion_mnist(), 100, 300, 100, seed=0)  # as the workers split: 1 x 100

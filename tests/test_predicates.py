@@ -1,7 +1,7 @@
 import pytest
 from torch import nn
 
-from quantsearch.predicates import PRESETS, Predicate, by_name, by_type, get_target, leaf
+from quantsearch.quantize.predicates import PRESETS, Predicate, by_name, by_type, get_target, leaf
 
 
 def selected(predicate, model):

@@ -5,10 +5,10 @@ from pymoo.algorithms.moo.nsga3 import NSGA3
 from pymoo.optimize import minimize
 from pymoo.util.ref_dirs import get_reference_directions
 
-from quantsearch.problem import LayerwiseQuantizationProblem
-from quantsearch.quantized_model import QuantizedActivationsModel
-from quantsearch.sampling import uniform_configurations
-from quantsearch.search import nsga2, run_search
+from quantsearch.search.problem import LayerwiseQuantizationProblem
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
+from quantsearch.search.sampling import uniform_configurations
+from quantsearch.search.algorithms import nsga2, run_search
 
 
 class ToyAccuracy:
@@ -91,8 +91,8 @@ def test_genes_subset_per_gene_ranges_and_fixed_widths(convnet):
 
 
 def test_three_objectives_use_nsga3(convnet):
-    from quantsearch.costs import get_costs
-    from quantsearch.search import algorithm_for
+    from quantsearch.search.costs import get_costs
+    from quantsearch.search.algorithms import algorithm_for
 
     qmodel = QuantizedActivationsModel(convnet, "conv2d", weight_quantizers=True)
     costs = get_costs("bops,model-size", qmodel, torch.randn(1, 1, 8, 8))

@@ -6,9 +6,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import fake_quant_by_hand
-from quantsearch.calibration import CalibrationError, load_amax, save_amax
-from quantsearch.predicates import by_name, by_type, get_target
-from quantsearch.quantized_model import QuantizedActivationsModel
+from quantsearch.quantize.calib import CalibrationError, load_amax, save_amax
+from quantsearch.quantize.predicates import by_name, by_type, get_target
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 
 
 def test_fake_quant_matches_hand_formula(convnet):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from quantsearch.explore import main
+from quantsearch.cli.explore import main
 
 # the default guided search (model seeds, refitted infill, screening) with early rejection: the replay must take
 # the very path of the uninterrupted run

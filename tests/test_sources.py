@@ -8,11 +8,11 @@ import torch
 from conftest import write_fashion_pngs
 from torch import nn
 
-from quantsearch.data import (DataError, Preprocessing, load_dataset, load_fashion_mnist, read_class_index,
+from quantsearch.sources.data import (DataError, Preprocessing, load_dataset, load_fashion_mnist, read_class_index,
                               split_dataset)
-from quantsearch.evaluation import AccuracyEvaluator
-from quantsearch.explore import main
-from quantsearch.models import ModelError, create_model, load_checkpoint, model_preprocessing
+from quantsearch.search.evaluator import AccuracyEvaluator
+from quantsearch.cli.explore import main
+from quantsearch.sources.models import ModelError, create_model, load_checkpoint, model_preprocessing
 
 
 def _same_weights(a: nn.Module, b: dict) -> bool:

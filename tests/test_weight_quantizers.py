@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from quantsearch.bitconfig import BitConfig, BitConfigError, apply_bitconfig
-from quantsearch.quantized_model import QuantizedActivationsModel
+from quantsearch.deploy.bitconfig import BitConfig, BitConfigError, apply_bitconfig
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 
 
 def per_channel_by_hand(w, bits):

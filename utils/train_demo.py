@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantsearch.data import load_fashion_mnist
-from quantsearch.models import DEMO_WEIGHTS, create_demo_vit
+from quantsearch.sources.data import load_fashion_mnist
+from quantsearch.sources.models import DEMO_WEIGHTS, create_demo_vit
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:

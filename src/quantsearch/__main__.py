@@ -1,5 +1,5 @@
 import sys
 
-from .explore import main
+from .cli.explore import main
 
 sys.exit(main())

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["fingerprint_model", "fingerprint_tensors", "fingerprint_values"]
+__all__ = ["fingerprint_model", "fingerprint_tensors", "fingerprint_values", "file_sha256"]
 
 
 def _update(h, tensor: torch.Tensor) -> None:
@@ -41,3 +42,12 @@ def fingerprint_tensors(tensors: Iterable[torch.Tensor]) -> str:
 def fingerprint_values(values: Mapping | list) -> str:
     """Digest of JSON-serialisable values (amax tables, settings)."""
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    """The full sha256 of a file's bytes (a checkpoint), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -22,7 +22,7 @@ import numpy as np
 from pymoo.core.problem import ElementwiseEvaluationFunction, ElementwiseProblem
 
 from .costs import CostModel, TotalBits
-from .evaluation import EarlyRejected, NumericalError
+from .evaluator import EarlyRejected, NumericalError
 
 __all__ = ["Evaluation", "Measurement", "LayerwiseQuantizationProblem", "measure"]
 

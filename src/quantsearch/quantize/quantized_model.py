@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
-from absl import logging as absl_logging
 from torch import nn
 
 with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.script at import time
@@ -24,8 +23,8 @@ with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.scr
     from pytorch_quantization.nn import TensorQuantizer
     from pytorch_quantization.tensor_quant import QuantDescriptor
 
-from .config import MAX_BITS, MIN_BITS
-from .fakequant import FastTensorQuantizer
+from .fakequant import FastTensorQuantizer, quiet_quantizers
+from .limits import MAX_BITS, MIN_BITS
 from .predicates import PredicateLike, get_target
 
 __all__ = ["QuantizedActivationsModel", "INPUT_QUANTIZER", "WEIGHT_SUFFIX", "WEIGHT_LAYERS", "MIN_BITS",
@@ -35,17 +34,6 @@ INPUT_QUANTIZER = "input"
 INPUT_SUFFIX = ":input"
 WEIGHT_SUFFIX = ":weight"
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # weight shape (out, in, ...): channels on axis 0
-
-
-@contextmanager
-def quiet_quantizers() -> Iterator[None]:
-    """Silence pytorch-quantization's absl warnings on routine calls (enable/disable calib, load amax)."""
-    level = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(level)
 
 
 def make_quantizer(num_bits: int = 8, fast: bool = True) -> TensorQuantizer:
@@ -381,7 +369,7 @@ class QuantizedActivationsModel(nn.Module):
         ``method`` and ``options`` are those of :func:`quantsearch.calibration.calibrate`, which fills
         :attr:`amax_table` and :attr:`unsigned` too.
         """
-        from .calibration import calibrate
+        from .calib import calibrate
 
         calibrate(self, batches, num_batches, method=method, **options)
         amax = self.amax

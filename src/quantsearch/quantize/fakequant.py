@@ -17,10 +17,31 @@ be positive (calibration refuses zero or non-finite amax before a forward pass c
 """
 from __future__ import annotations
 
-import torch
-from pytorch_quantization.nn import TensorQuantizer
+from contextlib import contextmanager
+from typing import Iterator
 
-__all__ = ["FastTensorQuantizer"]
+import warnings
+
+import torch
+from absl import logging as absl_logging
+
+with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.script at import time
+    warnings.simplefilter("ignore", FutureWarning)
+    from pytorch_quantization.nn import TensorQuantizer
+
+__all__ = ["FastTensorQuantizer", "TensorQuantizer", "quiet_quantizers"]
+
+
+
+@contextmanager
+def quiet_quantizers() -> Iterator[None]:
+    """Silence pytorch-quantization's absl warnings on routine calls (enable/disable calib, load amax)."""
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
 
 
 def _integer_range(num_bits: int, unsigned: bool, narrow_range: bool) -> list[float]:

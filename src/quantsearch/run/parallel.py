@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .problem import Measurement, measure
+from ..search.problem import Measurement, measure
 
 __all__ = ["RayEvaluationPool", "EvaluationWorker", "ray_available"]
 
@@ -43,12 +43,12 @@ class EvaluationWorker:
                  reject_below: float | None = None):
         import torch
 
-        from .calibration import Calibration
-        from .config import ExploreConfig
-        from .data import split_dataset
-        from .evaluation import Evaluator
-        from .exploration import evaluator_options, load_model_and_data, resolve_predicate
-        from .quantized_model import QuantizedActivationsModel
+        from ..quantize.calib import Calibration
+        from .settings import ExploreConfig
+        from ..sources.data import split_dataset
+        from ..search.evaluator import Evaluator
+        from .pipeline import evaluator_options, load_model_and_data, resolve_predicate
+        from ..quantize.quantized_model import QuantizedActivationsModel
 
         if threads:
             torch.set_num_threads(threads)

@@ -15,23 +15,23 @@ import numpy as np
 import torch
 from pymoo.core.problem import LoopedElementwiseEvaluation
 
-from . import __version__
-from .bitconfig import BitConfig
-from .budget import Budget, evaluation_cost, spent
-from .calibration import Calibration, calibrate, data_fingerprint
-from .config import PARALLEL_KEYS, ExploreConfig
-from .costs import COSTS, get_costs, profile_model
-from .data import data_loader, load_dataset, split_dataset
-from .evaluation import Evaluator, NumericalError
-from .fingerprints import fingerprint_model, fingerprint_tensors, fingerprint_values
-from .models import DEMO_MODEL, create_model, model_preprocessing
+from .. import __version__
+from ..deploy.bitconfig import BitConfig
+from ..search.budget import Budget, evaluation_cost, spent
+from ..quantize.calib import Calibration, calibrate, data_fingerprint
+from .settings import PARALLEL_KEYS, ExploreConfig
+from ..search.costs import COSTS, get_costs, profile_model
+from ..sources.data import data_loader, load_dataset, split_dataset
+from ..search.evaluator import Evaluator, NumericalError
+from ..fingerprints import fingerprint_model, fingerprint_tensors, fingerprint_values
+from ..sources.models import DEMO_MODEL, create_model, model_preprocessing
 from .plots import plot_bits_heatmap, plot_front, plot_sensitivity_table
-from .problem import Evaluation, LayerwiseQuantizationProblem
-from .quantized_model import INPUT_QUANTIZER, QuantizedActivationsModel
+from ..search.problem import Evaluation, LayerwiseQuantizationProblem
+from ..quantize.quantized_model import INPUT_QUANTIZER, QuantizedActivationsModel
 from .report import write_report
-from .results import pareto_front
-from .sampling import uniform_genomes
-from .search import run_algorithm
+from ..search.front import pareto_front
+from ..search.sampling import uniform_genomes
+from ..search.algorithms import run_algorithm
 from .store import RunStore, StoreError
 
 __all__ = ["RunResult", "Interrupted", "explore", "resume_config", "resolve_predicate", "BASELINES",

@@ -12,8 +12,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .problem import Evaluation
-from .store import write_atomic
+from ..search.problem import Evaluation
+from ..files import write_atomic
 
 __all__ = ["plot_front", "plot_bits_heatmap", "plot_convergence", "plot_sensitivity", "plot_sensitivity_table",
            "plot_holdout"]

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from .convergence import REFERENCE_POINT, Convergence, convergence
 from .plots import plot_convergence, plot_holdout
-from .problem import Evaluation
+from ..search.problem import Evaluation
 from .store import RunStore
 
 __all__ = ["RunRecord", "load_run", "write_report", "render_report"]

@@ -168,7 +168,7 @@ def apply_bitconfig(model: nn.Module, config: "BitConfig | Mapping | str | Path"
     ``config`` is a :class:`BitConfig`, a parsed bit-config dict, or the path of a JSON file; ``example`` (a
     batch) checks tensor shapes on real data instead of zeros of the recorded input shape.
     """
-    from .quantized_model import QuantizedActivationsModel
+    from ..quantize.quantized_model import QuantizedActivationsModel
 
     if isinstance(config, Mapping):
         config = BitConfig.from_dict(config)

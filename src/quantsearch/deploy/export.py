@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .bitconfig import BitConfig
-from .store import write_atomic
+from ..files import write_atomic
 
 __all__ = ["ExportError", "EXPORT_FORMAT", "SUFFIXES", "export_quantized", "load_exported", "model_state",
            "metadata_path"]

@@ -27,7 +27,7 @@ from pymoo.core.population import Population
 from pymoo.operators.crossover.sbx import SBX
 from pymoo.operators.repair.rounding import RoundingRepair
 
-from .baselines import greedy_path
+from .random_greedy import greedy_path
 from .ilp import coarse_to_fine, ilp_sweep, solve_ilp
 from .sampling import UniformSeededSampling, uniform_genomes
 from .surrogate import AdditiveModel

@@ -1,4 +1,4 @@
-"""Results: the Pareto front of all evaluations, and plain-text tables of it."""
+"""The Pareto front: the feasible, non-dominated evaluations, cheapest first."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,7 +8,7 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 from .problem import Evaluation
 
-__all__ = ["pareto_front", "format_table"]
+__all__ = ["pareto_front"]
 
 
 def pareto_front(evaluations: Sequence[Evaluation], min_accuracy: float,
@@ -30,12 +30,3 @@ def pareto_front(evaluations: Sequence[Evaluation], min_accuracy: float,
     for e in sorted(front, key=lambda e: ([e.costs[c] for c in cost_names], sign * e.accuracy, e.bits)):
         unique.setdefault((e.accuracy, *[e.costs[c] for c in cost_names]), e)
     return list(unique.values())
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A fixed-width text table."""
-    cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -10,11 +10,11 @@ import io
 import json
 import os
 import sqlite3
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .problem import Evaluation
+from ..files import write_atomic
+from ..search.problem import Evaluation
 
 __all__ = ["StoreError", "RunStore", "write_atomic", "STORE_NAME"]
 
@@ -24,23 +24,6 @@ SCHEMA_VERSION = 2  # 2: the images each evaluation ran (early rejection stops p
 
 class StoreError(ValueError):
     """A run directory that cannot be used: another run's, corrupted, or from different settings."""
-
-
-def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode() if isinstance(text, str) else text
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunStore:

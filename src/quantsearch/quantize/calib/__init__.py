@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .quantized_model import MAX_BITS, MIN_BITS, TensorQuantizer, quiet_quantizers
-from .store import write_atomic
+from ..fakequant import TensorQuantizer, quiet_quantizers
+from ..limits import MAX_BITS, MIN_BITS
+from ...files import write_atomic
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)

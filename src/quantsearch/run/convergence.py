@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .problem import Evaluation
+from ..search.problem import Evaluation
 
 __all__ = ["Convergence", "hypervolume", "convergence", "REFERENCE_POINT"]
 

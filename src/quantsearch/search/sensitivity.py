@@ -272,7 +272,7 @@ def gradient_scores(qmodel, batches, genes, ranges) -> dict[str, dict[int, float
     import torch
     import torch.nn.functional as F
 
-    from .quantized_model import amax_for_bits
+    from ..quantize.quantized_model import amax_for_bits
 
     genes, weights = list(genes), set(qmodel.weight_names)
     scores = {g: {b: 0.0 for b in range(lo, hi + 1)} for g, (lo, hi) in zip(genes, ranges)}

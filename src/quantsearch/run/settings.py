@@ -11,18 +11,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..quantize.limits import MAX_BITS, MIN_BITS
+from ..search.names import ALGORITHM_NAMES, SENSITIVITY_NAMES
+
 __all__ = ["ConfigError", "ExploreConfig", "parse_bits", "load_yaml", "SEARCH_SPACES", "ALGORITHM_NAMES"]
 
 SEARCH_SPACES = ("activations", "weights", "both")
-ALGORITHM_NAMES = ("random", "greedy", "ilp", "nsga2", "guided")  # quantsearch.search.ALGORITHMS
-SENSITIVITY_NAMES = ("measured", "gradient")  # quantsearch.search.SENSITIVITIES
 
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it."""
 
 
-MIN_BITS, MAX_BITS = 2, 16  # the widths a quantizer may take (pytorch-quantization's fake quant goes this far)
 PARALLEL_KEYS = ("workers", "ray_address")  # settings that change how fast a run goes, never its results
 
 
@@ -186,17 +186,17 @@ class ExploreConfig:
     def _validate_names(self) -> None:
         """Predicate, cost, calibration and preprocessing settings, against the registries of the modules that
         implement them (which import torch: these checks come after every other one)."""
-        from .predicates import PRESETS
+        from ..quantize.predicates import PRESETS
 
         if self.predicate != "auto" and self.predicate not in PRESETS:
             raise ConfigError(f"unknown predicate {self.predicate!r}; choose from auto, {', '.join(PRESETS)}")
-        from .costs import parse_cost_names
+        from ..search.costs import parse_cost_names
 
         try:
             parse_cost_names(self.cost)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        from .calibration import CalibrationError, MethodSpec, override_spec
+        from ..quantize.calib import CalibrationError, MethodSpec, override_spec
 
         try:
             default = MethodSpec(self.calib_method, self.calib_percentile, self.calib_momentum).validated()
@@ -205,7 +205,7 @@ class ExploreConfig:
         except CalibrationError as exc:
             raise ConfigError(str(exc)) from None
         if self.preprocessing is not None:
-            from .data import DataError, check_preprocessing
+            from ..sources.data import DataError, check_preprocessing
 
             try:
                 check_preprocessing(self.preprocessing)

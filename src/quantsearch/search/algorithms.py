@@ -39,9 +39,9 @@ from pymoo.util.ref_dirs import get_reference_directions
 from pymoo.core.termination import TerminateIfAny
 from pymoo.termination.max_gen import MaximumGenerationTermination
 
-from .baselines import greedy_search, random_search
+from .random_greedy import greedy_search, random_search
 from .budget import Budget, BudgetTermination
-from .config import ALGORITHM_NAMES, SENSITIVITY_NAMES
+from .names import ALGORITHM_NAMES, SENSITIVITY_NAMES
 from .guided import guided_nsga2, guided_seeds
 from .ilp import ilp_search
 from .sampling import UniformSeededSampling

@@ -1,0 +1,201 @@
+"""``python -m quantsearch.explore``: search per-layer bit-widths for a model and write the Pareto front.
+
+With no arguments it runs the embedded default: the demo ViT on the Fashion-MNIST test split shipped in the
+package. Settings come from defaults, then ``--config FILE.yaml``, then flags. Bad input exits with status 2 and
+one line naming the problem.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from ..run.settings import PARALLEL_KEYS, ConfigError, ExploreConfig, load_yaml
+
+log = logging.getLogger("quantsearch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ExploreConfig()
+    p = argparse.ArgumentParser(prog="python -m quantsearch.explore", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML file with any of the settings below (flags override it)")
+    p.add_argument("--model", help="timm name, torchvision:NAME, package.module:callable, or the demo "
+                                   f"(default {d.model}); keyword arguments: model_kwargs in --config")
+    p.add_argument("--checkpoint", help="state dict to load into the model (read with weights_only=True)")
+    p.add_argument("--checkpoint-key", help="entry of a nested checkpoint that holds the state dict (model.ema)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False,
+                   help="random weights for a timm/torchvision name (default: its published weights)")
+    p.add_argument("--dataset", help="fashion-mnist[:DIR], imagefolder:PATH, images:PATH (unlabeled) or "
+                                     f"package.module:callable (default {d.dataset})")
+    p.add_argument("--class-index", help="JSON or text file mapping imagefolder class folders to class indices")
+    p.add_argument("--metric", help="top1, top5, agreement (top-1 equals FP32's), kl (to FP32's outputs; lower is "
+                                    f"better) or package.module:callable (default {d.metric})")
+    p.add_argument("--predicate", help="where quantizers go: auto, conv2d, batchnorm, linear, vit, all-leaf (default auto)")
+    p.add_argument("--no-input-quant", dest="quantize_input", action="store_const", const=False,
+                   help="do not quantize the model input")
+    p.add_argument("--bits", help=f"activation bit-width range LO:HI (default {d.bits})")
+    p.add_argument("--weight-bits", help=f"weight bit-width range LO:HI (default {d.weight_bits}); quantizers "
+                   "outside the search space stay at HI of their range")
+    p.add_argument("--search-space", help="which quantizers are genes: activations, weights or both "
+                   f"(default {d.search_space})")
+    floor = p.add_mutually_exclusive_group()
+    floor.add_argument("--min-accuracy", type=float,
+                       help="the bound on the metric: a floor, a fraction in [0, 1]; for kl a ceiling in nats")
+    floor.add_argument("--max-accuracy-drop", type=float,
+                       help=f"bound relative to FP32 on the search split (default {d.max_accuracy_drop}; "
+                            "for kl: FP32 + this)")
+    p.add_argument("--cost", help="cost objective(s), comma separated, from bits, activation-memory, model-size, "
+                   f"bops (default {d.cost}); three or more objectives use NSGA-III")
+    p.add_argument("--algorithm", help="random, greedy (AMP-style), ilp (HAWQ-style), nsga2, or guided (NSGA-II "
+                   f"seeded from sensitivities, greedy and ILP; default {d.algorithm})")
+    p.add_argument("--budget", type=float, help="evaluations to spend, in full search-split equivalents, the "
+                   "baselines included (default: pop-size x (generations + 1) after the baselines)")
+    p.add_argument("--sensitivity", help="how greedy, ilp and guided rate the genes: measured (single-gene "
+                   "evaluations, AMP) or gradient (one backward pass, HAWQ/ModelOpt); default: measured for greedy, "
+                   "gradient for ilp and guided")
+    p.add_argument("--early-reject", action="store_const", const=True,
+                   help="stop evaluating a candidate once it is below the floor with 99.9 %% confidence")
+    p.add_argument("--pop-size", type=int, help=f"NSGA-II population (default {d.pop_size})")
+    p.add_argument("--generations", type=int, help=f"NSGA-II generations (default {d.generations})")
+    p.add_argument("--calib-batches", type=int, help=f"calibration batches (default {d.calib_batches})")
+    p.add_argument("--calib-method", help="max, percentile, entropy, mse or moving-max; per-quantizer overrides "
+                   f"go in the YAML config as calib-overrides (default {d.calib_method})")
+    p.add_argument("--calib-percentile", type=float,
+                   help=f"percentile of |x| kept by --calib-method percentile (default {d.calib_percentile})")
+    p.add_argument("--calib-momentum", type=float,
+                   help=f"momentum of --calib-method moving-max (default {d.calib_momentum})")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="reuse a calibration file (python -m quantsearch.calibrate) instead of calibrating; "
+                        "refused if it was made for other weights or data")
+    p.add_argument("--eval-samples", type=int, help=f"images in the search split (default {d.eval_samples})")
+    p.add_argument("--holdout-samples", type=int, help="images in the hold-out split (default: the rest)")
+    p.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
+    p.add_argument("--seed", type=int, help=f"seed of splits and search (default {d.seed})")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the quantized model once (one graph serves every candidate; pays off on "
+                        "long searches and large models)")
+    p.add_argument("--channels-last", action="store_const", const=True, help="channels-last model and batches")
+    p.add_argument("--amp", action="store_const", const=True,
+                   help="autocast evaluations: float16 on CUDA, bfloat16 on CPU (see README)")
+    p.add_argument("--loader-workers", type=int, help="data loader worker processes (default: one per core, up to 8, "
+                                               "for image files; none for tensors)")
+    p.add_argument("--workers", type=int, help="evaluate candidates on N Ray actors (default 0: serial, no Ray); "
+                   "one GPU each where there are GPUs, else a share of the CPU threads")
+    p.add_argument("--ray-address", help="join an existing Ray cluster (auto: the one this node belongs to) "
+                   "instead of starting a local one")
+    p.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    p.add_argument("--overwrite", action="store_const", const=True, help="replace a run already in --out")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR with its stored settings; finished evaluations are not redone")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExploreConfig:
+    if args.resume:
+        from ..run.pipeline import resume_config
+
+        free = ("out", *PARALLEL_KEYS)  # how a run is parallelised does not change its results
+        given = [k for k, v in vars(args).items() if k in ExploreConfig.keys() and v is not None and k not in free]
+        if given or args.config:
+            raise ConfigError(f"--resume takes the run's stored settings; drop --{(given or ['config'])[0]}")
+        return resume_config(args.resume).merged({k: getattr(args, k) for k in PARALLEL_KEYS}).validate()
+    base = ExploreConfig()
+    if args.config:
+        base = ExploreConfig.from_mapping(load_yaml(args.config), source=args.config)
+    flags = {k: v for k, v in vars(args).items() if k in ExploreConfig.keys()}
+    if args.min_accuracy is not None:  # a flag floor replaces a YAML floor of the other kind
+        flags["max_accuracy_drop"] = base.max_accuracy_drop
+    config = base.merged(flags).validate()
+    config.out = str(config.resolved_out())  # fixed once, so messages and --resume name the same folder
+    return config
+
+
+def print_report(result) -> None:
+    from ..run.tables import format_table
+
+    cost = result.cost_names[0]
+    metric = getattr(result, "metric", "top1")
+    fraction = getattr(result, "fraction", True)
+
+    def show(value: float) -> str:
+        return f"{100 * value:.2f}" if fraction else f"{value:.4g}"
+
+    unit = "%" if fraction else ""
+    label = "accuracy" if metric == "top1" else metric
+    bound = "floor" if getattr(result, "higher_is_better", True) else "ceiling"
+    fp32_costs = result.fp32_costs
+    print(f"\nFP32 {label}: search {show(result.fp32['search'])}{unit}"
+          + (f", hold-out {show(result.fp32['holdout'])}{unit}" if "holdout" in result.fp32 else "")
+          + f"; {bound} {show(result.min_accuracy)}{unit} on the search split")
+    head = f"{'acc' if metric == 'top1' else metric}{' %' if fraction else ''}"
+    every = list(fp32_costs)
+    rows = []
+    for name, costs in result.baseline_costs.items():
+        accuracy = result.baselines[name].accuracy if name in result.baselines else result.fp32["search"]
+        rows.append([name, show(accuracy),
+                     *[cell for c in every for cell in (f"{costs[c]:g}", f"{costs[c] / fp32_costs[c]:.4f}")]])
+    print("\nBaselines (search split; costs per sample, memory and size in bytes; x FP32 = relative to FP32)\n"
+          + format_table(["config", head, *[h for c in every for h in (c, "x FP32")]], rows))
+    genes = set(result.genes)
+    gene_index = [i for i, n in enumerate(result.quantizer_names) if n in genes]
+    rows = [[i, show(e.accuracy), show(result.holdout[e.bits]) if e.bits in result.holdout else "-",
+             *[cell for c in result.cost_names for cell in (f"{e.costs[c]:g}", f"{e.costs[c] / fp32_costs[c]:.4f}")],
+             " ".join(str(e.bits[j]) for j in gene_index)]
+            for i, e in enumerate(result.front)]
+    print(f"\nPareto front ({len(result.front)} points, {result.num_evaluations} evaluations, cheapest {cost} first; "
+          f"{len(genes)} genes: {result.search_space})\n"
+          + format_table(["#", f"search{' %' if fraction else ''}", f"hold-out{' %' if fraction else ''}",
+                          *[h for c in result.cost_names for h in (c, "x FP32")], "bits per searched quantizer"],
+                         rows))
+    search = getattr(result, "search", None) or {}
+    if search:
+        rejection = search.get("early_rejection") or {}
+        saved = (f"; early rejection: {rejection['rejected']} rejected, {100 * rejection['fraction_saved']:.1f} % "
+                 f"of images saved" if rejection else "")
+        print(f"\nSearch: {search['algorithm']}, {search['budget_spent']:.1f} of {search['budget']:.1f} full "
+              f"evaluations spent{saved}")
+    per = result.timings.get("mean_evaluation")
+    speed = (f"; {per:.3g} s per evaluation (FP32: {result.timings['fp32_search_evaluation']:.3g} s)"
+             if per and "fp32_search_evaluation" in result.timings else "")
+    print(f"\nWrote {result.run_dir}/ (report.md, evaluations.csv, pareto.csv, pareto/*.json, *.png, run.json) "
+          f"in {result.timings['total']:.0f} s{speed}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    stop = {"requested": False}
+
+    def on_sigint(_signum, _frame):
+        if stop["requested"]:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nstopping after the current evaluation (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    config = None
+    try:
+        config = config_from_args(args)
+        from ..run.pipeline import Interrupted, explore
+
+        result = explore(config, progress=not args.no_progress, resume=bool(args.resume),
+                         stop_requested=lambda: stop["requested"])
+    except ValueError as exc:  # every error a user can fix (ConfigError, ModelError, DataError, StoreError, ...)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt):
+        where = f" {config.resolved_out()}" if config is not None and config.out else " DIR"
+        print(f"interrupted: finished evaluations are kept; continue with --resume{where}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print_report(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Quantization: the quantized model, its fake quantizers, the predicates that place them, and calibration."""

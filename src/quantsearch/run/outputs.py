@@ -1,0 +1,140 @@
+"""Outputs: everything a finished run writes besides its store, in one place (each file atomically).
+
+``pareto.csv`` and one bit-config per Pareto point (with every setting that rebuilding needs), ``run.json``,
+``splits.json``, the figures, and the report. Only :func:`write_outputs` is called by the exploration stages.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..deploy.bitconfig import BitConfig
+from ..search.bound import Bound
+from ..search.problem import Evaluation
+from ..sources.models import DEMO_MODEL
+from .plots import plot_bits_heatmap, plot_front
+from .report import write_report
+from .session import Session
+from .settings import ExploreConfig
+from .store import RunStore
+
+__all__ = ["write_outputs", "bitconfig_sections", "REBUILD_EXCLUDED"]
+
+# settings that never change what a bit-config's model, images or metric are
+REBUILD_EXCLUDED = ("out", "overwrite", "workers", "ray_address", "calibration", "loader_workers")
+
+
+def bitconfig_sections(session: Session, bound: Bound) -> dict:
+    """The sections of a bit-config that say how to rebuild its model, data and metric (see ``apply``)."""
+    config, splits = session.config, session.splits
+    fingerprints = session.fingerprints()
+    model = {"name": config.model, "checkpoint": config.checkpoint, "checkpoint_sha256": fingerprints["checkpoint"],
+             "checkpoint_key": config.checkpoint_key, "pretrained": session.pretrained,
+             "kwargs": config.model_kwargs, "weights_sha256": fingerprints["model"], "predicate": session.predicate,
+             "quantize_input": config.quantize_input, "weight_quantizers": bool(session.qmodel.weight_names)}
+    dataset = {"name": config.dataset, "kwargs": config.dataset_kwargs, "class_index": config.class_index,
+               "preprocessing": session.preprocessing.to_dict(), "seed": config.seed,
+               "calibration": len(splits.calibration), "search": len(splits.search),
+               "holdout": len(splits.holdout), "batch_size": config.batch_size,
+               "fingerprints": {k: fingerprints[k] for k in ("search", "holdout")}}
+    metric = bound.to_dict() | {"kwargs": config.metric_kwargs}
+    settings = {k: v for k, v in asdict(config).items() if k not in REBUILD_EXCLUDED}
+    return {"model": model, "dataset": dataset, "metric": metric, "settings": settings}
+
+
+def _write_front(store: RunStore, session: Session, bound: Bound, front: list[Evaluation],
+                 holdout: dict, fp32_costs: dict) -> list[Path]:
+    """One bit-config per Pareto point, and ``pareto.csv``."""
+    qmodel = session.qmodel
+    sections = bitconfig_sections(session, bound)
+    paths, rows = [], []
+    for i, e in enumerate(front):
+        qmodel.bit_widths = e.bits
+        normalized = {k: v / fp32_costs[k] for k, v in e.costs.items()}
+        config = BitConfig.from_model(qmodel, sections["model"], example=session.example,
+                                      dataset=sections["dataset"], metric=sections["metric"],
+                                      settings=sections["settings"],
+                                      accuracy={"search": e.accuracy, "holdout": holdout.get(e.bits)},
+                                      costs=dict(e.costs), costs_normalized=normalized)
+        name = f"pareto/point_{i:03d}.json"
+        paths.append(store.write_file(name, config.to_json()))
+        rows.append([i, f"{e.accuracy:.6f}", "" if e.bits not in holdout else f"{holdout[e.bits]:.6f}",
+                     *[f"{v:g}" for v in e.costs.values()], *[f"{v:.4f}" for v in normalized.values()],
+                     name, *e.bits])
+    cost_names = list(front[0].costs) if front else []
+    header = ["point", "accuracy_search", "accuracy_holdout", *cost_names, *[f"{c}_vs_fp32" for c in cost_names],
+              "bitconfig", *qmodel.quantizer_names]
+    store.write_csv("pareto.csv", header, rows)
+    return paths
+
+
+def _versions() -> dict[str, str]:
+    import pymoo
+    import pytorch_quantization
+    import timm
+
+    return {"quantsearch": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "pymoo": pymoo.__version__, "pytorch_quantization": pytorch_quantization.__version__,
+            "python": platform.python_version()}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _summary(session: Session, found: dict) -> dict:
+    """``run.json``: settings, splits, the bound, baselines, front, search, versions, device and timings."""
+    config, bound, fp32_costs = session.config, found["bound"], found["fp32_costs"]
+
+    def point(e: Evaluation) -> dict:
+        return {"accuracy": e.accuracy, "costs": dict(e.costs), "bits": list(e.bits),
+                "accuracy_holdout": found["holdout"].get(e.bits)}
+
+    def baseline(name: str) -> dict:
+        costs = found["baseline_costs"][name]
+        e = found["baselines"].get(name)
+        return {"accuracy": e.accuracy if e else found["fp32"]["search"], "bits": list(e.bits) if e else None,
+                "costs": costs, "costs_vs_fp32": {c: v / fp32_costs[c] for c, v in costs.items()}}
+
+    settings = asdict(config) | {"predicate_resolved": session.predicate,
+                                 "calibration_methods": sorted(set(session.calibration.methods.values())),
+                                 "preprocessing_resolved": session.preprocessing.to_dict(),
+                                 "pretrained_resolved": session.pretrained}
+    evaluations = found["num_evaluations"]
+    return {
+        "settings": settings, "model_is_demo": config.model == DEMO_MODEL,
+        "splits": session.splits.describe(), "splits_sha256": session.splits.fingerprint(),
+        "metric": {"name": bound.metric, "higher_is_better": bound.higher_is_better, "bound": bound.kind},
+        "bound": bound.to_dict(),
+        "quantizers": session.qmodel.quantizer_names, "search_space": config.search_space, "genes": session.genes,
+        "fp32_accuracy": found["fp32"], "fp32_costs": fp32_costs,
+        "baselines": {name: baseline(name) for name in found["baseline_costs"]},
+        "front": [point(e) for e in found["front"]],
+        "search": found["search"], "num_evaluations": evaluations, "reused_evaluations": found["reused"],
+        "new_evaluations": evaluations - found["reused"],
+        "versions": _versions(), "device": _device_name(session.device),
+        "timings_s": {k: round(v, 3) for k, v in found["timings"].items()}, "parallel": found["parallel"],
+    }
+
+
+def write_outputs(store: RunStore, session: Session, found: dict) -> None:
+    """Write every output of a finished run from what it ``found`` (see ``pipeline.explore``)."""
+    run_dir, bound = store.run_dir, found["bound"]
+    evaluations = [e for e, _ in store.evaluations()]
+    _write_front(store, session, bound, found["front"], found["holdout"], found["fp32_costs"])
+    store.write_json("run.json", _summary(session, found))
+    dataset = session.splits.search.dataset
+    store.write_json("splits.json", {"seed": session.config.seed, "dataset": session.config.dataset,
+                                     "num_samples": len(dataset), **session.splits.indices()})
+    cost = found["cost_names"][0]
+    plot_front(evaluations, found["front"], cost, found["baselines"], found["fp32"]["search"], bound,
+               path=run_dir / "pareto.png")
+    plot_bits_heatmap(found["front"], session.qmodel.quantizer_names, cost, path=run_dir / "bits_heatmap.png",
+                      metric=bound.metric, percent=bound.fraction)
+    write_report(store)  # convergence.csv/.png, holdout.png, report.md

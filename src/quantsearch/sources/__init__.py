@@ -1,0 +1,1 @@
+"""Sources: where models, data (with the model's preprocessing) and metrics come from."""
