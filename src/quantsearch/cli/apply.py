@@ -1,11 +1,12 @@
 """``python -m quantsearch.apply BITCONFIG.json``: re-apply a bit-config to its model, evaluate it, export it.
 
-Builds the model, applies the bit-config (refused, naming the first mismatch, when quantizer names or tensor
-shapes differ), evaluates it on the same search and hold-out splits the run used, and prints accuracy against the
-recorded one, and the costs. Model and data options are those of ``explore``; their defaults come from the
-bit-config's ``model`` and ``dataset`` sections, so a bit-config from a run reproduces its recorded accuracy
-exactly. ``--export PATH`` writes the quantized model's weights, amax and bits (safetensors or a torch state dict
-of tensors, plus JSON metadata; see :mod:`quantsearch.export`). Bad input exits with status 2 and one line.
+The bit-config records every setting its run was built with (model source and weights, preprocessing, dataset,
+splits, metric); apply rebuilds that run's session from them (flags override any of them), applies the bits and
+ranges (refused, naming the first mismatch, when quantizer names or tensor shapes differ), evaluates the same search
+and hold-out images with the same metric and prints each next to the recorded value, then every recorded cost
+recomputed. A checkpoint, weights or images that differ from the run's are named, and their accuracy is not
+compared. ``--export PATH`` writes the quantized model (see :mod:`quantsearch.deploy.export`). Bad input exits
+with status 2 and one line.
 """
 from __future__ import annotations
 
@@ -13,20 +14,26 @@ import argparse
 import logging
 import sys
 
+OVERRIDES = ("model", "checkpoint", "dataset", "metric", "eval_samples", "holdout_samples", "batch_size", "seed",
+             "device", "calib_batches", "channels_last")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m quantsearch.apply", description=__doc__.splitlines()[0])
     p.add_argument("bitconfig", help="a bit-config JSON (for example runs/DIR/pareto/point_000.json)")
     p.add_argument("--model", help="timm name, package.module:callable, or the demo (default: the bit-config's)")
     p.add_argument("--checkpoint", help="state dict to load into the model (default: the bit-config's)")
-    p.add_argument("--dataset", help="fashion-mnist[:DIR] or imagefolder:PATH (default: the bit-config's)")
+    p.add_argument("--dataset", help="fashion-mnist[:DIR], imagefolder:PATH, ... (default: the bit-config's)")
+    p.add_argument("--metric", help="top1, top5, agreement, kl or package.module:callable (default: the "
+                                    "bit-config's)")
     p.add_argument("--calib-batches", type=int,
-                   help="calibration batches the split sets aside (default: the bit-config's calibration size)")
+                   help="calibration batches the split sets aside (default: the bit-config's)")
     p.add_argument("--eval-samples", type=int, help="images in the search split (default: the bit-config's)")
     p.add_argument("--holdout-samples", type=int, help="images in the hold-out split (default: the bit-config's)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the bit-config's)")
     p.add_argument("--seed", type=int, help="seed of the splits (default: the bit-config's)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the bit-config's)")
+    p.add_argument("--channels-last", action="store_const", const=True, help="channels-last model and batches")
     p.add_argument("--split", choices=["search", "holdout", "both"], default="both",
                    help="which split(s) to evaluate (default both)")
     p.add_argument("--export", metavar="PATH",
@@ -37,91 +44,111 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args: argparse.Namespace, bitconfig):
-    """The explore settings this bit-config was made with, overridden by flags, validated; and the calibration
-    size the split sets aside."""
+def recorded_settings(bitconfig) -> dict:
+    """The explore settings a bit-config was made with: recorded whole since schema 3, rebuilt from its
+    ``model`` and ``dataset`` sections for schemas 1 and 2."""
     from ..run.settings import ConfigError, ExploreConfig
 
+    if bitconfig.settings:
+        return {k: v for k, v in bitconfig.settings.items() if k in ExploreConfig.keys()}
+    model, data, defaults = bitconfig.model, bitconfig.dataset, ExploreConfig()
+    values = {"model": model["name"], "checkpoint": model.get("checkpoint"), "predicate": model["predicate"],
+              "quantize_input": model["quantize_input"], "dataset": data.get("name", defaults.dataset),
+              "eval_samples": data.get("search", defaults.eval_samples),
+              "holdout_samples": data.get("holdout", defaults.holdout_samples),
+              "batch_size": data.get("batch_size", defaults.batch_size), "seed": data.get("seed", defaults.seed),
+              "metric": data.get("metric", defaults.metric)}
+    calibration = data.get("calibration", defaults.calibration_samples)
+    if not isinstance(calibration, int) or calibration <= 0 or calibration % values["batch_size"]:
+        raise ConfigError(f"the bit-config's dataset.calibration ({calibration!r}) is not a whole number of "
+                          f"batches of {values['batch_size']}: give --calib-batches")
+    return values | {"calib_batches": calibration // values["batch_size"]}
+
+
+def resolve(args: argparse.Namespace, bitconfig):
+    """The settings to rebuild: the bit-config's, overridden by flags, validated."""
+    from ..run.settings import ExploreConfig
+
+    values = recorded_settings(bitconfig) | {"calibration": None, "workers": 0, "ray_address": None}
+    return ExploreConfig(**values).merged({k: getattr(args, k) for k in OVERRIDES}).validate()
+
+
+def identity_mismatches(bitconfig, session) -> list[str]:
+    """What differs from the run the bit-config came from: checkpoint bytes, weights, search or hold-out images."""
     model, data = bitconfig.model, bitconfig.dataset
-    defaults = ExploreConfig()
-    values = {
-        "model": model["name"], "checkpoint": model.get("checkpoint"), "predicate": model["predicate"],
-        "quantize_input": model["quantize_input"],
-        "dataset": data.get("name", defaults.dataset), "eval_samples": data.get("search", defaults.eval_samples),
-        "holdout_samples": data.get("holdout", defaults.holdout_samples),
-        "batch_size": data.get("batch_size", defaults.batch_size), "seed": data.get("seed", defaults.seed),
-    }
-    flags = {k: getattr(args, k) for k in ("model", "checkpoint", "dataset", "eval_samples", "holdout_samples",
-                                           "batch_size", "seed", "device", "calib_batches")}
-    config = defaults.merged(values).merged(flags).validate()
-    if args.calib_batches is not None:
-        calibration = config.calibration_samples
-    else:
-        calibration = data.get("calibration", config.calibration_samples)
-    if not isinstance(calibration, int) or calibration <= 0:
-        raise ConfigError(f"the bit-config's dataset.calibration must be a positive integer, got {calibration!r}")
-    return config, calibration
+    mine = session.fingerprints()
+    checks = [("checkpoint", model.get("checkpoint_sha256"), mine["checkpoint"], "checkpoint file bytes"),
+              ("weights", model.get("weights_sha256"), mine["model"], "model weights"),
+              *[(split, data.get("fingerprints", {}).get(split), mine[split], f"{split} images")
+                for split in ("search", "holdout")]]
+    return [f"{what} differ from the run's (sha256 {str(theirs)[:12]}, here {str(ours)[:12]})"
+            for _, theirs, ours, what in checks if theirs is not None and theirs != ours]
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..deploy.bitconfig import BitConfig, apply_bitconfig
-    from ..search.costs import get_costs
-    from ..sources.data import load_dataset, split_dataset
-    from ..search.evaluator import AccuracyEvaluator
-    from ..sources.models import create_model
+    from ..deploy.bitconfig import BitConfig
+    from ..run.session import build_session
     from ..run.tables import format_table
+    from ..search.bound import Bound
 
     bitconfig = BitConfig.load(args.bitconfig)
-    config, calibration = resolve(args, bitconfig)
-    device = torch.device(config.device)
-    model = create_model(config.model, checkpoint=config.checkpoint).to(device)
-    splits = split_dataset(load_dataset(config.dataset), calibration, config.eval_samples, config.holdout_samples,
-                           seed=config.seed)
-    example = splits.search[0][0].unsqueeze(0)
-    qmodel = apply_bitconfig(model, bitconfig, example=example).to(device)
+    config = resolve(args, bitconfig)
+    session = build_session(config, calibrate=False,
+                            weight_quantizers=bool(bitconfig.model.get("weight_quantizers", False)))
+    qmodel = session.qmodel
+    bitconfig.apply(qmodel, example=session.example)
     bits = qmodel.bit_widths
-    print(f"{args.bitconfig}: {len(qmodel)} quantizers of {config.model} (predicate {bitconfig.model['predicate']}),"
-          f" bits {min(bits)}..{max(bits)}, {sum(bits)} in all")
+    print(f"{args.bitconfig}: {len(qmodel)} quantizers of {config.model} (predicate {session.predicate}), "
+          f"bits {min(bits)}..{max(bits)}, {sum(bits)} in all")
+    mismatches = identity_mismatches(bitconfig, session)
+    for line in mismatches:
+        print(f"note: {line}: recorded accuracies are not compared")
+    if mismatches and args.check:
+        raise ValueError(f"cannot check {args.bitconfig}: {mismatches[0]}")
 
     rows, differs = [], False
-    wanted = ["search", "holdout"] if args.split == "both" else [args.split]
-    for name in wanted:
-        data = getattr(splits, name)
-        if len(data) == 0:
+    for name in (["search", "holdout"] if args.split == "both" else [args.split]):
+        evaluate = session.evaluator(name)
+        if evaluate is None:
             continue
-        evaluator = AccuracyEvaluator(data, config.batch_size, device)
-        accuracy = evaluator(qmodel)
-        recorded = bitconfig.accuracy.get(name)
-        if recorded is None:
+        bound = Bound.of(0.0, evaluate)
+        value, recorded = evaluate(qmodel), bitconfig.accuracy.get(name)
+        if mismatches or recorded is None:
             verdict = "-"
-        elif accuracy == recorded:
+        elif value == recorded:
             verdict = "identical"
         else:
-            verdict, differs = f"differs by {100 * (accuracy - recorded):+.2f} points", True
-        correct = round(accuracy * evaluator.num_samples)
-        rows.append([name, evaluator.num_samples, correct, f"{100 * accuracy:.2f}",
-                     "-" if recorded is None else f"{100 * recorded:.2f}", verdict])
-    print(format_table(["split", "images", "correct", "accuracy %", "recorded %", ""], rows))
-
-    cost_rows = []
-    for name, recorded in (bitconfig.costs or {"bits": None}).items():
-        try:
-            (cost,) = get_costs(name, qmodel)
-        except ValueError:  # a cost this version does not know: show what was recorded
-            cost_rows.append([name, "-", "-", f"{recorded:g}"])
-            continue
-        value = float(cost(qmodel.bits_dict()))
-        cost_rows.append([name, f"{value:g}", f"{value / cost.fp32:.3f}", "-" if recorded is None else f"{recorded:g}"])
-    print(format_table(["cost", "value", "/ FP32", "recorded"], cost_rows))
-
+            differs = True
+            delta = bound.show(abs(value - recorded), unit=False)
+            verdict = f"differs by {'+' if value > recorded else '-'}{delta}{' points' if bound.fraction else ''}"
+        rows.append([name, evaluate.num_samples, bound.show(value, unit=False), bound.show(recorded, unit=False),
+                     verdict])
+    metric = session.evaluator("search").name
+    unit = " %" if session.evaluator("search").fraction else ""
+    print(format_table(["split", "images", f"{metric}{unit}", f"recorded{unit}", ""], rows))
+    print(format_table(["cost", "value", "/ FP32", "recorded", ""], _cost_rows(session, bitconfig)))
     if args.export:
         from ..deploy.export import export_quantized
 
         tensors, metadata = export_quantized(qmodel, bitconfig, args.export)
         print(f"exported {tensors} and {metadata}")
     return 1 if args.check and differs else 0
+
+
+def _cost_rows(session, bitconfig) -> list[list]:
+    """Every recorded cost, recomputed on the model as applied (BOPs from a profile of this model)."""
+    rows = []
+    for name, recorded in (bitconfig.costs or {"bits": None}).items():
+        try:
+            (cost,) = session.costs(name)
+        except ValueError:  # a cost this version does not know: show what was recorded
+            rows.append([name, "-", "-", f"{recorded:g}", ""])
+            continue
+        value = float(cost(session.qmodel.bits_dict()))
+        verdict = "" if recorded is None else "identical" if value == recorded else "differs"
+        rows.append([name, f"{value:g}", f"{value / cost.fp32:.3f}", "-" if recorded is None else f"{recorded:g}",
+                     verdict])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

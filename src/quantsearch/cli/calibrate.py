@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if config.calibration:
             raise ConfigError("--calibration reads a calibration file; calibrate writes one with --output")
-        from ..run.pipeline import calibrate_only
+        from ..run.session import build_session
 
-        calibration, _ = calibrate_only(config)
+        calibration = build_session(config).calibration
         path = calibration.save(args.output)
     except ValueError as exc:  # every error a user can fix (ConfigError, ModelError, DataError, ...)
         print(f"error: {exc}", file=sys.stderr)

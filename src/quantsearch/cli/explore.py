@@ -114,55 +114,48 @@ def config_from_args(args: argparse.Namespace) -> ExploreConfig:
     return config
 
 
-def print_report(result) -> None:
+def print_report(run) -> None:
+    """The run's tables: FP32 and the bound, the uniform baselines, the front, the search and the time."""
     from ..run.tables import format_table
 
-    cost = result.cost_names[0]
-    metric = getattr(result, "metric", "top1")
-    fraction = getattr(result, "fraction", True)
+    bound, fp32, fp32_costs = run.bound, run.fp32_accuracy, run.fp32_costs
+    unit = " %" if bound.fraction else ""
 
-    def show(value: float) -> str:
-        return f"{100 * value:.2f}" if fraction else f"{value:.4g}"
+    def show(value: float | None) -> str:
+        return bound.show(value, unit=False)
 
-    unit = "%" if fraction else ""
-    label = "accuracy" if metric == "top1" else metric
-    bound = "floor" if getattr(result, "higher_is_better", True) else "ceiling"
-    fp32_costs = result.fp32_costs
-    print(f"\nFP32 {label}: search {show(result.fp32['search'])}{unit}"
-          + (f", hold-out {show(result.fp32['holdout'])}{unit}" if "holdout" in result.fp32 else "")
-          + f"; {bound} {show(result.min_accuracy)}{unit} on the search split")
-    head = f"{'acc' if metric == 'top1' else metric}{' %' if fraction else ''}"
+    print(f"\nFP32 {bound.metric}: search {show(fp32['search'])}{unit}"
+          + (f", hold-out {show(fp32['holdout'])}{unit}" if "holdout" in fp32 else "")
+          + f"; {bound.kind} {show(bound.limit)}{unit} on the search split")
     every = list(fp32_costs)
     rows = []
-    for name, costs in result.baseline_costs.items():
-        accuracy = result.baselines[name].accuracy if name in result.baselines else result.fp32["search"]
+    for name, costs in run.baseline_costs.items():
+        accuracy = run.baselines[name].accuracy if name in run.baselines else fp32["search"]
         rows.append([name, show(accuracy),
                      *[cell for c in every for cell in (f"{costs[c]:g}", f"{costs[c] / fp32_costs[c]:.4f}")]])
     print("\nBaselines (search split; costs per sample, memory and size in bytes; x FP32 = relative to FP32)\n"
-          + format_table(["config", head, *[h for c in every for h in (c, "x FP32")]], rows))
-    genes = set(result.genes)
-    gene_index = [i for i, n in enumerate(result.quantizer_names) if n in genes]
-    rows = [[i, show(e.accuracy), show(result.holdout[e.bits]) if e.bits in result.holdout else "-",
-             *[cell for c in result.cost_names for cell in (f"{e.costs[c]:g}", f"{e.costs[c] / fp32_costs[c]:.4f}")],
+          + format_table(["config", f"{bound.metric}{unit}", *[h for c in every for h in (c, "x FP32")]], rows))
+    genes = set(run.genes)
+    gene_index = [i for i, n in enumerate(run.quantizer_names) if n in genes]
+    rows = [[i, show(e.accuracy), show(run.holdout.get(e.bits)),
+             *[cell for c in run.cost_names for cell in (f"{e.costs[c]:g}", f"{e.costs[c] / fp32_costs[c]:.4f}")],
              " ".join(str(e.bits[j]) for j in gene_index)]
-            for i, e in enumerate(result.front)]
-    print(f"\nPareto front ({len(result.front)} points, {result.num_evaluations} evaluations, cheapest {cost} first; "
-          f"{len(genes)} genes: {result.search_space})\n"
-          + format_table(["#", f"search{' %' if fraction else ''}", f"hold-out{' %' if fraction else ''}",
-                          *[h for c in result.cost_names for h in (c, "x FP32")], "bits per searched quantizer"],
-                         rows))
-    search = getattr(result, "search", None) or {}
+            for i, e in enumerate(run.front)]
+    print(f"\nPareto front ({len(run.front)} points, {run.num_evaluations} evaluations, cheapest "
+          f"{run.cost_names[0]} first; {len(genes)} genes: {run.summary.get('search_space')})\n"
+          + format_table(["#", f"search{unit}", f"hold-out{unit}",
+                          *[h for c in run.cost_names for h in (c, "x FP32")], "bits per searched quantizer"], rows))
+    search = run.search
     if search:
         rejection = search.get("early_rejection") or {}
         saved = (f"; early rejection: {rejection['rejected']} rejected, {100 * rejection['fraction_saved']:.1f} % "
                  f"of images saved" if rejection else "")
         print(f"\nSearch: {search['algorithm']}, {search['budget_spent']:.1f} of {search['budget']:.1f} full "
               f"evaluations spent{saved}")
-    per = result.timings.get("mean_evaluation")
-    speed = (f"; {per:.3g} s per evaluation (FP32: {result.timings['fp32_search_evaluation']:.3g} s)"
-             if per and "fp32_search_evaluation" in result.timings else "")
-    print(f"\nWrote {result.run_dir}/ (report.md, evaluations.csv, pareto.csv, pareto/*.json, *.png, run.json) "
-          f"in {result.timings['total']:.0f} s{speed}")
+    per, fp32_time = run.timings.get("mean_evaluation"), run.timings.get("fp32_search_evaluation")
+    speed = f"; {per:.3g} s per evaluation (FP32: {fp32_time:.3g} s)" if per and fp32_time else ""
+    print(f"\nWrote {run.run_dir}/ (report.md, evaluations.csv, pareto.csv, pareto/*.json, *.png, run.json) "
+          f"in {run.timings['total']:.0f} s{speed}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from torch import nn
 __all__ = ["BitConfig", "BitConfigError", "schema", "apply_bitconfig"]
 
 FORMAT = "quantsearch-bitconfig"
-SCHEMA_VERSION = 2  # 2: per-channel weight quantizers (amax lists, model.weight_quantizers); 1 still loads
+SCHEMA_VERSION = 3  # 3: the settings, metric and fingerprints that rebuild the run; 2: per-channel weights; 1, 2 load
 
 
 class BitConfigError(ValueError):
@@ -37,7 +37,12 @@ def schema() -> dict:
 
 @dataclass(frozen=True)
 class BitConfig:
-    """Bits, amax and signedness per quantizer, the model they belong to, and what they scored."""
+    """Bits, amax and signedness per quantizer, the model they belong to, and what they scored.
+
+    ``settings`` holds every explore setting that rebuilding the model, images and metric needs (``apply``'s
+    defaults), ``metric`` the bound the accuracies were held to; ``model`` and ``dataset`` also record digests of
+    the checkpoint, the weights and the images, so that re-applying to other ones is noticed.
+    """
 
     model: Mapping[str, Any]
     quantizers: Mapping[str, Mapping[str, Any]]
@@ -45,6 +50,9 @@ class BitConfig:
     accuracy: Mapping[str, float | None] = field(default_factory=dict)
     costs: Mapping[str, float] = field(default_factory=dict)
     costs_normalized: Mapping[str, float] = field(default_factory=dict)
+    metric: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
 
     @property
     def bits(self) -> dict[str, int]:
@@ -84,7 +92,8 @@ class BitConfig:
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": dict(self.model),
-                "dataset": dict(self.dataset), "quantizers": {n: dict(q) for n, q in self.quantizers.items()},
+                "dataset": dict(self.dataset), "metric": dict(self.metric), "settings": dict(self.settings),
+                "quantizers": {n: dict(q) for n, q in self.quantizers.items()},
                 "accuracy": dict(self.accuracy), "costs": dict(self.costs),
                 "costs_normalized": dict(self.costs_normalized)}
 
@@ -102,7 +111,8 @@ class BitConfig:
             raise BitConfigError(f"{source} violates the bit-config schema at {where}: {exc.message}") from None
         return cls(model=payload["model"], quantizers=payload["quantizers"], dataset=payload.get("dataset", {}),
                    accuracy=payload.get("accuracy", {}), costs=payload.get("costs", {}),
-                   costs_normalized=payload.get("costs_normalized", {}))
+                   costs_normalized=payload.get("costs_normalized", {}), metric=payload.get("metric", {}),
+                   settings=payload.get("settings", {}), schema_version=payload["schema_version"])
 
     @classmethod
     def load(cls, path: str | Path) -> "BitConfig":

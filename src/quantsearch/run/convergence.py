@@ -2,7 +2,7 @@
 
 **Hypervolume, and its fixed reference point.** Each feasible evaluation is the point
 ``(-100 * accuracy, cost_1 / fp32_1, ..., cost_k / fp32_k)``, to minimise: accuracy in percentage points, each
-cost as a fraction of the FP32 model's. The reference point is ``(-100 * min_accuracy, 1, ..., 1)``: the
+cost as a fraction of the FP32 model's. The reference point is ``(-100 * floor, 1, ..., 1)``: the
 accuracy floor and the FP32 cost. It is fixed for a run (it never moves with the population), so the numbers of
 different generations compare. With one cost, the hypervolume is an area in *accuracy points above the floor
 x fraction of the FP32 cost saved*: a single point at 2 points above the floor and a quarter of the FP32 cost
@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..search.bound import Bound
 from ..search.problem import Evaluation
 
 __all__ = ["Convergence", "hypervolume", "convergence", "REFERENCE_POINT"]
@@ -30,26 +31,27 @@ REFERENCE_POINT = ("(accuracy floor, FP32 cost): objectives are (-100 x accuracy
                    "FP32 cost saved")
 
 
-def _feasible(e: Evaluation, min_accuracy: float, higher_is_better: bool = True) -> bool:
-    return e.status == "ok" and (e.accuracy >= min_accuracy if higher_is_better else e.accuracy <= min_accuracy)
+def _feasible(e: Evaluation, bound: Bound) -> bool:
+    return e.status == "ok" and bound.holds(e.accuracy)
 
 
-def hypervolume(evaluations: Sequence[Evaluation], min_accuracy: float, fp32_costs: Mapping[str, float],
-                cost_names: Sequence[str] | None = None, higher_is_better: bool = True) -> float:
+def hypervolume(evaluations: Sequence[Evaluation], bound: Bound | float, fp32_costs: Mapping[str, float],
+                cost_names: Sequence[str] | None = None) -> float:
     """Hypervolume of the feasible ``evaluations`` against the fixed reference point (see the module docstring).
 
     For a lower-is-better metric (KL) the first objective is ``+100 * metric`` and the reference the ceiling.
     """
     from pymoo.indicators.hv import HV
 
-    feasible = [e for e in evaluations if _feasible(e, min_accuracy, higher_is_better)]
+    bound = Bound.of(bound)
+    feasible = [e for e in evaluations if _feasible(e, bound)]
     if not feasible:
         return 0.0
-    sign = -100.0 if higher_is_better else 100.0
+    sign = -100.0 * bound.sign
     cost_names = list(cost_names or feasible[0].costs)
     points = np.array([[sign * e.accuracy] + [e.costs[c] / fp32_costs[c] for c in cost_names]
                        for e in feasible])
-    reference = np.array([sign * min_accuracy] + [1.0] * len(cost_names))
+    reference = np.array([sign * bound.limit] + [1.0] * len(cost_names))
     inside = points[np.all(points < reference, axis=1)]
     return float(HV(ref_point=reference)(inside)) if len(inside) else 0.0
 
@@ -75,9 +77,8 @@ class Convergence:
     HEADER = ("generation", "evaluations", "feasible", "feasible_fraction", "hypervolume")
 
 
-def convergence(evaluations: Sequence[tuple[Evaluation, int]], min_accuracy: float,
-                fp32_costs: Mapping[str, float], cost_names: Sequence[str] | None = None,
-                higher_is_better: bool = True) -> Convergence:
+def convergence(evaluations: Sequence[tuple[Evaluation, int]], bound: Bound | float,
+                fp32_costs: Mapping[str, float], cost_names: Sequence[str] | None = None) -> Convergence:
     """Per-generation hypervolume and feasibility of ``(evaluation, generation)`` pairs (a run store's)."""
     if not evaluations:
         return Convergence([], [], [], [])
@@ -91,6 +92,6 @@ def convergence(evaluations: Sequence[tuple[Evaluation, int]], min_accuracy: flo
         new = by_generation.get(g, [])
         seen.extend(new)
         counts.append(len(new))
-        feasible.append(sum(_feasible(e, min_accuracy, higher_is_better) for e in new))
-        volumes.append(hypervolume(seen, min_accuracy, fp32_costs, cost_names, higher_is_better))
+        feasible.append(sum(_feasible(e, Bound.of(bound)) for e in new))
+        volumes.append(hypervolume(seen, bound, fp32_costs, cost_names))
     return Convergence(generations, counts, feasible, volumes)

@@ -19,7 +19,6 @@ from ..sources.models import DEMO_MODEL
 from .plots import plot_bits_heatmap, plot_front
 from .report import write_report
 from .session import Session
-from .settings import ExploreConfig
 from .store import RunStore
 
 __all__ = ["write_outputs", "bitconfig_sections", "REBUILD_EXCLUDED"]

@@ -44,27 +44,14 @@ class EvaluationWorker:
         import torch
 
         from ..quantize.calib import Calibration
+        from .session import build_session
         from .settings import ExploreConfig
-        from ..sources.data import split_dataset
-        from ..search.evaluator import Evaluator
-        from .pipeline import evaluator_options, load_model_and_data, resolve_predicate
-        from ..quantize.quantized_model import QuantizedActivationsModel
 
         if threads:
             torch.set_num_threads(threads)
-        config = ExploreConfig(**settings)
-        device = torch.device(config.device)
-        torch.manual_seed(config.seed)  # as the driver: a model without published weights is initialised alike
-        model, dataset, _ = load_model_and_data(config)
-        model = model.to(device, memory_format=torch.channels_last) if config.channels_last else model.to(device)
-        splits = split_dataset(dataset, config.calibration_samples, config.eval_samples, config.holdout_samples,
-                               seed=config.seed)
-        predicate = resolve_predicate(config.predicate, model)
-        self.qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input,
-                                                weight_quantizers=True).to(device)
-        Calibration.from_dict(calibration, source="the driver's calibration").apply(self.qmodel)
-        self.evaluate = Evaluator(splits.search, compile=config.compile,
-                                  **evaluator_options(config, device, self.qmodel))
+        session = build_session(ExploreConfig(**settings),
+                                calibration=Calibration.from_dict(calibration, source="the driver's calibration"))
+        self.qmodel, self.evaluate = session.qmodel, session.evaluator("search")
         self.reject_below(reject_below)
 
     def reject_below(self, floor: float | None) -> None:

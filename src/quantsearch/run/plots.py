@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..search.bound import Bound
 from ..search.problem import Evaluation
 from ..files import write_atomic
 
@@ -33,14 +34,17 @@ def _axes(ax, path, figsize):
 
 def plot_front(evaluations: Sequence[Evaluation], front: Sequence[Evaluation], cost: str,
                baselines: Mapping[str, Evaluation] | None = None, fp32_accuracy: float | None = None,
-               min_accuracy: float | None = None, path: str | Path | None = None, ax=None,
-               metric: str = "accuracy", percent: bool = True, higher_is_better: bool = True):
-    """Accuracy (or ``metric``) against ``cost``: every evaluation, the front, uniform baselines, FP32 and the bound.
+               bound: Bound | None = None, path: str | Path | None = None, ax=None):
+    """The metric against ``cost``: every evaluation, the front, uniform baselines, FP32 and the bound.
 
-    ``percent`` shows fractions as percentages; a lower-is-better metric (KL) is drawn with its axis inverted, so
-    that better is up in every plot.
+    Fractions (top-1, agreement) are shown as percentages; a lower-is-better metric (KL) is drawn with its axis
+    inverted, so that better is up in every plot.
     """
     ax = _axes(ax, path, (7, 4.5))
+    metric = bound.metric if bound is not None else "accuracy"
+    percent = bound.fraction if bound is not None else True
+    higher_is_better = bound.higher_is_better if bound is not None else True
+    min_accuracy = bound.limit if bound is not None else None
     k = 100.0 if percent else 1.0
     unit = "%" if percent else ""
     ok = [e for e in evaluations if e.status == "ok"]
@@ -55,13 +59,13 @@ def plot_front(evaluations: Sequence[Evaluation], front: Sequence[Evaluation], c
         ax.axhline(k * fp32_accuracy, ls="--", c="k", lw=0.8, label=f"FP32 {k * fp32_accuracy:.4g}{unit}")
     if min_accuracy is not None:
         ax.axhline(k * min_accuracy, ls=":", c="C2", lw=1,
-                   label=f"{'floor' if higher_is_better else 'ceiling'} {k * min_accuracy:.4g}{unit}")
+                   label=f"{bound.kind} {k * min_accuracy:.4g}{unit}")
     sign = 1.0 if higher_is_better else -1.0  # limits worked out on sign * value, where higher is better
     scores = [sign * k * e.accuracy for e in ok] + ([sign * k * fp32_accuracy] if fp32_accuracy is not None else [])
     best = max(scores)
-    bound = sign * k * min_accuracy if min_accuracy is not None else min(scores)
-    span = max(best - bound, 1.0 if percent else 1e-9)
-    low, high = bound - 3 * span, best + (0.5 if percent else 0.05 * span)
+    edge = sign * k * min_accuracy if min_accuracy is not None else min(scores)
+    span = max(best - edge, 1.0 if percent else 1e-9)
+    low, high = edge - 3 * span, best + (0.5 if percent else 0.05 * span)
     low = max(0.0, low) if percent else low
     ax.set_ylim((low, high) if higher_is_better else (-low, -high))
     ax.set_xlabel(cost)

@@ -1,112 +1,21 @@
-"""The run report: a run directory read back as one record, and ``report.md`` with its figures.
+"""The run report: ``report.md`` with its figures, from the run's :class:`~quantsearch.run.record.RunRecord`.
 
-:func:`load_run` turns a run directory (``run.json`` and the run store) into a :class:`RunRecord`, which the
-report and the notebook both use; :func:`write_report` writes ``convergence.png``, ``convergence.csv``,
+:func:`write_report` writes ``convergence.png``, ``convergence.csv``,
 ``holdout.png`` and ``report.md`` (settings, baselines, the front with search and hold-out accuracy and their
 difference, convergence, the plots embedded) through the run store.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .convergence import REFERENCE_POINT, Convergence, convergence
+from .convergence import REFERENCE_POINT, Convergence
 from .plots import plot_convergence, plot_holdout
-from ..search.problem import Evaluation
+from .record import RunRecord, read_record
 from .store import RunStore
 
-__all__ = ["RunRecord", "load_run", "write_report", "render_report"]
-
-
-@dataclass
-class RunRecord:
-    """What a finished run holds, read back from its directory."""
-
-    run_dir: Path
-    settings: dict
-    quantizer_names: list[str]
-    cost_names: list[str]
-    fp32_accuracy: dict[str, float]
-    fp32_costs: dict[str, float]
-    min_accuracy: float
-    baselines: dict[str, Evaluation]
-    front: list[Evaluation]  # cheapest first, as in pareto.csv
-    holdout: dict[tuple[int, ...], float | None]
-    bitconfigs: list[Path]  # pareto/point_NNN.json, in front order
-    evaluations: list[tuple[Evaluation, int]]  # every evaluation and the generation it was made in
-    summary: dict = field(default_factory=dict)  # run.json as written
-
-    @property
-    def all_evaluations(self) -> list[Evaluation]:
-        return [e for e, _ in self.evaluations]
-
-    @property
-    def higher_is_better(self) -> bool:
-        """False for a metric such as KL, where the bound is a ceiling."""
-        return bool(self.summary.get("metric", {}).get("higher_is_better", True))
-
-    def convergence(self) -> Convergence:
-        return convergence(self.evaluations, self.min_accuracy, self.fp32_costs, self.cost_names,
-                           self.higher_is_better)
-
-    def point(self, index: int) -> tuple[Evaluation, Path]:
-        """The ``index``-th Pareto point and its bit-config file."""
-        return self.front[index], self.bitconfigs[index]
-
-    def cheapest_above(self, accuracy: float, cost: str | None = None,
-                       split: str = "search") -> int | None:
-        """Index of the cheapest Pareto point whose ``split`` accuracy is at least ``accuracy`` (None if none)."""
-        cost = cost or self.cost_names[0]
-        ok = [i for i, e in enumerate(self.front)
-              if (e.accuracy if split == "search" else (self.holdout.get(e.bits) or 0.0)) >= accuracy]
-        return min(ok, key=lambda i: (self.front[i].costs[cost], -self.front[i].accuracy)) if ok else None
-
-
-def _record(store: RunStore) -> RunRecord:
-    summary = json.loads((store.run_dir / "run.json").read_text())
-    evaluations = store.evaluations()
-    known = {e.bits: e for e, _ in evaluations}
-
-    def evaluation(point: dict) -> Evaluation:
-        bits = tuple(point["bits"])
-        return known.get(bits) or Evaluation(bits, point["accuracy"], point["costs"], 0.0)
-
-    front = [evaluation(p) for p in summary["front"]]
-    return RunRecord(
-        run_dir=store.run_dir,
-        settings=summary["settings"],
-        quantizer_names=summary["quantizers"],
-        cost_names=[c.strip() for c in summary["settings"]["cost"].split(",") if c.strip()],
-        fp32_accuracy=summary["fp32_accuracy"],
-        fp32_costs=summary["fp32_costs"],
-        min_accuracy=summary["min_accuracy"],
-        baselines={k: evaluation(p) for k, p in summary["baselines"].items() if p.get("bits") is not None},
-        front=front,
-        holdout={e.bits: p.get("accuracy_holdout") for e, p in zip(front, summary["front"])},
-        bitconfigs=[store.run_dir / "pareto" / f"point_{i:03d}.json" for i in range(len(front))],
-        evaluations=evaluations,
-        summary=summary,
-    )
-
-
-def load_run(run_dir: str | Path) -> RunRecord:
-    """Read a finished run directory (``run.json`` and ``run.sqlite``)."""
-    store = RunStore.open(run_dir)
-    try:
-        if not (store.run_dir / "run.json").is_file():
-            from .store import StoreError
-
-            raise StoreError(f"{run_dir} holds no run.json: the run did not finish")
-        return _record(store)
-    finally:
-        store.close()
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+__all__ = ["write_report", "render_report"]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -121,7 +30,12 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
     costs = run.cost_names
     fp32 = run.fp32_accuracy
     splits = run.summary.get("splits", {})
-    drop = fp32["search"] - run.min_accuracy
+    bound = run.bound
+    drop = bound.sign * (fp32["search"] - bound.limit)
+
+    def show(x: float | None) -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else bound.show(x, unit=False)
+
     out = [f"# quantsearch run report: `{run.run_dir.name}`", ""]
 
     out += ["## Settings", ""]
@@ -132,8 +46,8 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
         ["quantizers", f"{len(run.quantizer_names)} (predicate `{s.get('predicate_resolved', s['predicate'])}`"
                        f", model input {'quantized' if s['quantize_input'] else 'not quantized'})"],
         ["bit range", s["bits"]],
-        ["accuracy floor", f"{_pct(run.min_accuracy)} % on the search split (FP32 {_pct(fp32['search'])} % "
-                           f"minus {100 * drop:.2f} points)"],
+        ["bound", f"{bound} on the search split (FP32 {bound.show(fp32['search'])}, "
+                  f"{bound.show(drop, unit=False)}{' points' if bound.fraction else ''} from it)"],
         ["cost", ", ".join(costs)],
         ["search", _search_line(s, run.summary)],
         ["time", f"{run.summary.get('timings_s', {}).get('total', float('nan')):.0f} s"],
@@ -141,10 +55,10 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
     out += [_table(["setting", "value"], settings_rows), ""]
 
     out += ["## Baselines (search split)", ""]
-    rows = [["FP32", _pct(fp32["search"]), _pct(fp32.get("holdout")),
+    rows = [["FP32", show(fp32["search"]), show(fp32.get("holdout")),
              *[f"{run.fp32_costs[c]:g}" for c in costs], *["1.000" for _ in costs]]]
     for name, e in run.baselines.items():
-        rows.append([name, _pct(e.accuracy), "-",
+        rows.append([name, show(e.accuracy), "-",
                      *[f"{e.costs[c]:g}" for c in costs], *[f"{e.costs[c] / run.fp32_costs[c]:.3f}" for c in costs]])
     out += [_table(["configuration", "search %", "hold-out %", *costs, *[f"{c} / FP32" for c in costs]], rows), ""]
 
@@ -156,7 +70,7 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
         diff = None if h is None else h - e.accuracy
         if diff is not None:
             diffs.append(diff)
-        rows.append([i, _pct(e.accuracy), _pct(h), "-" if diff is None else f"{100 * diff:+.2f}",
+        rows.append([i, show(e.accuracy), show(h), "-" if diff is None else f"{100 * diff:+.2f}",
                      *[f"{e.costs[c]:g}" for c in costs], *[f"{e.costs[c] / run.fp32_costs[c]:.3f}" for c in costs],
                      f"[point_{i:03d}.json](pareto/point_{i:03d}.json)"])
     out += [_table(["#", "search %", "hold-out %", "hold-out - search (points)", *costs,
@@ -167,7 +81,7 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
                    f"from {100 * min(diffs):+.2f} to {100 * max(diffs):+.2f}.")
         if shift is not None:
             kept = sum(1 for e in run.front if (run.holdout.get(e.bits) is not None
-                                                and run.holdout[e.bits] >= fp32["holdout"] - drop))
+                                                and bound.sign * (run.holdout[e.bits] - fp32["holdout"]) >= -drop))
             out.append(f"FP32 itself scores {100 * shift:+.2f} points on hold-out against search (the splits "
                        f"differ in difficulty), so the search's own optimism on the points it selected is "
                        f"{100 * (mean - shift):+.2f} points on average. {kept} of {len(diffs)} points stay "
@@ -219,7 +133,7 @@ def _search_line(s: dict, summary: dict) -> str:
 
 def write_report(store: RunStore) -> Path:
     """Write ``convergence.csv``, ``convergence.png``, ``holdout.png`` and ``report.md`` through the run store."""
-    run = _record(store)
+    run = read_record(store)
     conv = run.convergence()
     store.write_csv("convergence.csv", Convergence.HEADER, conv.rows())
     plot_convergence(conv.generations, conv.hypervolume, conv.feasible_fraction,

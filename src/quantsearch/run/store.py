@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ..files import write_atomic
+from ..search.bound import Bound
 from ..search.problem import Evaluation
 
 __all__ = ["StoreError", "RunStore", "write_atomic", "STORE_NAME"]
@@ -135,18 +136,16 @@ class RunStore:
         write_atomic(path, buffer.getvalue())
         return path
 
-    def write_evaluations_csv(self, quantizer_names: Sequence[str], min_accuracy: float,
-                              higher_is_better: bool = True) -> Path:
-        """``evaluations.csv``: one row per evaluated configuration, bits per quantizer, in evaluation order.
-
-        ``feasible`` compares with ``min_accuracy`` as a floor, or as a ceiling when not ``higher_is_better``."""
-        sign = 1.0 if higher_is_better else -1.0
+    def write_evaluations_csv(self, quantizer_names: Sequence[str], bound: Bound | float) -> Path:
+        """``evaluations.csv``: one row per evaluated configuration, bits per quantizer, in evaluation order;
+        ``feasible`` says whether it meets ``bound``."""
+        bound = Bound.of(bound)
         evaluations = self.evaluations()
         cost_names = list(evaluations[0][0].costs) if evaluations else []
         header = ["index", "generation", "accuracy", *cost_names, "feasible", "status", "samples", "message",
                   "seconds", *quantizer_names]
         rows = [[i, gen, f"{e.accuracy:.6f}", *[f"{e.costs[c]:g}" for c in cost_names],
-                 int(e.status == "ok" and sign * (e.accuracy - min_accuracy) >= 0), e.status,
+                 int(e.status == "ok" and bound.holds(e.accuracy)), e.status,
                  (e.extra or {}).get("samples", ""), e.message, f"{e.seconds:.3f}", *e.bits]
                 for i, (e, gen) in enumerate(evaluations)]
         return self.write_csv("evaluations.csv", header, rows)

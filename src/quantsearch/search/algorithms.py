@@ -125,7 +125,7 @@ class SearchOutcome:
 
 
 def _allowed_drop(problem, sensitivity: Sensitivity) -> float:
-    return max(sensitivity.sign * (sensitivity.effective_reference - problem.min_accuracy), 1e-9)
+    return max(problem.bound.margin(sensitivity.effective_reference), 1e-9)
 
 
 def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, generations: int | None = None,

@@ -6,19 +6,21 @@ from typing import Sequence
 import numpy as np
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
+from .bound import Bound
 from .problem import Evaluation
 
 __all__ = ["pareto_front"]
 
 
-def pareto_front(evaluations: Sequence[Evaluation], min_accuracy: float,
-                 cost_names: Sequence[str] | None = None, higher_is_better: bool = True) -> list[Evaluation]:
+def pareto_front(evaluations: Sequence[Evaluation], bound: Bound | float,
+                 cost_names: Sequence[str] | None = None) -> list[Evaluation]:
     """Feasible, non-dominated evaluations (best metric, min every cost), cheapest first.
 
-    ``higher_is_better=False`` (a metric such as KL divergence) makes ``min_accuracy`` a ceiling.
+    ``bound`` is a :class:`Bound` (a number is a top-1-style floor).
     """
-    sign = -1.0 if higher_is_better else 1.0
-    feasible = {e.bits: e for e in evaluations if e.status == "ok" and sign * (e.accuracy - min_accuracy) <= 0}
+    bound = Bound.of(bound)
+    sign = -bound.sign
+    feasible = {e.bits: e for e in evaluations if e.status == "ok" and bound.holds(e.accuracy)}
     points = list(feasible.values())
     if not points:
         return []

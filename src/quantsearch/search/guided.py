@@ -147,7 +147,7 @@ class GuidedMating(Mating):
             return np.zeros((0, width), dtype=int)
         cost = model.costs.name
         low = 0.85 * min(e.costs[cost] for e in front)
-        best = max(front, key=lambda e: (self.problem.higher_is_better * 2 - 1) * e.accuracy)
+        best = max(front, key=lambda e: self.problem.bound.sign * e.accuracy)
         high = max(best.costs[cost], low * 1.01)
         rows, seen = [], set()
         for budget in np.exp(np.linspace(np.log(low), np.log(high), count)):

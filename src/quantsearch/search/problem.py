@@ -2,10 +2,9 @@
 
 Genes are integers in ``[lo, hi]``, one per searched quantizer (by default every quantizer, in the model's order;
 ``genes`` may name a subset, such as the weight quantizers only); every other quantizer keeps a fixed width.
-Objectives: ``-accuracy`` and each cost. One inequality constraint: ``min_accuracy - accuracy <= 0``. For a metric
-where lower is better (an evaluator with ``higher_is_better = False``, such as KL divergence to FP32) both flip:
-the objective is ``metric`` itself and ``min_accuracy`` is a ceiling, ``metric - min_accuracy <= 0``; "accuracy"
-below means the metric's value. The problem knows no files and prints nothing; it remembers every configuration it
+Objectives: the metric (as ``bound.loss``: ``-accuracy`` where higher is better) and each cost. One inequality
+constraint: the :class:`~quantsearch.search.bound.Bound` holds (``limit - accuracy <= 0`` for a floor, ``accuracy -
+limit <= 0`` for a ceiling such as KL divergence to FP32); "accuracy" below means the metric's value. The problem knows no files and prints nothing; it remembers every configuration it
 evaluated (never paying twice for one) and tells listeners about new ones.
 
 An evaluator with early rejection (:meth:`Evaluator.reject_below`) may stop part-way: the configuration is recorded
@@ -21,6 +20,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from pymoo.core.problem import ElementwiseEvaluationFunction, ElementwiseProblem
 
+from .bound import Bound
 from .costs import CostModel, TotalBits
 from .evaluator import EarlyRejected, NumericalError
 
@@ -82,8 +82,8 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
     Args:
         qmodel: a calibrated ``QuantizedActivationsModel``.
         evaluate: ``model -> accuracy`` in [0, 1] (for example an ``AccuracyEvaluator``).
-        min_accuracy: the floor; configurations below it are infeasible (the ceiling, above which they are, when
-            ``evaluate.higher_is_better`` is False).
+        bound: a :class:`Bound`; a number is a limit in ``evaluate``'s direction (a floor for accuracy, a ceiling
+            for a lower-is-better metric such as KL). Configurations that violate it are infeasible.
         bits: inclusive ``(lo, hi)`` range of every gene, or a mapping ``gene name -> (lo, hi)``.
         costs: cost models to minimise (default: total bits).
         cache: a mapping ``bits tuple -> Evaluation`` of configurations already known (a run store's, on resume).
@@ -92,7 +92,7 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         memoize: remember evaluated configurations (``False`` only to measure the naive way in benchmarks).
     """
 
-    def __init__(self, qmodel, evaluate: Callable, min_accuracy: float,
+    def __init__(self, qmodel, evaluate: Callable, bound: Bound | float,
                  bits: tuple[int, int] | Mapping[str, tuple[int, int]] = (2, 8),
                  costs: Sequence[CostModel] | None = None,
                  cache: Mapping[tuple[int, ...], Evaluation] | None = None,
@@ -119,8 +119,7 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
                       for n in names if n not in genes_set}
         self.qmodel = qmodel
         self.metric = evaluate
-        self.higher_is_better = bool(getattr(evaluate, "higher_is_better", True))
-        self.min_accuracy = float(min_accuracy)
+        self.bound = Bound.of(bound, evaluate)
         self.costs = list(costs) if costs else [TotalBits(names)]
         self.cache: dict[tuple[int, ...], Evaluation] = dict(cache or {})
         self.memoize = memoize
@@ -142,7 +141,7 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
     @property
     def objective_names(self) -> list[str]:
         name = getattr(self.metric, "name", "accuracy")
-        return ([f"-{name}"] if self.higher_is_better else [name]) + [c.name for c in self.costs]
+        return ([f"-{name}"] if self.bound.higher_is_better else [name]) + [c.name for c in self.costs]
 
     def is_feasible(self, result: Evaluation) -> bool:
         """Whether ``result`` satisfies the bound (what the constraint says, for listeners and reports)."""
@@ -229,13 +228,12 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
 
     def objectives(self, result: Evaluation) -> tuple[list[float], list[float]]:
         """``(F, G)`` of an evaluation, as pymoo minimises them."""
-        sign = -1.0 if self.higher_is_better else 1.0  # pymoo minimises
-        violation = sign * (result.accuracy - self.min_accuracy)
+        violation = -self.bound.margin(result.accuracy)
         if result.status == "failed":  # infeasible whatever its placeholder value says
-            violation = max(violation, 1.0 + abs(self.min_accuracy))
+            violation = max(violation, 1.0 + abs(self.bound.limit))
         elif result.status != "ok":  # rejected: below the floor, by its partial accuracy
             violation = max(violation, 1e-9)
-        return ([sign * result.accuracy] + [result.costs[c.name] for c in self.costs], [violation])
+        return ([self.bound.loss(result.accuracy)] + [result.costs[c.name] for c in self.costs], [violation])
 
     def _evaluate(self, x, out, *args, **kwargs):
         genes = np.rint(np.asarray(x, dtype=float)).astype(int)

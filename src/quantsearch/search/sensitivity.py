@@ -203,7 +203,7 @@ def measure_sensitivity(problem, widths: Iterable[int] | None = None, genes: Seq
         statuses.setdefault(gene, {})[int(bits)] = result.status
     metric = problem.metric
     return Sensitivity(tuple(problem.gene_names), tuple(problem.bit_ranges[g] for g in problem.gene_names),
-                       reference.accuracy, measured, problem.higher_is_better,
+                       reference.accuracy, measured, problem.bound.higher_is_better,
                        bool(getattr(metric, "fraction", True)), statuses)
 
 
@@ -365,8 +365,8 @@ def gradient_sensitivity(problem, budget=None, images: int = 500) -> Sensitivity
     if budget is not None:
         widths = max(hi - lo + 1 for lo, hi in ranges)
         budget.charge(seen / total * (GRADIENT_PASSES + widths))
-    table = Sensitivity(tuple(problem.gene_names), ranges, reference.accuracy, {}, problem.higher_is_better,
+    table = Sensitivity(tuple(problem.gene_names), ranges, reference.accuracy, {}, problem.bound.higher_is_better,
                         bool(getattr(metric, "fraction", True)), {}, "gradient", scores, 1.0)
-    allowed = max(table.sign * (reference.accuracy - problem.min_accuracy), 1e-9)
+    allowed = max(problem.bound.margin(reference.accuracy), 1e-9)
     scale = fit_scale(table, problem.visited, problem, allowed)
     return Sensitivity(**{**table.__dict__, "scale": scale})

@@ -1,0 +1,138 @@
+"""The result of calibration: :class:`Calibration`, every quantizer's amax per bit-width and signedness.
+
+It applies itself to a ``QuantizedActivationsModel``, checks that it fits one (same quantizers, same weights and
+calibration data by fingerprint, a wide enough bit range), and is saved as JSON (data, never code) checked
+against ``schemas/calibration.schema.json`` on load, so a file is never applied to another model or other data
+by mistake.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from ...files import write_atomic
+from ...fingerprints import fingerprint_model
+from .methods import CalibrationError
+
+__all__ = ["CALIBRATION_FORMAT", "CALIBRATION_VERSION", "QuantizerCalibration", "Calibration"]
+
+CALIBRATION_FORMAT = "quantsearch-calibration"
+CALIBRATION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantizerCalibration:
+    """One quantizer's calibration: its method, amax per bit-width, signedness, and the range it saw."""
+
+    method: str
+    unsigned: bool
+    amax: Mapping[int, float]
+    min: float
+    absmax: float
+    options: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Every quantizer's calibration, the bit range it covers, and what it was computed from (fingerprints)."""
+
+    quantizers: Mapping[str, QuantizerCalibration]
+    bits: tuple[int, int]
+    fingerprint: Mapping[str, str]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def amax_table(self) -> dict[str, dict[int, float]]:
+        return {n: dict(q.amax) for n, q in self.quantizers.items()}
+
+    @property
+    def unsigned(self) -> dict[str, bool]:
+        return {n: q.unsigned for n, q in self.quantizers.items()}
+
+    @property
+    def methods(self) -> dict[str, str]:
+        return {n: q.method for n, q in self.quantizers.items()}
+
+    def apply(self, qmodel) -> None:
+        """Give ``qmodel`` this table and signedness; each quantizer takes its current bit-width's amax."""
+        qmodel.unsigned = self.unsigned
+        qmodel.amax_table = self.amax_table
+        qmodel.bit_widths = qmodel.bits_dict()  # sets amax from the table
+
+    def check_fits(self, qmodel, data: str | None = None, bits: tuple[int, int] | None = None,
+                   source: str = "calibration file") -> None:
+        """Refuse (one line) a calibration made for other quantizers, weights or data, or too narrow a bit range."""
+        names, ours = qmodel.activation_names, list(self.quantizers)
+        if names != ours:
+            i = next((k for k, (a, b) in enumerate(zip(ours, names)) if a != b), min(len(ours), len(names)))
+            a = ours[i] if i < len(ours) else "nothing"
+            b = names[i] if i < len(names) else "nothing"
+            raise CalibrationError(f"{source} does not fit the model's quantizers: #{i} is {a!r} in the file but "
+                                   f"{b!r} in the model")
+        weights = fingerprint_model(qmodel.model)
+        if weights != self.fingerprint.get("weights"):
+            raise CalibrationError(f"{source} was made for other model weights (fingerprint "
+                                   f"{str(self.fingerprint.get('weights'))[:12]}, this model {weights[:12]}): "
+                                   "recalibrate with python -m quantsearch.calibrate")
+        if data is not None and data != self.fingerprint.get("data"):
+            raise CalibrationError(f"{source} was made on other calibration data (fingerprint "
+                                   f"{str(self.fingerprint.get('data'))[:12]}, this run's {data[:12]}): "
+                                   "recalibrate with python -m quantsearch.calibrate")
+        if bits is not None and not (self.bits[0] <= bits[0] and bits[1] <= self.bits[1]):
+            raise CalibrationError(f"{source} holds amax for bits {self.bits[0]}:{self.bits[1]}, the run searches "
+                                   f"{bits[0]}:{bits[1]}: recalibrate with --bits {bits[0]}:{bits[1]}")
+
+    # -- files
+    def to_dict(self) -> dict:
+        return {
+            "format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
+            "fingerprint": dict(self.fingerprint), "bits": list(self.bits), "settings": dict(self.settings),
+            "quantizers": {n: {"method": q.method, **dict(q.options), "unsigned": q.unsigned,
+                               "min": q.min, "absmax": q.absmax,
+                               "amax": {str(b): v for b, v in sorted(q.amax.items())}}
+                           for n, q in self.quantizers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, payload: Any, source: str = "calibration file") -> "Calibration":
+        import jsonschema
+
+        try:
+            jsonschema.validate(payload, _schema())
+        except jsonschema.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+            raise CalibrationError(f"{source} is not a quantsearch calibration file (at {where}: "
+                                   f"{exc.message})") from None
+        lo, hi = payload["bits"]
+        quantizers = {}
+        for name, q in payload["quantizers"].items():
+            amax = {int(b): float(v) for b, v in q["amax"].items()}
+            if set(amax) != set(range(lo, hi + 1)):
+                raise CalibrationError(f"{source}: quantizer {name!r} has amax for bits {sorted(amax)}, "
+                                       f"not {lo}..{hi}")
+            options = {k: q[k] for k in ("percentile", "momentum") if k in q}
+            quantizers[name] = QuantizerCalibration(q["method"], q["unsigned"], amax, q["min"], q["absmax"], options)
+        return cls(quantizers, (lo, hi), payload["fingerprint"], payload.get("settings", {}))
+
+    def save(self, path: str | Path) -> Path:
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        try:
+            payload = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise CalibrationError(f"cannot read calibration file {path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise CalibrationError(f"calibration file {path} is not valid JSON: {exc}") from None
+        return cls.from_dict(payload, source=f"calibration file {path}")
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict:
+    return json.loads((resources.files("quantsearch") / "schemas" / "calibration.schema.json").read_text())

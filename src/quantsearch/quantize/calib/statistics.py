@@ -1,0 +1,84 @@
+"""The calibrator: :class:`TensorStatistics`, everything one calibration pass records for one quantizer.
+
+It takes the place of a pytorch-quantization calibrator (``collect(x)`` on every tensor while calibration is on)
+and keeps, in one pass, the running absmax, a moving average of per-batch absmax, the minimum and, for the
+histogram methods, a ``HistogramCalibrator`` histogram of |x|; :meth:`TensorStatistics.amax` then answers any
+method at any bit-width without another forward pass.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+from .histogram import entropy_amax, mse_amax, percentile_amax
+from .methods import MethodSpec
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    from pytorch_quantization.calib import HistogramCalibrator
+
+__all__ = ["NUM_BINS", "TensorStatistics"]
+
+NUM_BINS = 2048
+
+
+class TensorStatistics:
+    """Everything one calibration pass records for one quantizer; it stands in as the quantizer's calibrator.
+
+    ``TensorQuantizer`` calls ``collect(x)`` on every tensor while calibration is on (once per batch for a module
+    used once per forward).
+    """
+
+    def __init__(self, histogram: bool = False, momentum: float = 0.95, num_bins: int = NUM_BINS):
+        self.momentum = float(momentum)
+        self.num_bins = num_bins
+        self.histogram = HistogramCalibrator(8, None, False, num_bins=num_bins) if histogram else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.batches = 0
+        self.nonfinite = 0  # batches holding NaN or Inf (left out of every statistic)
+        self.absmax = 0.0
+        self.moving_max: float | None = None
+        self.min = math.inf
+        if self.histogram is not None:
+            self.histogram.reset()
+
+    def collect(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            self.nonfinite += 1
+            return
+        absmax = max(-lo, hi)
+        self.min = min(self.min, lo)
+        self.absmax = max(self.absmax, absmax)
+        self.moving_max = absmax if self.moving_max is None else (
+            self.momentum * self.moving_max + (1 - self.momentum) * absmax)
+        self.batches += 1
+        if self.histogram is not None:
+            self.histogram.collect(x)
+
+    def hist(self) -> tuple[np.ndarray, np.ndarray]:
+        """Counts and bin edges of |x| (as pytorch-quantization hands them to its amax searches)."""
+        counts = self.histogram._calib_hist.int().cpu().numpy()
+        edges = self.histogram._calib_bin_edges.cpu().numpy()
+        return counts, edges[: len(counts) + 1]
+
+    def amax(self, spec: MethodSpec, num_bits: int, unsigned: bool) -> float:
+        """The amax that ``spec`` picks for a ``num_bits`` quantizer (on the unsigned grid when ``unsigned``)."""
+        if spec.method == "max":
+            return self.absmax
+        if spec.method == "moving-max":
+            return float(self.moving_max)
+        counts, edges = self.hist()
+        if spec.method == "percentile":
+            return percentile_amax(counts, edges, spec.percentile)
+        if spec.method == "entropy":
+            return entropy_amax(counts, edges, num_bits, unsigned)
+        return mse_amax(counts, edges, num_bits, unsigned)
