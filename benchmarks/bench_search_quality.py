@@ -50,12 +50,10 @@ warnings.simplefilter("ignore", FutureWarning)
 from quantsearch.search.budget import Budget, evaluation_cost  # noqa: E402
 from quantsearch.run.settings import ExploreConfig  # noqa: E402
 from quantsearch.run.convergence import hypervolume  # noqa: E402
-from quantsearch.search.costs import get_costs, profile_model  # noqa: E402
-from quantsearch.sources.data import split_dataset  # noqa: E402
 from quantsearch.search.evaluator import EarlyRejected, Evaluator, NumericalError  # noqa: E402
-from quantsearch.run.pipeline import calibrate_run, evaluate_baselines, load_model_and_data, search_genes  # noqa: E402
+from quantsearch.run.pipeline import evaluate_baselines  # noqa: E402
+from quantsearch.run.session import build_session  # noqa: E402
 from quantsearch.search.problem import Evaluation, LayerwiseQuantizationProblem  # noqa: E402
-from quantsearch.quantize.quantized_model import QuantizedActivationsModel  # noqa: E402
 from quantsearch.run.tables import format_table  # noqa: E402
 from quantsearch.search.front import pareto_front  # noqa: E402
 from quantsearch.search.algorithms import ALGORITHMS, run_algorithm  # noqa: E402
@@ -98,18 +96,10 @@ def uptime() -> str:
 def setup(quick: bool):
     config = ExploreConfig(search_space="both", cost="bops", bits="2:8", weight_bits="2:8",
                            eval_samples=1000 if quick else 3000, seed=0)
-    torch.manual_seed(config.seed)
-    model, dataset, _ = load_model_and_data(config)
-    splits = split_dataset(dataset, config.calibration_samples, config.eval_samples, config.holdout_samples,
-                           seed=config.seed)
-    qmodel = QuantizedActivationsModel(model, "vit", weight_quantizers=True)
-    calibrate_run(config, qmodel, splits.calibration)
-    search = Evaluator(splits.search, batch_size=config.batch_size)
-    holdout = Evaluator(splits.holdout, batch_size=config.batch_size)
-    with qmodel.quantization_disabled():
-        fp32 = {"search": search(qmodel), "holdout": holdout(qmodel)}
-    costs = get_costs("bops", qmodel, profile=profile_model(qmodel, splits.calibration[0][0].unsqueeze(0)))
-    return qmodel, search, holdout, fp32, costs, search_genes(qmodel, "both")
+    session = build_session(config)
+    fp32 = {"search": session.fp32("search"), "holdout": session.fp32("holdout")}
+    return (session.qmodel, session.evaluator("search"), session.evaluator("holdout"), fp32, session.costs("bops"),
+            session.genes)
 
 
 def run_one(name, budget, seed, qmodel, evaluate, floor, costs, genes, pop_size):

@@ -1,5 +1,7 @@
 """From a front to a decision, on a small real run: apply, export, the refusals, the report and the notebook."""
+import base64
 import csv
+import io
 import json
 import os
 import re
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_real_png
 
 from timm.models.vision_transformer import VisionTransformer
 
@@ -17,7 +20,7 @@ from quantsearch.deploy.bitconfig import BitConfig, BitConfigError, apply_bitcon
 from quantsearch.cli.explore import main as explore_main
 from quantsearch.deploy.export import ExportError, export_quantized, load_exported, model_state
 from quantsearch.sources.models import create_model
-from quantsearch.run.report import load_run
+from quantsearch.run.record import load_run
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "pareto_analysis.ipynb"
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -164,6 +167,8 @@ def test_report_and_convergence_of_the_run(run_dir):
     run = load_run(run_dir)
     for name in ("report.md", "convergence.png", "convergence.csv", "holdout.png", "pareto.png", "bits_heatmap.png"):
         assert (run_dir / name).is_file(), name
+        if name.endswith(".png"):
+            assert_real_png(run_dir / name)
     pareto = list(csv.DictReader((run_dir / "pareto.csv").open()))
     report = (run_dir / "report.md").read_text()
     for section in ("## Settings", "## Baselines", "## Pareto front", "## Convergence", "![Pareto front",
@@ -184,7 +189,7 @@ def test_report_and_convergence_of_the_run(run_dir):
         assert int(row["feasible"]) == sum(int(e["feasible"]) for e in mine)
     # the last hypervolume is the area under the staircase of every feasible evaluation (baselines outside the
     # search space included), computed here from evaluations.csv alone
-    floor, fp32_bits = run.min_accuracy, run.fp32_costs["bits"]
+    floor, fp32_bits = run.bound.limit, run.fp32_costs["bits"]
     steps = sorted(((float(r["bits"]) / fp32_bits, 100 * (float(r["accuracy"]) - floor))
                     for r in evaluations if r["feasible"] == "1"))
     area, best = 0.0, 0.0
@@ -218,6 +223,8 @@ def test_notebook_runs_top_to_bottom(run_dir, tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(figures) >= 5  # front, hold-out, heatmap, sensitivity, convergence
+    for figure in figures:  # each one a real image, not only an entry
+        assert_real_png(io.BytesIO(base64.b64decode(figure["data"]["image/png"])))
     text = "".join(o.get("text", "") for o in outputs)
     assert f"all {len(load_run(run_dir).quantizer_names)} quantizers at 8 bits" in text and "on 100 search images" in text
     assert (run_dir / "export" / "chosen.safetensors").is_file() and (run_dir / "export" / "chosen.json").is_file()

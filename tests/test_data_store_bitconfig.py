@@ -48,7 +48,7 @@ def test_store_records_reads_back_and_refuses_reuse(tmp_path):
     assert again.settings == {"seed": 1}
     assert again.evaluations() == [(e, 2)]
     assert again.cache() == {(8, 4): e}
-    path = again.write_evaluations_csv(["a", "b"], min_accuracy=0.9)
+    path = again.write_evaluations_csv(["a", "b"], 0.9)
     assert path.read_text().splitlines() == ["index,generation,accuracy,bits,feasible,status,samples,message,seconds,a,b",
                                              "0,2,0.910000,12,1,ok,3000,,0.500,8,4"]
     assert not list((tmp_path / "run").glob(".*.tmp"))

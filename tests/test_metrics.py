@@ -132,14 +132,14 @@ class _Fixed:
 def test_lower_is_better_metric_flips_objective_and_constraint(convnet):
     qmodel = QuantizedActivationsModel(convnet, "conv2d")
     table = {(8, 8, 8): 0.001, (4, 4, 4): 0.2, (8, 4, 4): 0.04, (2, 2, 2): None}
-    problem = LayerwiseQuantizationProblem(qmodel, _Fixed(qmodel, table), min_accuracy=0.05, bits=(2, 8))
+    problem = LayerwiseQuantizationProblem(qmodel, _Fixed(qmodel, table), 0.05, bits=(2, 8))
     assert problem.objective_names == ["kl", "bits"]
     e = {bits: problem.evaluate_bits(bits) for bits in table}
     assert problem.objectives(e[(8, 4, 4)]) == ([0.04, 16.0], [pytest.approx(-0.01)])  # feasible: below the ceiling
     assert problem.objectives(e[(4, 4, 4)])[1][0] == pytest.approx(0.15)  # infeasible
     assert e[(2, 2, 2)].status == "failed" and problem.objectives(e[(2, 2, 2)])[1][0] > 0
     assert [problem.is_feasible(e[b]) for b in table] == [True, False, True, False]
-    front = pareto_front(problem.evaluations, 0.05, higher_is_better=False)
+    front = pareto_front(problem.evaluations, problem.bound)
     assert [f.bits for f in front] == [(8, 4, 4), (8, 8, 8)]  # cheapest first, each with the lower KL for its cost
 
 
@@ -158,7 +158,7 @@ def test_kl_search_end_to_end_on_the_demo(tmp_path):
     kls = [p["accuracy"] for p in run["front"]]
     assert kls == sorted(kls, reverse=True)  # cheapest first: more bits buy lower KL
     # the hypervolume counts KL below the ceiling (not above it): positive, and never shrinking
-    from quantsearch.run.report import load_run
+    from quantsearch.run.record import load_run
 
     volumes = load_run(out).convergence().hypervolume
     assert volumes[-1] > 0 and volumes == sorted(volumes)

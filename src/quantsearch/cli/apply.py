@@ -121,11 +121,12 @@ def run(args: argparse.Namespace) -> int:
             differs = True
             delta = bound.show(abs(value - recorded), unit=False)
             verdict = f"differs by {'+' if value > recorded else '-'}{delta}{' points' if bound.fraction else ''}"
-        rows.append([name, evaluate.num_samples, bound.show(value, unit=False), bound.show(recorded, unit=False),
-                     verdict])
+        hits = evaluate.metric.successes()  # (hits, images) for a fraction metric (top-k, agreement)
+        rows.append([name, evaluate.num_samples, hits[0] if hits else "-", bound.show(value, unit=False),
+                     bound.show(recorded, unit=False), verdict])
     metric = session.evaluator("search").name
     unit = " %" if session.evaluator("search").fraction else ""
-    print(format_table(["split", "images", f"{metric}{unit}", f"recorded{unit}", ""], rows))
+    print(format_table(["split", "images", "hits", f"{metric}{unit}", f"recorded{unit}", ""], rows))
     print(format_table(["cost", "value", "/ FP32", "recorded", ""], _cost_rows(session, bitconfig)))
     if args.export:
         from ..deploy.export import export_quantized

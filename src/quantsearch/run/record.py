@@ -9,9 +9,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..quantize.calib import Calibration
 from ..search.bound import Bound
 from ..search.problem import Evaluation
 from .convergence import Convergence, convergence
+from .session import Session, build_session
+from .settings import ExploreConfig
 from .store import RunStore, StoreError
 
 __all__ = ["RunRecord", "load_run", "read_record"]
@@ -62,6 +65,14 @@ class RunRecord:
 
     def convergence(self) -> Convergence:
         return convergence(self.evaluations, self.bound, self.fp32_costs, self.cost_names)
+
+    def session(self) -> Session:
+        """The run's session, rebuilt from its settings with the calibration it used (``calibration.json``), so
+        every width gets the range the search judged it with."""
+        settings = {k: v for k, v in self.settings.items() if k in ExploreConfig.keys()}
+        config = ExploreConfig(**settings | {"out": None, "calibration": None, "workers": 0, "ray_address": None})
+        calibration = Calibration.load(self.run_dir / "calibration.json")
+        return build_session(config, calibration=calibration)
 
     def point(self, index: int) -> tuple[Evaluation, Path]:
         """The ``index``-th Pareto point and its bit-config file."""

@@ -1,0 +1,170 @@
+"""``apply --check`` reproduces every kind of run exactly: the bit-config rebuilds model, images and metric.
+
+Each run is small and real: the demo with a label-free metric and per-quantizer calibration overrides, KL with
+channels-last, a timm model by name with a checkpoint on an ``imagefolder:`` of PNG files with a callable metric,
+a ``package.module:callable`` model and dataset, and a run evaluated on 2 Ray workers. Old bit-configs still load.
+"""
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from quantsearch.cli.apply import main as apply_main
+from quantsearch.cli.explore import main as explore_main
+
+from conftest import write_fashion_pngs
+
+SMALL = ["--bits", "4:8", "--pop-size", "4", "--generations", "1", "--no-progress", "--log-level", "WARNING"]
+DEMO = [*SMALL, "--eval-samples", "200", "--holdout-samples", "200", "--calib-batches", "1", "--batch-size", "100"]
+
+USER_MODULE = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+class ConvNet(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x)).mean((2, 3))
+        return self.fc(x)
+
+
+def convnet(num_classes=10):
+    torch.manual_seed(1)
+    return ConvNet(num_classes)
+
+
+def blobs(count=300, transform=None):
+    """Two classes of 1x12x12 images: bright centre or bright border, with noise."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(count, 1, 12, 12, generator=g) * 0.3
+    y = torch.arange(count) % 2
+    x[y == 0, :, 4:8, 4:8] += 1.5
+    x[y == 1, :, :2, :] += 1.5
+    return TensorDataset(x, y)
+
+
+def top1_fn(outputs, labels):
+    return float((outputs.argmax(1) == labels).float().mean())
+'''
+
+
+@pytest.fixture(scope="module")
+def user_module(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("user")
+    (folder / "qs_user.py").write_text(USER_MODULE)
+    sys.path.insert(0, str(folder))
+    yield folder
+    sys.path.remove(str(folder))
+    sys.modules.pop("qs_user", None)
+
+
+def explore(out, *args, config: dict | None = None) -> None:
+    extra = []
+    if config is not None:
+        path = out.parent / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        extra = ["--config", str(path)]
+    assert explore_main([*args, *extra, "--out", str(out)]) == 0
+
+
+def check(bitconfig, *flags, capsys) -> str:
+    """``apply BITCONFIG --check``: exit 0 and every accuracy and cost row says ``identical``."""
+    capsys.readouterr()
+    code = apply_main([str(bitconfig), "--check", *flags])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [line.split() for line in out.splitlines()]
+    accuracy = [r for r in rows if r and r[0] in ("search", "holdout")]
+    costs = [r for r in rows if r and r[0] in ("bits", "bops", "model-size", "activation-memory")]
+    assert [r[0] for r in accuracy] == ["search", "holdout"], out
+    assert all(r[-1] == "identical" for r in accuracy + costs) and costs, out
+    return out
+
+
+def points(run_dir):
+    found = sorted((run_dir / "pareto").glob("point_*.json"))
+    assert found, f"{run_dir} has no Pareto point"
+    return found
+
+
+def test_demo_agreement_with_calibration_overrides(tmp_path, capsys):
+    out = tmp_path / "agreement"
+    explore(out, *DEMO, "--metric", "agreement", "--max-accuracy-drop", "0.02", "--cost", "bits,bops",
+            config={"calib-method": "percentile", "calib-percentile": 99.9,
+                    "calib-overrides": {"*.attn_drop": "max", "blocks.0.*": {"method": "mse"}}})
+    point = points(out)[0]
+    payload = json.loads(point.read_text())
+    assert payload["metric"]["metric"] == "agreement" and payload["settings"]["calib_method"] == "percentile"
+    text = check(point, capsys=capsys)
+    assert "agreement %" in text
+    # an old bit-config (schema 2: model and dataset sections only) still re-applies to the same accuracy
+    old = {k: v for k, v in payload.items() if k not in ("settings", "metric")}
+    old["schema_version"] = 2
+    old["dataset"] = {k: payload["dataset"][k] for k in ("name", "seed", "calibration", "search", "holdout",
+                                                         "batch_size")} | {"metric": "agreement"}
+    old["model"] = {k: payload["model"][k] for k in ("name", "checkpoint", "predicate", "quantize_input",
+                                                     "weight_quantizers", "input_shape")}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    check(tmp_path / "old.json", capsys=capsys)
+
+
+def test_demo_kl_channels_last(tmp_path, capsys):
+    out = tmp_path / "kl"
+    explore(out, *DEMO, "--metric", "kl", "--max-accuracy-drop", "0.05", "--channels-last", "--calib-method", "max")
+    payload = json.loads(points(out)[-1].read_text())
+    assert payload["metric"]["kind"] == "ceiling" and payload["settings"]["channels_last"] is True
+    for point in points(out):
+        check(point, capsys=capsys)
+
+
+def test_timm_model_with_checkpoint_on_png_imagefolder_and_callable_metric(tmp_path, capsys, user_module):
+    import timm
+
+    write_fashion_pngs(tmp_path / "pngs", 90, by_class=True)
+    torch.manual_seed(3)
+    checkpoint = tmp_path / "resnet10t.pt"
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), checkpoint)
+    out = tmp_path / "timm"
+    explore(out, *SMALL, "--model", "resnet10t", "--checkpoint", str(checkpoint),
+            "--dataset", f"imagefolder:{tmp_path / 'pngs'}", "--metric", "qs_user:top1_fn", "--min-accuracy", "0.0",
+            "--eval-samples", "30", "--holdout-samples", "30", "--calib-batches", "1", "--batch-size", "30",
+            config={"model-kwargs": {"num_classes": 10}, "preprocessing": {"input_size": [3, 48, 48]}})
+    point = points(out)[0]
+    payload = json.loads(point.read_text())
+    assert payload["model"]["checkpoint_sha256"] and payload["dataset"]["preprocessing"]["input_size"] == [3, 48, 48]
+    check(point, capsys=capsys)
+    # other checkpoint bytes: the recorded accuracy cannot be checked, in one line, exit 2
+    torch.manual_seed(4)
+    other = tmp_path / "other.pt"
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), other)
+    assert apply_main([str(point), "--check", "--checkpoint", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint file bytes differ" in err[0]
+
+
+def test_callable_model_and_dataset(tmp_path, capsys, user_module):
+    out = tmp_path / "callable"
+    explore(out, *SMALL, "--model", "qs_user:convnet", "--dataset", "qs_user:blobs", "--predicate", "all-leaf",
+            "--eval-samples", "100", "--holdout-samples", "100", "--calib-batches", "1", "--batch-size", "50",
+            "--max-accuracy-drop", "0.5", "--channels-last", config={"dataset-kwargs": {"count": 300}})
+    for point in points(out):
+        check(point, capsys=capsys)
+
+
+def test_run_on_two_ray_workers(tmp_path, capsys):
+    pytest.importorskip("ray")
+    out = tmp_path / "ray"
+    explore(out, *DEMO, "--workers", "2")
+    assert json.loads((out / "run.json").read_text())["parallel"]["workers"] == 2
+    check(points(out)[0], capsys=capsys)
