@@ -1,12 +1,10 @@
-import json
-
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import fake_quant_by_hand
-from quantsearch.quantize.calib import CalibrationError, load_amax, save_amax
+from quantsearch.quantize.calib import CalibrationError
 from quantsearch.quantize.predicates import by_name, by_type, get_target
 from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 
@@ -151,22 +149,6 @@ def test_bit_widths_list_and_dict(convnet):
         qmodel.bit_widths = {"conv9": 4}
     with pytest.raises(ValueError, match="outside"):
         qmodel.bit_widths = [1, 8, 8, 8]
-
-
-def test_amax_json_round_trip(convnet, tmp_path):
-    x = torch.randn(8, 1, 8, 8)
-    qmodel = QuantizedActivationsModel(convnet, "conv2d")
-    amax = qmodel.calibrate([x], 1)
-    path = tmp_path / "amax.json"
-    save_amax(qmodel, path)
-    assert json.loads(path.read_text())["amax"] == amax
-    other = QuantizedActivationsModel(type(convnet)().eval(), "conv2d")
-    assert load_amax(other, path) == amax
-    assert other.amax == amax
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"format": "quantsearch-amax", "version": 1, "amax": {"input": 1.0}}))
-    with pytest.raises(CalibrationError, match="missing"):
-        load_amax(other, bad)
 
 
 def test_zero_amax_is_refused_by_name(convnet):

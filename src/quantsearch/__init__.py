@@ -16,7 +16,6 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BitConfig": "deploy.bitconfig", "apply_bitconfig": "deploy.bitconfig",
     "Calibration": "quantize.calib", "calibrate": "quantize.calib", "calibrate_max": "quantize.calib",
-    "load_amax": "quantize.calib", "save_amax": "quantize.calib",
     "ExploreConfig": "run.settings",
     "hypervolume": "run.convergence",
     "BOPs": "search.costs", "ActivationMemory": "search.costs", "ModelSize": "search.costs", "TotalBits": "search.costs", "get_costs": "search.costs",
@@ -41,7 +40,7 @@ _EXPORTS = {
 
 __all__ = [
     "QuantizedActivationsModel", "LayerwiseQuantizationProblem", "Evaluation",
-    "calibrate", "Calibration", "calibrate_max", "save_amax", "load_amax",
+    "calibrate", "Calibration", "calibrate_max",
     "nsga2", "run_search", "run_algorithm", "ALGORITHMS", "Budget", "Sensitivity", "measure_sensitivity",
     "explore", "ExploreConfig", "pareto_front", "Bound", "build_session", "Session", "RunRecord",
     "BitConfig", "apply_bitconfig", "export_quantized", "load_exported", "load_run", "hypervolume",

@@ -91,9 +91,9 @@ class BitConfig:
         return cls(model=model, quantizers=quantizers, **kwargs)
 
     def to_dict(self) -> dict:
+        run = {k: dict(v) for k, v in (("metric", self.metric), ("settings", self.settings)) if v}
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": dict(self.model),
-                "dataset": dict(self.dataset), "metric": dict(self.metric), "settings": dict(self.settings),
-                "quantizers": {n: dict(q) for n, q in self.quantizers.items()},
+                "dataset": dict(self.dataset), **run, "quantizers": {n: dict(q) for n, q in self.quantizers.items()},
                 "accuracy": dict(self.accuracy), "costs": dict(self.costs),
                 "costs_normalized": dict(self.costs_normalized)}
 

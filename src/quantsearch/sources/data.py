@@ -12,7 +12,6 @@ Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``) or an
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib
 import inspect
 import json
@@ -26,6 +25,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from ..fingerprints import fingerprint_values
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -432,9 +433,8 @@ class Splits:
         return {name: list(getattr(self, name).indices) for name in ("calibration", "search", "holdout")}
 
     def fingerprint(self) -> dict[str, str]:
-        """A short SHA-256 of each part's indices: two runs used the same images iff these agree."""
-        return {name: hashlib.sha256(json.dumps(idx).encode()).hexdigest()[:16]
-                for name, idx in self.indices().items()}
+        """A SHA-256 of each part's indices: two runs used the same images iff these agree."""
+        return {name: fingerprint_values(idx) for name, idx in self.indices().items()}
 
 
 def split_dataset(dataset: Dataset, calibration: int, search: int, holdout: int | None = None,

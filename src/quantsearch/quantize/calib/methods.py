@@ -1,4 +1,4 @@
-"""Calibration methods: their names, a method with its parameters (:class:`MethodSpec`), and which quantizer gets which.
+"""Calibration methods: their names, a method and its parameters (:class:`MethodSpec`), which quantizer gets which.
 
 The vocabulary the rest of the package shares: the method names, the histogram and per-bit families, the error
 every calibration failure raises, and the resolution of ``calib-overrides`` name globs to a method per quantizer.

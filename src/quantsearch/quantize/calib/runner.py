@@ -1,0 +1,128 @@
+"""The calibration pass: :func:`calibrate` runs the batches once and turns the statistics into a :class:`Calibration`.
+
+Quantization is off during the pass (FQ-ViT's calibrate -> feed -> quant flow) and weight quantizers are
+disabled, so every activation quantizer's :class:`TensorStatistics` sees the FP32 model; the weights and the
+calibration inputs are fingerprinted on the way, and the result is applied to the model.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ...fingerprints import DataDigest, fingerprint_model
+from ..fakequant import quiet_quantizers
+from ..limits import MAX_BITS, MIN_BITS
+from .methods import HISTOGRAM_METHODS, PER_BIT_METHODS, CalibrationError, MethodSpec, resolve_methods
+from .result import Calibration, QuantizerCalibration
+from .statistics import NUM_BINS, TensorStatistics
+
+__all__ = ["DEFAULT_BITS", "batch_inputs", "data_fingerprint", "calibrate", "calibrate_max"]
+
+DEFAULT_BITS = (MIN_BITS, 8)
+
+
+def batch_inputs(batch) -> torch.Tensor:
+    """The model input of a loader batch: the tensor itself, or the first element of ``(x, y, ...)``."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def data_fingerprint(batches: Iterable, num_batches: int | None = None) -> str:
+    """sha256 of the inputs of the first ``num_batches`` batches, as :func:`calibrate` records it."""
+    digest = DataDigest()
+    for batch in itertools.islice(batches, num_batches):
+        digest.update(batch_inputs(batch))
+    return digest.hexdigest()
+
+
+def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method: str = "max", *,
+              bits: tuple[int, int] = DEFAULT_BITS, overrides: Mapping[str, Any] | None = None,
+              percentile: float = 99.99, momentum: float = 0.95, detect_unsigned: bool = True,
+              num_bins: int = NUM_BINS) -> Calibration:
+    """Calibrate every quantizer of ``qmodel`` in one pass over ``num_batches`` batches (all if None) and apply it.
+
+    Args:
+        method: the default method (see :mod:`quantsearch.quantize.calib`); ``overrides`` maps quantizer-name
+            globs to other methods (:func:`resolve_methods`).
+        bits: inclusive bit-width range of the amax table (a width outside it takes the nearest width's amax).
+        detect_unsigned: give quantizers whose calibration data is never negative the unsigned range.
+    """
+    activations = qmodel.activation_names
+    specs = resolve_methods(activations, MethodSpec(method, percentile, momentum).validated(), overrides)
+    lo, hi = int(bits[0]), int(bits[1])
+    if not MIN_BITS <= lo <= hi <= MAX_BITS:
+        raise CalibrationError(f"calibration bits {lo}:{hi} must satisfy {MIN_BITS} <= LO <= HI <= {MAX_BITS}")
+    # weight quantizers keep their per-channel max|w| and are off meanwhile: the pass sees the FP32 model
+    quantizers = [(n, qmodel.quantizer(n)) for n in activations]
+    weight_quantizers = [qmodel.quantizer(n) for n in qmodel.weight_names]
+    weights_were_disabled = [q._disabled for q in weight_quantizers]
+    for q in weight_quantizers:
+        q.disable()
+    stats = {n: TensorStatistics(specs[n].method in HISTOGRAM_METHODS, specs[n].momentum, num_bins)
+             for n, _ in quantizers}
+    weights = fingerprint_model(qmodel.model)
+    data = DataDigest()
+    saved = [(q._calibrator, q._disabled) for _, q in quantizers]
+    with quiet_quantizers():
+        for name, q in quantizers:
+            q._calibrator = stats[name]
+            q._disabled = False
+            q.disable_quant()
+            q.enable_calib()
+    device = qmodel._device()
+    try:
+        qmodel.eval()
+        with torch.no_grad(), quiet_quantizers():
+            for batch in itertools.islice(batches, num_batches):
+                x = batch_inputs(batch)
+                data.update(x)
+                qmodel(x.to(device))
+    finally:
+        with quiet_quantizers():
+            for (_, q), (calibrator, disabled) in zip(quantizers, saved):
+                q.disable_calib()
+                q.enable_quant()
+                q._calibrator, q._disabled = calibrator, disabled
+        for q, was in zip(weight_quantizers, weights_were_disabled):
+            q._disabled = was
+    if data.samples == 0:
+        raise CalibrationError("calibration saw no batch: the calibration data is empty")
+
+    result = {}
+    for name, _ in quantizers:
+        s, spec = stats[name], specs[name]
+        if s.nonfinite:
+            raise CalibrationError(f"quantizer {name!r} saw NaN or Inf in {s.nonfinite} calibration batch(es): it "
+                                   "cannot quantize (non-finite calibration data, made by the model before it)")
+        if s.batches == 0:
+            raise CalibrationError(f"quantizer {name!r} saw no tensor during calibration (is its module used?)")
+        if not math.isfinite(s.absmax) or s.absmax <= 0:
+            raise CalibrationError(f"quantizer {name!r} has amax {s.absmax}: it cannot quantize (zero or "
+                                   "non-finite calibration data)")
+        unsigned = bool(detect_unsigned and s.min >= 0)
+        if spec.method in PER_BIT_METHODS:
+            amax = {b: s.amax(spec, b, unsigned) for b in range(lo, hi + 1)}
+        else:
+            value = s.amax(spec, hi, unsigned)
+            amax = {b: value for b in range(lo, hi + 1)}
+        for b, v in amax.items():
+            if not math.isfinite(v) or v <= 0:
+                raise CalibrationError(f"quantizer {name!r} got amax {v} at {b} bits from {spec.method}: "
+                                       "it cannot quantize")
+        options = {k: v for k, v in spec.to_dict().items() if k != "method"}
+        result[name] = QuantizerCalibration(spec.method, unsigned, amax, s.min, s.absmax, options)
+    settings = {"method": method, "percentile": percentile, "momentum": momentum,
+                "overrides": {str(k): v for k, v in (overrides or {}).items()}, "detect_unsigned": detect_unsigned,
+                "num_bins": num_bins, "samples": data.samples}
+    calibration = Calibration(result, (lo, hi), {"weights": weights, "data": data.hexdigest()}, settings)
+    calibration.apply(qmodel)
+    return calibration
+
+
+def calibrate_max(qmodel, batches: Iterable, num_batches: int | None = None) -> dict[str, float]:
+    """Max calibration with the signed range everywhere (the original behaviour); returns amax per quantizer."""
+    calibrate(qmodel, batches, num_batches, "max", detect_unsigned=False)
+    amax = qmodel.amax
+    return {n: amax[n] for n in qmodel.activation_names}
