@@ -100,6 +100,12 @@ def main() -> None:
     heads = model.blocks[0].attn.num_heads
 
     def asymmetric_ranges(names, bits):
+        """Asymmetric ranges fitted at ``bits`` for the signed quantizers among ``names``; each must be one that
+        ``base`` puts at ``bits`` (the hook quantizes with the quantizer's own width, so a range fitted at 4 bits on
+        a quantizer kept at 8 would replace its 8-bit symmetric form by a mismatched one)."""
+        wrong = [n for n in names if base[n] != bits]
+        if wrong:
+            raise ValueError(f"{wrong[0]!r} is at {base[wrong[0]]} bits in W4A4, not {bits}")
         return {n: fit_asymmetric(samples[n], bits, lambda x, n=n: fake_quant_symmetric(
             x, qmodel.amax_table[n][bits], bits, unsigned[n])) for n in names if not unsigned[n]}
 
@@ -135,9 +141,12 @@ def main() -> None:
         return [n for n in acts if n.endswith(suffixes) or n in suffixes]
 
     qkv3 = dict(base) | {n: 3 for n in family("attn.qkv")}
+    at_4_bits = [n for n in acts if base[n] == 4]
     variants = [
         ("symmetric per tensor (quantsearch)", base, {}, {}),
-        ("asym on every signed activation", base, asymmetric_ranges(acts, 4), {}),
+        # every signed activation that W4A4 puts at 4 bits: those no multiply reads (the logits included) stay
+        # symmetric 8-bit, as in the reference row
+        ("asym on every signed activation", base, asymmetric_ranges(at_4_bits, 4), {}),
         ("asym on GELU outputs", base, asymmetric_ranges(family("mlp.act"), 4), {}),
         ("asym on LayerNorm outputs", base, asymmetric_ranges(family("norm1", "norm2", "norm"), 4), {}),
         ("asym on qkv outputs", base, asymmetric_ranges(family("attn.qkv"), 4), {}),

@@ -39,7 +39,9 @@ def main() -> None:
                                    out=str(Path(tmp) / f"w{workers}"))
             result = explore(config, progress=False)
             searched = result.num_evaluations - len(result.baselines)  # the baselines run on the driver
-            seconds, start = result.timings["search"], result.timings.get("workers_start", 0.0)
+            # the search stage starts once the workers are up; their start is a stage of its own
+            start = result.timings.get("workers_start", 0.0)
+            seconds = result.timings["search"] + start
             rate, steady = 60 * searched / seconds, 60 * searched / (seconds - start)
             serial_rate = serial_rate or rate
             same = _bits(result.run_dir)

@@ -71,3 +71,17 @@ def write_fashion_pngs(folder, count, start=0, by_class=False):
         Image.fromarray(np.asarray(images[i])).save(path)
         written.append((str(path), i))
     return [i for _, i in sorted(written)]
+
+
+def assert_real_png(path, min_side=100):
+    """``path`` decodes as a PNG image (PIL's integrity check) at least ``min_side`` pixels on each side, and is
+    not a single flat colour (a figure with something drawn on it)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG", (path, image.format)
+        assert min(image.size) >= min_side, (path, image.size)
+        image.verify()
+    with Image.open(path) as image:  # verify() leaves the image unusable: decode it again, fully
+        low, high = image.convert("L").getextrema()
+    assert low < high, (path, "a blank image")

@@ -226,5 +226,24 @@ def test_notebook_runs_top_to_bottom(run_dir, tmp_path):
     for figure in figures:  # each one a real image, not only an entry
         assert_real_png(io.BytesIO(base64.b64decode(figure["data"]["image/png"])))
     text = "".join(o.get("text", "") for o in outputs)
-    assert f"all {len(load_run(run_dir).quantizer_names)} quantizers at 8 bits" in text and "on 100 search images" in text
+    assert f"all {len(load_run(run_dir).quantizer_names)} quantizers at the top of their range" in text
+    assert "on 100 search images" in text and "hold-out" in text and "(target " in text
     assert (run_dir / "export" / "chosen.safetensors").is_file() and (run_dir / "export" / "chosen.json").is_file()
+
+
+def test_run_session_carries_the_runs_own_calibration(run_dir):
+    """The notebook's starting point: the session rebuilt from the run uses the run's calibration.json (every
+    width's amax, not one bit-config's), and reproduces the run's FP32 accuracy on the same images."""
+    from quantsearch.quantize.calib import Calibration
+
+    run = load_run(run_dir)
+    session = run.session()
+    calibration = Calibration.load(run_dir / "calibration.json")
+    assert session.qmodel.amax_table == calibration.amax_table
+    assert {n: session.qmodel.unsigned[n] for n in calibration.unsigned} == calibration.unsigned
+    assert session.fp32("search") == run.fp32_accuracy["search"]
+    assert session.fp32("holdout") == run.fp32_accuracy["holdout"]
+    # a width the run searched gets the amax calibrated for that width
+    name = run.quantizer_names[1]
+    session.qmodel.bit_widths = {name: 4}
+    assert session.qmodel.amax[name] == calibration.amax_table[name][4]

@@ -71,7 +71,7 @@ def test_agreement_config_end_to_end_on_unlabeled_images(tmp_path):
     assert len(run["genes"]) == 50  # the input and 49 BatchNorm(+ReLU6) outputs; weights stay at 8 bits
     assert len(run["quantizers"]) == 50 + 50  # ... and the 49 convolutions' and the classifier's weights
     assert run["fp32_accuracy"] == {"search": 1.0, "holdout": 1.0}  # FP32 agrees with itself
-    assert run["min_accuracy"] == pytest.approx(0.75)
+    assert run["bound"]["limit"] == pytest.approx(0.75)
     assert set(run["baselines"]) == {"FP32", "W8A8", "W8A6", "W6A6", "W4A8", "W8A4", "W4A4"}
     assert run["front"] and all(p["accuracy"] >= 0.75 for p in run["front"])
     assert run["baselines"]["W8A8"]["accuracy"] > run["baselines"]["W8A4"]["accuracy"]

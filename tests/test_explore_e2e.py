@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import assert_real_png
 
 from quantsearch.deploy.bitconfig import apply_bitconfig
 from quantsearch.sources.data import load_fashion_mnist, split_dataset
@@ -27,6 +28,8 @@ def run_dir(tmp_path_factory):
 def test_outputs_written(run_dir):
     for name in ("run.sqlite", "evaluations.csv", "pareto.csv", "pareto.png", "bits_heatmap.png", "run.json"):
         assert (run_dir / name).is_file(), name
+    for name in ("pareto.png", "bits_heatmap.png"):
+        assert_real_png(run_dir / name)
     run = json.loads((run_dir / "run.json").read_text())
     assert run["splits"] == {"calibration": 500, "search": 800, "holdout": 800}
     assert run["settings"]["predicate_resolved"] == "vit"
@@ -45,7 +48,7 @@ def test_outputs_written(run_dir):
     assert uniform == set(range(3, 9))
     pareto = list(csv.DictReader((run_dir / "pareto.csv").open()))
     assert len(pareto) == len(list((run_dir / "pareto").glob("*.json"))) == len(run["front"]) >= 1
-    floor = run["min_accuracy"]
+    floor = run["bound"]["limit"]
     assert all(float(p["accuracy_search"]) >= floor for p in pareto)
     costs = [float(p["bops"]) for p in pareto]
     accs = [float(p["accuracy_search"]) for p in pareto]

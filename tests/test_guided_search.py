@@ -267,7 +267,8 @@ def test_budget_evaluates_in_batches_that_fit_and_charges_other_work(qmodel, bop
 def test_gradient_scores_by_hand():
     from torch import nn
 
-    from quantsearch.search.sensitivity import _fake_quant, gradient_scores
+    from conftest import fake_quant_by_hand
+    from quantsearch.search.sensitivity import gradient_scores
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 3)).eval()
@@ -281,18 +282,63 @@ def test_gradient_scores_by_hand():
     g = torch.softmax(z, 1) - torch.nn.functional.one_hot(y, 3)  # dL/dz of the summed cross-entropy
     g_x = g @ W
     amax = qmodel.amax
+    # the hand formula is the signed narrow range: the input, the logits and the weight are all signed here
+    assert not any(qmodel.unsigned[n] for n in genes) and (x < 0).any() and (z < 0).any()
     for bits in (2, 4, 8):
-        dz = _fake_quant(z, qmodel.amax_table["0"][bits], bits, qmodel.unsigned["0"]) - z
-        dx = _fake_quant(x, qmodel.amax_table["input"][bits], bits, False) - x
-        dW = _fake_quant(W, torch.tensor(amax["0:weight"]).reshape(-1, 1), bits, False) - W
+        dz = fake_quant_by_hand(z, qmodel.amax_table["0"][bits], bits) - z
+        dx = fake_quant_by_hand(x, qmodel.amax_table["input"][bits], bits) - x
+        dW = fake_quant_by_hand(W, torch.tensor(amax["0:weight"]).reshape(-1, 1), bits) - W
+        assert dz.abs().max() > 0 and dx.abs().max() > 0 and dW.abs().max() > 0  # a real error at every width
         for gene, value in (("0", (g * dz)), ("input", (g_x * dx)), ("0:weight", g * (x @ dW.T))):
             assert scores[gene][bits] == pytest.approx(0.5 * float((value ** 2).sum()) / 16, rel=1e-4), (gene, bits)
     assert scores["0"][2] > scores["0"][4] > scores["0"][8]  # more bits, less loss
 
 
+def test_fit_scale_by_hand():
+    """Two genes a, b in 2..4 with known gradient scores; the drops are chosen so that the in-band ratios
+    measured / estimated are 2 and 8 (geometric mean 4, where an arithmetic mean would give 5), and every point the
+    rule must ignore would move the result if it were counted."""
+    from types import SimpleNamespace
+
+    from quantsearch.search.problem import Evaluation
+    from quantsearch.search.sensitivity import fit_scale
+
+    # estimated (unit) drops: a: 4 -> 0, 3 -> 0.01, 2 -> 0.05; b: 4 -> 0, 3 -> 0.02, 2 -> 0.02 (running maximum);
+    # the table's own scale (3) must not enter the fit
+    scores = {"a": {4: 0.02, 3: 0.03, 2: 0.07}, "b": {4: 0.02, 3: 0.04, 2: 0.03}}
+    table = Sensitivity(("a", "b"), ((2, 4), (2, 4)), 0.9, {}, method="gradient", scores=scores, scale=3.0)
+    problem = SimpleNamespace(in_space=lambda bits: all(2 <= b <= 4 for b in bits), genome=tuple)
+
+    def at(bits, accuracy, status="ok"):
+        return Evaluation(bits, accuracy, {}, 0.0, status)
+
+    allowed = 0.04  # the band: drops within [0.01, 0.2]
+    in_band = [at((3, 4), 0.88),  # drop 0.02 / estimate 0.01 = 2
+               at((4, 3), 0.74)]  # drop 0.16 / estimate 0.02 = 8
+    ignored = [at((2, 4), 0.65),  # drop 0.25 > 5 x allowed (ratio 5)
+               at((3, 3), 0.8995),  # drop 0.0005 < 0.25 x allowed (ratio 1/60)
+               at((4, 2), 0.88, "rejected"),  # not ok (ratio 1)
+               at((5, 4), 0.85),  # outside the search space
+               at((3, 2), 0.91),  # no drop (better than the reference)
+               at((4, 4), 0.89)]  # estimate 0: the top itself
+    assert fit_scale(table, in_band + ignored, problem, allowed) == pytest.approx(4.0)
+    assert fit_scale(table, ignored + in_band[::-1], problem, allowed) == pytest.approx(4.0)  # order-free
+    assert fit_scale(table, in_band[:1], problem, allowed) == pytest.approx(2.0)
+    # nothing in the band: any positive drop up to 10 x allowed (0.4) counts: 0.25 / 0.05 = 5, while the drop 0.42
+    # at estimate 0.07 (ratio 6) lies beyond
+    assert fit_scale(table, [at((2, 4), 0.65), at((2, 2), 0.48)], problem, allowed) == pytest.approx(5.0)
+    assert fit_scale(table, [at((2, 2), 0.48)] + ignored[2:], problem, allowed) == 1.0  # nothing usable
+    assert fit_scale(table, [], problem, allowed) == 1.0
+    # a lower-is-better metric: drops are increases over the reference 0.1
+    lower = Sensitivity(("a", "b"), ((2, 4), (2, 4)), 0.1, {}, higher_is_better=False, method="gradient",
+                        scores=scores)
+    assert fit_scale(lower, [at((3, 4), 0.12), at((4, 3), 0.26), at((2, 4), 0.35)], problem,
+                     allowed) == pytest.approx(4.0)
+
+
 def test_gradient_sensitivity_is_scaled_to_the_uniform_baselines(demo_vit, splits):
     from quantsearch.run.pipeline import evaluate_baselines
-    from quantsearch.search.sensitivity import gradient_sensitivity
+    from quantsearch.search.sensitivity import fit_scale, gradient_sensitivity
 
     qmodel = QuantizedActivationsModel(demo_vit, "vit", weight_quantizers=True)
     qmodel.calibrate([(splits.calibration[i][0].unsqueeze(0), 0) for i in range(64)], method="max", bits=(2, 8))
@@ -307,13 +353,12 @@ def test_gradient_sensitivity_is_scaled_to_the_uniform_baselines(demo_vit, split
     table = gradient_sensitivity(problem, budget, images=200)
     # one batch of 200 of the 400 images: (3 passes + 7 widths) x 200 / 400 full evaluations
     assert budget.spent - before == pytest.approx(5.0) and table.method == "gradient" and table.scale > 0
-    # the scale by hand: geometric mean of measured / estimated drops within [0.25, 5] x the allowed drop
-    unit = AdditiveModel(Sensitivity(**{**table.__dict__, "scale": 1.0}), GeneCosts(problem))
-    allowed = table.reference - problem.min_accuracy
-    ratios = [(table.reference - e.accuracy) / unit.total_drop(np.array([problem.genome(e.bits)]))[0]
-              for e in problem.visited if problem.in_space(e.bits) and e.status == "ok"
-              and 0.25 * allowed <= table.reference - e.accuracy <= 5 * allowed]
-    assert ratios and table.scale == pytest.approx(float(np.exp(np.mean(np.log(ratios)))))
+    # the scale is fit_scale's (checked by hand in test_fit_scale_by_hand) of the unit estimates against every
+    # evaluation so far, for the drop the floor (FP32 - 0.01) allows below the reference
+    unit = Sensitivity(**{**table.__dict__, "scale": 1.0})
+    allowed = table.reference - (fp32 - 0.01)
+    assert allowed > 0 and table.scale == pytest.approx(fit_scale(unit, problem.visited, problem, allowed))
+    assert table.drops()["blocks.0.mlp.act"][4] == pytest.approx(table.scale * unit.drops()["blocks.0.mlp.act"][4])
     # every gene has an estimate at every width, never lower with fewer bits
     drops = table.drops()
     assert all(drops[g][b] >= drops[g][b + 1] >= 0 for g in table.genes for b in range(2, 8))

@@ -151,7 +151,7 @@ def test_kl_search_end_to_end_on_the_demo(tmp_path):
     assert code == 0
     run = json.loads((out / "run.json").read_text())
     assert run["metric"] == {"name": "kl", "higher_is_better": False, "bound": "ceiling"}
-    assert run["fp32_accuracy"]["search"] == 0.0 and run["min_accuracy"] == 0.05
+    assert run["fp32_accuracy"]["search"] == 0.0 and run["bound"]["limit"] == 0.05
     base = run["baselines"]
     assert 0 < base["W8A8"]["accuracy"] < base["W8A6"]["accuracy"] < base["W8A4"]["accuracy"]  # fewer bits, more KL
     assert run["front"] and all(p["accuracy"] <= 0.05 for p in run["front"])

@@ -26,7 +26,7 @@ class ToyAccuracy:
 @pytest.fixture
 def toy_problem(convnet):
     qmodel = QuantizedActivationsModel(convnet, "conv2d")
-    return LayerwiseQuantizationProblem(qmodel, ToyAccuracy(), min_accuracy=0.9, bits=(2, 8))
+    return LayerwiseQuantizationProblem(qmodel, ToyAccuracy(), 0.9, bits=(2, 8))
 
 
 def test_shapes_bounds_and_constraint_sign(toy_problem):
@@ -51,7 +51,22 @@ def test_configurations_are_never_evaluated_twice(toy_problem):
 def test_works_with_other_pymoo_algorithms(toy_problem):
     algorithm = NSGA3(ref_dirs=get_reference_directions("das-dennis", 2, n_partitions=6), pop_size=8)
     res = minimize(toy_problem, algorithm, ("n_gen", 3), seed=1)
-    assert res.F is not None and len(toy_problem.evaluations) > 8
+    assert len(toy_problem.evaluations) > 8
+    # the result is pymoo's feasible non-dominated set: one row of (-accuracy, bits) per returned configuration
+    X, F, G = np.atleast_2d(res.X), np.atleast_2d(res.F), np.atleast_2d(res.G)
+    assert F.shape == (len(X), toy_problem.n_obj) == (len(X), 2) and G.shape == (len(X), 1) and len(X) >= 1
+    evaluated = {e.bits: e for e in toy_problem.evaluations}
+    for x, f, g in zip(X, F, G):
+        bits = tuple(int(v) for v in np.rint(x))
+        e = evaluated[bits]  # every returned point was evaluated (once) by the problem
+        accuracy = float(np.mean([1 - 0.5 ** (b - 1) for b in bits]))  # ToyAccuracy, by hand
+        assert e.accuracy == pytest.approx(accuracy) and e.costs["bits"] == sum(bits)
+        np.testing.assert_allclose(f, [-accuracy, sum(bits)])
+        assert g[0] == pytest.approx(0.9 - accuracy) and g[0] <= 0 and toy_problem.is_feasible(e)
+    # and no evaluated feasible configuration dominates a returned one
+    feasible = [(-e.accuracy, e.costs["bits"]) for e in toy_problem.evaluations if e.accuracy >= 0.9]
+    for f in F:
+        assert not any(a <= f[0] and c <= f[1] and (a < f[0] or c < f[1]) for a, c in feasible), f
 
 
 def test_nsga2_seeds_uniform_configurations_and_is_reproducible(convnet):

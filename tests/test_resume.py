@@ -1,15 +1,18 @@
 """A run killed with SIGKILL, or stopped with SIGINT, resumes to exactly the front of an uninterrupted run."""
 import csv
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 
 import pytest
 
 from quantsearch.cli.explore import main
+from quantsearch.run.store import RunStore
 
 # the default guided search (model seeds, refitted infill, screening) with early rejection: the replay must take
 # the very path of the uninterrupted run
@@ -80,12 +83,22 @@ def test_sigint_stops_cleanly_and_resumes_to_identical_front(tmp_path, uninterru
 
 
 def test_resume_refuses_other_settings_and_other_data(tmp_path, uninterrupted):
-    proc = subprocess.run([sys.executable, "-m", "quantsearch.explore", "--resume", str(uninterrupted),
+    # a copy of its own: the fingerprint changed below must not leak into the run the other tests compare against
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    with closing(sqlite3.connect(uninterrupted / "run.sqlite")) as db:
+        fingerprint = db.execute("SELECT value FROM meta WHERE key='fingerprint'").fetchone()[0]
+    assert json.loads(fingerprint) != {"model": "other"}
+    proc = subprocess.run([sys.executable, "-m", "quantsearch.explore", "--resume", str(run),
                            "--seed", "5"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "drop --seed" in proc.stderr
-    with sqlite3.connect(uninterrupted / "run.sqlite") as db:
-        db.execute("UPDATE meta SET value=? WHERE key='fingerprint'", (json.dumps({"model": "other"}),))
-    proc = subprocess.run([sys.executable, "-m", "quantsearch.explore", "--resume", str(uninterrupted)],
+    store = RunStore.open(run)  # as if it had been run there (the settings name the run's own directory)...
+    store.put("settings", store.settings | {"out": str(run)})
+    store.put("fingerprint", {"model": "other"})  # ...on another model
+    store.close()
+    proc = subprocess.run([sys.executable, "-m", "quantsearch.explore", "--resume", str(run)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "model, calibration or data differ" in proc.stderr
     assert "Traceback" not in proc.stderr
+    with closing(sqlite3.connect(uninterrupted / "run.sqlite")) as db:  # the shared run is untouched
+        assert db.execute("SELECT value FROM meta WHERE key='fingerprint'").fetchone()[0] == fingerprint

@@ -135,7 +135,7 @@ def test_bitconfig_round_trip_with_weight_bits(convnet, tmp_path):
         assert torch.equal(applied(x), qmodel(x))
 
     payload = json.loads(path.read_text())
-    assert payload["schema_version"] == 2 and len(payload["quantizers"]["conv2:weight"]["amax"]) == 8
+    assert payload["schema_version"] == 3 and len(payload["quantizers"]["conv2:weight"]["amax"]) == 8
     payload["quantizers"]["conv2:weight"]["amax"] = 0.5  # one amax for a per-channel quantizer
     with pytest.raises(BitConfigError, match="needs 8 values"):
         BitConfig.from_dict(payload).apply(QuantizedActivationsModel(type(convnet)().eval(), "conv2d",

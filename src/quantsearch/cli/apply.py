@@ -5,8 +5,9 @@ splits, metric); apply rebuilds that run's session from them (flags override any
 ranges (refused, naming the first mismatch, when quantizer names or tensor shapes differ), evaluates the same search
 and hold-out images with the same metric and prints each next to the recorded value, then every recorded cost
 recomputed. A checkpoint, weights or images that differ from the run's are named, and their accuracy is not
-compared. ``--export PATH`` writes the quantized model (see :mod:`quantsearch.deploy.export`). Bad input exits
-with status 2 and one line.
+compared. ``--export PATH.onnx`` writes a Q/DQ ONNX model and checks it in ONNX Runtime
+(:mod:`quantsearch.deploy.onnx_export`); other suffixes write tensors (:mod:`quantsearch.deploy.export`). Bad
+input exits with status 2 and one line.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["search", "holdout", "both"], default="both",
                    help="which split(s) to evaluate (default both)")
     p.add_argument("--export", metavar="PATH",
-                   help="write weights, amax and bits to PATH (.safetensors, .pt or .pth) and metadata beside it")
+                   help="PATH.onnx: a Q/DQ ONNX model, checked in ONNX Runtime on the hold-out split; .safetensors, "
+                        ".pt or .pth: weights, amax and bits, with metadata beside it")
     p.add_argument("--check", action="store_true",
                    help="exit with status 1 when an accuracy differs from the one the bit-config records")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -128,12 +130,51 @@ def run(args: argparse.Namespace) -> int:
     unit = " %" if session.evaluator("search").fraction else ""
     print(format_table(["split", "images", "hits", f"{metric}{unit}", f"recorded{unit}", ""], rows))
     print(format_table(["cost", "value", "/ FP32", "recorded", ""], _cost_rows(session, bitconfig)))
-    if args.export:
+    if args.export and str(args.export).endswith(".onnx"):
+        differs = not _export_onnx(args.export, session) or differs
+    elif args.export:
         from ..deploy.export import export_quantized
 
         tensors, metadata = export_quantized(qmodel, bitconfig, args.export)
         print(f"exported {tensors} and {metadata}")
     return 1 if args.check and differs else 0
+
+
+def _export_onnx(path: str, session) -> bool:
+    """Write the Q/DQ ONNX model, run it in ONNX Runtime on the hold-out split (the search split when there is
+    none) beside PyTorch, and print sizes and latencies against an FP32 ONNX export measured side by side.
+    Returns whether ONNX Runtime's reference execution agrees with PyTorch to within one image in a thousand."""
+    import tempfile
+    from pathlib import Path
+
+    from ..deploy.onnx_export import RUNTIMES, compare_onnx, export_fp32_onnx, export_onnx, onnx_latency, onnx_session
+    from ..run.tables import format_table
+    from ..search.bound import Bound
+
+    qmodel, split = session.qmodel, "holdout" if session.evaluator("holdout") is not None else "search"
+    evaluate = session.evaluator(split)
+    info = export_onnx(qmodel, path, session.example)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_fp32_onnx(qmodel, Path(tmp) / "fp32.onnx", session.example)
+        fp32_size = fp32.stat().st_size
+        compared = compare_onnx(path, qmodel, evaluate)
+        batch = evaluate.batches[0][0].cpu().contiguous().numpy()
+        sessions = {"fp32": onnx_session(fp32), "qdq": onnx_session(path)}
+        latency = {n: onnx_latency(sessions, b) for n, b in (("1", batch[:1]), (str(len(batch)), batch))}
+    size = Path(path).stat().st_size
+    show = Bound.of(0.0, evaluate).show
+    n = compared["images"]
+    rows = [["PyTorch fake quant", show(compared["pytorch"], unit=False), "-"]] + [
+        [f"ONNX Runtime, {name} ({RUNTIMES[name][0]})", show(compared[name], unit=False),
+         f"{compared[f'{name}_agreeing']}/{n}"] for name in RUNTIMES]
+    print(f"\nONNX: {path} (opset {info['opset']}; {info['QuantizeLinear']} QuantizeLinear, "
+          f"{info['DequantizeLinear']} DequantizeLinear, {info['int4_weights']} weights as int4)")
+    print(format_table(["runtime", f"{split} {evaluate.name}", "top-1 as PyTorch's"], rows))
+    print(f"size {size / 1e3:.0f} kB, FP32 ONNX {fp32_size / 1e3:.0f} kB ({size / fp32_size:.2f}x)")
+    for b, t in latency.items():
+        print(f"ONNX Runtime latency, batch {b} (CPU, median of 20 interleaved): FP32 {1e3 * t['fp32']:.2f} ms, "
+              f"Q/DQ {1e3 * t['qdq']:.2f} ms ({t['qdq'] / t['fp32']:.2f}x)")
+    return n - compared["reference_agreeing"] <= n / 1000
 
 
 def _cost_rows(session, bitconfig) -> list[list]:

@@ -81,7 +81,7 @@ def _check_resumable(config: ExploreConfig, run_dir: Path) -> None:
     store = RunStore.open(run_dir)
     try:
         stored = {k: v for k, v in store.settings.items()
-                  if k in ExploreConfig.keys() and k not in ("overwrite", *PARALLEL_KEYS)}
+                  if k in ExploreConfig.keys() and k not in ("out", "overwrite", *PARALLEL_KEYS)}
         mine = {k: v for k, v in asdict(config).items() if k in stored}
         changed = [k for k in stored if stored[k] != mine.get(k)]
         if changed:
@@ -99,10 +99,13 @@ def _open_store(session: Session, run_dir: Path, resume: bool) -> RunStore:
                    "search": fingerprints["search"]}
     if resume:
         store = RunStore.open(run_dir)
-        if store.get("fingerprint") != fingerprint:
+        stored = store.get("fingerprint")
+        if stored != fingerprint:
             store.close()
+            changed = next((k for k in fingerprint if (stored or {}).get(k) != fingerprint[k]), "model")
             raise StoreError(f"cannot resume {run_dir}: its model, calibration or data differ from this run's "
-                             f"(fingerprint {store.get('fingerprint')} != {fingerprint})")
+                             f"({changed} fingerprint {str((stored or {}).get(changed))[:12]}, now "
+                             f"{str(fingerprint[changed])[:12]})")
         return store
     settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": session.predicate,
                                  "calibration_methods": sorted(set(session.calibration.methods.values())),

@@ -1,0 +1,285 @@
+"""ONNX export: a quantized model as standard QuantizeLinear / DequantizeLinear (Q/DQ) ONNX.
+
+What each quantizer becomes (the Q/DQ form TensorRT's explicit quantization and ONNX Runtime read):
+
+- **activation**, signed, ``b`` bits: ``Clip(x, -qmax*s, qmax*s) -> QuantizeLinear(s, int8 0) ->
+  DequantizeLinear`` with ``qmax = 2^(b-1) - 1`` and ``s = amax / qmax``. The Clip keeps the narrow range
+  (and, below 8 bits, the width's own grid) inside the 8-bit integer type; rounding is to nearest, ties to even,
+  as in PyTorch. Unsigned (data never negative): uint8, ``qmax = 2^b - 1``, ``Clip(x, 0, qmax*s)``.
+- **weight**, per output channel: the integer codes themselves, computed exactly as the fake quantizer computes
+  them, stored as an int8 constant (packed int4 at opset 21 where every code fits in [-8, 7]), then
+  ``DequantizeLinear(codes, amax / qmax, axis=0)``. The FP32 weights are not in the file.
+- Widths above 8 bits have no 8-bit Q/DQ form and are refused by name; so is a model the exporter cannot trace.
+
+The opset is 17 (``LayerNormalization`` exists), 21 when weights are packed as int4. The PyTorch fake
+quantizer computes ``round(x * (qmax / amax)) / (qmax / amax)``; ONNX computes ``round(x / s) * s``. The two
+agree except where a value lies within one float32 rounding step of a half-way point, which changes a code by one
+(see :func:`compare_onnx`, which measures it).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .export import ExportError
+
+__all__ = ["OPSET", "INT4_OPSET", "export_onnx", "export_fp32_onnx", "onnx_session", "run_onnx", "onnx_latency",
+           "compare_onnx", "RUNTIMES"]
+
+# how ONNX Runtime runs the Q/DQ graph: "reference" executes each Q/DQ as written, in float (its bias-quantizing
+# pass off, the one basic pass that changes numbers); "deployed" is ONNX Runtime's default, every optimisation on:
+# biases rounded to int32 at input x weight scale, Q/DQ pairs fused into integer kernels
+RUNTIMES = {"reference": ("ORT_ENABLE_BASIC", ["WeightBiasQuantization"]), "deployed": ("ORT_ENABLE_ALL", [])}
+
+log = logging.getLogger("quantsearch")
+OPSET = 17
+INT4_OPSET = 21
+MAX_EXPORT_BITS = 8
+
+
+class _ActivationQDQ(torch.autograd.Function):
+    """Fake quantization that traces as Clip -> QuantizeLinear -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float, qmin: int, qmax: int, unsigned: bool):
+        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale: float, qmin: int, qmax: int, unsigned: bool):
+        def const(value, dtype):
+            return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+        s = const(scale, torch.float32)
+        zero = const(0, torch.uint8 if unsigned else torch.int8)
+        if (qmin, qmax) != ((0, 255) if unsigned else (-128, 127)):
+            x = g.op("Clip", x, const(qmin * scale, torch.float32), const(qmax * scale, torch.float32))
+        out = g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, zero), s, zero)
+        out.setType(x.type())
+        return out
+
+
+class _WeightDQ(torch.autograd.Function):
+    """Integer weight codes and per-channel scales that trace as one DequantizeLinear on an int8 constant."""
+
+    @staticmethod
+    def forward(ctx, codes, scale):
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        return codes.float() * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, codes, scale):
+        zero = g.op("Constant", value_t=torch.zeros(scale.type().sizes()[0], dtype=torch.int8))
+        out = g.op("DequantizeLinear", codes, scale, zero, axis_i=0)
+        out.setType(codes.type().with_dtype(torch.float32))
+        return out
+
+
+def weight_codes(weight: torch.Tensor, amax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 codes of a per-channel, narrow-range, symmetric quantizer, as pytorch-quantization rounds them
+    (``round(w * qmax / amax)``), and the ONNX scale per channel (``amax / qmax``; 1 where amax is 0)."""
+    qmax = 2.0 ** (bits - 1) - 1.0
+    amax = amax.detach().float().reshape(-1)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    zero = amax <= 1.0 / (1 << 24)  # pytorch-quantization's threshold: such a channel quantizes to 0
+    scale_pt = torch.where(zero, torch.zeros_like(amax), torch.tensor(qmax) / amax)
+    codes = torch.clamp((weight.detach().float() * scale_pt.reshape(shape)).round(), -qmax, qmax)
+    scale = torch.where(zero, torch.ones_like(amax), amax / qmax)
+    return codes.to(torch.int8), scale.float()
+
+
+def _check_widths(qmodel) -> None:
+    for name, q in qmodel.named_quantizers():
+        if not q._disabled and q.num_bits > MAX_EXPORT_BITS:
+            raise ExportError(f"quantizer {name!r} is at {q.num_bits} bits: Q/DQ export covers 2 to "
+                              f"{MAX_EXPORT_BITS} bits (int8/uint8 with a Clip); lower it or leave it unquantized")
+
+
+@contextlib.contextmanager
+def _qdq_forms(qmodel) -> Iterator[None]:
+    """Within the block, activation quantizers trace as Q/DQ and weights as DequantizeLinear of integer codes."""
+    patched, swaps = [], []
+    weights = set(qmodel.weight_names)
+    try:
+        for name, q in qmodel.named_quantizers():
+            if q._disabled or not q._if_quant:
+                continue
+            if name in weights:
+                module = qmodel.weight_module(name)
+                codes, scale = weight_codes(module.weight, q.amax, q.num_bits)
+                swaps.append((q, q._disabled))
+                q._disabled = True  # the fake-quantized float weight is not swapped in: the codes are used
+                _use_codes(module, codes, scale)
+                patched.append(module)
+            else:
+                bits, unsigned = q.num_bits, bool(q.unsigned)
+                qmax = 2 ** bits - 1 if unsigned else 2 ** (bits - 1) - 1
+                scale = float(q.amax) / qmax
+                q.forward = (lambda x, s=scale, lo=0 if unsigned else -qmax, hi=qmax, u=unsigned:
+                             _ActivationQDQ.apply(x, s, lo, hi, u))
+                patched.append(q)
+        yield
+    finally:
+        for q in patched:
+            del q.forward
+        for q, was in swaps:
+            q._disabled = was
+
+
+def _use_codes(module, codes: torch.Tensor, scale: torch.Tensor) -> None:
+    """Run ``module`` (Linear or ConvNd) on ``DequantizeLinear(codes, scale)`` instead of its float weight."""
+    if isinstance(module, torch.nn.Linear):
+        module.forward = lambda x: torch.nn.functional.linear(x, _WeightDQ.apply(codes, scale), module.bias)
+    else:
+        module.forward = lambda x: module._conv_forward(x, _WeightDQ.apply(codes, scale), module.bias)
+
+
+def _export(model, example: torch.Tensor, path: Path, opset: int) -> None:
+    import warnings
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["output"], do_constant_folding=False,
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        except Exception as exc:  # noqa: BLE001 - an operator ONNX lacks, a graph that cannot be traced
+            raise ExportError(f"cannot export to ONNX: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _pack_nibbles(values: np.ndarray) -> bytes:
+    """Signed 4-bit values, two per byte, the first in the low nibble (ONNX's INT4 layout)."""
+    flat = values.astype(np.int8).flatten()
+    if len(flat) % 2:
+        flat = np.append(flat, np.int8(0))
+    nibbles = (flat & 0x0F).astype(np.uint8)
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+
+
+def _pack_int4(path: Path) -> int:
+    """Store every weight DequantizeLinear's int8 codes that fit in [-8, 7] as packed int4 (opset 21);
+    returns how many were packed."""
+    import onnx
+    from onnx import helper, numpy_helper, version_converter
+
+    model = onnx.load(str(path))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    packed = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or not any(a.name == "axis" for a in node.attribute):
+            continue
+        source, zero = producers.get(node.input[0]), producers.get(node.input[2])
+        if source is None or source.op_type != "Constant" or zero is None or zero.op_type != "Constant":
+            continue
+        codes = numpy_helper.to_array(source.attribute[0].t)
+        if codes.dtype != np.int8 or codes.min() < -8 or codes.max() > 7:
+            continue
+        for constant, values in ((source, codes), (zero, np.zeros(codes.shape[0], dtype=np.int8))):
+            tensor = helper.make_tensor(constant.output[0], onnx.TensorProto.INT4, values.shape,
+                                        _pack_nibbles(values), raw=True)
+            constant.attribute[0].t.CopyFrom(tensor)
+        packed += 1
+    if packed:
+        model = version_converter.convert_version(model, INT4_OPSET)
+        onnx.save(model, str(path))
+    return packed
+
+
+def export_onnx(qmodel, path: str | Path, example: torch.Tensor, int4: bool = True) -> dict:
+    """Write ``qmodel`` at its current bits and ranges as Q/DQ ONNX to ``path`` (see the module docstring).
+
+    ``example`` is one input batch (its batch dimension is exported as dynamic). Returns what was written:
+    path, opset, the quantizers exported, and how many weights were packed as int4.
+    """
+    import onnx
+
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ExportError(f"ONNX export path {path} must end in .onnx")
+    _check_widths(qmodel)
+    qmodel.eval()
+    with _qdq_forms(qmodel):
+        _export(qmodel, example, path, OPSET)
+    packed = _pack_int4(path) if int4 else 0
+    model = onnx.load(str(path))
+    del model.graph.value_info[:]  # optional shape annotations (the runtime infers them): a smaller file
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    counts = {op: sum(n.op_type == op for n in model.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    return {"path": path, "opset": INT4_OPSET if packed else OPSET, "int4_weights": packed, **counts}
+
+
+def export_fp32_onnx(qmodel, path: str | Path, example: torch.Tensor) -> Path:
+    """The same model with quantization off, for size and latency comparisons."""
+    path = Path(path)
+    qmodel.eval()
+    with qmodel.quantization_disabled():
+        _export(qmodel, example, path, OPSET)
+    return path
+
+
+def onnx_session(path: str | Path, runtime: str = "deployed", threads: int | None = None):
+    """An ONNX Runtime CPU session, optimised as :data:`RUNTIMES` says."""
+    import onnxruntime as ort
+
+    level, disabled = RUNTIMES[runtime]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=disabled)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime 1.32's Q/DQ propagation breaks on opset-21 int4 graphs
+        if "QDQPropagationTransformer" in disabled:
+            raise ExportError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        log.warning("ONNX Runtime failed to optimise %s (%s); retrying without its Q/DQ propagation pass", path,
+                    str(exc).splitlines()[0][:120])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=[*disabled, "QDQPropagationTransformer"])
+
+
+def run_onnx(session, evaluate) -> tuple[float, list[torch.Tensor]]:
+    """``evaluate``'s metric (an :class:`~quantsearch.search.evaluator.Evaluator`) computed on the ONNX model's
+    outputs for the evaluator's own batches; returns the metric and the outputs."""
+    metric, outputs = evaluate.metric, []
+    metric.reset()
+    for i, (x, y) in enumerate(evaluate.batches):
+        out = torch.from_numpy(session.run(None, {"input": x.cpu().contiguous().numpy()})[0])
+        outputs.append(out)
+        metric.update(out, y.cpu(), evaluate.references[i].cpu() if evaluate.references is not None else None)
+    return metric.compute(), outputs
+
+
+def onnx_latency(sessions: dict, batch: np.ndarray, repeats: int = 20) -> dict[str, float]:
+    """Median seconds per call of each ONNX Runtime session on ``batch``, measured interleaved (same load)."""
+    times = {name: [] for name in sessions}
+    for session in sessions.values():  # warm-up
+        session.run(None, {"input": batch})
+    for _ in range(repeats):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, {"input": batch})
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def compare_onnx(path: str | Path, qmodel, evaluate) -> dict:
+    """The metric of the ONNX model in each of :data:`RUNTIMES` on ``evaluate``'s images, beside PyTorch's, and on
+    how many images each runtime's top-1 class equals PyTorch's fake-quant model's."""
+    qmodel.eval()
+    with torch.no_grad():
+        reference = torch.cat([qmodel(x).float().cpu() for x, _ in evaluate.batches]).argmax(1)
+    out = {"pytorch": evaluate(qmodel), "images": int(len(reference))}
+    for runtime in RUNTIMES:
+        value, outputs = run_onnx(onnx_session(path, runtime), evaluate)
+        out[runtime] = value
+        out[f"{runtime}_agreeing"] = int((torch.cat(outputs).argmax(1) == reference).sum())
+    return out
