@@ -5,7 +5,10 @@ channels-last, a timm model by name with a checkpoint on an ``imagefolder:`` of 
 a ``package.module:callable`` model and dataset, and a run evaluated on 2 Ray workers. Old bit-configs still load.
 """
 import json
+import re
 import sys
+
+import numpy as np
 
 import pytest
 import torch
@@ -98,12 +101,26 @@ def points(run_dir):
     return found
 
 
-def test_demo_agreement_with_calibration_overrides(tmp_path, capsys):
-    out = tmp_path / "agreement"
+@pytest.fixture(scope="module")
+def agreement_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "agreement"
     explore(out, *DEMO, "--metric", "agreement", "--max-accuracy-drop", "0.02", "--cost", "bits,bops",
             config={"calib-method": "percentile", "calib-percentile": 99.9,
                     "calib-overrides": {"*.attn_drop": "max", "blocks.0.*": {"method": "mse"}}})
-    point = points(out)[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def callable_run(tmp_path_factory, user_module):
+    out = tmp_path_factory.mktemp("runs") / "callable"
+    explore(out, *SMALL, "--model", "qs_user:convnet", "--dataset", "qs_user:blobs", "--predicate", "all-leaf",
+            "--eval-samples", "100", "--holdout-samples", "100", "--calib-batches", "1", "--batch-size", "50",
+            "--max-accuracy-drop", "0.5", "--channels-last", config={"dataset-kwargs": {"count": 300}})
+    return out
+
+
+def test_demo_agreement_with_calibration_overrides(agreement_run, tmp_path, capsys):
+    point = points(agreement_run)[0]
     payload = json.loads(point.read_text())
     assert payload["metric"]["metric"] == "agreement" and payload["settings"]["calib_method"] == "percentile"
     text = check(point, capsys=capsys)
@@ -153,12 +170,8 @@ def test_timm_model_with_checkpoint_on_png_imagefolder_and_callable_metric(tmp_p
     assert len(err) == 1 and "checkpoint file bytes differ" in err[0]
 
 
-def test_callable_model_and_dataset(tmp_path, capsys, user_module):
-    out = tmp_path / "callable"
-    explore(out, *SMALL, "--model", "qs_user:convnet", "--dataset", "qs_user:blobs", "--predicate", "all-leaf",
-            "--eval-samples", "100", "--holdout-samples", "100", "--calib-batches", "1", "--batch-size", "50",
-            "--max-accuracy-drop", "0.5", "--channels-last", config={"dataset-kwargs": {"count": 300}})
-    for point in points(out):
+def test_callable_model_and_dataset(callable_run, capsys):
+    for point in points(callable_run):
         check(point, capsys=capsys)
 
 
@@ -168,3 +181,103 @@ def test_run_on_two_ray_workers(tmp_path, capsys):
     explore(out, *DEMO, "--workers", "2")
     assert json.loads((out / "run.json").read_text())["parallel"]["workers"] == 2
     check(points(out)[0], capsys=capsys)
+
+
+# -- ONNX export ---------------------------------------------------------------------------------------------------
+def onnx_rows(text: str) -> dict[str, tuple[str, int, int]]:
+    """apply's ONNX table: ``{runtime: (value, agreeing, images)}``."""
+    rows = re.findall(r"ONNX Runtime, (reference|deployed) \(\w+\)\s+(\S+)\s+(\d+)/(\d+)", text)
+    return {name: (value, int(agree), int(n)) for name, value, agree, n in rows}
+
+
+def exported_weights(path) -> list:
+    """The integer weight codes of an exported model: the constants that per-channel DequantizeLinear nodes read."""
+    import onnx
+
+    model = onnx.load(str(path))
+    constants = {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"}
+    return [constants[n.input[0]] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+
+
+@pytest.mark.parametrize("kind", ["vit", "cnn"])
+def test_onnx_export_runs_in_onnx_runtime_as_in_pytorch(kind, agreement_run, callable_run, tmp_path, capsys):
+    import onnx
+
+    run = agreement_run if kind == "vit" else callable_run
+    point, target = points(run)[0], tmp_path / f"{kind}.onnx"
+    capsys.readouterr()
+    assert apply_main([str(point), "--check", "--export", str(target)]) == 0
+    text = capsys.readouterr().out
+    rows = onnx_rows(text)
+    value, agreeing, images = rows["reference"]
+    assert images == 200 if kind == "vit" else 100
+    assert agreeing >= images - images / 1000, text  # the Q/DQ graph as written: the same top-1 as PyTorch
+    recorded = json.loads(point.read_text())["accuracy"]["holdout"]
+    assert float(value) == pytest.approx(100 * recorded, abs=0.005 + 100 / images * (images - agreeing))
+    model = onnx.load(str(target))
+    ops = [n.op_type for n in model.graph.node]
+    bitconfig = json.loads(point.read_text())["quantizers"]
+    activations = [n for n in bitconfig if not n.endswith(":weight")]
+    assert ops.count("QuantizeLinear") == len(activations)  # one Q/DQ pair per activation quantizer
+    weights = exported_weights(target)
+    assert len(weights) == len(bitconfig) - len(activations) and all(t.data_type == onnx.TensorProto.INT8
+                                                                      for t in weights)
+    size, fp32 = re.search(r"size (\d+) kB, FP32 ONNX (\d+) kB", text).groups()
+    assert int(size) < int(fp32) and "latency, batch 1" in text
+
+
+def test_onnx_packs_4_bit_weights_as_int4(callable_run, tmp_path, capsys):
+    import onnx
+
+    payload = json.loads(points(callable_run)[0].read_text())
+    for name, q in payload["quantizers"].items():
+        if name.endswith(":weight"):
+            q["num_bits"] = 4
+    payload["accuracy"] = {}
+    (tmp_path / "w4.json").write_text(json.dumps(payload))
+    assert apply_main([str(tmp_path / "w4.json"), "--export", str(tmp_path / "w4.onnx")]) == 0
+    text = capsys.readouterr().out
+    _, agreeing, images = onnx_rows(text)["reference"]
+    assert agreeing >= images - images / 1000, text
+    model = onnx.load(str(tmp_path / "w4.onnx"))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 21
+    weights = exported_weights(tmp_path / "w4.onnx")
+    assert weights and all(t.data_type == onnx.TensorProto.INT4 for t in weights)
+    assert all(len(t.raw_data) == (np.prod(t.dims) + 1) // 2 for t in weights)  # two codes per byte
+
+
+def test_onnx_export_refusals_name_the_quantizer_or_layer(agreement_run, tmp_path, capsys):
+    from torch import nn
+
+    from quantsearch.deploy.export import ExportError
+    from quantsearch.deploy.onnx_export import export_onnx
+    from quantsearch.quantize.quantized_model import QuantizedActivationsModel
+
+    payload = json.loads(points(agreement_run)[0].read_text())
+    payload["quantizers"]["blocks.1.mlp.act"]["num_bits"] = 12
+    (tmp_path / "wide.json").write_text(json.dumps(payload))
+    capsys.readouterr()
+    assert apply_main([str(tmp_path / "wide.json"), "--export", str(tmp_path / "wide.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'blocks.1.mlp.act' is at 12 bits" in err[0]
+    assert not (tmp_path / "wide.onnx").exists()
+
+    class Spectrum(nn.Module):
+        def forward(self, x):
+            return torch.fft.rfft(x).abs()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.spectrum, self.fc = nn.Conv2d(1, 4, 3), Spectrum(), nn.Linear(4 * 26 * 14, 3)
+
+        def forward(self, x):
+            return self.fc(self.spectrum(self.conv(x)).flatten(1))
+
+    qmodel = QuantizedActivationsModel(Model().eval(), "conv2d", weight_quantizers=True)
+    x = torch.randn(2, 1, 28, 28)
+    qmodel.calibrate([x], method="max")
+    with pytest.raises(ExportError, match="cannot export layer 'model.spectrum'.*fft_rfft"):
+        export_onnx(qmodel, tmp_path / "fft.onnx", x)
+    assert not list(tmp_path.glob("*fft*"))

@@ -103,6 +103,8 @@ CASES = [
     ("explore", ["--calib-method", "kl"], ["unknown calibration method 'kl'"]),
     ("explore", ["--algorithm", "annealing"], ["unknown algorithm 'annealing'"]),
     ("explore", ["--budget", "0"], ["budget", "positive"]),
+    ("explore", ["--budget", "5", "--eval-samples", "500", "--holdout-samples", "100"],
+     ["budget 5 is below the", "full evaluations that the uniform baselines take"]),
     ("explore", ["--sensitivity", "hessian"], ["unknown sensitivity 'hessian'"]),
     ("explore", ["--early-reject", "--metric", "kl"], ["early-reject", "kl"]),
     ("explore", ["--calibration", "/nonexistent/calibration.json"], ["calibration file", "does not exist"]),

@@ -258,9 +258,20 @@ def test_budget_evaluates_in_batches_that_fit_and_charges_other_work(qmodel, bop
     budget.charge(2.25)
     rng = np.random.default_rng(0)
     results = budget.evaluate(rng.integers(2, 7, size=(50, 6)))
-    # 8.25 whole evaluations were left: 8 at once, then 0.25 left: one more (each costs at most 1)
-    assert batches == [8, 1] and len(results) == 9 and budget.spent == pytest.approx(11.25)
-    assert budget.exhausted
+    # 8.25 whole evaluations were left: 8 at once, then 0.25 left, less than one evaluation: it stops there
+    assert batches == [8] and len(results) == 8 and budget.spent == pytest.approx(10.25)
+    assert budget.whole_left == 0 and not budget.exhausted
+
+
+@pytest.mark.parametrize("limit", [3, 7.5, 13, 21.5])
+def test_no_algorithm_overspends_a_small_budget(qmodel, bops, limit):
+    """Budgets below one population, with sensitivities and seeds to pay for: spent never exceeds the limit."""
+    for name in ("random", "greedy", "ilp", "nsga2", "guided"):
+        problem = LayerwiseQuantizationProblem(qmodel, Separable(), 0.9, bits=(2, 6), costs=bops)
+        budget = Budget(problem, limit)
+        run_algorithm(name, problem, budget, pop_size=8, seed=1)
+        assert budget.spent <= limit + 1e-9, (name, budget.spent)
+        assert budget.whole_left == 0 or name in ("greedy", "ilp"), (name, budget.spent)
 
 
 # -- gradient sensitivities ----------------------------------------------------------------------------------------

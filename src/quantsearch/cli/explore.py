@@ -137,14 +137,28 @@ def print_report(run) -> None:
           + format_table(["config", f"{bound.metric}{unit}", *[h for c in every for h in (c, "x FP32")]], rows))
     genes = set(run.genes)
     gene_index = [i for i, n in enumerate(run.quantizer_names) if n in genes]
-    rows = [[i, show(e.accuracy), show(run.holdout.get(e.bits)),
+    def interval(e) -> str:
+        ci = run.intervals.get(e.bits)
+        return f"{show(ci[0])}-{show(ci[1])}" if ci else "-"
+
+    def verdict(e) -> str:
+        return {True: "yes", False: "NO", None: "-"}[run.confirmed.get(e.bits)]
+
+    rows = [[i, show(e.accuracy), show(run.holdout.get(e.bits)), interval(e), verdict(e),
              *[cell for c in run.cost_names for cell in (f"{e.costs[c]:g}", f"{e.costs[c] / fp32_costs[c]:.4f}")],
              " ".join(str(e.bits[j]) for j in gene_index)]
             for i, e in enumerate(run.front)]
     print(f"\nPareto front ({len(run.front)} points, {run.num_evaluations} evaluations, cheapest "
           f"{run.cost_names[0]} first; {len(genes)} genes: {run.summary.get('search_space')})\n"
-          + format_table(["#", f"search{unit}", f"hold-out{unit}",
+          + format_table(["#", f"search{unit}", f"hold-out{unit}", "95 % interval", "confirmed",
                           *[h for c in run.cost_names for h in (c, "x FP32")], "bits per searched quantizer"], rows))
+    holdout_bound = run.summary.get("holdout_bound")
+    if holdout_bound and run.front:
+        unconfirmed = sum(1 for e in run.front if run.confirmed.get(e.bits) is False)
+        print(f"confirmed: the point meets the {bound.kind} on the hold-out split too "
+              f"({show(holdout_bound['limit'])}{unit}: the bound moved by FP32's own shift between the splits); "
+              f"{unconfirmed} of {len(run.front)} points are not confirmed: do not deploy them on the search "
+              "split's word")
     search = run.search
     if search:
         rejection = search.get("early_rejection") or {}

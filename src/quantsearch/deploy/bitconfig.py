@@ -52,6 +52,7 @@ class BitConfig:
     costs_normalized: Mapping[str, float] = field(default_factory=dict)
     metric: Mapping[str, Any] = field(default_factory=dict)
     settings: Mapping[str, Any] = field(default_factory=dict)
+    confidence: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -91,7 +92,8 @@ class BitConfig:
         return cls(model=model, quantizers=quantizers, **kwargs)
 
     def to_dict(self) -> dict:
-        run = {k: dict(v) for k, v in (("metric", self.metric), ("settings", self.settings)) if v}
+        run = {k: dict(v) for k, v in (("metric", self.metric), ("settings", self.settings),
+                                       ("confidence", self.confidence)) if v}
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": dict(self.model),
                 "dataset": dict(self.dataset), **run, "quantizers": {n: dict(q) for n, q in self.quantizers.items()},
                 "accuracy": dict(self.accuracy), "costs": dict(self.costs),
@@ -112,7 +114,8 @@ class BitConfig:
         return cls(model=payload["model"], quantizers=payload["quantizers"], dataset=payload.get("dataset", {}),
                    accuracy=payload.get("accuracy", {}), costs=payload.get("costs", {}),
                    costs_normalized=payload.get("costs_normalized", {}), metric=payload.get("metric", {}),
-                   settings=payload.get("settings", {}), schema_version=payload["schema_version"])
+                   settings=payload.get("settings", {}), confidence=payload.get("confidence", {}),
+                   schema_version=payload["schema_version"])
 
     @classmethod
     def load(cls, path: str | Path) -> "BitConfig":

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -150,7 +153,54 @@ def _export(model, example: torch.Tensor, path: Path, opset: int) -> None:
                               input_names=["input"], output_names=["output"], do_constant_folding=False,
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
         except Exception as exc:  # noqa: BLE001 - an operator ONNX lacks, a graph that cannot be traced
-            raise ExportError(f"cannot export to ONNX: {str(exc).strip().splitlines()[0]}") from None
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            op = re.search(r"operator '([\w:.]+)'", message)
+            where = _module_calling(model, example, op.group(1)) if op else None
+            raise ExportError(f"cannot export {f'layer {where!r} ' if where else ''}to ONNX opset {opset}: "
+                              f"{message}") from None
+
+
+def _module_calling(model, example: torch.Tensor, op: str) -> str | None:
+    """The innermost module whose forward runs the ATen operator ``op`` (``aten::fft_rfft``), or None."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    short = op.split("::")[-1]
+    names = {m: n for n, m in model.named_modules()}
+    stack, found = [], []
+
+    def enter(module, _args) -> None:
+        stack.append(names[module])
+
+    def leave(_module, _args, _output) -> None:
+        stack.pop()
+
+    handles = [m.register_forward_pre_hook(enter) for m in names] + [
+        m.register_forward_hook(leave, always_call=True) for m in names]
+
+    def seen(name: str) -> None:
+        if not found and stack and name in (op, short):
+            found.append(stack[-1])
+
+    class Functions(TorchFunctionMode):  # Python-level names (torch.fft.rfft is fft_rfft)
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen(getattr(func, "__name__", ""))
+            return func(*args, **(kwargs or {}))
+
+    class Kernels(TorchDispatchMode):  # ATen operators (aten::fft_rfft)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with torch.no_grad(), Functions(), Kernels():
+            model(example)
+    except Exception:  # noqa: BLE001 - locating is best effort
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (found[0] or "(the model itself)") if found else None
 
 
 def _pack_nibbles(values: np.ndarray) -> bytes:
@@ -204,13 +254,20 @@ def export_onnx(qmodel, path: str | Path, example: torch.Tensor, int4: bool = Tr
         raise ExportError(f"ONNX export path {path} must end in .onnx")
     _check_widths(qmodel)
     qmodel.eval()
-    with _qdq_forms(qmodel):
-        _export(qmodel, example, path, OPSET)
-    packed = _pack_int4(path) if int4 else 0
-    model = onnx.load(str(path))
-    del model.graph.value_info[:]  # optional shape annotations (the runtime infers them): a smaller file
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")  # never half a file
+    os.close(fd)
+    try:
+        with _qdq_forms(qmodel):
+            _export(qmodel, example, Path(tmp), OPSET)
+        packed = _pack_int4(Path(tmp)) if int4 else 0
+        model = onnx.load(tmp)
+        del model.graph.value_info[:]  # optional shape annotations (the runtime infers them): a smaller file
+        onnx.checker.check_model(model)
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     counts = {op: sum(n.op_type == op for n in model.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
     return {"path": path, "opset": INT4_OPSET if packed else OPSET, "int4_weights": packed, **counts}
 

@@ -14,6 +14,7 @@ import torch
 from .. import __version__
 from ..deploy.bitconfig import BitConfig
 from ..search.bound import Bound
+from ..search.confidence import CONFIDENCE, wilson_interval
 from ..search.problem import Evaluation
 from ..sources.models import DEMO_MODEL
 from .plots import plot_bits_heatmap, plot_front
@@ -45,28 +46,44 @@ def bitconfig_sections(session: Session, bound: Bound) -> dict:
     return {"model": model, "dataset": dataset, "metric": metric, "settings": settings}
 
 
-def _write_front(store: RunStore, session: Session, bound: Bound, front: list[Evaluation],
-                 holdout: dict, fp32_costs: dict) -> list[Path]:
+def confidence(session: Session, found: dict, e: Evaluation) -> dict:
+    """The Wilson intervals of a point's search and hold-out accuracy (fraction metrics; None otherwise) and
+    whether it met the bound on the hold-out split."""
+    def interval(split: str, value: float | None):
+        evaluate = session.evaluator(split)
+        if value is None or evaluate is None or not found["bound"].fraction:
+            return None
+        return [round(v, 6) for v in wilson_interval(value, evaluate.num_samples)]
+
+    holdout, limit = found["holdout"].get(e.bits), found.get("holdout_bound")
+    return {"level": CONFIDENCE, "search": interval("search", e.accuracy), "holdout": interval("holdout", holdout),
+            "confirmed": found["confirmed"].get(e.bits), "holdout_limit": None if limit is None else limit.limit}
+
+
+def _write_front(store: RunStore, session: Session, found: dict) -> list[Path]:
     """One bit-config per Pareto point, and ``pareto.csv``."""
-    qmodel = session.qmodel
+    qmodel, bound, holdout, fp32_costs = session.qmodel, found["bound"], found["holdout"], found["fp32_costs"]
     sections = bitconfig_sections(session, bound)
     paths, rows = [], []
-    for i, e in enumerate(front):
+    for i, e in enumerate(found["front"]):
         qmodel.bit_widths = e.bits
         normalized = {k: v / fp32_costs[k] for k, v in e.costs.items()}
+        sure = confidence(session, found, e)
         config = BitConfig.from_model(qmodel, sections["model"], example=session.example,
                                       dataset=sections["dataset"], metric=sections["metric"],
-                                      settings=sections["settings"],
+                                      settings=sections["settings"], confidence=sure,
                                       accuracy={"search": e.accuracy, "holdout": holdout.get(e.bits)},
                                       costs=dict(e.costs), costs_normalized=normalized)
         name = f"pareto/point_{i:03d}.json"
         paths.append(store.write_file(name, config.to_json()))
+        low, high = sure["holdout"] or ("", "")
         rows.append([i, f"{e.accuracy:.6f}", "" if e.bits not in holdout else f"{holdout[e.bits]:.6f}",
+                     low, high, "" if sure["confirmed"] is None else int(sure["confirmed"]),
                      *[f"{v:g}" for v in e.costs.values()], *[f"{v:.4f}" for v in normalized.values()],
                      name, *e.bits])
-    cost_names = list(front[0].costs) if front else []
-    header = ["point", "accuracy_search", "accuracy_holdout", *cost_names, *[f"{c}_vs_fp32" for c in cost_names],
-              "bitconfig", *qmodel.quantizer_names]
+    cost_names = found["cost_names"]
+    header = ["point", "accuracy_search", "accuracy_holdout", "holdout_ci_low", "holdout_ci_high", "confirmed",
+              *cost_names, *[f"{c}_vs_fp32" for c in cost_names], "bitconfig", *qmodel.quantizer_names]
     store.write_csv("pareto.csv", header, rows)
     return paths
 
@@ -92,8 +109,10 @@ def _summary(session: Session, found: dict) -> dict:
     config, bound, fp32_costs = session.config, found["bound"], found["fp32_costs"]
 
     def point(e: Evaluation) -> dict:
+        sure = confidence(session, found, e)
         return {"accuracy": e.accuracy, "costs": dict(e.costs), "bits": list(e.bits),
-                "accuracy_holdout": found["holdout"].get(e.bits)}
+                "accuracy_holdout": found["holdout"].get(e.bits), "ci_search": sure["search"],
+                "ci_holdout": sure["holdout"], "confirmed": sure["confirmed"]}
 
     def baseline(name: str) -> dict:
         costs = found["baseline_costs"][name]
@@ -111,6 +130,8 @@ def _summary(session: Session, found: dict) -> dict:
         "splits": session.splits.describe(), "splits_sha256": session.splits.fingerprint(),
         "metric": {"name": bound.metric, "higher_is_better": bound.higher_is_better, "bound": bound.kind},
         "bound": bound.to_dict(),
+        "holdout_bound": None if found.get("holdout_bound") is None else found["holdout_bound"].to_dict(),
+        "confidence": CONFIDENCE,
         "quantizers": session.qmodel.quantizer_names, "search_space": config.search_space, "genes": session.genes,
         "fp32_accuracy": found["fp32"], "fp32_costs": fp32_costs,
         "baselines": {name: baseline(name) for name in found["baseline_costs"]},
@@ -126,7 +147,7 @@ def write_outputs(store: RunStore, session: Session, found: dict) -> None:
     """Write every output of a finished run from what it ``found`` (see ``pipeline.explore``)."""
     run_dir, bound = store.run_dir, found["bound"]
     evaluations = [e for e, _ in store.evaluations()]
-    _write_front(store, session, bound, found["front"], found["holdout"], found["fp32_costs"])
+    _write_front(store, session, found)
     store.write_json("run.json", _summary(session, found))
     dataset = session.splits.search.dataset
     store.write_json("splits.json", {"seed": session.config.seed, "dataset": session.config.dataset,

@@ -16,6 +16,7 @@ from pymoo.core.problem import LoopedElementwiseEvaluation
 
 from ..fingerprints import fingerprint_values
 from ..search.algorithms import run_algorithm
+from ..search.bound import Bound
 from ..search.budget import Budget, evaluation_cost, spent
 from ..search.costs import COSTS
 from ..search.front import pareto_front
@@ -60,15 +61,24 @@ def resume_config(run_dir: str | Path) -> ExploreConfig:
     return ExploreConfig(**settings | {"out": str(run_dir), "overwrite": False})
 
 
+def _baseline_bits(problem: LayerwiseQuantizationProblem) -> dict[str, dict[str, int]]:
+    names, weights = problem.qmodel.quantizer_names, set(problem.qmodel.weight_names)
+    return {name: {n: (w if n in weights else a) for n in names} for name, (w, a) in BASELINES.items()}
+
+
+def baseline_cost(problem: LayerwiseQuantizationProblem) -> int:
+    """Full evaluations the uniform baselines and uniform configurations take (each distinct one once)."""
+    keys = {problem.configuration(bits) for bits in _baseline_bits(problem).values()}
+    return len(keys | {problem.configuration(g) for g in uniform_genomes(problem)})
+
+
 def evaluate_baselines(problem: LayerwiseQuantizationProblem) -> tuple[dict[str, Evaluation], np.ndarray]:
     """Evaluate the uniform baselines (:data:`BASELINES`) and every uniform configuration of the search space.
 
     Every algorithm starts from them, so that no front is worse than uniform quantization. Returns the baselines
     by name and the genomes of all those in the space (seeds for a population).
     """
-    names, weights = problem.qmodel.quantizer_names, set(problem.qmodel.weight_names)
-    baselines = {name: problem.evaluate_bits({n: (w if n in weights else a) for n in names})
-                 for name, (w, a) in BASELINES.items()}
+    baselines = {name: problem.evaluate_bits(bits) for name, bits in _baseline_bits(problem).items()}
     uniform = problem.evaluate_genomes(uniform_genomes(problem))
     inside = [e for e in [*baselines.values(), *uniform] if problem.in_space(e.bits)]
     seeds = np.array(list(dict.fromkeys(problem.genome(e.bits) for e in inside)), dtype=int)
@@ -148,6 +158,10 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
             raise Interrupted(f"stopped after {len(problem.evaluations)} new evaluations")
 
     problem.listeners.append(record)
+    needed = baseline_cost(problem)
+    if config.budget is not None and config.budget < needed:
+        raise ValueError(f"budget {config.budget:g} is below the {needed} full evaluations that the uniform "
+                         f"baselines take before any search: give --budget {needed} or more")
     pool, bar, found = None, None, {"parallel": {}}
     try:
         if config.workers:  # before the baselines: every batch of genomes of the run goes to the pool
@@ -218,18 +232,29 @@ def _search_summary(config, session: Session, problem, budget, outcome) -> dict:
     return summary
 
 
-def _confirm_front(session: Session, problem, store: RunStore) -> tuple[list[Evaluation], dict]:
-    """The front of every stored evaluation, each point re-measured on the hold-out split."""
+def holdout_bound(session: Session) -> Bound | None:
+    """The bound a Pareto point must meet on the hold-out split: a bound relative to FP32 (``max-accuracy-drop``)
+    moves with FP32's own shift between the splits, an absolute ``min-accuracy`` stays. None without a hold-out."""
+    if session.evaluator("holdout") is None:
+        return None
+    relative = session.config.min_accuracy is None
+    return session.bound.shifted(session.fp32("holdout") - session.fp32("search") if relative else 0.0)
+
+
+def _confirm_front(session: Session, problem, store: RunStore) -> dict:
+    """The front of every stored evaluation, each point re-measured on the hold-out split and confirmed there (or
+    not) against :func:`holdout_bound`."""
     evaluations = [e for e, _ in store.evaluations()]
     cost_names = [c.name for c in problem.costs]
     front = pareto_front([e for e in evaluations if problem.in_space(e.bits)], session.bound, cost_names)
-    holdout_eval = session.evaluator("holdout")
-    holdout = {}
+    holdout_eval, bound = session.evaluator("holdout"), holdout_bound(session)
+    holdout, confirmed = {}, {}
     if holdout_eval is not None:
         for e in front:
             session.qmodel.bit_widths = e.bits
             holdout[e.bits] = holdout_eval(session.qmodel)
-    return front, holdout
+            confirmed[e.bits] = bound.holds(holdout[e.bits])
+    return {"front": front, "holdout": holdout, "confirmed": confirmed, "holdout_bound": bound}
 
 
 def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
@@ -276,7 +301,7 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
         clock.timings["mean_evaluation"] = (sum(e.seconds for e in problem.evaluations)
                                             / max(1, len(problem.evaluations)))
         with clock("holdout"):
-            found["front"], found["holdout"] = _confirm_front(session, problem, store)
+            found |= _confirm_front(session, problem, store)
         names = session.qmodel.quantizer_names
         found["fp32_costs"] = {c.name: c.fp32 for c in every_cost}
         found["baseline_costs"] = {"FP32": dict(found["fp32_costs"])} | {

@@ -35,6 +35,8 @@ class RunRecord:
     front: list[Evaluation]  # cheapest first, as in pareto.csv
     holdout: dict[tuple[int, ...], float | None]
     bitconfigs: list[Path]  # pareto/point_NNN.json, in front order
+    confirmed: dict[tuple[int, ...], bool | None]  # met the bound on the hold-out split (None: no hold-out)
+    intervals: dict[tuple[int, ...], list[float] | None]  # 95 % interval of the hold-out accuracy
     evaluations: list[tuple[Evaluation, int]]  # every evaluation and the generation it was made in
     summary: dict = field(default_factory=dict)  # run.json as written
 
@@ -116,6 +118,8 @@ def read_record(store: RunStore) -> RunRecord:
         front=front,
         holdout={e.bits: p.get("accuracy_holdout") for e, p in zip(front, summary["front"])},
         bitconfigs=[store.run_dir / "pareto" / f"point_{i:03d}.json" for i in range(len(front))],
+        confirmed={e.bits: p.get("confirmed") for e, p in zip(front, summary["front"])},
+        intervals={e.bits: p.get("ci_holdout") for e, p in zip(front, summary["front"])},
         evaluations=evaluations,
         summary=summary,
     )

@@ -70,10 +70,11 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
         diff = None if h is None else h - e.accuracy
         if diff is not None:
             diffs.append(diff)
-        rows.append([i, show(e.accuracy), show(h), "-" if diff is None else f"{100 * diff:+.2f}",
+        confirmed = {True: "yes", False: "**no**", None: "-"}[run.confirmed.get(e.bits)]
+        rows.append([i, show(e.accuracy), show(h), confirmed, "-" if diff is None else f"{100 * diff:+.2f}",
                      *[f"{e.costs[c]:g}" for c in costs], *[f"{e.costs[c] / run.fp32_costs[c]:.3f}" for c in costs],
                      f"[point_{i:03d}.json](pareto/point_{i:03d}.json)"])
-    out += [_table(["#", "search %", "hold-out %", "hold-out - search (points)", *costs,
+    out += [_table(["#", "search %", "hold-out %", "confirmed on hold-out", "hold-out - search (points)", *costs,
                     *[f"{c} / FP32" for c in costs], "bit-config"], rows), ""]
     if diffs:
         mean = sum(diffs) / len(diffs)

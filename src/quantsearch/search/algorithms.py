@@ -44,8 +44,8 @@ from .budget import Budget, BudgetTermination
 from .names import ALGORITHM_NAMES, SENSITIVITY_NAMES
 from .guided import guided_nsga2, guided_seeds
 from .ilp import ilp_search
-from .sampling import UniformSeededSampling
-from .sensitivity import Sensitivity, budgeted_plan, gradient_sensitivity, measure_sensitivity
+from .sampling import BudgetedSampling, UniformSeededSampling
+from .sensitivity import Sensitivity, budgeted_plan, gradient_cost, gradient_sensitivity, measure_sensitivity
 from .surrogate import AdditiveModel, GeneCosts
 
 __all__ = ["nsga2", "nsga3", "algorithm_for", "run_search", "GenerationCallback", "ALGORITHMS", "SearchOutcome",
@@ -163,6 +163,9 @@ def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, genera
                 close()
 
     def evolve(algorithm) -> None:
+        if budget.whole_left < 1:  # not one more evaluation to pay for: no population to start from
+            return
+        algorithm.initialization.sampling = BudgetedSampling(algorithm.initialization.sampling, budget)
         offset = step["n"]
         termination = BudgetTermination(budget)
         if generations is not None:
@@ -180,6 +183,8 @@ def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, genera
     method = sensitivity or SENSITIVITY_DEFAULTS[name]
     if method == "gradient" and not hasattr(problem.metric, "batches"):
         method = "measured"  # a metric without data of its own (a plain callable) has no gradients to offer
+    if method == "gradient" and gradient_cost(problem) > max(0.0, budget.left) * sensitivity_share:
+        method = "measured"  # the backward pass would take more of the budget than sensitivities may
     if method == "gradient":
         table = steps(lambda: gradient_sensitivity(problem, budget))
     else:

@@ -53,6 +53,11 @@ class Bound:
         """How far ``value`` is on the good side of the limit (negative: it violates the bound)."""
         return self.sign * (float(value) - self.limit)
 
+    def shifted(self, by: float) -> "Bound":
+        """The same bound moved by ``by`` (the FP32 model's own shift from the search to the hold-out split, so a
+        bound relative to FP32 asks the same of every split)."""
+        return Bound(self.limit + float(by), self.higher_is_better, self.metric, self.fraction)
+
     def holds(self, value: float) -> bool:
         return self.margin(value) >= 0
 

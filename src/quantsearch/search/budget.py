@@ -53,16 +53,34 @@ class Budget:
     def exhausted(self) -> bool:
         return self.left <= 1e-9
 
+    @property
+    def whole_left(self) -> int:
+        """Whole evaluations that can still be paid for (an evaluation costs at most one)."""
+        return max(0, math.floor(self.left + 1e-9))
+
+    def affordable(self, rows, problem=None) -> list:
+        """The first ``rows`` (genomes) that the budget pays for: known configurations are free, new ones cost
+        one each."""
+        problem, kept, new = problem or self.problem, [], 0
+        for row in rows:
+            known = problem.was_visited(row)
+            if not known and new >= self.whole_left:
+                break
+            new += not known
+            kept.append(row)
+        return kept
+
     def evaluate(self, genomes: Iterable) -> list:
         """Evaluate ``genomes`` in order until the budget is spent; returns their evaluations.
 
         Each evaluation costs at most one, so as many as whole evaluations are left go at once through
         ``problem.evaluate_genomes`` (side by side on a parallel pool), then the rest of the budget is looked at
-        again (early-rejected ones cost less, and configurations already known nothing).
+        again (early-rejected ones cost less, and configurations already known nothing). Less than one whole
+        evaluation left ends it: the budget is never overspent.
         """
         pending, done = iter(genomes), []
-        while not self.exhausted:
-            chunk = list(itertools.islice(pending, max(1, math.floor(self.left + 1e-9))))
+        while self.whole_left >= 1:
+            chunk = list(itertools.islice(pending, self.whole_left))
             if not chunk:
                 break
             done.extend(self.problem.evaluate_genomes(chunk))
@@ -74,8 +92,7 @@ class BudgetTermination(Termination):
     nothing new (every offspring already known: a converged search would otherwise never spend its budget).
 
     After each generation it also caps the next generation's offspring (``algorithm.n_offsprings``) at the whole
-    evaluations left, rounded up, so the last generation overshoots the budget by less than one evaluation instead
-    of by a population."""
+    evaluations left, and it stops once less than one is left, so the last generation never overshoots."""
 
     def __init__(self, budget: Budget, stall: int = 10):
         super().__init__()
@@ -87,9 +104,10 @@ class BudgetTermination(Termination):
         count = len(self.budget.problem.visited)
         self._still = self._still + 1 if count == self._count else 0
         self._count = count
+        whole = self.budget.whole_left
         if getattr(algorithm, "n_offsprings", None):
             self._offsprings = self._offsprings or int(algorithm.n_offsprings)
-            algorithm.n_offsprings = max(1, min(self._offsprings, math.ceil(self.budget.left - 1e-9)))
-        if self._still >= self.stall or self.budget.limit <= 0:
+            algorithm.n_offsprings = max(1, min(self._offsprings, whole))
+        if self._still >= self.stall or self.budget.limit <= 0 or whole < 1:
             return 1.0
         return min(1.0, self.budget.spent / self.budget.limit)

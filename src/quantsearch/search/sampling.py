@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from pymoo.core.sampling import Sampling
 
-__all__ = ["uniform_configurations", "uniform_genomes", "UniformSeededSampling"]
+__all__ = ["uniform_configurations", "uniform_genomes", "UniformSeededSampling", "BudgetedSampling"]
 
 
 def uniform_configurations(n_var: int, lo: int, hi: int) -> np.ndarray:
@@ -47,3 +47,17 @@ class UniformSeededSampling(Sampling):
         rows = np.array(rows, dtype=int).reshape(-1, problem.n_var)
         rest = random_state.integers(lo, hi + 1, size=(max(0, n_samples - len(rows)), problem.n_var))
         return np.concatenate([rows, rest]).astype(int)
+
+
+class BudgetedSampling(Sampling):
+    """Another sampling's first population, cut to what a :class:`~quantsearch.search.budget.Budget` pays for (a
+    first population is evaluated whole, whatever the budget says)."""
+
+    def __init__(self, inner: Sampling, budget):
+        super().__init__()
+        self.inner, self.budget = inner, budget
+
+    def _do(self, problem, n_samples, random_state=None, **kwargs):
+        rows = self.inner._do(problem, n_samples, random_state=random_state, **kwargs)
+        kept = self.budget.affordable(np.rint(np.asarray(rows, dtype=float)).astype(int).tolist(), problem)
+        return np.asarray(kept, dtype=int).reshape(-1, problem.n_var)

@@ -30,7 +30,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = ["Sensitivity", "measure_sensitivity", "sensitivity_plan", "budgeted_plan", "gradient_scores",
-           "gradient_sensitivity", "fit_scale", "GRADIENT_PASSES"]
+           "gradient_sensitivity", "gradient_cost", "fit_scale", "GRADIENT_PASSES"]
 
 
 @dataclass(frozen=True)
@@ -344,6 +344,25 @@ def fit_scale(sensitivity: Sensitivity, evaluations, problem, allowed: float) ->
     return 1.0
 
 
+def _gradient_batches(metric, images: int) -> list:
+    """The first batches of the search split that hold at least ``images`` images (all, for a smaller split)."""
+    batches, seen = [], 0
+    for x, y in metric.batches:
+        if seen >= images:
+            break
+        batches.append((x, y))
+        seen += len(x)
+    return batches
+
+
+def gradient_cost(problem, images: int = 500) -> float:
+    """What :func:`gradient_sensitivity` charges, in full evaluations: ``images / split x (GRADIENT_PASSES +
+    widths)``."""
+    seen = sum(len(x) for x, _ in _gradient_batches(problem.metric, images))
+    widths = max(hi - lo + 1 for lo, hi in problem.bit_ranges.values())
+    return seen / int(problem.metric.num_samples) * (GRADIENT_PASSES + widths)
+
+
 def gradient_sensitivity(problem, budget=None, images: int = 500) -> Sensitivity:
     """Gradient estimates (:func:`gradient_scores`) of every gene at every width, on the first ``images`` of the
     problem's search split, scaled to accuracy by the evaluations made so far (the uniform baselines; see
@@ -351,20 +370,13 @@ def gradient_sensitivity(problem, budget=None, images: int = 500) -> Sensitivity
     ``images / split x (GRADIENT_PASSES + widths)`` full evaluations: the backward pass and one pass of the weight
     layers per width."""
     metric = problem.metric
-    total = int(metric.num_samples)
-    batches, seen = [], 0
-    for x, y in metric.batches:
-        if seen >= images:
-            break
-        batches.append((x, y))
-        seen += len(x)
+    batches = _gradient_batches(metric, images)
     top = [problem.bit_ranges[g][1] for g in problem.gene_names]
     reference = problem.evaluate_bits(top)
     ranges = tuple(problem.bit_ranges[g] for g in problem.gene_names)
     scores = gradient_scores(problem.qmodel, batches, problem.gene_names, ranges)
     if budget is not None:
-        widths = max(hi - lo + 1 for lo, hi in ranges)
-        budget.charge(seen / total * (GRADIENT_PASSES + widths))
+        budget.charge(gradient_cost(problem, images))
     table = Sensitivity(tuple(problem.gene_names), ranges, reference.accuracy, {}, problem.bound.higher_is_better,
                         bool(getattr(metric, "fraction", True)), {}, "gradient", scores, 1.0)
     allowed = max(problem.bound.margin(reference.accuracy), 1e-9)
