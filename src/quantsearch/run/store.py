@@ -43,13 +43,18 @@ class RunStore:
 
     @classmethod
     def create(cls, run_dir: str | os.PathLike, settings: Mapping, overwrite: bool = False) -> "RunStore":
-        """A new store; refuses a directory that already holds a run unless ``overwrite``."""
+        """A new store; refuses a directory that already holds a run unless ``overwrite``.
+
+        The store is built under a temporary name and renamed into place whole, so a reader (or a crash) never
+        meets a half-made store, and an old one is replaced in one step. The caller owns the directory
+        (:class:`~quantsearch.run.lock.RunLock`), so no other process creates or opens one meanwhile."""
         run_dir = Path(run_dir)
         path = run_dir / STORE_NAME
         cls.check_free(run_dir, overwrite)
-        path.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path)
+        tmp = run_dir / f".{STORE_NAME}.new"
+        tmp.unlink(missing_ok=True)
+        db = sqlite3.connect(tmp)
         db.executescript("""
             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
             CREATE TABLE evaluations (
@@ -60,7 +65,9 @@ class RunStore:
         with db:
             db.executemany("INSERT INTO meta VALUES (?, ?)", [
                 ("schema_version", json.dumps(SCHEMA_VERSION)), ("settings", json.dumps(dict(settings)))])
-        return cls(run_dir, db)
+        db.close()
+        os.replace(tmp, path)
+        return cls(run_dir, sqlite3.connect(path, timeout=30))
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike) -> "RunStore":
@@ -69,7 +76,7 @@ class RunStore:
         if not path.is_file():
             raise StoreError(f"{run_dir} holds no run store ({STORE_NAME})")
         try:
-            db = sqlite3.connect(path)
+            db = sqlite3.connect(path, timeout=30)  # a live run's writer holds it for a commit at most
             ok = db.execute("PRAGMA integrity_check").fetchone()[0]
             version = json.loads(db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
         except (sqlite3.DatabaseError, TypeError, ValueError) as exc:

@@ -1,0 +1,52 @@
+"""Confidence intervals and hold-out confirmation of Pareto points, against numbers worked out by hand."""
+import json
+
+import pytest
+
+from quantsearch.search.bound import Bound
+from quantsearch.search.confidence import wilson_interval
+
+
+def test_wilson_interval_by_hand():
+    # p = 0.884 on n = 500, z = 1.96: centre (0.884 + z^2/1000) / (1 + z^2/500) = 0.881072,
+    # half-width z sqrt(0.884 * 0.116 / 500 + z^2 / 10^6) / (1 + z^2/500) = 0.028114
+    low, high = wilson_interval(0.884, 500)
+    assert low == pytest.approx(0.852958, abs=2e-6) and high == pytest.approx(0.909186, abs=2e-6)
+    # no hit in 10: [0, z^2 / (10 + z^2)] = [0, 0.277533]
+    assert wilson_interval(0.0, 10) == (0.0, pytest.approx(0.277533, abs=2e-6))
+    assert wilson_interval(1.0, 10) == (pytest.approx(1 - 0.277533, abs=2e-6), 1.0)
+
+
+def test_bound_shifted_for_the_holdout_split():
+    floor = Bound.relative_to(0.90, 0.01)  # FP32 90 % on search, 1 point allowed
+    assert floor.limit == pytest.approx(0.89)
+    moved = floor.shifted(0.885 - 0.90)  # FP32 scores 88.5 % on hold-out
+    assert moved.limit == pytest.approx(0.875) and moved.holds(0.876) and not moved.holds(0.874)
+    ceiling = Bound.relative_to(0.10, 0.05, higher_is_better=False, metric="kl", fraction=False)
+    assert ceiling.limit == pytest.approx(0.15) and ceiling.shifted(0.02).holds(0.169)
+    assert not ceiling.shifted(0.02).holds(0.171)
+
+
+def test_run_points_carry_intervals_and_confirmation(tmp_path):
+    from quantsearch.cli.explore import main
+
+    out = tmp_path / "run"
+    assert main(["--bits", "3:8", "--pop-size", "4", "--generations", "1", "--eval-samples", "300",
+                 "--holdout-samples", "400", "--calib-batches", "1", "--batch-size", "100", "--max-accuracy-drop",
+                 "0.02", "--no-progress", "--log-level", "WARNING", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    fp32, bound = run["fp32_accuracy"], run["bound"]
+    limit = bound["limit"] + fp32["holdout"] - fp32["search"]
+    assert run["holdout_bound"]["limit"] == pytest.approx(limit)
+    assert run["front"]
+    for i, point in enumerate(run["front"]):
+        assert point["confirmed"] == (point["accuracy_holdout"] >= limit)
+        assert point["ci_holdout"] == pytest.approx(list(wilson_interval(point["accuracy_holdout"], 400)), abs=1e-6)
+        assert point["ci_search"] == pytest.approx(list(wilson_interval(point["accuracy"], 300)), abs=1e-6)
+        bitconfig = json.loads((out / "pareto" / f"point_{i:03d}.json").read_text())
+        assert bitconfig["confidence"]["confirmed"] == point["confirmed"]
+        assert bitconfig["confidence"]["holdout_limit"] == pytest.approx(limit)
+    rows = (out / "pareto.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[3:6] == ["holdout_ci_low", "holdout_ci_high", "confirmed"]
+    assert [int(r.split(",")[5]) for r in rows[1:]] == [int(p["confirmed"]) for p in run["front"]]
