@@ -176,7 +176,8 @@ def test_report_and_convergence_of_the_run(run_dir):
         assert section in report, section
     for i, row in enumerate(pareto):  # every front row, with both accuracies and their difference
         search, holdout = 100 * float(row["accuracy_search"]), 100 * float(row["accuracy_holdout"])
-        assert f"| {i} | {search:.2f} | {holdout:.2f} | {holdout - search:+.2f} |" in report
+        confirmed = "yes" if row["confirmed"] == "1" else "**no**"
+        assert f"| {i} | {search:.2f} | {holdout:.2f} | {confirmed} | {holdout - search:+.2f} |" in report
 
     # convergence against the other views of the run: evaluations.csv per generation, pareto.csv at the end
     evaluations = list(csv.DictReader((run_dir / "evaluations.csv").open()))

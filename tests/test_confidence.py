@@ -14,7 +14,7 @@ def test_wilson_interval_by_hand():
     assert low == pytest.approx(0.852958, abs=2e-6) and high == pytest.approx(0.909186, abs=2e-6)
     # no hit in 10: [0, z^2 / (10 + z^2)] = [0, 0.277533]
     assert wilson_interval(0.0, 10) == (0.0, pytest.approx(0.277533, abs=2e-6))
-    assert wilson_interval(1.0, 10) == (pytest.approx(1 - 0.277533, abs=2e-6), 1.0)
+    assert wilson_interval(1.0, 10) == (pytest.approx(1 - 0.277533, abs=2e-6), pytest.approx(1.0))
 
 
 def test_bound_shifted_for_the_holdout_split():

@@ -269,18 +269,22 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     """
     config.validate()
     run_dir = config.resolved_out()
-    if resume and not (run_dir / STORE_NAME).is_file():
-        raise StoreError(f"{run_dir} holds no run store ({STORE_NAME}) to resume")
-    with RunLock.acquire(run_dir):  # the run's one owner until it ends, however it ends
-        if resume:
-            _check_resumable(config, run_dir)
-        else:
-            RunStore.check_free(run_dir, config.overwrite)
-        return _run(config, run_dir, progress, resume, stop_requested)
+    _check_directory(config, run_dir, resume)  # before anything is loaded: a mistyped --out costs a second
+    return _run(config, run_dir, progress, resume, stop_requested)
+
+
+def _check_directory(config: ExploreConfig, run_dir: Path, resume: bool) -> None:
+    """A directory to resume holds a run made with these settings; a new run's directory holds none."""
+    if resume:
+        if not (run_dir / STORE_NAME).is_file():
+            raise StoreError(f"{run_dir} holds no run store ({STORE_NAME}) to resume")
+        _check_resumable(config, run_dir)
+    else:
+        RunStore.check_free(run_dir, config.overwrite)
 
 
 def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, stop_requested) -> RunRecord:
-    """The stages of :func:`explore`, in the directory it owns."""
+    """The stages of :func:`explore`; the run directory is owned from the store's creation (or reopening) on."""
     clock = _Clock()
     with clock("load"):
         session = build_session(config, calibrate=False)
@@ -300,7 +304,13 @@ def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, sto
     clock.timings["fp32_search_evaluation"] = session.fp32_seconds["search"]  # the yardstick of one evaluation
     log.info("FP32 %s: search %s%s; %s", bound.metric, bound.show(fp32["search"]),
              f", hold-out {bound.show(fp32['holdout'])}" if "holdout" in fp32 else "", bound)
-    store = _open_store(session, run_dir, resume)
+    lock = RunLock.acquire(run_dir)  # the run's one owner until it ends, however it ends
+    try:
+        _check_directory(config, run_dir, resume)  # again, as the owner: nobody else got in meanwhile
+        store = _open_store(session, run_dir, resume)
+    except BaseException:
+        lock.release()
+        raise
     try:
         with clock("profile"):
             problem = _build_problem(session, store)
@@ -324,3 +334,4 @@ def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, sto
         return read_record(store)
     finally:
         store.close()
+        lock.release()

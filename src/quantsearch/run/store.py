@@ -38,7 +38,8 @@ class RunStore:
     @staticmethod
     def check_free(run_dir: str | os.PathLike, overwrite: bool = False) -> None:
         """Refuse a directory that already holds a run, unless ``overwrite`` (checked before any work starts)."""
-        if (Path(run_dir) / STORE_NAME).exists() and not overwrite:
+        path = Path(run_dir) / STORE_NAME
+        if path.exists() and path.stat().st_size > 0 and not overwrite:  # an empty file holds no run
             raise StoreError(f"{run_dir} already holds a run: use --resume to continue it or --overwrite")
 
     @classmethod

@@ -88,14 +88,20 @@ def greedy_search(problem, model: AdditiveModel, budget) -> tuple[list[np.ndarra
     path = greedy_path(model)
     evaluated = []
 
-    def feasible(i: int) -> bool:
-        return problem.is_feasible(problem.evaluate_bits(path[i]))
+    class Spent(Exception):
+        """No whole evaluation left for a step the path has not visited yet."""
+
+    def evaluate(i: int):
+        if budget.whole_left < 1 and not problem.was_visited(path[i]):
+            raise Spent
+        return problem.evaluate_bits(path[i])
 
     if budget.left >= len(path):  # every step, side by side where the problem has a parallel runner
         return path, list(range(len(budget.evaluate(path))))
-    for i in greedy_order(len(path), feasible):
-        if budget.exhausted:
-            break
-        problem.evaluate_bits(path[i])
-        evaluated.append(i)
+    try:
+        for i in greedy_order(len(path), lambda i: problem.is_feasible(evaluate(i))):
+            evaluate(i)
+            evaluated.append(i)
+    except Spent:
+        pass
     return path, evaluated
