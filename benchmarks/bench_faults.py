@@ -10,9 +10,11 @@ back (always 0 if nothing committed is lost; the candidate in flight was never f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import errno
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -93,17 +95,23 @@ def full_disk(out: Path, where: str) -> int:
     else:
         store_module.write_atomic = full_write
     try:
-        assert main([*ARGS, "--out", str(out)]) == 2
+        assert quiet([*ARGS, "--out", str(out)]) == 2
     finally:
         RunStore.record, store_module.write_atomic = record, write
     return stored(out)
 
 
+def quiet(argv: list[str]) -> int:
+    """``explore`` in this process, its printed report discarded (only the table below is this script's output)."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        return main(argv)
+
+
 def resume(out: Path) -> dict:
     if (out / "run.sqlite").exists():
-        assert main(["--resume", str(out), "--no-progress", "--log-level", "ERROR"]) == 0
+        assert quiet(["--resume", str(out), "--no-progress", "--log-level", "ERROR"]) == 0
     else:  # stopped before the store existed: nothing to resume, the same command starts it again
-        assert main([*ARGS, "--out", str(out)]) == 0
+        assert quiet([*ARGS, "--out", str(out)]) == 0
     return json.loads((out / "run.json").read_text())
 
 
@@ -113,7 +121,7 @@ def main_() -> None:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="faults-"))
     plain = tmp / "plain"
-    assert main([*ARGS, "--out", str(plain)]) == 0
+    assert quiet([*ARGS, "--out", str(plain)]) == 0
     total = json.loads((plain / "run.json").read_text())["num_evaluations"]
     faults = [("SIGKILL during the search", [("search", s) for s in range(args.seeds)]),
               ("SIGKILL during calibration", [("calibration", s) for s in range(2)]),

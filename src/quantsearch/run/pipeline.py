@@ -17,7 +17,7 @@ from pymoo.core.problem import LoopedElementwiseEvaluation
 from ..fingerprints import fingerprint_values
 from ..search.algorithms import run_algorithm
 from ..search.bound import Bound
-from ..search.budget import Budget, evaluation_cost, spent
+from ..search.budget import Budget, evaluation_cost
 from ..search.costs import COSTS
 from ..search.front import pareto_front
 from ..search.problem import Evaluation, LayerwiseQuantizationProblem
@@ -141,8 +141,17 @@ def _progress_bar(config: ExploreConfig, problem, budget: Budget):
 
     name = "NSGA-III" if config.algorithm == "nsga2" and problem.n_obj > 2 else config.algorithm
     return tqdm(total=round(budget.limit, 1), initial=round(budget.spent, 1), desc=name, unit="eval",
-                dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} evaluations [{elapsed}<{remaining}{postfix}]")
+                dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} evaluations "
+                                               "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+
+def _phase(items, desc: str, progress: bool, total: int | None = None):
+    """``items``, with a progress bar (rate and time left) when ``progress``."""
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, dynamic_ncols=True, leave=False)
 
 
 def _search(session: Session, problem, store: RunStore, clock: _Clock, progress: bool, stop_requested) -> dict:
@@ -163,6 +172,9 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
     if config.budget is not None and config.budget < needed:
         raise ValueError(f"budget {config.budget:g} is below the {needed} full evaluations that the uniform "
                          f"baselines take before any search: give --budget {needed} or more")
+    # the default budget: the baselines, then pop-size x (generations + 1) evaluations of the search
+    budget = Budget(problem, config.budget if config.budget is not None
+                    else needed + config.pop_size * (config.generations + 1))
     pool, bar, found = None, None, {"parallel": {}}
     try:
         if config.workers:  # before the baselines: every batch of genomes of the run goes to the pool
@@ -172,6 +184,9 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
                 pool = RayEvaluationPool(asdict(config), session.calibration.to_dict(), config.workers,
                                          config.ray_address)
             problem.elementwise_runner = pool
+        if progress:  # one bar over the whole budget, moved by every configuration as it is measured
+            bar = _progress_bar(config, problem, budget)
+            problem.visitors.append(lambda _e: bar.update(min(budget.spent, bar.total) - bar.n))
         with clock("baselines"):
             found["baselines"], seeds = evaluate_baselines(problem)
         with clock("search"):
@@ -179,9 +194,6 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
                 session.evaluator("search").reject_below(bound.limit)
                 if pool is not None:
                     pool.reject_below(bound.limit)
-            budget = Budget(problem, config.budget if config.budget is not None
-                            else spent(problem) + config.pop_size * (config.generations + 1))
-            bar = _progress_bar(config, problem, budget) if progress else None
             generation["now"] = 1
 
             def on_generation(n_gen):
@@ -190,7 +202,7 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
                 if bar is not None:
                     now = pareto_front([e for e in problem.evaluations if problem.in_space(e.bits)], bound,
                                        cost_names)
-                    bar.update(min(budget.spent, bar.total) - bar.n)  # in full-evaluation equivalents
+                    bar.update(min(budget.spent, bar.total) - bar.n)  # charged work (gradients) too
                     bar.set_postfix(evals=len(problem.evaluations), front=len(now),
                                     cheapest=f"{now[0].costs[cost_names[0]]:g}" if now else "-",
                                     **({"per_worker": pool.progress()} if pool is not None else {}))
@@ -242,7 +254,7 @@ def holdout_bound(session: Session) -> Bound | None:
     return session.bound.shifted(session.fp32("holdout") - session.fp32("search") if relative else 0.0)
 
 
-def _confirm_front(session: Session, problem, store: RunStore) -> dict:
+def _confirm_front(session: Session, problem, store: RunStore, progress: bool = False) -> dict:
     """The front of every stored evaluation, each point re-measured on the hold-out split and confirmed there (or
     not) against :func:`holdout_bound`."""
     evaluations = [e for e, _ in store.evaluations()]
@@ -251,7 +263,7 @@ def _confirm_front(session: Session, problem, store: RunStore) -> dict:
     holdout_eval, bound = session.evaluator("holdout"), holdout_bound(session)
     holdout, confirmed = {}, {}
     if holdout_eval is not None:
-        for e in front:
+        for e in _phase(front, "hold-out check", progress):
             session.qmodel.bit_widths = e.bits
             holdout[e.bits] = holdout_eval(session.qmodel)
             confirmed[e.bits] = bound.holds(holdout[e.bits])
@@ -289,7 +301,7 @@ def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, sto
     with clock("load"):
         session = build_session(config, calibrate=False)
     with clock("calibration"):
-        session.calibrate()
+        session.calibrate(progress=lambda batches: _phase(batches, "calibration", progress, config.calib_batches))
     if not session.genes:
         raise ValueError(f"search-space {config.search_space}: {config.model} has no Conv/Linear weight to search")
     log.info("%d activation and %d weight quantizers (%s), calibrated on %d images (%s); %d genes (%s)",
@@ -320,7 +332,7 @@ def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, sto
         clock.timings["mean_evaluation"] = (sum(e.seconds for e in problem.evaluations)
                                             / max(1, len(problem.evaluations)))
         with clock("holdout"):
-            found |= _confirm_front(session, problem, store)
+            found |= _confirm_front(session, problem, store, progress)
         names = session.qmodel.quantizer_names
         found["fp32_costs"] = {c.name: c.fp32 for c in every_cost}
         found["baseline_costs"] = {"FP32": dict(found["fp32_costs"])} | {

@@ -71,11 +71,13 @@ class Session:
     _fp32: dict[str, float] = field(default_factory=dict, repr=False)
 
     # -- calibration
-    def calibrate(self, calibration: Calibration | None = None) -> Calibration:
+    def calibrate(self, calibration: Calibration | None = None, progress=None) -> Calibration:
         """Apply ``calibration`` (the driver's, a file's) after checking that it fits, or calibrate as the
-        settings say; the result is also kept in ``self.calibration``."""
+        settings say; the result is also kept in ``self.calibration``. ``progress`` wraps the batches (a bar)."""
         config = self.config
         loader = data_loader(self.splits.calibration, config.batch_size, self.device, config.loader_workers)
+        loader = progress(loader) if progress is not None and calibration is None and not config.calibration \
+            else loader
         if calibration is None and config.calibration:
             calibration = Calibration.load(config.calibration)
             calibration.check_fits(self.qmodel, data_fingerprint(loader, config.calib_batches), config.bit_range,
