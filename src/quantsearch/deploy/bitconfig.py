@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from .. import files
 
 __all__ = ["BitConfig", "BitConfigError", "schema", "apply_bitconfig"]
 
@@ -30,9 +30,9 @@ class BitConfigError(ValueError):
     """A bit-config that violates the schema or does not fit the model."""
 
 
-@lru_cache(maxsize=1)
 def schema() -> dict:
-    return json.loads((resources.files("quantsearch") / "schemas" / "bitconfig.schema.json").read_text())
+    """The bit-config's JSON Schema (``quantsearch/schemas/bitconfig.schema.json``)."""
+    return files.schema("bitconfig")
 
 
 @dataclass(frozen=True)
@@ -104,13 +104,9 @@ class BitConfig:
 
     @classmethod
     def from_dict(cls, payload: Any, source: str = "bit-config") -> "BitConfig":
-        import jsonschema
-
-        try:
-            jsonschema.validate(payload, schema())
-        except jsonschema.ValidationError as exc:
-            where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-            raise BitConfigError(f"{source} violates the bit-config schema at {where}: {exc.message}") from None
+        problem = files.schema_problem(payload, "bitconfig")
+        if problem:
+            raise BitConfigError(f"{source} violates the bit-config schema {problem}")
         return cls(model=payload["model"], quantizers=payload["quantizers"], dataset=payload.get("dataset", {}),
                    accuracy=payload.get("accuracy", {}), costs=payload.get("costs", {}),
                    costs_normalized=payload.get("costs_normalized", {}), metric=payload.get("metric", {}),
@@ -119,13 +115,7 @@ class BitConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "BitConfig":
-        try:
-            payload = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise BitConfigError(f"cannot read bit-config {path}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise BitConfigError(f"bit-config {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(payload, source=str(path))
+        return cls.from_dict(files.read_json(path, "bit-config", BitConfigError), source=str(path))
 
     def apply(self, qmodel, example: torch.Tensor | None = None) -> None:
         """Set bits, amax and signedness on ``qmodel``; quantizer names must match exactly, in order, and so must

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from ... import files
 from ...files import write_atomic
 from ...fingerprints import fingerprint_model
 from .methods import CalibrationError
@@ -99,14 +98,9 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, payload: Any, source: str = "calibration file") -> "Calibration":
-        import jsonschema
-
-        try:
-            jsonschema.validate(payload, _schema())
-        except jsonschema.ValidationError as exc:
-            where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-            raise CalibrationError(f"{source} is not a quantsearch calibration file (at {where}: "
-                                   f"{exc.message})") from None
+        problem = files.schema_problem(payload, "calibration")
+        if problem:
+            raise CalibrationError(f"{source} is not a quantsearch calibration file ({problem})")
         lo, hi = payload["bits"]
         quantizers = {}
         for name, q in payload["quantizers"].items():
@@ -124,15 +118,8 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
-        try:
-            payload = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise CalibrationError(f"cannot read calibration file {path}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise CalibrationError(f"calibration file {path} is not valid JSON: {exc}") from None
+        payload = files.read_json(path, "calibration file", CalibrationError)
         return cls.from_dict(payload, source=f"calibration file {path}")
 
 
-@lru_cache(maxsize=1)
-def _schema() -> dict:
-    return json.loads((resources.files("quantsearch") / "schemas" / "calibration.schema.json").read_text())
+
