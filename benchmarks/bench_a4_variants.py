@@ -26,10 +26,7 @@ import torch
 warnings.simplefilter("ignore", FutureWarning)
 
 from quantsearch.run.settings import ExploreConfig  # noqa: E402
-from quantsearch.sources.data import split_dataset  # noqa: E402
-from quantsearch.search.evaluator import Evaluator  # noqa: E402
-from quantsearch.run.pipeline import calibrate_run, load_model_and_data  # noqa: E402
-from quantsearch.quantize.quantized_model import QuantizedActivationsModel  # noqa: E402
+from quantsearch.run.session import build_session  # noqa: E402
 from quantsearch.run.tables import format_table  # noqa: E402
 from quantsearch.search.sensitivity import _fake_quant as fake_quant_symmetric  # noqa: E402  (x, amax, bits, unsigned)
 
@@ -66,13 +63,9 @@ def fit_symmetric(x, bits):
 def main() -> None:
     clock = time.perf_counter()
     config = ExploreConfig(bits="2:8")
-    torch.manual_seed(0)
-    model, dataset, _ = load_model_and_data(config)
-    splits = split_dataset(dataset, config.calibration_samples, config.eval_samples, config.holdout_samples, seed=0)
-    qmodel = QuantizedActivationsModel(model, "vit", weight_quantizers=True)
-    calibrate_run(config, qmodel, splits.calibration)
-    search = Evaluator(splits.search, batch_size=config.batch_size)
-    holdout = Evaluator(splits.holdout, batch_size=config.batch_size)
+    session = build_session(config)  # the run's model, splits and calibration, as explore builds them
+    model, splits, qmodel = session.model, session.splits, session.qmodel
+    search, holdout = session.evaluator("search"), session.evaluator("holdout")
     acts, weights = qmodel.activation_names, qmodel.weight_names
     free = [n for n in acts if n.endswith(NOT_READ_BY_A_MULTIPLY)]
     base = {n: 4 for n in acts + weights} | {n: 8 for n in free}
