@@ -72,6 +72,44 @@ def signal_run(out: Path, phase: str, rng: random.Random, total: int, signals=(s
     return stored(out)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Ray's head processes and actors, for a run with --workers)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def lose_ray_head(out: Path, rng: random.Random, total: int) -> int:
+    """A run on 2 Ray workers whose head (GCS, raylet) and actors are killed mid-search: Ray itself ends the
+    driver about 60 s later; the resume then runs serially (workers never change results)."""
+    import os as os_
+
+    proc = subprocess.Popen([sys.executable, "-m", "quantsearch.explore", *ARGS, "--workers", "2", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, target = time.time() + 300, rng.randint(12, total - 2)
+    while stored(out) < target and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    for pid in descendants(proc.pid):
+        try:
+            os_.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    at_fault = stored(out)
+    proc.wait(timeout=300)
+    return at_fault
+
+
 def full_disk(out: Path, where: str) -> int:
     """The run in this process, with ENOSPC injected into the store's commits or the outputs' writes."""
     import quantsearch.run.store as store_module
@@ -118,6 +156,7 @@ def resume(out: Path) -> dict:
 def main_() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5, help="kill times drawn per SIGKILL-in-search row")
+    p.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray row (it needs about 90 s)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="faults-"))
     plain = tmp / "plain"
@@ -129,6 +168,8 @@ def main_() -> None:
               ("SIGINT twice (the second stops at once)", [("search-int", s) for s in range(2)]),
               ("full disk while committing evaluations", [("commits", 0)]),
               ("full disk while writing outputs", [("writes", 0)])]
+    if args.ray:
+        faults.append(("Ray head and actors killed (--workers 2)", [("ray", 0)]))
     rows = []
     for name, trials in faults:
         at_fault, lost, identical = [], 0, 0
@@ -136,6 +177,8 @@ def main_() -> None:
             out, rng = tmp / f"{phase}-{seed}", random.Random(seed)
             if phase in ("commits", "writes"):
                 n = full_disk(out, phase)
+            elif phase == "ray":
+                n = lose_ray_head(out, rng, total)
             elif phase == "search-int":
                 n = signal_run(out, "search", rng, total, (signal.SIGINT, signal.SIGINT))
             else:
