@@ -193,3 +193,23 @@ def test_sigkill_at_random_points_resumes_to_the_same_front(tmp_path, uninterrup
     else:
         assert main(["--resume", str(out), "--no-progress"]) == 0
     assert_same_run(out, uninterrupted, at_stop)
+
+
+def test_sigint_twice_stops_at_once_and_resumes_to_identical_front(tmp_path, uninterrupted):
+    """The second Ctrl-C stops at once (KeyboardInterrupt mid-evaluation): still one line, exit 130, and nothing
+    committed is lost."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "quantsearch.explore", *ARGS, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while stored(out) < 15 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    at_stop = stored(out)
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    assert_same_run(out, uninterrupted, at_stop)
