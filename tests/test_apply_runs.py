@@ -282,3 +282,25 @@ def test_onnx_export_refusals_name_the_quantizer_or_layer(agreement_run, tmp_pat
     with pytest.raises(ExportError, match="cannot export layer 'model.spectrum'.*fft_rfft"):
         export_onnx(qmodel, tmp_path / "fft.onnx", x)
     assert not list(tmp_path.glob("*fft*"))
+
+
+def test_exported_weight_codes_are_the_fake_quantizers_own(convnet):
+    """The int8 codes times pytorch-quantization's scale give back exactly the fake-quantized weight, per channel
+    (an all-zero channel included), at every width."""
+    from quantsearch.deploy.onnx_export import weight_codes
+    from quantsearch.quantize.quantized_model import QuantizedActivationsModel
+
+    with torch.no_grad():
+        convnet.conv2.weight[3].zero_()
+    qmodel = QuantizedActivationsModel(convnet, "conv2d", weight_quantizers=True)
+    for bits in (2, 4, 5, 8):
+        qmodel.bit_widths = {"conv2:weight": bits}
+        quantizer, weight = qmodel.quantizer("conv2:weight"), convnet.conv2.weight
+        codes, scale = weight_codes(weight, quantizer.amax, bits)
+        qmax = 2 ** (bits - 1) - 1
+        assert codes.dtype == torch.int8 and int(codes.abs().max()) <= qmax and not codes[3].any()
+        expected = quantizer(weight.detach())
+        amax = quantizer.amax.reshape(-1, 1, 1, 1)
+        rebuilt = torch.where(amax > 0, codes.float() / (torch.tensor(float(qmax)) / amax), torch.zeros(()))
+        assert torch.equal(rebuilt, expected)
+        assert torch.allclose(codes.float() * scale.reshape(-1, 1, 1, 1), expected, rtol=0, atol=1e-6)

@@ -1,7 +1,9 @@
 """quantsearch: multi-objective mixed-precision quantization search for PyTorch.
 
-The flow is one way: model -> :class:`QuantizedActivationsModel` -> :class:`LayerwiseQuantizationProblem` ->
-search (``pymoo.optimize.minimize`` with :func:`nsga2`) -> results (Pareto front, bit-config JSON).
+The flow is one way: settings -> :func:`build_session` (model, data, :class:`QuantizedActivationsModel`,
+calibration, evaluators, :class:`Bound`) -> :class:`LayerwiseQuantizationProblem` -> search (``pymoo.optimize.minimize``
+with :func:`nsga2`, or :func:`run_algorithm`) -> :class:`RunRecord` (front, bit-configs) -> :func:`apply_bitconfig`,
+:func:`export_onnx`. :func:`explore` runs all of it from an :class:`ExploreConfig`.
 
 Names are imported on first use (PEP 562), so that the command line can refuse a mistyped setting before torch
 is loaded.
@@ -23,7 +25,7 @@ _EXPORTS = {
     "Preprocessing": "sources.data", "load_dataset": "sources.data", "load_fashion_mnist": "sources.data", "split_dataset": "sources.data",
     "AccuracyEvaluator": "search.evaluator", "Evaluator": "search.evaluator", "get_metric": "sources.metrics",
     "explore": "run.pipeline",
-    "export_quantized": "deploy.export", "load_exported": "deploy.export",
+    "export_quantized": "deploy.export", "export_onnx": "deploy.onnx_export", "load_exported": "deploy.export",
     "create_model": "sources.models", "model_preprocessing": "sources.models",
     "PRESETS": "quantize.predicates", "Predicate": "quantize.predicates", "Target": "quantize.predicates", "by_name": "quantize.predicates",
     "by_type": "quantize.predicates",
@@ -43,7 +45,7 @@ __all__ = [
     "calibrate", "Calibration", "calibrate_max",
     "nsga2", "run_search", "run_algorithm", "ALGORITHMS", "Budget", "Sensitivity", "measure_sensitivity",
     "explore", "ExploreConfig", "pareto_front", "Bound", "build_session", "Session", "RunRecord",
-    "BitConfig", "apply_bitconfig", "export_quantized", "load_exported", "load_run", "hypervolume",
+    "BitConfig", "apply_bitconfig", "export_quantized", "export_onnx", "load_exported", "load_run", "hypervolume",
     "Predicate", "Target", "PRESETS", "by_type", "by_name",
     "AccuracyEvaluator", "TotalBits", "get_costs",
     "BOPs", "ActivationMemory", "ModelSize", "profile_model", "nsga3", "algorithm_for",
