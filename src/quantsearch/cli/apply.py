@@ -78,7 +78,7 @@ def resolve(args: argparse.Namespace, bitconfig):
 def identity_mismatches(bitconfig, session) -> list[str]:
     """What differs from the run the bit-config came from: checkpoint bytes, weights, search or hold-out images."""
     model, data = bitconfig.model, bitconfig.dataset
-    mine = session.fingerprints()
+    mine = session.fingerprints
     checks = [("checkpoint", model.get("checkpoint_sha256"), mine["checkpoint"], "checkpoint file bytes"),
               ("weights", model.get("weights_sha256"), mine["model"], "model weights"),
               *[(split, data.get("fingerprints", {}).get(split), mine[split], f"{split} images")

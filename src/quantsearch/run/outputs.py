@@ -31,7 +31,7 @@ REBUILD_EXCLUDED = ("out", "overwrite", "workers", "ray_address", "calibration",
 def bitconfig_sections(session: Session, bound: Bound) -> dict:
     """The sections of a bit-config that say how to rebuild its model, data and metric (see ``apply``)."""
     config, splits = session.config, session.splits
-    fingerprints = session.fingerprints()
+    fingerprints = session.fingerprints
     model = {"name": config.model, "checkpoint": config.checkpoint, "checkpoint_sha256": fingerprints["checkpoint"],
              "checkpoint_key": config.checkpoint_key, "pretrained": session.pretrained,
              "kwargs": config.model_kwargs, "weights_sha256": fingerprints["model"], "predicate": session.predicate,
@@ -120,13 +120,9 @@ def _summary(session: Session, found: dict) -> dict:
         return {"accuracy": e.accuracy if e else found["fp32"]["search"], "bits": list(e.bits) if e else None,
                 "costs": costs, "costs_vs_fp32": {c: v / fp32_costs[c] for c, v in costs.items()}}
 
-    settings = asdict(config) | {"predicate_resolved": session.predicate,
-                                 "calibration_methods": sorted(set(session.calibration.methods.values())),
-                                 "preprocessing_resolved": session.preprocessing.to_dict(),
-                                 "pretrained_resolved": session.pretrained}
     evaluations = found["num_evaluations"]
     return {
-        "settings": settings, "model_is_demo": config.model == DEMO_MODEL,
+        "settings": session.resolved_settings, "model_is_demo": config.model == DEMO_MODEL,
         "splits": session.splits.describe(), "splits_sha256": session.splits.fingerprint(),
         "metric": {"name": bound.metric, "higher_is_better": bound.higher_is_better, "bound": bound.kind},
         "bound": bound.to_dict(),

@@ -105,7 +105,7 @@ def _check_resumable(config: ExploreConfig, run_dir: Path) -> None:
 def _open_store(session: Session, run_dir: Path, resume: bool) -> RunStore:
     """The run store: a new one, or the resumed run's after checking that model, calibration and data agree."""
     config = session.config
-    fingerprints = session.fingerprints()
+    fingerprints = session.fingerprints
     fingerprint = {"model": fingerprints["model"], "calibration": fingerprint_values(session.calibration.to_dict()),
                    "search": fingerprints["search"]}
     if resume:
@@ -118,10 +118,7 @@ def _open_store(session: Session, run_dir: Path, resume: bool) -> RunStore:
                              f"({changed} fingerprint {str((stored or {}).get(changed))[:12]}, now "
                              f"{str(fingerprint[changed])[:12]})")
         return store
-    settings = asdict(config) | {"out": str(run_dir), "predicate_resolved": session.predicate,
-                                 "calibration_methods": sorted(set(session.calibration.methods.values())),
-                                 "preprocessing_resolved": session.preprocessing.to_dict(),
-                                 "pretrained_resolved": session.pretrained}
+    settings = session.resolved_settings | {"out": str(run_dir)}
     store = RunStore.create(run_dir, settings, overwrite=config.overwrite)
     store.put("fingerprint", fingerprint)
     store.write_json("calibration.json", session.calibration.to_dict())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Sequence
 
@@ -161,9 +161,19 @@ class Session:
         a, w = self.config.bit_range, self.config.weight_bit_range
         return {n: (w if n in weights else a) for n in self.qmodel.quantizer_names}
 
+    @property
+    def resolved_settings(self) -> dict:
+        """The settings as given, and what "auto" and the defaults resolved to in this session."""
+        methods = sorted(set(self.calibration.methods.values())) if self.calibration is not None else []
+        return asdict(self.config) | {"predicate_resolved": self.predicate, "calibration_methods": methods,
+                                      "preprocessing_resolved": self.preprocessing.to_dict(),
+                                      "pretrained_resolved": self.pretrained}
+
     # -- identity
+    @cached_property
     def fingerprints(self) -> dict[str, str | None]:
-        """Digests of what results depend on: weights, checkpoint file, calibration, search and hold-out images."""
+        """Digests of what results depend on: weights, checkpoint file, search and hold-out images (computed once;
+        the weights and images do not change within a session)."""
         out: dict[str, str | None] = {"model": fingerprint_model(self.model),
                                       "checkpoint": file_sha256(self.config.checkpoint)
                                       if self.config.checkpoint else None}
