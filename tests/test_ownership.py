@@ -88,3 +88,15 @@ def test_a_live_run_without_results_is_reported_as_running(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     assert live_owner(out) is None
+
+
+def test_overwrite_leaves_no_result_of_the_old_run(tmp_path):
+    out = tmp_path / "run"
+    assert explore("--out", out).returncode == 0
+    before = len(list((out / "pareto").glob("point_*.json")))
+    proc = explore("--out", out, "--overwrite", "--bits", "8:8")  # one width: a front of one point
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((out / "run.json").read_text())
+    points = sorted((out / "pareto").glob("point_*.json"))
+    assert before > 1 and len(points) == len(run["front"]) == 1
+    assert json.loads(points[0].read_text())["settings"]["bits"] == "8:8"

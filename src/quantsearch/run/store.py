@@ -68,6 +68,8 @@ class RunStore:
                 ("schema_version", json.dumps(SCHEMA_VERSION)), ("settings", json.dumps(dict(settings)))])
         db.close()
         os.replace(tmp, path)
+        for stale in [run_dir / "run.json", *(run_dir / "pareto").glob("point_*.json")]:  # an overwritten run's
+            stale.unlink(missing_ok=True)  # results: none may outlive it or pass for the new run's
         return cls(run_dir, sqlite3.connect(path, timeout=30))
 
     @classmethod
