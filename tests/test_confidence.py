@@ -50,3 +50,27 @@ def test_run_points_carry_intervals_and_confirmation(tmp_path):
     header = rows[0].split(",")
     assert header[3:6] == ["holdout_ci_low", "holdout_ci_high", "confirmed"]
     assert [int(r.split(",")[5]) for r in rows[1:]] == [int(p["confirmed"]) for p in run["front"]]
+
+
+def test_validation_split_keeps_only_points_that_hold_there(tmp_path):
+    """With --validation-samples, every reported point also meets the bound (moved by FP32's shift) on a
+    validation split disjoint from search and hold-out; candidates that fail it are left off the front."""
+    from quantsearch.cli.explore import main
+
+    out = tmp_path / "run"
+    assert main(["--bits", "3:8", "--pop-size", "6", "--generations", "2", "--eval-samples", "300",
+                 "--validation-samples", "600", "--holdout-samples", "600", "--calib-batches", "1", "--batch-size",
+                 "100", "--max-accuracy-drop", "0.005", "--no-progress", "--log-level", "WARNING",
+                 "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    fp32, validation = run["fp32_accuracy"], run["validation"]
+    limit = run["bound"]["limit"] + fp32["validation"] - fp32["search"]
+    assert validation["bound"]["limit"] == pytest.approx(limit)
+    assert run["front"] and validation["checked"] >= len(run["front"])
+    assert all(p["accuracy_validation"] >= limit for p in run["front"])
+    splits = json.loads((out / "splits.json").read_text())
+    parts = [set(splits[k]) for k in ("calibration", "search", "validation", "holdout")]
+    assert [len(p) for p in parts] == [100, 300, 600, 600] and len(set().union(*parts)) == 1600
+    rows = (out / "pareto.csv").read_text().splitlines()
+    assert rows[0].split(",")[6] == "accuracy_validation"
+    assert [float(r.split(",")[6]) for r in rows[1:]] == pytest.approx([p["accuracy_validation"] for p in run["front"]])

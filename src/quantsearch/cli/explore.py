@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused if it was made for other weights or data")
     p.add_argument("--eval-samples", type=int, help=f"images in the search split (default {d.eval_samples})")
     p.add_argument("--holdout-samples", type=int, help="images in the hold-out split (default: the rest)")
+    p.add_argument("--validation-samples", type=int,
+                   help="images of a validation split that every front candidate must also pass before it is "
+                        "reported (default 0: none); taken before the hold-out split, which stays untouched")
     p.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
     p.add_argument("--seed", type=int, help=f"seed of splits and search (default {d.seed})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
@@ -153,6 +156,11 @@ def print_report(run) -> None:
           f"{run.cost_names[0]} first; {len(genes)} genes: {run.summary.get('search_space')})\n"
           + format_table(["#", f"search{unit}", f"hold-out{unit}", "95 % interval", "confirmed",
                           *[h for c in run.cost_names for h in (c, "x FP32")], "bits per searched quantizer"], rows))
+    validation = run.summary.get("validation")
+    if validation:
+        print(f"validation: {validation['checked']} front candidates measured on the validation split, "
+              f"{validation['failed']} failed its {bound.kind} ({show(validation['bound']['limit'])}{unit}) and were "
+              "left off the front")
     holdout_bound = run.summary.get("holdout_bound")
     if holdout_bound and run.front:
         unconfirmed = sum(1 for e in run.front if run.confirmed.get(e.bits) is False)

@@ -63,6 +63,7 @@ def confidence(session: Session, found: dict, e: Evaluation) -> dict:
 def _write_front(store: RunStore, session: Session, found: dict) -> list[Path]:
     """One bit-config per Pareto point, and ``pareto.csv``."""
     qmodel, bound, holdout, fp32_costs = session.qmodel, found["bound"], found["holdout"], found["fp32_costs"]
+    validated = found.get("validation") or {}
     sections = bitconfig_sections(session, bound)
     paths, rows = [], []
     for i, e in enumerate(found["front"]):
@@ -72,18 +73,20 @@ def _write_front(store: RunStore, session: Session, found: dict) -> list[Path]:
         config = BitConfig.from_model(qmodel, sections["model"], example=session.example,
                                       dataset=sections["dataset"], metric=sections["metric"],
                                       settings=sections["settings"], confidence=sure,
-                                      accuracy={"search": e.accuracy, "holdout": holdout.get(e.bits)},
+                                      accuracy={"search": e.accuracy, "holdout": holdout.get(e.bits),
+                                                **({"validation": validated[e.bits]} if validated else {})},
                                       costs=dict(e.costs), costs_normalized=normalized)
         name = f"pareto/point_{i:03d}.json"
         paths.append(store.write_file(name, config.to_json()))
         low, high = sure["holdout"] or ("", "")
         rows.append([i, f"{e.accuracy:.6f}", "" if e.bits not in holdout else f"{holdout[e.bits]:.6f}",
                      low, high, "" if sure["confirmed"] is None else int(sure["confirmed"]),
+                     *([f"{validated[e.bits]:.6f}"] if validated else []),
                      *[f"{v:g}" for v in e.costs.values()], *[f"{v:.4f}" for v in normalized.values()],
                      name, *e.bits])
     cost_names = found["cost_names"]
     header = ["point", "accuracy_search", "accuracy_holdout", "holdout_ci_low", "holdout_ci_high", "confirmed",
-              *cost_names, *[f"{c}_vs_fp32" for c in cost_names], "bitconfig", *qmodel.quantizer_names]
+              *(["accuracy_validation"] if validated else []), *cost_names, *[f"{c}_vs_fp32" for c in cost_names], "bitconfig", *qmodel.quantizer_names]
     store.write_csv("pareto.csv", header, rows)
     return paths
 
@@ -112,7 +115,8 @@ def _summary(session: Session, found: dict) -> dict:
         sure = confidence(session, found, e)
         return {"accuracy": e.accuracy, "costs": dict(e.costs), "bits": list(e.bits),
                 "accuracy_holdout": found["holdout"].get(e.bits), "ci_search": sure["search"],
-                "ci_holdout": sure["holdout"], "confirmed": sure["confirmed"]}
+                "ci_holdout": sure["holdout"], "confirmed": sure["confirmed"],
+                "accuracy_validation": found["validation"].get(e.bits)}
 
     def baseline(name: str) -> dict:
         costs = found["baseline_costs"][name]
@@ -128,6 +132,9 @@ def _summary(session: Session, found: dict) -> dict:
         "bound": bound.to_dict(),
         "holdout_bound": None if found.get("holdout_bound") is None else found["holdout_bound"].to_dict(),
         "confidence": CONFIDENCE,
+        "validation": None if found.get("validation_bound") is None else {
+            "bound": found["validation_bound"].to_dict(), "checked": len(found["validation"]),
+            "failed": sum(not found["validation_bound"].holds(v) for v in found["validation"].values())},
         "quantizers": session.qmodel.quantizer_names, "search_space": config.search_space, "genes": session.genes,
         "fp32_accuracy": found["fp32"], "fp32_costs": fp32_costs,
         "baselines": {name: baseline(name) for name in found["baseline_costs"]},

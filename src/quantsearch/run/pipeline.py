@@ -242,29 +242,50 @@ def _search_summary(config, session: Session, problem, budget, outcome) -> dict:
     return summary
 
 
-def holdout_bound(session: Session) -> Bound | None:
-    """The bound a Pareto point must meet on the hold-out split: a bound relative to FP32 (``max-accuracy-drop``)
-    moves with FP32's own shift between the splits, an absolute ``min-accuracy`` stays. None without a hold-out."""
-    if session.evaluator("holdout") is None:
+def split_bound(session: Session, split: str) -> Bound | None:
+    """The bound a point must meet on ``split`` (validation or holdout): a bound relative to FP32
+    (``max-accuracy-drop``) moves with FP32's own shift from the search split, an absolute ``min-accuracy`` stays.
+    None when the split is empty."""
+    if session.evaluator(split) is None:
         return None
     relative = session.config.min_accuracy is None
-    return session.bound.shifted(session.fp32("holdout") - session.fp32("search") if relative else 0.0)
+    return session.bound.shifted(session.fp32(split) - session.fp32("search") if relative else 0.0)
+
+
+def _validated_front(session: Session, problem, evaluations: list[Evaluation], progress: bool) -> tuple[list, dict]:
+    """The front of ``evaluations`` whose every point also meets the bound on the validation split.
+
+    A point that fails is dropped and the front recomputed without it, so a point it hid can take its place;
+    each configuration is measured on the validation split once. Without a validation split: the plain front."""
+    cost_names = [c.name for c in problem.costs]
+    evaluate, bound = session.evaluator("validation"), split_bound(session, "validation")
+    validation, failed = {}, set()
+    while True:
+        front = pareto_front([e for e in evaluations if e.bits not in failed], session.bound, cost_names)
+        new = [e for e in front if e.bits not in validation] if evaluate is not None else []
+        if not new:
+            return front, validation
+        for e in _phase(new, "validation check", progress):
+            session.qmodel.bit_widths = e.bits
+            validation[e.bits] = evaluate(session.qmodel)
+            if not bound.holds(validation[e.bits]):
+                failed.add(e.bits)
 
 
 def _confirm_front(session: Session, problem, store: RunStore, progress: bool = False) -> dict:
-    """The front of every stored evaluation, each point re-measured on the hold-out split and confirmed there (or
-    not) against :func:`holdout_bound`."""
-    evaluations = [e for e, _ in store.evaluations()]
-    cost_names = [c.name for c in problem.costs]
-    front = pareto_front([e for e in evaluations if problem.in_space(e.bits)], session.bound, cost_names)
-    holdout_eval, bound = session.evaluator("holdout"), holdout_bound(session)
+    """The front of every stored evaluation, validated (with a validation split), then each point re-measured on
+    the hold-out split and confirmed (or not) there against :func:`split_bound`."""
+    evaluations = [e for e, _ in store.evaluations() if problem.in_space(e.bits)]
+    front, validation = _validated_front(session, problem, evaluations, progress)
+    holdout_eval, bound = session.evaluator("holdout"), split_bound(session, "holdout")
     holdout, confirmed = {}, {}
     if holdout_eval is not None:
         for e in _phase(front, "hold-out check", progress):
             session.qmodel.bit_widths = e.bits
             holdout[e.bits] = holdout_eval(session.qmodel)
             confirmed[e.bits] = bound.holds(holdout[e.bits])
-    return {"front": front, "holdout": holdout, "confirmed": confirmed, "holdout_bound": bound}
+    return {"front": front, "holdout": holdout, "confirmed": confirmed, "holdout_bound": bound,
+            "validation": validation, "validation_bound": split_bound(session, "validation")}
 
 
 def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
@@ -306,9 +327,8 @@ def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, sto
              len(session.splits.calibration), config.calibration or config.calib_method, len(session.genes),
              config.search_space)
     with clock("fp32"):
-        fp32 = {"search": session.fp32("search")}
-        if session.evaluator("holdout") is not None:
-            fp32["holdout"] = session.fp32("holdout")
+        fp32 = {split: session.fp32(split) for split in ("search", "validation", "holdout")
+                if session.evaluator(split) is not None}
         bound = session.bound
     clock.timings["fp32_search_evaluation"] = session.fp32_seconds["search"]  # the yardstick of one evaluation
     log.info("FP32 %s: search %s%s; %s", bound.metric, bound.show(fp32["search"]),

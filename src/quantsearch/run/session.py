@@ -96,7 +96,7 @@ class Session:
         """The evaluator of ``split`` (search or holdout), built once; None for an empty split. Label-free
         metrics keep the FP32 outputs of its images, computed here."""
         if split not in self._evaluators:
-            data = getattr(self.splits, split)
+            data = getattr(self.splits, split) or []
             config = self.config
             self._evaluators[split] = Evaluator(
                 data, metric=config.metric, batch_size=config.batch_size, device=self.device, reference=self.qmodel,
@@ -204,7 +204,7 @@ def build_session(config: ExploreConfig, *, calibrate: bool = True, calibration:
     dataset = load_dataset(config.dataset, preprocessing, config.class_index, **(config.dataset_kwargs or {}))
     model = model.to(device, memory_format=torch.channels_last) if config.channels_last else model.to(device)
     splits = split_dataset(dataset, config.calibration_samples, config.eval_samples, config.holdout_samples,
-                           seed=config.seed)
+                           seed=config.seed, validation=config.validation_samples)
     predicate = resolve_predicate(config.predicate, model)
     qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input,
                                        weight_quantizers=weight_quantizers).to(device)

@@ -51,6 +51,7 @@ class ExploreConfig:
     calibration: str | None = None
     eval_samples: int = 3000
     holdout_samples: int | None = None
+    validation_samples: int = 0  # images that re-check the front's candidates before they are reported (0: none)
     batch_size: int = 250
     seed: int = 0
     device: str = "cpu"
@@ -141,6 +142,9 @@ class ExploreConfig:
         if self.early_reject and not _is_fraction_metric(self.metric):
             raise ConfigError(f"early-reject needs a metric that counts hits per image (top-k, agreement), "
                               f"not {self.metric}")
+        if not isinstance(self.validation_samples, int) or isinstance(self.validation_samples, bool) \
+                or self.validation_samples < 0:
+            raise ConfigError(f"validation-samples must be a non-negative integer, got {self.validation_samples!r}")
         if self.holdout_samples is not None and (not isinstance(self.holdout_samples, int)
                                                  or self.holdout_samples < 0):
             raise ConfigError(f"holdout-samples must be a non-negative integer, got {self.holdout_samples!r}")

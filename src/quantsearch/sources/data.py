@@ -419,18 +419,27 @@ def data_loader(dataset: Dataset, batch_size: int, device: torch.device | str = 
 
 @dataclass(frozen=True)
 class Splits:
-    """Disjoint calibration, search and hold-out parts of one dataset, with the indices that define them."""
+    """Disjoint calibration, search, hold-out and (optional) validation parts of one dataset, with their indices.
+
+    The validation part re-checks the candidates of the front before they are reported; the hold-out part stays
+    untouched until the end."""
 
     calibration: Subset
     search: Subset
     holdout: Subset
+    validation: Subset | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The parts this split has (validation only when it holds images)."""
+        return ("calibration", "search", *(("validation",) if self.validation else ()), "holdout")
 
     def describe(self) -> dict:
-        return {name: len(getattr(self, name)) for name in ("calibration", "search", "holdout")}
+        return {name: len(getattr(self, name)) for name in self.names}
 
     def indices(self) -> dict[str, list[int]]:
         """The dataset indices of each part (what ``splits.json`` of a run records)."""
-        return {name: list(getattr(self, name).indices) for name in ("calibration", "search", "holdout")}
+        return {name: list(getattr(self, name).indices) for name in self.names}
 
     def fingerprint(self) -> dict[str, str]:
         """A SHA-256 of each part's indices: two runs used the same images iff these agree."""
@@ -438,14 +447,16 @@ class Splits:
 
 
 def split_dataset(dataset: Dataset, calibration: int, search: int, holdout: int | None = None,
-                  seed: int = 0) -> Splits:
-    """Shuffle once with ``seed`` and cut disjoint parts; ``holdout=None`` takes everything left."""
+                  seed: int = 0, validation: int = 0) -> Splits:
+    """Shuffle once with ``seed`` and cut disjoint parts, in the order calibration, search, validation, hold-out;
+    ``holdout=None`` takes everything left. Without a validation part the cuts are those of earlier versions."""
     n = len(dataset)
-    rest = n - calibration - search
+    rest = n - calibration - search - validation
     holdout = rest if holdout is None else holdout
-    if min(calibration, search) <= 0 or holdout < 0 or calibration + search + holdout > n:
-        raise DataError(
-            f"dataset has {n} samples, too few for calibration={calibration}, search={search}, holdout={holdout}")
+    if min(calibration, search) <= 0 or min(holdout, validation) < 0 or calibration + search + validation + holdout > n:
+        raise DataError(f"dataset has {n} samples, too few for calibration={calibration}, search={search}, "
+                        f"{f'validation={validation}, ' if validation else ''}holdout={holdout}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    a, b = calibration, calibration + search
-    return Splits(Subset(dataset, order[:a]), Subset(dataset, order[a:b]), Subset(dataset, order[b:b + holdout]))
+    a, b, c = calibration, calibration + search, calibration + search + validation
+    return Splits(Subset(dataset, order[:a]), Subset(dataset, order[a:b]), Subset(dataset, order[c:c + holdout]),
+                  Subset(dataset, order[b:c]) if validation else None)
