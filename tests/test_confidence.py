@@ -74,3 +74,29 @@ def test_validation_split_keeps_only_points_that_hold_there(tmp_path):
     rows = (out / "pareto.csv").read_text().splitlines()
     assert rows[0].split(",")[6] == "accuracy_validation"
     assert [float(r.split(",")[6]) for r in rows[1:]] == pytest.approx([p["accuracy_validation"] for p in run["front"]])
+
+
+def test_a_front_point_that_fails_validation_gives_way_to_the_point_it_hid():
+    """A is cheapest and most accurate on the search split, so it hides B; A fails the validation split, B passes:
+    the reported front is B and C, and every configuration was measured on validation once."""
+    from types import SimpleNamespace
+
+    from quantsearch.run.pipeline import _validated_front
+    from quantsearch.search.problem import Evaluation
+
+    search = {(2,): (0.90, 10), (3,): (0.85, 20), (4,): (0.95, 30)}
+    on_validation = {(2,): 0.70, (3,): 0.82, (4,): 0.90}
+    measured = []
+    qmodel = SimpleNamespace(bit_widths=None)
+
+    def validate(model):
+        measured.append(tuple(model.bit_widths))
+        return on_validation[tuple(model.bit_widths)]
+
+    session = SimpleNamespace(bound=Bound(0.8), qmodel=qmodel, config=SimpleNamespace(min_accuracy=0.8),
+                              evaluator=lambda split: validate if split == "validation" else None)
+    problem = SimpleNamespace(costs=[SimpleNamespace(name="bits")])
+    evaluations = [Evaluation(bits, accuracy, {"bits": cost}, 0.0) for bits, (accuracy, cost) in search.items()]
+    front, validation = _validated_front(session, problem, evaluations, progress=False)
+    assert [e.bits for e in front] == [(3,), (4,)]
+    assert validation == on_validation and sorted(measured) == [(2,), (3,), (4,)]
