@@ -45,7 +45,7 @@ setup(
         "onnx": ["onnx>=1.16", "onnxruntime>=1.20"],  # apply --export PATH.onnx: Q/DQ ONNX checked in ONNX Runtime
         "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel"],
     },
-    entry_points={"console_scripts": ["quantsearch-explore=quantsearch.explore:main",
-                                      "quantsearch-apply=quantsearch.apply:main",
-                                      "quantsearch-calibrate=quantsearch.calibrate:main"]},
+    entry_points={"console_scripts": ["quantsearch-explore=quantsearch.explore:command",
+                                      "quantsearch-apply=quantsearch.apply:command",
+                                      "quantsearch-calibrate=quantsearch.calibrate:command"]},
 )

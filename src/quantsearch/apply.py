@@ -1,7 +1,12 @@
 """``python -m quantsearch.apply``: the command line lives in :mod:`quantsearch.cli.apply`."""
-import sys
-
+from .cli import run_command
 from .cli.apply import main
 
+
+def command() -> None:
+    """The console script: ``main`` run as a process."""
+    run_command(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -9,6 +9,7 @@ import logging
 import sys
 
 from ..run.settings import ConfigError
+from . import run_command
 from .explore import build_parser, config_from_args
 
 
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import sys
 
+from . import run_command
 from ..run.settings import PARALLEL_KEYS, ConfigError, ExploreConfig, load_yaml
 
 log = logging.getLogger("quantsearch")
@@ -213,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the run stopped on an I/O error ({reason}); finished evaluations are kept: fix it and "
               f"continue with --resume{where}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # once stopping, a further Ctrl-C (say, during teardown) must not print a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN if stop["requested"] else previous)
     print_report(result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)
