@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"percentile of |x| kept by --calib-method percentile (default {d.calib_percentile})")
     p.add_argument("--calib-momentum", type=float,
                    help=f"momentum of --calib-method moving-max (default {d.calib_momentum})")
+    p.add_argument("--quant-form", action="append", metavar="GLOB=FORM", dest="quant_form",
+                   help="give the activation quantizers matching GLOB the form FORM: uniform or log2 (FQ-ViT's, for "
+                        "attention probabilities), e.g. '*.attn_drop=log2'; repeatable, first match wins, before "
+                        "the YAML's quant-forms")
     p.add_argument("--calibration", metavar="FILE",
                    help="reuse a calibration file (python -m quantsearch.calibrate) instead of calibrating; "
                         "refused if it was made for other weights or data")
@@ -99,12 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_forms(items: list[str]) -> dict[str, str]:
+    """``["GLOB=FORM", ...]`` from --quant-form, in order."""
+    forms = {}
+    for item in items:
+        glob, sep, form = item.rpartition("=")
+        if not sep or not glob:
+            raise ConfigError(f"--quant-form takes GLOB=FORM (for example '*.attn_drop=log2'), got {item!r}")
+        forms[glob] = form
+    return forms
+
+
 def config_from_args(args: argparse.Namespace) -> ExploreConfig:
     if args.resume:
         from ..run.pipeline import resume_config
 
         free = ("out", *PARALLEL_KEYS)  # how a run is parallelised does not change its results
         given = [k for k, v in vars(args).items() if k in ExploreConfig.keys() and v is not None and k not in free]
+        given += ["quant-form"] if args.quant_form else []
         if given or args.config:
             raise ConfigError(f"--resume takes the run's stored settings; drop --{(given or ['config'])[0]}")
         return resume_config(args.resume).merged({k: getattr(args, k) for k in PARALLEL_KEYS}).validate()
@@ -112,6 +128,9 @@ def config_from_args(args: argparse.Namespace) -> ExploreConfig:
     if args.config:
         base = ExploreConfig.from_mapping(load_yaml(args.config), source=args.config)
     flags = {k: v for k, v in vars(args).items() if k in ExploreConfig.keys()}
+    if args.quant_form:
+        flags["quant_forms"] = parse_forms(args.quant_form) | {k: v for k, v in (base.quant_forms or {}).items()
+                                                              if k not in parse_forms(args.quant_form)}
     if args.min_accuracy is not None:  # a flag floor replaces a YAML floor of the other kind
         flags["max_accuracy_drop"] = base.max_accuracy_drop
     config = base.merged(flags).validate()

@@ -70,6 +70,11 @@ class BitConfig:
         return {n: list(q["shape"]) for n, q in self.quantizers.items() if "shape" in q}
 
     @property
+    def forms(self) -> dict[str, str]:
+        """Each quantizer's form (absent in a bit-config means uniform)."""
+        return {n: q.get("form", "uniform") for n, q in self.quantizers.items()}
+
+    @property
     def unsigned(self) -> dict[str, bool]:
         """Whether each quantizer uses the unsigned range (absent in a bit-config means signed)."""
         return {n: bool(q.get("unsigned", False)) for n, q in self.quantizers.items()}
@@ -83,10 +88,12 @@ class BitConfig:
         if example is not None:
             shapes = qmodel.tensor_shapes(example)
             model["input_shape"] = [int(d) for d in example.shape[1:]]
-        amax, unsigned = qmodel.amax, qmodel.unsigned
+        amax, unsigned, forms = qmodel.amax, qmodel.unsigned, qmodel.forms
         quantizers = {}
         for n, b in qmodel.bits_dict().items():
             quantizers[n] = {"num_bits": b, "amax": amax[n], "unsigned": unsigned[n]}
+            if forms[n] != "uniform":
+                quantizers[n]["form"] = forms[n]
             if n in shapes:
                 quantizers[n]["shape"] = shapes[n]
         return cls(model=model, quantizers=quantizers, **kwargs)
@@ -145,6 +152,11 @@ class BitConfig:
             extra = (list(self.quantizers)[len(names):] or names[len(self.quantizers):])[0]
             raise BitConfigError(f"bit-config does not fit the model: {len(self.quantizers)} quantizers in the "
                                  f"bit-config, {len(names)} in the model (first unmatched: {extra!r})")
+        theirs = qmodel.forms
+        other = next((n for n, form in self.forms.items() if theirs[n] != form), None)
+        if other is not None:
+            raise BitConfigError(f"bit-config does not fit the model: quantizer {other!r} has the "
+                                 f"{self.forms[other]} form in the bit-config but {theirs[other]} in the model")
 
     def check_shapes(self, qmodel, example: torch.Tensor | None = None) -> None:
         if example is None:
@@ -179,6 +191,7 @@ def apply_bitconfig(model: nn.Module, config: "BitConfig | Mapping | str | Path"
         config = BitConfig.load(config)
     qmodel = QuantizedActivationsModel(model, config.model["predicate"],
                                        quantize_input=config.model["quantize_input"],
-                                       weight_quantizers=bool(config.model.get("weight_quantizers", False)))
+                                       weight_quantizers=bool(config.model.get("weight_quantizers", False)),
+                                       forms={n: f for n, f in config.forms.items() if f != "uniform"})
     config.apply(qmodel, example)
     return qmodel

@@ -8,7 +8,8 @@ Two tensor formats, chosen by the file suffix, both plain data (no Python object
 Tensor names: ``model.<state-dict key>`` for the model's own weights and buffers (``load_state_dict`` takes them
 after the prefix is stripped), ``quantizers.<quantizer>.amax`` (float32) and ``quantizers.<quantizer>.num_bits``
 (int32) for each activation quantizer. Beside the tensor file, ``<stem>.json`` holds the metadata: the bit-config
-it came from and how the numbers are meant (per-tensor, symmetric, narrow range, scale = (2^(b-1)-1) / amax).
+it came from and how the numbers are meant (per-tensor, symmetric, narrow range, scale = (2^(b-1)-1) / amax;
+unsigned and log2 quantizers as the metadata says).
 """
 from __future__ import annotations
 
@@ -77,7 +78,11 @@ def export_quantized(qmodel, config: BitConfig, path: str | Path) -> tuple[Path,
                                  "that module, 'input' the model input",
                          "granularity": "per-tensor", "symmetric": True, "narrow_range": True,
                          "scale": "(2**(num_bits-1) - 1) / amax",
-                         "fake_quant": "clamp(round(x * scale), -(2**(num_bits-1) - 1), 2**(num_bits-1) - 1) / scale"},
+                         "fake_quant": "clamp(round(x * scale), -(2**(num_bits-1) - 1), 2**(num_bits-1) - 1) / scale",
+                         "unsigned": "bitconfig.quantizers[name].unsigned: scale = (2**num_bits - 1) / amax, "
+                                     "clamp to [0, 2**num_bits - 1]",
+                         "log2": "bitconfig.quantizers[name].form == 'log2': k = round(-log2(x / amax)) clamped "
+                                 "below at 0; amax * 2**-k, or 0 where k > 2**num_bits - 2 or x <= 0"},
         "bitconfig": bitconfig,
     }
     text = json.dumps(metadata, indent=2) + "\n"

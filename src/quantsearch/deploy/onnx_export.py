@@ -96,7 +96,11 @@ def weight_codes(weight: torch.Tensor, amax: torch.Tensor, bits: int) -> tuple[t
     return codes.to(torch.int8), scale.float()
 
 
-def _check_widths(qmodel) -> None:
+def _check_exportable(qmodel) -> None:
+    for name, form in qmodel.forms.items():
+        if form != "uniform" and not qmodel.quantizer(name)._disabled:
+            raise ExportError(f"quantizer {name!r} has the {form} form: ONNX Q/DQ holds uniform grids only; "
+                              "export a bit-config whose quantizers are uniform")
     for name, q in qmodel.named_quantizers():
         if not q._disabled and q.num_bits > MAX_EXPORT_BITS:
             raise ExportError(f"quantizer {name!r} is at {q.num_bits} bits: Q/DQ export covers 2 to "
@@ -271,7 +275,7 @@ def export_onnx(qmodel, path: str | Path, example: torch.Tensor, int4: bool = Tr
     path = Path(path)
     if path.suffix != ".onnx":
         raise ExportError(f"ONNX export path {path} must end in .onnx")
-    _check_widths(qmodel)
+    _check_exportable(qmodel)
     qmodel.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")  # never half a file

@@ -53,6 +53,8 @@ def _integer_range(num_bits: int, unsigned: bool, narrow_range: bool) -> list[fl
 class FastTensorQuantizer(TensorQuantizer):
     """``TensorQuantizer`` with an allocation-light, compile-friendly per-tensor fake-quant forward."""
 
+    form = "uniform"  # the grid it rounds to (see quantsearch.quantize.forms)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("_range", torch.tensor(self._current_range()), persistent=False)

@@ -1,7 +1,24 @@
-"""The bit-widths a quantizer may take, importable without torch (settings are checked against them first).
+"""The bit-widths and forms a quantizer may take, importable without torch (settings are checked against them first).
 
-pytorch-quantization's fake quantization is exact from 2 to 16 bits.
+pytorch-quantization's fake quantization is exact from 2 to 16 bits. A form is the grid a quantizer rounds to
+(:mod:`quantsearch.quantize.forms`): ``uniform`` (pytorch-quantization's, symmetric or unsigned) or ``log2``.
 """
-__all__ = ["MIN_BITS", "MAX_BITS"]
+__all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "check_forms"]
 
 MIN_BITS, MAX_BITS = 2, 16
+FORMS = ("uniform", "log2")
+DEFAULT_FORM = "uniform"
+
+
+def check_forms(forms, where: str = "quant-forms") -> dict[str, str]:
+    """``{name glob: form}`` as given in settings, checked; the message of a ValueError is one line."""
+    if forms is None:
+        return {}
+    if not isinstance(forms, dict):
+        raise ValueError(f"{where} must map quantizer-name globs to forms, got {type(forms).__name__}")
+    for glob, form in forms.items():
+        if not isinstance(glob, str) or not glob:
+            raise ValueError(f"{where}: a key must be a quantizer-name glob, got {glob!r}")
+        if form not in FORMS:
+            raise ValueError(f"{where}[{glob!r}]: unknown form {form!r}; choose from {', '.join(FORMS)}")
+    return dict(forms)

@@ -24,7 +24,8 @@ with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.scr
     from pytorch_quantization.tensor_quant import QuantDescriptor
 
 from .fakequant import FastTensorQuantizer, quiet_quantizers
-from .limits import MAX_BITS, MIN_BITS
+from .forms import QUANTIZER_CLASSES, form_of, resolve_forms
+from .limits import DEFAULT_FORM, MAX_BITS, MIN_BITS
 from .predicates import PredicateLike, get_target
 
 __all__ = ["QuantizedActivationsModel", "INPUT_QUANTIZER", "WEIGHT_SUFFIX", "WEIGHT_LAYERS", "MIN_BITS",
@@ -36,15 +37,17 @@ WEIGHT_SUFFIX = ":weight"
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # weight shape (out, in, ...): channels on axis 0
 
 
-def make_quantizer(num_bits: int = 8, fast: bool = True) -> TensorQuantizer:
-    """A per-tensor, symmetric, narrow-range fake quantizer with a max calibrator.
+def make_quantizer(num_bits: int = 8, fast: bool = True, form: str = DEFAULT_FORM) -> TensorQuantizer:
+    """A per-tensor fake quantizer of ``form`` with a max calibrator; uniform: symmetric narrow range.
 
     Narrow range ([-(2^(b-1)-1), 2^(b-1)-1]) keeps the integer grid symmetric, as TensorRT and FQ-ViT do.
-    ``fast`` picks :class:`~quantsearch.fakequant.FastTensorQuantizer` (bit-identical, faster forward).
+    ``fast`` picks :class:`~quantsearch.fakequant.FastTensorQuantizer` (bit-identical, faster forward) for the
+    uniform form; other forms exist only as such subclasses (:mod:`quantsearch.quantize.forms`).
     """
     desc = QuantDescriptor(num_bits=num_bits, fake_quant=True, axis=None, calib_method="max", narrow_range=True)
+    cls = QUANTIZER_CLASSES[form] if fast or form != DEFAULT_FORM else TensorQuantizer
     with quiet_quantizers():
-        return (FastTensorQuantizer if fast else TensorQuantizer)(desc)
+        return cls(desc)
 
 
 def make_weight_quantizer(num_bits: int = 8) -> TensorQuantizer:
@@ -138,13 +141,16 @@ class QuantizedActivationsModel(nn.Module):
             max|w| per channel) on every Conv1d/2d/3d and Linear layer; a predicate narrows that choice.
             Weight quantizers come after the activation quantizers in :attr:`quantizer_names`.
         fast: use the bit-identical fast fake-quant forward (``False``: plain ``TensorQuantizer``, for comparison).
+        forms: ``{name glob: form}`` for activation quantizers (first match wins; default uniform); see
+            :mod:`quantsearch.quantize.forms`. Weight quantizers are uniform per channel.
 
     ``amax_table`` maps a quantizer name to ``{num_bits: amax}`` (filled by calibration): setting
     :attr:`bit_widths` then gives every quantizer its own bit-width's amax, with no forward pass.
     """
 
     def __init__(self, model: nn.Module, predicate: PredicateLike = "conv2d", quantize_input: bool = True,
-                 num_bits: int = 8, weight_quantizers: bool | PredicateLike = False, fast: bool = True):
+                 num_bits: int = 8, weight_quantizers: bool | PredicateLike = False, fast: bool = True,
+                 forms: Mapping[str, str] | None = None):
         super().__init__()
         self.fast = fast
         self.model = model
@@ -160,13 +166,15 @@ class QuantizedActivationsModel(nn.Module):
                     self._fused_attn[module] = module.fused_attn
                     module.fused_attn = False
 
-        if quantize_input:
-            self._add(INPUT_QUANTIZER, model, num_bits, pre=True)
+        slots = [(INPUT_QUANTIZER, model, True)] if quantize_input else []
         for name, module in model.named_modules():
             if name and self.target.inputs(name, module):
-                self._add(name + INPUT_SUFFIX, module, num_bits, pre=True)
+                slots.append((name + INPUT_SUFFIX, module, True))
             if name and self.target.outputs(name, module):
-                self._add(name, module, num_bits, pre=False)
+                slots.append((name, module, False))
+        chosen_forms = resolve_forms([n for n, _, _ in slots], forms) if slots else {}
+        for name, module, pre in slots:
+            self._add(name, module, num_bits, pre, chosen_forms[name])
         self._activation_names = list(self._quantizers)
         if weight_quantizers is not False and weight_quantizers is not None:
             chosen = None if weight_quantizers is True else get_target(weight_quantizers).outputs
@@ -178,8 +186,8 @@ class QuantizedActivationsModel(nn.Module):
         self.quantizers = nn.ModuleList(self._quantizers.values())
 
     # -- construction ------------------------------------------------------------------------------------------
-    def _add(self, name: str, module: nn.Module, num_bits: int, pre: bool) -> None:
-        quantizer = make_quantizer(num_bits, self.fast)
+    def _add(self, name: str, module: nn.Module, num_bits: int, pre: bool, form: str = DEFAULT_FORM) -> None:
+        quantizer = make_quantizer(num_bits, self.fast, form)
         self._quantizers[name] = quantizer
         if pre:
             def hook(_module, args, q=quantizer):
@@ -231,6 +239,11 @@ class QuantizedActivationsModel(nn.Module):
     @property
     def weight_names(self) -> list[str]:
         return list(self._weights)
+
+    @property
+    def forms(self) -> dict[str, str]:
+        """The form of every quantizer (``uniform`` or ``log2``; weights are uniform)."""
+        return {n: form_of(q) for n, q in self._quantizers.items()}
 
     def weight_module(self, name: str) -> nn.Module:
         """The Conv/Linear layer whose weight the quantizer ``name`` (``<module>:weight``) quantizes."""

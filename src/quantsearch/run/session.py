@@ -24,7 +24,7 @@ from ..search.costs import CostModel, get_costs, profile_model
 from ..search.evaluator import Evaluator, NumericalError
 from ..sources.data import Preprocessing, Splits, data_loader, load_dataset, split_dataset
 from ..sources.models import create_model, model_preprocessing
-from .settings import ExploreConfig
+from .settings import ConfigError, ExploreConfig
 
 __all__ = ["Session", "build_session", "resolve_predicate", "search_genes", "BASELINES", "calibration_bits"]
 
@@ -206,8 +206,11 @@ def build_session(config: ExploreConfig, *, calibrate: bool = True, calibration:
     splits = split_dataset(dataset, config.calibration_samples, config.eval_samples, config.holdout_samples,
                            seed=config.seed, validation=config.validation_samples)
     predicate = resolve_predicate(config.predicate, model)
-    qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input,
-                                       weight_quantizers=weight_quantizers).to(device)
+    try:
+        qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input,
+                                           weight_quantizers=weight_quantizers, forms=config.quant_forms).to(device)
+    except ValueError as exc:  # a quant-forms glob that matches no quantizer of this model
+        raise ConfigError(str(exc)) from None
     if not [n for n in qmodel.activation_names if n != INPUT_QUANTIZER]:
         raise ValueError(f"predicate {predicate!r} selects no module of {config.model}")
     session = Session(config, model, preprocessing, pretrained, splits, predicate, qmodel, device)

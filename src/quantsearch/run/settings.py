@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..quantize.limits import MAX_BITS, MIN_BITS
+from ..quantize.limits import MAX_BITS, MIN_BITS, check_forms
 from ..search.names import ALGORITHM_NAMES, SENSITIVITY_NAMES
 
 __all__ = ["ConfigError", "ExploreConfig", "parse_bits", "load_yaml", "SEARCH_SPACES", "ALGORITHM_NAMES"]
@@ -48,6 +48,7 @@ class ExploreConfig:
     calib_percentile: float = 99.99
     calib_momentum: float = 0.95
     calib_overrides: dict | None = None
+    quant_forms: dict | None = None  # {quantizer-name glob: form}: uniform (default) or log2; first match wins
     calibration: str | None = None
     eval_samples: int = 3000
     holdout_samples: int | None = None
@@ -170,6 +171,10 @@ class ExploreConfig:
             raise ConfigError(f"calibration file {self.calibration} does not exist")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        try:
+            check_forms(self.quant_forms)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.calib_overrides is not None and not isinstance(self.calib_overrides, dict):
             raise ConfigError(f"calib-overrides must map quantizer-name globs to methods, "
                               f"got {type(self.calib_overrides).__name__}")

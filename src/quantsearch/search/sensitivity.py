@@ -246,18 +246,10 @@ GRADIENT_PASSES = 3  # a forward and a backward pass cost about three forward pa
 
 
 def _fake_quant(x, amax, bits: int, unsigned: bool):
-    """Symmetric narrow-range (or unsigned) fake quantization, as the quantizers do it (``amax`` a number or a
-    tensor that broadcasts, per channel); a channel whose amax is 0 stays 0."""
-    import torch
+    """Uniform fake quantization (see :func:`quantsearch.quantize.forms.uniform_fake_quant`)."""
+    from ..quantize.forms import uniform_fake_quant
 
-    bound = 2.0 ** (bits - 1 + int(unsigned)) - 1.0
-    low = 0.0 if unsigned else -bound
-    if not isinstance(amax, torch.Tensor):
-        scale = bound / float(amax)
-        return torch.clamp(torch.round(x * scale), low, bound) / scale
-    amax = amax.to(dtype=x.dtype, device=x.device)
-    scale = bound / torch.where(amax > 0, amax, torch.ones_like(amax))
-    return torch.where(amax > 0, torch.clamp(torch.round(x * scale), low, bound) / scale, torch.zeros_like(x))
+    return uniform_fake_quant(x, amax, bits, unsigned)
 
 
 def gradient_scores(qmodel, batches, genes, ranges) -> dict[str, dict[int, float]]:
@@ -267,14 +259,15 @@ def gradient_scores(qmodel, batches, genes, ranges) -> dict[str, dict[int, float
     quantizer perturbs a tensor ``y`` by ``dy`` (its quantization error; for a weight, the layer output's change
     ``F(x, Q(W) - W)``), and the cross-entropy loss ``L`` grows by about ``1/2 sum_i (dL/dy_i dy_i)^2`` per sample.
     One forward and backward pass per batch (labels: the batch's own, or the FP32 top-1 where there are none), then
-    one pass of each weight layer per width; activations use each width's calibrated amax and signedness.
+    one pass of each weight layer per width; activations use each width's calibrated amax, signedness and form.
     """
     import torch
     import torch.nn.functional as F
 
+    from ..quantize.forms import fake_quantize
     from ..quantize.quantized_model import amax_for_bits
 
-    genes, weights = list(genes), set(qmodel.weight_names)
+    genes, weights, forms = list(genes), set(qmodel.weight_names), qmodel.forms
     scores = {g: {b: 0.0 for b in range(lo, hi + 1)} for g, (lo, hi) in zip(genes, ranges)}
     amax, unsigned = qmodel.amax, qmodel.unsigned
     captured: dict[str, tuple] = {}
@@ -314,7 +307,7 @@ def gradient_scores(qmodel, batches, genes, ranges) -> dict[str, dict[int, float
                             else:
                                 a = output.detach()
                                 table = qmodel.amax_table.get(g) or {b: amax[g]}
-                                change = _fake_quant(a, amax_for_bits(table, b), b, unsigned[g]) - a
+                                change = fake_quantize(forms[g], a, amax_for_bits(table, b), b, unsigned[g]) - a
                             scores[g][b] += 0.5 * float(((grad * change) ** 2).sum())
                 samples += len(x)
     finally:

@@ -33,6 +33,7 @@ class QuantizerCalibration:
     min: float
     absmax: float
     options: Mapping[str, float] = field(default_factory=dict)
+    form: str = "uniform"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class Calibration:
     @property
     def unsigned(self) -> dict[str, bool]:
         return {n: q.unsigned for n, q in self.quantizers.items()}
+
+    @property
+    def forms(self) -> dict[str, str]:
+        return {n: q.form for n, q in self.quantizers.items()}
 
     @property
     def methods(self) -> dict[str, str]:
@@ -72,6 +77,11 @@ class Calibration:
             b = names[i] if i < len(names) else "nothing"
             raise CalibrationError(f"{source} does not fit the model's quantizers: #{i} is {a!r} in the file but "
                                    f"{b!r} in the model")
+        forms = qmodel.forms
+        other = next((n for n in names if forms[n] != self.forms[n]), None)
+        if other is not None:
+            raise CalibrationError(f"{source} calibrated quantizer {other!r} for the {self.forms[other]} form, the "
+                                   f"run gives it the {forms[other]} form: recalibrate with the run's quant-forms")
         weights = fingerprint_model(qmodel.model)
         if weights != self.fingerprint.get("weights"):
             raise CalibrationError(f"{source} was made for other model weights (fingerprint "
@@ -90,7 +100,7 @@ class Calibration:
         return {
             "format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
             "fingerprint": dict(self.fingerprint), "bits": list(self.bits), "settings": dict(self.settings),
-            "quantizers": {n: {"method": q.method, **dict(q.options), "unsigned": q.unsigned,
+            "quantizers": {n: {"method": q.method, **dict(q.options), "form": q.form, "unsigned": q.unsigned,
                                "min": q.min, "absmax": q.absmax,
                                "amax": {str(b): v for b, v in sorted(q.amax.items())}}
                            for n, q in self.quantizers.items()},
@@ -109,7 +119,8 @@ class Calibration:
                 raise CalibrationError(f"{source}: quantizer {name!r} has amax for bits {sorted(amax)}, "
                                        f"not {lo}..{hi}")
             options = {k: q[k] for k in ("percentile", "momentum") if k in q}
-            quantizers[name] = QuantizerCalibration(q["method"], q["unsigned"], amax, q["min"], q["absmax"], options)
+            quantizers[name] = QuantizerCalibration(q["method"], q["unsigned"], amax, q["min"], q["absmax"], options,
+                                                    q.get("form", "uniform"))
         return cls(quantizers, (lo, hi), payload["fingerprint"], payload.get("settings", {}))
 
     def save(self, path: str | Path) -> Path:

@@ -48,6 +48,8 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
             globs to other methods (:func:`resolve_methods`).
         bits: inclusive bit-width range of the amax table (a width outside it takes the nearest width's amax).
         detect_unsigned: give quantizers whose calibration data is never negative the unsigned range.
+
+    A log2 quantizer takes the calibration maximum at every width (method ``max``) whatever the method says.
     """
     activations = qmodel.activation_names
     specs = resolve_methods(activations, MethodSpec(method, percentile, momentum).validated(), overrides)
@@ -56,6 +58,7 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
         raise CalibrationError(f"calibration bits {lo}:{hi} must satisfy {MIN_BITS} <= LO <= HI <= {MAX_BITS}")
     # weight quantizers keep their per-channel max|w| and are off meanwhile: the pass sees the FP32 model
     quantizers = [(n, qmodel.quantizer(n)) for n in activations]
+    forms = qmodel.forms
     weight_quantizers = [qmodel.quantizer(n) for n in qmodel.weight_names]
     weights_were_disabled = [q._disabled for q in weight_quantizers]
     for q in weight_quantizers:
@@ -101,7 +104,14 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
         if not math.isfinite(s.absmax) or s.absmax <= 0:
             raise CalibrationError(f"quantizer {name!r} has amax {s.absmax}: it cannot quantize (zero or "
                                    "non-finite calibration data)")
-        unsigned = bool(detect_unsigned and s.min >= 0)
+        form = forms[name]
+        if form == "log2":  # its top power is the largest value seen: clipping the largest costs most
+            if s.min < 0:
+                raise CalibrationError(f"quantizer {name!r} has the log2 form but saw negative values (min "
+                                       f"{s.min:.4g}): log2 suits non-negative tensors such as attention "
+                                       "probabilities; give it the uniform form")
+            spec = MethodSpec("max")
+        unsigned = bool(detect_unsigned and s.min >= 0) or form == "log2"
         if spec.method in PER_BIT_METHODS:
             amax = {b: s.amax(spec, b, unsigned) for b in range(lo, hi + 1)}
         else:
@@ -112,7 +122,7 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
                 raise CalibrationError(f"quantizer {name!r} got amax {v} at {b} bits from {spec.method}: "
                                        "it cannot quantize")
         options = {k: v for k, v in spec.to_dict().items() if k != "method"}
-        result[name] = QuantizerCalibration(spec.method, unsigned, amax, s.min, s.absmax, options)
+        result[name] = QuantizerCalibration(spec.method, unsigned, amax, s.min, s.absmax, options, form)
     settings = {"method": method, "percentile": percentile, "momentum": momentum,
                 "overrides": {str(k): v for k, v in (overrides or {}).items()}, "detect_unsigned": detect_unsigned,
                 "num_bins": num_bins, "samples": data.samples}

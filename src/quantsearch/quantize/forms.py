@@ -1,0 +1,92 @@
+"""Quantizer forms: the grid a quantizer rounds to, one ``TensorQuantizer`` subclass per form.
+
+- ``uniform``: pytorch-quantization's own grid (symmetric narrow range, or unsigned [0, amax]), through
+  :class:`~quantsearch.quantize.fakequant.FastTensorQuantizer`, bit-identical to ``TensorQuantizer``.
+- ``log2`` (FQ-ViT's log2 quantizer, for attention probabilities and other non-negative tensors with most mass
+  near zero): ``b`` bits hold the powers ``amax * 2^-k`` for ``k = 0 .. 2^b - 2`` plus an exact zero.
+  A value rounds to the nearest power in the log domain (``k = round(-log2(x / amax))``); one below the
+  smallest power, zero or negative becomes 0, and one above amax saturates at amax. Its amax is the calibration
+  maximum at every width (clipping the largest probabilities costs most).
+
+Cost: a ``b``-bit log2 code multiplies as a ``b``-bit shift, so BOPs and sizes count it as ``b`` bits, like a
+uniform code; deployment as ONNX Q/DQ has no log grid, so export refuses it (by name).
+
+Forms are chosen per quantizer by name glob (``quant-forms`` in settings); :func:`resolve_forms` matches them.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Mapping
+
+import torch
+
+from .fakequant import FastTensorQuantizer
+from .limits import DEFAULT_FORM, FORMS
+
+__all__ = ["FORMS", "Log2TensorQuantizer", "QUANTIZER_CLASSES", "fake_quantize", "log2_fake_quant",
+           "uniform_fake_quant", "resolve_forms", "form_of"]
+
+
+def uniform_fake_quant(x: torch.Tensor, amax, bits: int, unsigned: bool) -> torch.Tensor:
+    """Symmetric narrow-range (or unsigned) fake quantization, as the uniform quantizers do it (``amax`` a number
+    or a tensor that broadcasts, per channel); a channel whose amax is 0 stays 0."""
+    bound = 2.0 ** (bits - 1 + int(unsigned)) - 1.0
+    low = 0.0 if unsigned else -bound
+    if not isinstance(amax, torch.Tensor):
+        scale = bound / float(amax)
+        return torch.clamp(torch.round(x * scale), low, bound) / scale
+    amax = amax.to(dtype=x.dtype, device=x.device)
+    scale = bound / torch.where(amax > 0, amax, torch.ones_like(amax))
+    return torch.where(amax > 0, torch.clamp(torch.round(x * scale), low, bound) / scale, torch.zeros_like(x))
+
+
+def log2_fake_quant(x: torch.Tensor, amax, bits: int) -> torch.Tensor:
+    """``x`` rounded to ``{0} U {amax * 2^-k : k = 0 .. 2^b - 2}`` (nearest in the log domain)."""
+    deepest = 2.0 ** bits - 2.0
+    exponent = (x / amax).clamp_(min=0.0).log2_().neg_().round_()  # +inf where x <= 0
+    zero = exponent > deepest
+    out = exponent.clamp_(min=0.0).neg_().exp2_().mul_(amax)
+    return out.masked_fill_(zero, 0.0)
+
+
+def fake_quantize(form: str, x: torch.Tensor, amax, bits: int, unsigned: bool) -> torch.Tensor:
+    """What a quantizer of ``form`` makes of ``x`` at ``bits`` (for estimates that do not run the model)."""
+    if form == "log2":
+        return log2_fake_quant(x.clone(), amax, bits)
+    return uniform_fake_quant(x, amax, bits, unsigned)
+
+
+class Log2TensorQuantizer(FastTensorQuantizer):
+    """A ``TensorQuantizer`` on the log2 grid: the same module, switches, calibration hooks and amax buffer."""
+
+    form = "log2"
+
+    def _quant_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        amax = getattr(self, "_amax", None)
+        if amax is None:
+            raise RuntimeError("a log2 quantizer needs amax: calibrate it first")
+        return log2_fake_quant(inputs.float().clone() if inputs.dtype != torch.float32 else inputs.clone(),
+                               amax, self._num_bits).to(inputs.dtype)
+
+
+QUANTIZER_CLASSES = {"uniform": FastTensorQuantizer, "log2": Log2TensorQuantizer}
+assert tuple(QUANTIZER_CLASSES) == FORMS
+
+
+def form_of(quantizer) -> str:
+    """The form of a quantizer module (plain ``TensorQuantizer``: uniform)."""
+    return getattr(quantizer, "form", DEFAULT_FORM)
+
+
+def resolve_forms(names: Iterable[str], globs: Mapping[str, str] | None, where: str = "quant-forms") -> dict[str, str]:
+    """The form of every quantizer in ``names``: the first glob that matches it, else uniform.
+
+    A glob that matches none of ``names`` is refused (a typo would otherwise pass silently)."""
+    names = list(names)
+    rules = list((globs or {}).items())
+    for glob, form in rules:
+        if form not in FORMS:
+            raise ValueError(f"{where}[{glob!r}]: unknown form {form!r}; choose from {', '.join(FORMS)}")
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            raise ValueError(f"{where}[{glob!r}] matches no activation quantizer (they look like {names[-1]!r})")
+    return {n: next((f for g, f in rules if fnmatch.fnmatchcase(n, g)), DEFAULT_FORM) for n in names}

@@ -1,0 +1,163 @@
+"""Quantizer forms: the log2 grid by hand, through calibration, calibration files, bit-configs, explore, apply,
+resume and export."""
+import json
+
+import pytest
+import torch
+
+from quantsearch.cli.apply import main as apply_main
+from quantsearch.cli.explore import main as explore_main
+from quantsearch.deploy.bitconfig import BitConfig, BitConfigError, apply_bitconfig
+from quantsearch.quantize.calib import Calibration, CalibrationError
+from quantsearch.quantize.forms import Log2TensorQuantizer, fake_quantize, log2_fake_quant, resolve_forms
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel
+from quantsearch.run.settings import ConfigError, ExploreConfig
+from quantsearch.sources.models import create_demo_vit
+
+ATTENTION = "*.attn_drop"
+
+
+def test_log2_grid_by_hand():
+    """3 bits: the powers 1, 1/2, ..., 1/64 (k = 0..6) and 0; rounding is to the nearest exponent."""
+    x = torch.tensor([1.0, 0.75, 0.7, 0.5, 0.3, 0.02, 0.01, 0.0, -0.2, 1.5, 0.012])
+    # -log2: 0, .415, .515, 1, 1.74, 5.64, 6.64, inf, nan->inf, -.58, 6.38
+    expected = torch.tensor([1.0, 1.0, 0.5, 0.5, 0.25, 1 / 64, 0.0, 0.0, 0.0, 1.0, 1 / 64])
+    assert torch.equal(log2_fake_quant(x.clone(), torch.tensor(1.0), 3), expected)
+    # amax scales the grid; 2 bits keep 1, 1/2, 1/4 and 0
+    assert torch.equal(log2_fake_quant(torch.tensor([2.0, 1.1, 0.45, 0.2]), torch.tensor(2.0), 2),
+                       torch.tensor([2.0, 1.0, 0.5, 0.0]))
+    assert torch.equal(fake_quantize("log2", x, torch.tensor(1.0), 3, True), expected)  # x is left as it was
+    assert x[1] == 0.75
+
+
+def test_forms_by_glob_and_refusals():
+    names = ["input", "blocks.0.attn.attn_drop", "blocks.0.attn.qkv", "blocks.1.attn.attn_drop"]
+    assert resolve_forms(names, {"blocks.1.*": "uniform", ATTENTION: "log2"}) == {
+        "input": "uniform", "blocks.0.attn.attn_drop": "log2", "blocks.0.attn.qkv": "uniform",
+        "blocks.1.attn.attn_drop": "uniform"}  # the first glob that matches wins
+    with pytest.raises(ValueError, match="matches no activation quantizer"):
+        resolve_forms(names, {"*.atn_drop": "log2"})
+    with pytest.raises(ConfigError, match="unknown form 'log3'"):
+        ExploreConfig(quant_forms={ATTENTION: "log3"}).validate()
+    with pytest.raises(ConfigError, match="must map quantizer-name globs"):
+        ExploreConfig(quant_forms=["log2"]).validate()
+
+
+@pytest.fixture(scope="module")
+def calibrated(fashion_splits_small):
+    model = create_demo_vit()
+    qmodel = QuantizedActivationsModel(model, "vit", weight_quantizers=True, forms={ATTENTION: "log2"})
+    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
+    qmodel.calibrate(loader, 2, method="mse", bits=(2, 8))
+    return qmodel, loader
+
+
+@pytest.fixture(scope="module")
+def fashion_splits_small():
+    from quantsearch.sources.data import load_fashion_mnist, split_dataset
+
+    return split_dataset(load_fashion_mnist(), calibration=200, search=300, holdout=300, seed=0)
+
+
+def test_log2_quantizers_calibrate_to_their_maximum_and_run_their_grid(calibrated):
+    qmodel, loader = calibrated
+    attention = [n for n, f in qmodel.forms.items() if f == "log2"]
+    assert attention == [f"blocks.{i}.attn.attn_drop" for i in range(4)]
+    assert all(isinstance(qmodel.quantizer(n), Log2TensorQuantizer) for n in attention)
+    x = next(iter(loader))[0]
+    seen = {}
+
+    def keep(name):
+        def hook(_module, args, out):
+            seen[name] = (args[0].clone(), out.clone())
+        return hook
+
+    handles = [qmodel.quantizer(n).register_forward_hook(keep(n)) for n in attention]
+    qmodel.bit_widths = {n: 4 for n in attention}
+    try:
+        with torch.no_grad():
+            qmodel(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for n in attention:
+        inputs, out = seen[n]
+        table = qmodel.amax_table[n]
+        assert len(set(table.values())) == 1  # the same maximum at every width, whatever the method
+        amax = table[4]
+        assert 0.5 < amax <= 1.0 and qmodel.unsigned[n]  # softmax probabilities
+        assert torch.equal(out, log2_fake_quant(inputs.clone(), torch.tensor(amax), 4))
+        nonzero = out[out > 0] / amax
+        assert torch.equal(nonzero, torch.exp2(torch.round(torch.log2(nonzero))))  # powers of two only
+        assert float(nonzero.min()) >= 2.0 ** -14
+
+
+def test_calibration_file_keeps_forms_and_refuses_another(calibrated, tmp_path, fashion_splits_small):
+    from quantsearch.quantize.calib import calibrate
+
+    qmodel, loader = calibrated
+    calibration = calibrate(qmodel, loader, 2, "mse", bits=(2, 8))
+    path = calibration.save(tmp_path / "cal.json")
+    loaded = Calibration.load(path)
+    assert loaded.forms == {n: qmodel.forms[n] for n in qmodel.activation_names}
+    assert list(loaded.forms.values()).count("log2") == 4
+    assert loaded.methods["blocks.0.attn.attn_drop"] == "max" and loaded.methods["blocks.0.attn.qkv"] == "mse"
+    loaded.check_fits(qmodel)
+    uniform = QuantizedActivationsModel(qmodel.model, "vit", weight_quantizers=True)
+    try:
+        with pytest.raises(CalibrationError, match="'blocks.0.attn.attn_drop' for the log2 form"):
+            loaded.check_fits(uniform)
+    finally:
+        uniform.remove()
+
+
+def test_log2_refuses_signed_data(fashion_splits_small):
+    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", forms={"*.norm1": "log2"})
+    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
+    with pytest.raises(CalibrationError, match="'blocks.0.norm1' has the log2 form but saw negative values"):
+        qmodel.calibrate(loader, 1, method="mse")
+
+
+def test_bitconfig_round_trip_reproduces_log2_outputs(calibrated):
+    qmodel, loader = calibrated
+    x = next(iter(loader))[0]
+    qmodel.bit_widths = {n: (3 if n.endswith("attn_drop") else 6) for n in qmodel.quantizer_names}
+    config = BitConfig.from_model(qmodel, {"name": "fashion-vit", "predicate": "vit", "quantize_input": True,
+                                           "weight_quantizers": True}, example=x[:2])
+    payload = json.loads(config.to_json())
+    assert payload["quantizers"]["blocks.2.attn.attn_drop"]["form"] == "log2"
+    assert "form" not in payload["quantizers"]["blocks.2.attn.qkv"]
+    with torch.no_grad():
+        expected = qmodel(x)
+    fresh = create_demo_vit()
+    again = apply_bitconfig(fresh, payload, example=x[:2])
+    with torch.no_grad():
+        assert torch.equal(again(x), expected)
+    wrong = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True)
+    with pytest.raises(BitConfigError, match="'blocks.0.attn.attn_drop' has the log2 form in the bit-config but "
+                                             "uniform in the model"):
+        BitConfig.from_dict(payload).apply(wrong)
+
+
+SMALL = ["--pop-size", "4", "--generations", "1", "--eval-samples", "300", "--holdout-samples", "300",
+         "--calib-batches", "1", "--no-progress", "--log-level", "WARNING"]
+
+
+def test_explore_apply_resume_and_export_with_log2(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert explore_main([*SMALL, "--quant-form", f"{ATTENTION}=log2", "--out", str(out)]) == 0
+    point = sorted((out / "pareto").glob("*.json"))[0]
+    bitconfig = BitConfig.load(point)
+    assert bitconfig.settings["quant_forms"] == {ATTENTION: "log2"}
+    assert sum(f == "log2" for f in bitconfig.forms.values()) == 4
+    capsys.readouterr()
+    assert apply_main([str(point), "--check"]) == 0  # rebuilt with the recorded forms: identical
+    assert capsys.readouterr().out.count("identical") >= 3
+    from quantsearch.run.pipeline import resume_config
+
+    assert resume_config(out).quant_forms == {ATTENTION: "log2"}
+    assert apply_main([str(point), "--export", str(tmp_path / "p.onnx")]) == 2
+    assert "has the log2 form: ONNX Q/DQ holds uniform grids only" in capsys.readouterr().err
+    assert explore_main(["--resume", str(out), "--quant-form", "*=log2"]) == 2
+    assert explore_main([*SMALL, "--quant-form", "no-equals-sign", "--out", str(tmp_path / "r2")]) == 2
+    assert "--quant-form takes GLOB=FORM" in capsys.readouterr().err
