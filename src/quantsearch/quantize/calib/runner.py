@@ -58,7 +58,6 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
         raise CalibrationError(f"calibration bits {lo}:{hi} must satisfy {MIN_BITS} <= LO <= HI <= {MAX_BITS}")
     # weight quantizers keep their per-channel max|w| and are off meanwhile: the pass sees the FP32 model
     quantizers = [(n, qmodel.quantizer(n)) for n in activations]
-    forms = qmodel.forms
     weight_quantizers = [qmodel.quantizer(n) for n in qmodel.weight_names]
     weights_were_disabled = [q._disabled for q in weight_quantizers]
     for q in weight_quantizers:
@@ -93,42 +92,47 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     if data.samples == 0:
         raise CalibrationError("calibration saw no batch: the calibration data is empty")
 
-    result = {}
-    for name, _ in quantizers:
-        s, spec = stats[name], specs[name]
-        if s.nonfinite:
-            raise CalibrationError(f"quantizer {name!r} saw NaN or Inf in {s.nonfinite} calibration batch(es): it "
-                                   "cannot quantize (non-finite calibration data, made by the model before it)")
-        if s.batches == 0:
-            raise CalibrationError(f"quantizer {name!r} saw no tensor during calibration (is its module used?)")
-        if not math.isfinite(s.absmax) or s.absmax <= 0:
-            raise CalibrationError(f"quantizer {name!r} has amax {s.absmax}: it cannot quantize (zero or "
-                                   "non-finite calibration data)")
-        form = forms[name]
-        if form == "log2":  # its top power is the largest value seen: clipping the largest costs most
-            if s.min < 0:
-                raise CalibrationError(f"quantizer {name!r} has the log2 form but saw negative values (min "
-                                       f"{s.min:.4g}): log2 suits non-negative tensors such as attention "
-                                       "probabilities; give it the uniform form")
-            spec = MethodSpec("max")
-        unsigned = bool(detect_unsigned and s.min >= 0) or form == "log2"
-        if spec.method in PER_BIT_METHODS:
-            amax = {b: s.amax(spec, b, unsigned) for b in range(lo, hi + 1)}
-        else:
-            value = s.amax(spec, hi, unsigned)
-            amax = {b: value for b in range(lo, hi + 1)}
-        for b, v in amax.items():
-            if not math.isfinite(v) or v <= 0:
-                raise CalibrationError(f"quantizer {name!r} got amax {v} at {b} bits from {spec.method}: "
-                                       "it cannot quantize")
-        options = {k: v for k, v in spec.to_dict().items() if k != "method"}
-        result[name] = QuantizerCalibration(spec.method, unsigned, amax, s.min, s.absmax, options, form)
+    forms = qmodel.forms
+    result = {name: _quantizer_calibration(name, stats[name], specs[name], forms[name], (lo, hi), detect_unsigned)
+              for name, _ in quantizers}
     settings = {"method": method, "percentile": percentile, "momentum": momentum,
                 "overrides": {str(k): v for k, v in (overrides or {}).items()}, "detect_unsigned": detect_unsigned,
                 "num_bins": num_bins, "samples": data.samples}
     calibration = Calibration(result, (lo, hi), {"weights": weights, "data": data.hexdigest()}, settings)
     calibration.apply(qmodel)
     return calibration
+
+
+def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, form: str, bits: tuple[int, int],
+                           detect_unsigned: bool) -> QuantizerCalibration:
+    """One quantizer's calibration from its statistics, or one line saying why it cannot quantize."""
+    lo, hi = bits
+    if s.nonfinite:
+        raise CalibrationError(f"quantizer {name!r} saw NaN or Inf in {s.nonfinite} calibration batch(es): it "
+                               "cannot quantize (non-finite calibration data, made by the model before it)")
+    if s.batches == 0:
+        raise CalibrationError(f"quantizer {name!r} saw no tensor during calibration (is its module used?)")
+    if not math.isfinite(s.absmax) or s.absmax <= 0:
+        raise CalibrationError(f"quantizer {name!r} has amax {s.absmax}: it cannot quantize (zero or "
+                               "non-finite calibration data)")
+    if form == "log2":  # its top power is the largest value seen: clipping the largest costs most
+        if s.min < 0:
+            raise CalibrationError(f"quantizer {name!r} has the log2 form but saw negative values (min "
+                                   f"{s.min:.4g}): log2 suits non-negative tensors such as attention "
+                                   "probabilities; give it the uniform form")
+        spec = MethodSpec("max")
+    unsigned = bool(detect_unsigned and s.min >= 0) or form == "log2"
+    if spec.method in PER_BIT_METHODS:
+        amax = {b: s.amax(spec, b, unsigned) for b in range(lo, hi + 1)}
+    else:
+        value = s.amax(spec, hi, unsigned)
+        amax = {b: value for b in range(lo, hi + 1)}
+    for b, v in amax.items():
+        if not math.isfinite(v) or v <= 0:
+            raise CalibrationError(f"quantizer {name!r} got amax {v} at {b} bits from {spec.method}: "
+                                   "it cannot quantize")
+    options = {k: v for k, v in spec.to_dict().items() if k != "method"}
+    return QuantizerCalibration(spec.method, unsigned, amax, s.min, s.absmax, options, form)
 
 
 def calibrate_max(qmodel, batches: Iterable, num_batches: int | None = None) -> dict[str, float]:
