@@ -15,6 +15,8 @@ import argparse
 import logging
 import sys
 
+from . import run_command
+
 OVERRIDES = ("model", "checkpoint", "dataset", "metric", "eval_samples", "holdout_samples", "batch_size", "seed",
              "device", "calib_batches", "channels_last")
 
@@ -204,6 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from . import run_command
-
     run_command(main)

@@ -129,8 +129,8 @@ def config_from_args(args: argparse.Namespace) -> ExploreConfig:
         base = ExploreConfig.from_mapping(load_yaml(args.config), source=args.config)
     flags = {k: v for k, v in vars(args).items() if k in ExploreConfig.keys()}
     if args.quant_form:
-        flags["quant_forms"] = parse_forms(args.quant_form) | {k: v for k, v in (base.quant_forms or {}).items()
-                                                              if k not in parse_forms(args.quant_form)}
+        given = parse_forms(args.quant_form)  # before the YAML's: the first glob that matches wins
+        flags["quant_forms"] = given | {k: v for k, v in (base.quant_forms or {}).items() if k not in given}
     if args.min_accuracy is not None:  # a flag floor replaces a YAML floor of the other kind
         flags["max_accuracy_drop"] = base.max_accuracy_drop
     config = base.merged(flags).validate()

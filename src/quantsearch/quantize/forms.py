@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 import torch
 
 from .fakequant import FastTensorQuantizer
-from .limits import DEFAULT_FORM, FORMS
+from .limits import DEFAULT_FORM, FORMS, check_forms
 
 __all__ = ["FORMS", "Log2TensorQuantizer", "QUANTIZER_CLASSES", "fake_quantize", "log2_fake_quant",
            "uniform_fake_quant", "resolve_forms", "form_of"]
@@ -41,7 +41,8 @@ def uniform_fake_quant(x: torch.Tensor, amax, bits: int, unsigned: bool) -> torc
 
 
 def log2_fake_quant(x: torch.Tensor, amax, bits: int) -> torch.Tensor:
-    """``x`` rounded to ``{0} U {amax * 2^-k : k = 0 .. 2^b - 2}`` (nearest in the log domain)."""
+    """``x`` rounded to ``{0} U {amax * 2^-k : k = 0 .. 2^b - 2}`` (nearest in the log domain); ``x`` is left as
+    it was (the in-place steps work on the fresh ``x / amax``)."""
     deepest = 2.0 ** bits - 2.0
     exponent = (x / amax).clamp_(min=0.0).log2_().neg_().round_()  # +inf where x <= 0
     zero = exponent > deepest
@@ -52,7 +53,7 @@ def log2_fake_quant(x: torch.Tensor, amax, bits: int) -> torch.Tensor:
 def fake_quantize(form: str, x: torch.Tensor, amax, bits: int, unsigned: bool) -> torch.Tensor:
     """What a quantizer of ``form`` makes of ``x`` at ``bits`` (for estimates that do not run the model)."""
     if form == "log2":
-        return log2_fake_quant(x.clone(), amax, bits)
+        return log2_fake_quant(x, amax, bits)
     return uniform_fake_quant(x, amax, bits, unsigned)
 
 
@@ -65,8 +66,7 @@ class Log2TensorQuantizer(FastTensorQuantizer):
         amax = getattr(self, "_amax", None)
         if amax is None:
             raise RuntimeError("a log2 quantizer needs amax: calibrate it first")
-        return log2_fake_quant(inputs.float().clone() if inputs.dtype != torch.float32 else inputs.clone(),
-                               amax, self._num_bits).to(inputs.dtype)
+        return log2_fake_quant(inputs.float(), amax, self._num_bits).to(inputs.dtype)
 
 
 QUANTIZER_CLASSES = {"uniform": FastTensorQuantizer, "log2": Log2TensorQuantizer}
@@ -83,10 +83,8 @@ def resolve_forms(names: Iterable[str], globs: Mapping[str, str] | None, where: 
 
     A glob that matches none of ``names`` is refused (a typo would otherwise pass silently)."""
     names = list(names)
-    rules = list((globs or {}).items())
+    rules = list(check_forms(globs, where).items())
     for glob, form in rules:
-        if form not in FORMS:
-            raise ValueError(f"{where}[{glob!r}]: unknown form {form!r}; choose from {', '.join(FORMS)}")
         if not any(fnmatch.fnmatchcase(n, glob) for n in names):
             raise ValueError(f"{where}[{glob!r}] matches no activation quantizer (they look like {names[-1]!r})")
     return {n: next((f for g, f in rules if fnmatch.fnmatchcase(n, g)), DEFAULT_FORM) for n in names}
