@@ -244,6 +244,37 @@ def test_early_rejection_stops_bad_candidates_and_never_changes_good_ones(demo_v
     assert e.status == "rejected" and e.extra["samples"] == raised.value.samples and not problem.is_feasible(e)
 
 
+def test_racing_stops_a_candidate_that_a_cheaper_point_beats_and_races_each_batch_alike(demo_vit, splits):
+    """Racing: the bar is the best point of the space that costs no more; a candidate clearly below it stops
+    part-way as ``dominated`` (kept feasible by its partial accuracy, never on the front); within a batch every
+    candidate races against the points known when the batch began."""
+    from quantsearch.search.front import pareto_front
+
+    qmodel = QuantizedActivationsModel(demo_vit, "vit")
+    qmodel.calibrate([(splits.calibration[i][0].unsqueeze(0), 0) for i in range(64)], method="max", bits=(2, 8))
+    evaluate = AccuracyEvaluator(splits.search, 100, limit=800)
+    n = len(qmodel)
+    problem = LayerwiseQuantizationProblem(qmodel, evaluate, 0.0, bits=(2, 8), racing=True)
+    evaluate.reject_below(0.0)  # a floor nothing falls below: any stop is the race's
+    cheap = problem.evaluate_bits([5] * n)
+    assert cheap.status == "ok" and problem.race_bar(problem.configuration([8] * n)) == cheap.accuracy
+    assert problem.race_bar(problem.configuration([4] * n)) is None  # nothing costs no more than all-4
+    worse = [6] * n  # all-6 but the patch embedding's output at 2 bits: costs more than all-5, scores far worse
+    worse[1] = 2
+    assert problem.race_bar(problem.configuration(worse)) == cheap.accuracy
+    bad = problem.evaluate_bits(worse)
+    assert bad.status == "dominated" and bad.extra["samples"] < 800 and bad.accuracy < cheap.accuracy
+    assert "dominated after" in bad.message and problem.objectives(bad)[1][0] <= 0
+    assert pareto_front(problem.evaluations, 0.0) == [cheap]
+    good = problem.evaluate_bits([6] * n)  # costs more, scores at least as well: raced, but not stopped
+    assert good.status == "ok" and good.extra["samples"] == 800
+    with problem.batch():  # the batch began before all-5's cheaper rival: the bar stays what it was
+        before = problem.race_bar(problem.configuration([7] * n))
+        problem.evaluate_bits([4] * n)
+        assert problem.race_bar(problem.configuration([7] * n)) == before
+    assert problem.race_bar(problem.configuration([7] * n)) >= before
+
+
 # -- budgets -----------------------------------------------------------------------------------------------------
 def test_budget_evaluates_in_batches_that_fit_and_charges_other_work(qmodel, bops):
     problem = LayerwiseQuantizationProblem(qmodel, Separable(), 0.5, bits=(2, 6), costs=bops)

@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", help="how greedy, ilp and guided rate the genes: measured (single-gene "
                    "evaluations, AMP) or gradient (one backward pass, HAWQ/ModelOpt); default: measured for greedy, "
                    "gradient for ilp and guided")
-    p.add_argument("--early-reject", action="store_const", const=True,
-                   help="stop evaluating a candidate once it is below the floor with 99.9 %% confidence")
+    p.add_argument("--early-reject", nargs="?", const="floor", choices=("off", "floor", "front", "auto"),
+                   help="stop evaluating a candidate once it is below the floor (floor; the flag alone), or also once "
+                   "it cannot beat a cheaper point (front: racing), with 99.9 %% confidence; off; auto (default): "
+                   "front for metrics that count hits per image")
     p.add_argument("--pop-size", type=int, help=f"NSGA-II population (default {d.pop_size})")
     p.add_argument("--generations", type=int, help=f"NSGA-II generations (default {d.generations})")
     p.add_argument("--calib-batches", type=int, help=f"calibration batches (default {d.calib_batches})")
@@ -191,8 +193,9 @@ def print_report(run) -> None:
     search = run.search
     if search:
         rejection = search.get("early_rejection") or {}
-        saved = (f"; early rejection: {rejection['rejected']} rejected, {100 * rejection['fraction_saved']:.1f} % "
-                 f"of images saved" if rejection else "")
+        saved = (f"; early rejection ({rejection.get('mode', 'floor')}): {rejection['rejected']} below the floor, "
+                 f"{rejection.get('dominated', 0)} dominated, {100 * rejection['fraction_saved']:.1f} % of images "
+                 "saved" if rejection else "")
         print(f"\nSearch: {search['algorithm']}, {search['budget_spent']:.1f} of {search['budget']:.1f} full "
               f"evaluations spent{saved}")
     per, fp32_time = run.timings.get("mean_evaluation"), run.timings.get("fp32_search_evaluation")

@@ -44,9 +44,11 @@ class EvaluationWorker:
         import torch
 
         from ..quantize.calib import Calibration
+        from .allocator import keep_freed_memory
         from .session import build_session
         from .settings import ExploreConfig
 
+        keep_freed_memory()
         if threads:
             torch.set_num_threads(threads)
         session = build_session(ExploreConfig(**settings),
@@ -61,8 +63,8 @@ class EvaluationWorker:
     def ready(self) -> int:
         return os.getpid()
 
-    def measure(self, key: tuple[int, ...]) -> tuple[float, str, str, float, int | None]:
-        m = measure(self.qmodel, self.evaluate, key)
+    def measure(self, key: tuple[int, ...], bar: float | None = None) -> tuple[float, str, str, float, int | None]:
+        m = measure(self.qmodel, self.evaluate, key, bar)
         return m.accuracy, m.status, m.message, m.seconds, m.samples
 
 
@@ -118,7 +120,7 @@ class RayEvaluationPool:
         problem = f.problem
         keys = [problem.configuration(np.rint(np.asarray(x, dtype=float)).astype(int)) for x in X]
         todo = [k for k in dict.fromkeys(keys) if k not in problem.cache]
-        measured = self.map(todo)
+        measured = self.map(todo, [problem.race_bar(k) for k in todo])
         error = None
         for key in todo:  # population order, whatever order the workers finished in
             try:
@@ -129,9 +131,12 @@ class RayEvaluationPool:
             raise error
         return [f(x) for x in X]  # every configuration is in the cache now
 
-    def map(self, keys: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], Measurement]:
-        """Measure every configuration in ``keys`` on the pool (a free actor takes the next one)."""
+    def map(self, keys: Sequence[tuple[int, ...]],
+            bars: Sequence[float | None] | None = None) -> dict[tuple[int, ...], Measurement]:
+        """Measure every configuration in ``keys`` on the pool (a free actor takes the next one), each raced
+        against its entry in ``bars`` (see ``LayerwiseQuantizationProblem.race_bar``)."""
         ray = self.ray
+        bar_of = dict(zip(keys, bars or [None] * len(keys)))
         queue = deque(keys)
         idle = list(range(len(self.actors)))
         running: dict = {}
@@ -140,7 +145,7 @@ class RayEvaluationPool:
         while queue or running:
             while queue and idle:
                 slot, key = idle.pop(0), queue.popleft()
-                running[self.actors[slot].measure.remote(key)] = (slot, key)
+                running[self.actors[slot].measure.remote(key, bar_of[key])] = (slot, key)
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
                 slot, key = running.pop(ref)

@@ -22,6 +22,7 @@ from ..search.costs import COSTS
 from ..search.front import pareto_front
 from ..search.problem import Evaluation, LayerwiseQuantizationProblem
 from ..search.sampling import uniform_genomes
+from .allocator import keep_freed_memory
 from .outputs import write_outputs
 from .plots import plot_sensitivity_table
 from .record import RunRecord, read_record
@@ -187,8 +188,9 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
         with clock("baselines"):
             found["baselines"], seeds = evaluate_baselines(problem)
         with clock("search"):
-            if config.early_reject:  # after the baselines: their table reports full-split accuracies
+            if config.early_reject_mode != "off":  # after the baselines: their table reports full-split accuracies
                 session.evaluator("search").reject_below(bound.limit)
+                problem.racing = config.early_reject_mode == "front"
                 if pool is not None:
                     pool.reject_below(bound.limit)
             generation["now"] = 1
@@ -229,13 +231,15 @@ def _search_summary(config, session: Session, problem, budget, outcome) -> dict:
     search_eval = session.evaluator("search")
     total = search_eval.num_samples
     rejected = [e for e in problem.evaluations if e.status == "rejected"]
+    dominated = [e for e in problem.evaluations if e.status == "dominated"]
     images = sum(evaluation_cost(e, total) for e in problem.evaluations) * total
     summary = {"algorithm": config.algorithm, "budget": budget.limit, "budget_spent": budget.spent,
                "details": dict(outcome.details)}
-    if config.early_reject:
+    if config.early_reject_mode != "off":
         full = len(problem.evaluations) * total
         summary["early_rejection"] = {
-            "confidence": search_eval.early_rejection.confidence, "rejected": len(rejected),
+            "mode": config.early_reject_mode, "confidence": search_eval.early_rejection.confidence,
+            "rejected": len(rejected), "dominated": len(dominated),
             "evaluations": len(problem.evaluations), "images_run": int(round(images)),
             "images_saved": int(round(full - images)), "fraction_saved": (full - images) / full if full else 0.0,
             "bound": "exact hypergeometric p-value at doubling slices, union bound over the checks"}
@@ -295,9 +299,11 @@ def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
     ``resume=True`` continues the run already in ``config.out``: the search is replayed with the same seed and
     every configuration found in the store is read back, not evaluated again, so the front equals that of an
     uninterrupted run. ``stop_requested()`` is polled after each evaluation; when it turns true the run stops
-    with :class:`Interrupted`, leaving a resumable store.
+    with :class:`Interrupted`, leaving a resumable store. The process keeps freed activation buffers mapped
+    (see :mod:`~quantsearch.run.allocator`).
     """
     config.validate()
+    keep_freed_memory()
     run_dir = config.resolved_out()
     _check_directory(config, run_dir, resume)  # before anything is loaded: a mistyped --out costs a second
     return _run(config, run_dir, progress, resume, stop_requested)

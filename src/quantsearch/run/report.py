@@ -127,8 +127,9 @@ def _search_line(s: dict, summary: dict) -> str:
                      f"{details.get('screened', 0)} offspring screened out")
     rejection = search.get("early_rejection")
     if rejection:
-        parts.append(f"early rejection: {rejection['rejected']} rejected, "
-                     f"{100 * rejection['fraction_saved']:.1f} % of images saved")
+        parts.append(f"early rejection ({rejection.get('mode', 'floor')}): {rejection['rejected']} below the floor, "
+                     f"{rejection.get('dominated', 0)} dominated, {100 * rejection['fraction_saved']:.1f} % of "
+                     "images saved")
     return "; ".join(parts)
 
 

@@ -17,6 +17,9 @@ from ..search.names import ALGORITHM_NAMES, SENSITIVITY_NAMES
 __all__ = ["ConfigError", "ExploreConfig", "parse_bits", "load_yaml", "SEARCH_SPACES", "ALGORITHM_NAMES"]
 
 SEARCH_SPACES = ("activations", "weights", "both")
+# early rejection: off; floor (stop a candidate clearly below the floor); front (also race it against the cheaper
+# points: stop it once it clearly cannot enter the front); auto: front for metrics that count hits per image
+EARLY_REJECT_MODES = ("off", "floor", "front", "auto", False, True)
 
 
 class ConfigError(ValueError):
@@ -76,7 +79,7 @@ class ExploreConfig:
     # search algorithm, evaluation budget, early rejection (see search.py, budget.py, evaluation.py)
     algorithm: str = "guided"
     budget: float | None = None  # full evaluations, baselines included; None: baselines + pop x (gens + 1)
-    early_reject: bool = False
+    early_reject: bool | str = "auto"  # off/false, floor/true, front (racing), auto (front where hits are counted)
     sensitivity: str | None = None  # measured or gradient (None: the algorithm's own, see search.SENSITIVITY_DEFAULTS)
 
     @classmethod
@@ -110,6 +113,15 @@ class ExploreConfig:
         return parse_bits(self.weight_bits, "weight-bits")
 
     @property
+    def early_reject_mode(self) -> str:
+        """``off``, ``floor`` or ``front``: what ``early-reject`` (``auto``, ``true``, ``false`` too) comes to."""
+        mode = {False: "off", True: "floor"}.get(self.early_reject, self.early_reject) \
+            if isinstance(self.early_reject, bool) else self.early_reject
+        if mode == "auto":
+            return "front" if _is_fraction_metric(str(self.metric)) else "off"
+        return mode
+
+    @property
     def calibration_samples(self) -> int:
         return self.calib_batches * self.batch_size
 
@@ -138,9 +150,11 @@ class ExploreConfig:
             raise ConfigError(f"budget must be a positive number of full evaluations, got {self.budget!r}")
         if self.sensitivity is not None and self.sensitivity not in SENSITIVITY_NAMES:
             raise ConfigError(f"unknown sensitivity {self.sensitivity!r}; choose from {', '.join(SENSITIVITY_NAMES)}")
-        if not isinstance(self.early_reject, bool):
-            raise ConfigError(f"early-reject must be true or false, got {self.early_reject!r}")
-        if self.early_reject and not _is_fraction_metric(self.metric):
+        if self.early_reject not in EARLY_REJECT_MODES or isinstance(self.early_reject, (int, float)) \
+                and not isinstance(self.early_reject, bool):
+            raise ConfigError(f"early-reject must be one of off, floor, front, auto (or false/true), "
+                              f"got {self.early_reject!r}")
+        if self.early_reject_mode != "off" and not _is_fraction_metric(self.metric):
             raise ConfigError(f"early-reject needs a metric that counts hits per image (top-k, agreement), "
                               f"not {self.metric}")
         if not isinstance(self.validation_samples, int) or isinstance(self.validation_samples, bool) \

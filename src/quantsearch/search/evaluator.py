@@ -38,10 +38,12 @@ class EarlyRejected(Exception):
     :class:`EarlyRejection`).
     """
 
-    def __init__(self, accuracy: float, samples: int, total: int, p_value: float):
-        super().__init__(f"rejected after {samples} of {total} images: {100 * accuracy:.2f} % so far, below the "
-                         f"floor with p = {p_value:.2g}")
+    def __init__(self, accuracy: float, samples: int, total: int, p_value: float, bar: float | None = None):
+        below = "the floor" if bar is None else f"{100 * bar:.2f} %, what a point of its costs must beat"
+        super().__init__(f"{'rejected' if bar is None else 'dominated'} after {samples} of {total} images: "
+                         f"{100 * accuracy:.2f} % so far, below {below} with p = {p_value:.2g}")
         self.accuracy, self.samples, self.total, self.p_value = accuracy, samples, total, p_value
+        self.bar = bar  # None: below the floor; a number: cannot enter the front (see Evaluator.__call__)
 
 
 # -- data in memory ----------------------------------------------------------------------------------------------
@@ -103,6 +105,10 @@ class EarlyRejection:
     default 99.9 %), whatever its accuracy. A candidate that cannot reach ``K0`` even if every remaining image were
     right has p-value 0 and is always rejected.
 
+    **Racing.** The same test against a higher bar (``Evaluator.__call__(model, bar=...)``: the best accuracy
+    among the evaluated points that cost no more) stops a candidate that cannot enter the front; a candidate
+    that would is stopped with probability at most ``1 - confidence`` by the same argument.
+
     **The slices.** Checkpoints after 1, 2, 4, 8, ... batches (doubling slices), never after the last batch.
     """
 
@@ -120,24 +126,29 @@ class EarlyRejection:
             b *= 2
         return points
 
-    def hits_needed(self, total: int) -> int:
-        """``K0``: the fewest hits out of ``total`` whose fraction (as a float, as the floor is compared) reaches it."""
-        k0 = max(0, min(total, math.ceil(self.floor * total)))
-        while k0 < total and k0 / total < self.floor:
+    def hits_needed(self, total: int, floor: float | None = None) -> int:
+        """``K0``: the fewest hits out of ``total`` whose fraction (as a float, as the floor is compared) reaches
+        ``floor`` (default: the floor)."""
+        floor = self.floor if floor is None else float(floor)
+        k0 = max(0, min(total, math.ceil(floor * total)))
+        while k0 < total and k0 / total < floor:
             k0 += 1
-        while k0 > 0 and (k0 - 1) / total >= self.floor:
+        while k0 > 0 and (k0 - 1) / total >= floor:
             k0 -= 1
         return k0
 
-    def p_value(self, hits: int, seen: int, total: int) -> float:
-        """``P(X <= hits)`` for ``X ~ H(total, K0, seen)``: how likely so few hits are if the floor is met."""
+    def p_value(self, hits: int, seen: int, total: int, floor: float | None = None) -> float:
+        """``P(X <= hits)`` for ``X ~ H(total, K0, seen)``: how likely so few hits are if ``floor`` (default: the
+        floor) is met."""
         from scipy.stats import hypergeom
 
-        return float(hypergeom.cdf(hits, total, self.hits_needed(total), seen))
+        return float(hypergeom.cdf(hits, total, self.hits_needed(total, floor), seen))
 
-    def rejects(self, hits: int, seen: int, total: int, checks: int) -> tuple[bool, float]:
-        """Whether ``hits`` in the first ``seen`` of ``total`` images reject, with ``checks`` tests in all."""
-        p = self.p_value(hits, seen, total)
+    def rejects(self, hits: int, seen: int, total: int, checks: int,
+                floor: float | None = None) -> tuple[bool, float]:
+        """Whether ``hits`` in the first ``seen`` of ``total`` images reject (against ``floor``, default the
+        floor), with ``checks`` tests in all."""
+        p = self.p_value(hits, seen, total, floor)
         return p <= (1.0 - self.confidence) / max(1, checks), p
 
 
@@ -235,12 +246,16 @@ class Evaluator:
                 references.append(self.metric.reference(outputs))
         return references
 
-    def __call__(self, model: nn.Module) -> float:
+    def __call__(self, model: nn.Module, bar: float | None = None) -> float:
+        """The metric of ``model`` on the split. With early rejection on, a candidate clearly below the floor
+        raises :class:`EarlyRejected`; so does one clearly below ``bar`` (racing: the accuracy it must beat to
+        enter the front), with ``EarlyRejected.bar`` set."""
         model.eval()
         run = self.runner(model)
         self.metric.reset()
         rejection = self.early_rejection
         checks = set(rejection.checkpoints(len(self.batches))) if rejection is not None else set()
+        bar = None if rejection is None or bar is None or bar <= rejection.floor else float(bar)
         with torch.inference_mode():
             finite = torch.ones((), dtype=torch.bool, device=self.device)
             for i, (x, y) in enumerate(self.batches):
@@ -248,15 +263,23 @@ class Evaluator:
                 finite &= torch.isfinite(outputs).all()
                 self.metric.update(outputs, y, self.references[i] if self.references is not None else None)
                 if i + 1 in checks:
-                    hits, seen = self.metric.successes()
-                    rejected, p = rejection.rejects(hits, seen, self.num_samples, len(checks))
-                    if rejected:
-                        if not bool(finite):
-                            raise NumericalError(self._nonfinite(model, run))
-                        raise EarlyRejected(hits / seen, seen, self.num_samples, p)
+                    self._check(rejection, len(checks), bar, finite, model, run)
         if not bool(finite):
             raise NumericalError(self._nonfinite(model, run))
         return self.metric.compute()
+
+    def _check(self, rejection: EarlyRejection, checks: int, bar: float | None, finite, model, run) -> None:
+        """Raise :class:`EarlyRejected` if the hits so far reject the floor (or, failing that, ``bar``)."""
+        hits, seen = self.metric.successes()
+        rejected, p = rejection.rejects(hits, seen, self.num_samples, checks)
+        dominated = False
+        if not rejected and bar is not None:
+            rejected, p = rejection.rejects(hits, seen, self.num_samples, checks, bar)
+            dominated = rejected
+        if rejected:
+            if not bool(finite):
+                raise NumericalError(self._nonfinite(model, run))
+            raise EarlyRejected(hits / seen, seen, self.num_samples, p, bar if dominated else None)
 
     def _nonfinite(self, model: nn.Module, run: nn.Module) -> str:
         """The message of a NaN/Inf output: the first batch that has one and, for a quantized model, where."""

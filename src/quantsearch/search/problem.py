@@ -8,14 +8,17 @@ limit <= 0`` for a ceiling such as KL divergence to FP32); "accuracy" below mean
 evaluated (never paying twice for one) and tells listeners about new ones.
 
 An evaluator with early rejection (:meth:`Evaluator.reject_below`) may stop part-way: the configuration is recorded
-with status ``rejected``, its accuracy on the images seen, and ``extra["samples"]``, the number of images it cost
-(every evaluation records it when the evaluator knows its split size).
+with status ``rejected`` (below the floor), its accuracy on the images seen, and ``extra["samples"]``, the number
+of images it cost (every evaluation records it when the evaluator knows its split size). With ``racing`` on, each
+new configuration is also raced against the best evaluated point of the space that costs no more in any cost
+(:meth:`LayerwiseQuantizationProblem.race_bar`); one that clearly cannot beat it is recorded as ``dominated``.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from pymoo.core.problem import ElementwiseEvaluationFunction, ElementwiseProblem
@@ -29,8 +32,9 @@ __all__ = ["Evaluation", "Measurement", "LayerwiseQuantizationProblem", "measure
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One evaluated configuration; ``status`` is ``ok``, ``failed`` (NaN/Inf output, accuracy 0) or ``rejected``
-    (stopped early, below the floor with high confidence; accuracy on the images seen).
+    """One evaluated configuration; ``status`` is ``ok``, ``failed`` (NaN/Inf output, accuracy 0), ``rejected``
+    (stopped early, below the floor with high confidence; accuracy on the images seen) or ``dominated`` (stopped
+    early, below a cheaper point's accuracy with high confidence: it cannot enter the front).
 
     ``bits`` holds the width of every quantizer of the model (genes and fixed ones), in the model's order;
     ``extra["samples"]`` the images the evaluation ran (when known).
@@ -57,8 +61,9 @@ class Measurement:
     samples: int | None = None
 
 
-def measure(qmodel, metric: Callable, key: Sequence[int]) -> Measurement:
-    """Set the widths ``key`` (every quantizer, in order) on ``qmodel`` and run ``metric`` on it.
+def measure(qmodel, metric: Callable, key: Sequence[int], bar: float | None = None) -> Measurement:
+    """Set the widths ``key`` (every quantizer, in order) on ``qmodel`` and run ``metric`` on it (raced against
+    ``bar`` when given: see :meth:`LayerwiseQuantizationProblem.race_bar`).
 
     A NaN/Inf output is a failed configuration (accuracy 0), not an error: the search goes on. An early-rejected
     one (see :meth:`~quantsearch.evaluation.Evaluator.reject_below`) keeps the accuracy of the images it ran.
@@ -67,11 +72,12 @@ def measure(qmodel, metric: Callable, key: Sequence[int]) -> Measurement:
     start = time.perf_counter()
     samples = getattr(metric, "num_samples", None)
     try:
-        accuracy, status, message = float(metric(qmodel)), "ok", ""
+        accuracy, status, message = float(metric(qmodel) if bar is None else metric(qmodel, bar=bar)), "ok", ""
     except NumericalError as exc:
         accuracy, status, message = 0.0, "failed", str(exc)
     except EarlyRejected as exc:
-        accuracy, status, message, samples = float(exc.accuracy), "rejected", str(exc), int(exc.samples)
+        accuracy, message, samples = float(exc.accuracy), str(exc), int(exc.samples)
+        status = "rejected" if exc.bar is None else "dominated"
     return Measurement(accuracy, status, message, time.perf_counter() - start,
                        None if samples is None else int(samples))
 
@@ -90,6 +96,7 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         genes: the quantizers searched, one gene each (default: all, in the model's order).
         fixed_bits: the width of every quantizer that is not a gene: one number, or a mapping by name.
         memoize: remember evaluated configurations (``False`` only to measure the naive way in benchmarks).
+        racing: race each new configuration against :meth:`race_bar` (needs an evaluator with early rejection).
     """
 
     def __init__(self, qmodel, evaluate: Callable, bound: Bound | float,
@@ -97,7 +104,7 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
                  costs: Sequence[CostModel] | None = None,
                  cache: Mapping[tuple[int, ...], Evaluation] | None = None,
                  genes: Sequence[str] | None = None, fixed_bits: int | Mapping[str, int] = 8,
-                 memoize: bool = True, **kwargs):
+                 memoize: bool = True, racing: bool = False, **kwargs):
         names = qmodel.quantizer_names
         self.gene_names = list(names if genes is None else genes)
         unknown = [g for g in self.gene_names if g not in names]
@@ -123,6 +130,9 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         self.costs = list(costs) if costs else [TotalBits(names)]
         self.cache: dict[tuple[int, ...], Evaluation] = dict(cache or {})
         self.memoize = memoize
+        self.racing = bool(racing)
+        self._entries: list[Evaluation] = []  # visited points of the space that hold the bound (race bars)
+        self._batch_entries: int | None = None  # how many of them a batch in progress races against
         self.listeners: list[Callable[[Evaluation], None]] = []
         self.evaluations: list[Evaluation] = []
         self.visited: list[Evaluation] = []  # every configuration asked for, once, known or new (budgets count it)
@@ -186,7 +196,28 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         if known is not None:
             self._visit(key, known)
             return known
-        return self.record(key, measure(self.qmodel, self.metric, key))
+        return self.record(key, measure(self.qmodel, self.metric, key, self.race_bar(key)))
+
+    def race_bar(self, key: tuple[int, ...]) -> float | None:
+        """What configuration ``key`` must beat to enter the front: the best metric among the points of the space
+        visited so far that hold the bound and cost no more in any cost (None: racing off, or no such point).
+
+        Visited points only, so a resumed run (which replays the same order) races each candidate as before; within
+        a batch (a population, :meth:`evaluate_genomes`) those known when it began, so a parallel pool, which
+        measures a batch side by side, races exactly as a serial run does."""
+        entries = self._entries if self._batch_entries is None else self._entries[:self._batch_entries]
+        if not self.racing or not entries:
+            return None
+        costs = self.costs_of(key)
+        rivals = [e.accuracy for e in entries if all(e.costs[c] <= v for c, v in costs.items())]
+        if not rivals:
+            return None
+        return max(rivals) if self.bound.higher_is_better else min(rivals)
+
+    def costs_of(self, key: Sequence[int]) -> dict[str, float]:
+        """Every cost of the full configuration ``key``."""
+        named = dict(zip(self.qmodel.quantizer_names, key))
+        return {c.name: float(c(named)) for c in self.costs}
 
     def was_visited(self, genome: Sequence[int]) -> bool:
         """Whether this run has asked for ``genome`` already (a resumed run's store holds more: this replays the
@@ -197,9 +228,26 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         """Evaluate several genomes, in order, through the problem's elementwise runner: serially by default, side
         by side on a parallel pool (``problem.elementwise_runner``), recorded in the order given either way."""
         rows = np.asarray(genomes, dtype=int).reshape(-1, self.n_var)
-        if len(rows):
-            self.elementwise_runner(ElementwiseEvaluationFunction(self, [], {}), rows)
-        return [self.evaluate_bits(row) for row in rows]
+        with self.batch():
+            if len(rows):
+                self.elementwise_runner(ElementwiseEvaluationFunction(self, [], {}), rows)
+            return [self.evaluate_bits(row) for row in rows]
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Race the configurations evaluated inside against the points known when the (outermost) batch began."""
+        if self._batch_entries is not None:
+            yield
+            return
+        self._batch_entries = len(self._entries)
+        try:
+            yield
+        finally:
+            self._batch_entries = None
+
+    def _evaluate_elementwise(self, X, out, *args, **kwargs):  # pymoo's population step: one batch
+        with self.batch():
+            super()._evaluate_elementwise(X, out, *args, **kwargs)
 
     def record(self, key: tuple[int, ...], measured: "Measurement") -> Evaluation:
         """Turn a measurement of the full configuration ``key`` into an :class:`Evaluation`: costs, cache, listeners.
@@ -207,8 +255,7 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         :meth:`evaluate_bits` measures on this process's model; a parallel runner measures elsewhere and records
         here, so that the driver alone holds the cache and tells the listeners (the run store).
         """
-        named = dict(zip(self.qmodel.quantizer_names, key))
-        result = Evaluation(key, measured.accuracy, {c.name: float(c(named)) for c in self.costs},
+        result = Evaluation(key, measured.accuracy, self.costs_of(key),
                             measured.seconds, measured.status, measured.message,
                             {} if measured.samples is None else {"samples": measured.samples})
         if self.memoize:
@@ -223,6 +270,8 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         if key not in self._visited:
             self._visited.add(key)
             self.visited.append(result)
+            if self.is_feasible(result) and self.in_space(key):
+                self._entries.append(result)
             for visitor in self.visitors:
                 visitor(result)
 
@@ -231,8 +280,9 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         violation = -self.bound.margin(result.accuracy)
         if result.status == "failed":  # infeasible whatever its placeholder value says
             violation = max(violation, 1.0 + abs(self.bound.limit))
-        elif result.status != "ok":  # rejected: below the floor, by its partial accuracy
+        elif result.status == "rejected":  # below the floor, by its partial accuracy
             violation = max(violation, 1e-9)
+        # dominated: scored by its partial accuracy, which puts it behind the cheaper point that beat it
         return ([self.bound.loss(result.accuracy)] + [result.costs[c.name] for c in self.costs], [violation])
 
     def _evaluate(self, x, out, *args, **kwargs):

@@ -1,0 +1,112 @@
+"""The default run (``python -m quantsearch.explore``) before and after issue 18, side by side, several seeds.
+
+    python benchmarks/bench_default_run.py [--seeds 0,1,2] [--config FILE] [--variants before,now,now-6]
+
+Each variant and seed is one explore run in a fresh process (the same command a user types), timed from the
+start of the process to its end. Variants:
+- ``before``: the run as it was before issue 18's changes: the fake quantizer with 0-dim tensor operands, glibc's
+  adaptive allocator thresholds, no early rejection, 10 generations (pop 20);
+- ``now``: today's defaults (scalar operands, freed memory kept, ``early-reject: auto``: racing), 10 generations;
+- ``now-6``: the same with 6 generations (the default since issue 18).
+
+Printed per run: wall seconds, evaluations, seconds per evaluation against FP32, front size, confirmed points
+(meeting the floor on the 6,000 hold-out images), the cheapest confirmed point's cost and the hold-out
+hypervolume: the front's points scored by their hold-out accuracy against the hold-out floor, costs as a
+fraction of FP32 (reference point: the floor and 1.0), as ``run/convergence.py`` scores the search split.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {"before": ["--early-reject", "off", "--generations", "10"],
+            "now": ["--generations", "10"],
+            "now-6": ["--generations", "6"]}
+
+
+def _before() -> None:
+    """Put the pre-issue-18 arithmetic and allocator back in this process (a child)."""
+    from quantsearch.quantize.fakequant import FastTensorQuantizer
+    from quantsearch.run import pipeline
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_eval_cost import _tensor_operand_forward
+
+    FastTensorQuantizer._quant_forward = _tensor_operand_forward
+    pipeline.keep_freed_memory = lambda: False
+
+
+def child(variant: str, argv: list[str]) -> int:
+    if variant == "before":
+        _before()
+    from quantsearch.cli.explore import main
+
+    return main(argv)
+
+
+def holdout_hypervolume(run_dir: Path) -> dict:
+    from pymoo.indicators.hv import HV
+    import numpy as np
+
+    record = json.loads((run_dir / "run.json").read_text())
+    floor = record["holdout_bound"]["limit"]
+    fp32_bits = record["fp32_costs"]["bits"]
+    rows = list(csv.DictReader((run_dir / "pareto.csv").open()))
+    held = [(float(r["accuracy_holdout"]), float(r["bits"]) / fp32_bits) for r in rows if r["confirmed"] == "1"]
+    points = np.array([[-100 * a, c] for a, c in held if a >= floor and c < 1.0]).reshape(-1, 2)
+    reference = np.array([-100 * floor, 1.0])
+    hv = float(HV(ref_point=reference)(points)) if len(points) else 0.0
+    timings = record["timings_s"]
+    return {"front": len(rows), "confirmed": len(held), "hv": hv,
+            "cheapest": min((c for _, c in held), default=float("nan")),
+            "evaluations": record["num_evaluations"],
+            "per_eval": timings["mean_evaluation"] / timings["fp32_search_evaluation"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--config", help="an explore YAML (default: the embedded demo)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        sys.exit(child(args.child[0], args.child[1:]))
+    clock = time.perf_counter()
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds.split(","):
+            for variant in args.variants.split(","):
+                out = Path(tmp) / f"{variant}-{seed}"
+                argv = [variant, "--out", str(out), "--seed", seed, "--no-progress", *VARIANTS[variant]]
+                argv += ["--config", args.config] if args.config else []
+                start = time.perf_counter()
+                subprocess.run([sys.executable, __file__, "--child", *argv], check=True, capture_output=True)
+                r = holdout_hypervolume(out) | {"wall": time.perf_counter() - start, "seed": seed}
+                results.setdefault(variant, []).append(r)
+                print(f"  {variant} seed {seed}: {r['wall']:.0f} s, {r['evaluations']} evaluations, "
+                      f"{r['per_eval']:.2f}x FP32 per evaluation, {r['confirmed']}/{r['front']} confirmed, "
+                      f"cheapest confirmed {r['cheapest']:.4f} of FP32 bits, hold-out HV {r['hv']:.4f}", flush=True)
+    print(f"\n{args.config or 'embedded demo'}, seeds {args.seeds}: medians (and ratios against 'before')")
+    print(f"{'variant':8} {'wall s':>7} {'x before':>9} {'evals':>6} {'eval/FP32':>10} {'confirmed':>10} "
+          f"{'HV hold-out':>12} {'x before':>9}")
+    base = results.get("before")
+    for variant, rs in results.items():
+        wall, hv = statistics.median(r["wall"] for r in rs), statistics.median(r["hv"] for r in rs)
+        confirmed = sum(r["confirmed"] for r in rs) / max(1, sum(r["front"] for r in rs))
+        ratio = (f"{wall / statistics.median(r['wall'] for r in base):8.2f}x" if base else "")
+        hv_ratio = (f"{hv / statistics.median(r['hv'] for r in base):8.2f}x" if base else "")
+        print(f"{variant:8} {wall:7.0f} {ratio:>9} {statistics.median(r['evaluations'] for r in rs):6.0f} "
+              f"{statistics.median(r['per_eval'] for r in rs):9.2f}x {100 * confirmed:9.0f}% {hv:12.4f} {hv_ratio:>9}")
+    print(f"\nwall time {time.perf_counter() - clock:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
