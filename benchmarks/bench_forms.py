@@ -2,16 +2,18 @@
 
     python benchmarks/bench_forms.py [--config configs/fashion_vit_demo.yaml]
 
-Rows: W8A8, W4A8, W8A4, W4A4 and W3A4 (every activation and weight quantizer at that width) for each set of
+Rows: W8A8, W4A8, W8A4, W4A4 and W3A4 (every activation and weight quantizer at that width), and W8A8 with the
+attention probabilities alone at 4 or 3 bits (where a log grid should pay), for each set of
 forms: ``uniform`` (pytorch-quantization's grid everywhere, the baseline measured in the same run) and ``log2 on
-attention probabilities`` (FQ-ViT's log2 grid on ``*.attn_drop``, the softmax outputs). Each set is its own
+attention probabilities`` (FQ-ViT's log2 grid on ``*.attn_drop``, the softmax outputs), ``asymmetric`` (a zero
+point, its range fitted per width) on GELU or LayerNorm outputs, and all of them together. Each set is its own
 session (model, splits and calibration exactly as ``explore`` builds them), so the differences are the forms'
-alone. Forms not built yet (asymmetric, RepQ-ViT's folded per-channel LayerNorm, per-head ranges, AdaRound) have
-no row.
+alone. Forms not built yet (RepQ-ViT's folded per-channel LayerNorm, per-head ranges, AdaRound) have no row.
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import time
 import warnings
 
@@ -21,8 +23,13 @@ from quantsearch.run.settings import ExploreConfig, load_yaml  # noqa: E402
 from quantsearch.run.session import build_session  # noqa: E402
 from quantsearch.run.tables import format_table  # noqa: E402
 
-WIDTHS = [(8, 8), (4, 8), (8, 4), (4, 4), (3, 4)]  # (weights, activations)
-FORM_SETS = {"uniform": None, "log2 on attention probabilities": {"*.attn_drop": "log2"}}
+# (label, weight bits, activation bits, {glob: bits} of activations set apart)
+WIDTHS = [("W8A8", 8, 8, {}), ("W4A8", 4, 8, {}), ("W8A4", 8, 4, {}), ("W4A4", 4, 4, {}), ("W3A4", 3, 4, {}),
+          ("W8A8, probabilities A4", 8, 8, {"*.attn_drop": 4}), ("W8A8, probabilities A3", 8, 8, {"*.attn_drop": 3})]
+FORM_SETS = {"uniform": None, "log2 on attention probabilities": {"*.attn_drop": "log2"},
+             "asymmetric on GELU outputs": {"*.mlp.act": "asymmetric"},
+             "asymmetric on LayerNorm outputs": {"*norm*": "asymmetric"},
+             "all together": {"*.attn_drop": "log2", "*.mlp.act": "asymmetric", "*norm*": "asymmetric"}}
 
 
 def main() -> None:
@@ -40,13 +47,14 @@ def main() -> None:
             fp32 = (session.fp32("search"), session.fp32("holdout"))
             rows.append(["FP32", "", f"{100 * fp32[0]:.2f}", f"{100 * fp32[1]:.2f}", "", ""])
         weights = set(qmodel.weight_names)
-        for w, a in WIDTHS:
-            qmodel.bit_widths = {n: (w if n in weights else a) for n in qmodel.quantizer_names}
+        for widths, w, a, apart in WIDTHS:
+            qmodel.bit_widths = {n: (w if n in weights else next(
+                (b for g, b in apart.items() if fnmatch.fnmatchcase(n, g)), a)) for n in qmodel.quantizer_names}
             s, h = search(qmodel), holdout(qmodel)
-            ref = reference.setdefault((w, a), (s, h))
-            rows.append([f"W{w}A{a}", label, f"{100 * s:.2f}", f"{100 * h:.2f}", f"{100 * (s - ref[0]):+.2f}",
+            ref = reference.setdefault(widths, (s, h))
+            rows.append([widths, label, f"{100 * s:.2f}", f"{100 * h:.2f}", f"{100 * (s - ref[0]):+.2f}",
                          f"{100 * (h - ref[1]):+.2f}"])
-            print(f"  W{w}A{a} {label}: {100 * s:.2f} / {100 * h:.2f}", flush=True)
+            print(f"  {widths} {label}: {100 * s:.2f} / {100 * h:.2f}", flush=True)
     print(f"\n{base.model}: uniform widths per form; search {search.num_samples} images, hold-out "
           f"{holdout.num_samples}; d = against the uniform form at the same widths\n"
           + format_table(["widths", "forms", "search %", "hold-out %", "d search", "d hold-out"], rows))

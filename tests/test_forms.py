@@ -8,13 +8,15 @@ import torch
 from quantsearch.cli.apply import main as apply_main
 from quantsearch.cli.explore import main as explore_main
 from quantsearch.deploy.bitconfig import BitConfig, BitConfigError, apply_bitconfig
-from quantsearch.quantize.calib import Calibration, CalibrationError
-from quantsearch.quantize.forms import Log2TensorQuantizer, fake_quantize, log2_fake_quant, resolve_forms
+from quantsearch.quantize.calib import Calibration, CalibrationError, calibrate
+from quantsearch.quantize.forms import (Log2TensorQuantizer, asymmetric_fake_quant, asymmetric_grid, fake_quantize,
+                                        fit_asymmetric, log2_fake_quant, resolve_forms)
 from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 from quantsearch.run.settings import ConfigError, ExploreConfig
 from quantsearch.sources.models import create_demo_vit
 
 ATTENTION = "*.attn_drop"
+GELU = "*.mlp.act"
 
 
 def test_log2_grid_by_hand():
@@ -161,3 +163,73 @@ def test_explore_apply_resume_and_export_with_log2(tmp_path, capsys):
     assert explore_main(["--resume", str(out), "--quant-form", "*=log2"]) == 2
     assert explore_main([*SMALL, "--quant-form", "no-equals-sign", "--out", str(tmp_path / "r2")]) == 2
     assert "--quant-form takes GLOB=FORM" in capsys.readouterr().err
+
+
+# -- the asymmetric form -----------------------------------------------------------------------------------------
+def test_asymmetric_grid_by_hand():
+    """[-1, 3] at 2 bits: s = 4/3, z = round(0.75) = 1, codes 0..3 = -4/3, 0, 4/3, 8/3; ties round to even."""
+    scale, zero, top = asymmetric_grid(-1.0, 3.0, 2)
+    assert (scale, zero, top) == (pytest.approx(4 / 3), 1.0, 3.0)
+    x = torch.tensor([-2.0, -0.5, 0.2, 0.7, 2.0, 5.0, 0.0])
+    # x / s = -1.5, -.375, .15, .525, 1.5, 3.75, 0 -> round -2, 0, 0, 1, 2, 4, 0 -> +1, clamp [0, 3], -1
+    expected = torch.tensor([-1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 0.0]) * torch.tensor(scale)
+    assert torch.equal(asymmetric_fake_quant(x, -1.0, 3.0, 2), expected)
+    assert asymmetric_grid(0.5, 2.0, 8)[1] == 0.0  # a range is widened to hold 0: zero point 0
+    values = torch.cat([torch.full((900,), -0.1), torch.linspace(0, 6, 100)])  # GELU-like: a lopsided range
+    low, high = fit_asymmetric(values, 4)
+    err = lambda q: float(((q - values) ** 2).sum())  # noqa: E731
+    assert err(asymmetric_fake_quant(values, low, high, 4)) <= err(asymmetric_fake_quant(values, -0.1, 6.0, 4))
+    assert err(asymmetric_fake_quant(values, low, high, 4)) < err(fake_quantize("uniform", values, 6.0, 4, False))
+
+
+@pytest.fixture(scope="module")
+def asymmetric(fashion_splits_small):
+    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True, forms={GELU: "asymmetric"})
+    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
+    calibration = calibrate(qmodel, loader, 2, "mse", bits=(2, 8))
+    return qmodel, loader, calibration
+
+
+def test_asymmetric_calibration_fits_each_width_and_round_trips(asymmetric, tmp_path):
+    qmodel, loader, calibration = asymmetric
+    name = "blocks.1.mlp.act"
+    q = calibration.quantizers[name]
+    assert q.form == "asymmetric" and set(q.low) == set(q.amax) == set(range(2, 9))
+    assert all(q.min <= q.low[b] <= 0 < q.amax[b] <= q.absmax for b in q.low)  # GELU's min is about -0.17
+    assert q.low[8] < q.low[3] or q.amax[8] > q.amax[3]  # wider grids clip less
+    qmodel.bit_widths = {n: (3 if n == name else 8) for n in qmodel.quantizer_names}
+    assert qmodel.lows[name] == q.low[3] and float(qmodel.quantizer(name).amax) == pytest.approx(q.amax[3])
+    path = calibration.save(tmp_path / "calibration.json")
+    again = Calibration.load(path)
+    assert again.low_table == calibration.low_table and again.forms == calibration.forms
+    payload = json.loads(path.read_text())
+    del payload["quantizers"][name]["low"]
+    with pytest.raises(CalibrationError, match="asymmetric form needs a low end per width"):
+        Calibration.from_dict(payload)
+
+
+def test_asymmetric_bitconfig_round_trip_and_onnx_export(asymmetric, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from quantsearch.deploy.onnx_export import export_onnx, onnx_session
+
+    qmodel, loader, _ = asymmetric
+    x = next(iter(loader))[0][:16]
+    qmodel.bit_widths = {n: (4 if n.endswith("mlp.act") else 8) for n in qmodel.quantizer_names}
+    config = BitConfig.from_model(qmodel, {"name": "fashion-vit", "predicate": "vit", "quantize_input": True,
+                                           "weight_quantizers": True}, example=x[:2])
+    payload = json.loads(config.to_json())
+    assert payload["quantizers"]["blocks.0.mlp.act"]["form"] == "asymmetric"
+    assert payload["quantizers"]["blocks.0.mlp.act"]["low"] == qmodel.lows["blocks.0.mlp.act"]
+    with torch.no_grad():
+        expected = qmodel(x)
+    again = apply_bitconfig(create_demo_vit(), payload, example=x[:2])
+    with torch.no_grad():
+        assert torch.equal(again(x), expected)
+    del payload["quantizers"]["blocks.0.mlp.act"]["low"]
+    with pytest.raises(BitConfigError, match="asymmetric form needs a low end"):
+        BitConfig.from_dict(payload).apply(again)
+    written = export_onnx(qmodel, tmp_path / "asym.onnx", x[:2])
+    session = onnx_session(written["path"], "reference")
+    out = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
+    assert float((out - expected).abs().max()) < 0.5

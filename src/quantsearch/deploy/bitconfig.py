@@ -75,6 +75,11 @@ class BitConfig:
         return {n: q.get("form", "uniform") for n, q in self.quantizers.items()}
 
     @property
+    def lows(self) -> dict[str, float]:
+        """The lower end of each asymmetric quantizer's range."""
+        return {n: float(q["low"]) for n, q in self.quantizers.items() if "low" in q}
+
+    @property
     def unsigned(self) -> dict[str, bool]:
         """Whether each quantizer uses the unsigned range (absent in a bit-config means signed)."""
         return {n: bool(q.get("unsigned", False)) for n, q in self.quantizers.items()}
@@ -88,12 +93,14 @@ class BitConfig:
         if example is not None:
             shapes = qmodel.tensor_shapes(example)
             model["input_shape"] = [int(d) for d in example.shape[1:]]
-        amax, unsigned, forms = qmodel.amax, qmodel.unsigned, qmodel.forms
+        amax, unsigned, forms, lows = qmodel.amax, qmodel.unsigned, qmodel.forms, qmodel.lows
         quantizers = {}
         for n, b in qmodel.bits_dict().items():
             quantizers[n] = {"num_bits": b, "amax": amax[n], "unsigned": unsigned[n]}
             if forms[n] != "uniform":
                 quantizers[n]["form"] = forms[n]
+            if n in lows:
+                quantizers[n]["low"] = lows[n]
             if n in shapes:
                 quantizers[n]["shape"] = shapes[n]
         return cls(model=model, quantizers=quantizers, **kwargs)
@@ -141,6 +148,7 @@ class BitConfig:
         except ValueError as exc:
             raise BitConfigError(f"bit-config does not fit the model: {exc}") from None
         qmodel.unsigned = self.unsigned
+        qmodel.lows = self.lows
 
     def check_names(self, qmodel) -> None:
         names = qmodel.quantizer_names
@@ -157,6 +165,11 @@ class BitConfig:
         if other is not None:
             raise BitConfigError(f"bit-config does not fit the model: quantizer {other!r} has the "
                                  f"{self.forms[other]} form in the bit-config but {theirs[other]} in the model")
+        lows = self.lows
+        odd = next((n for n, form in self.forms.items() if (form == "asymmetric") != (n in lows)), None)
+        if odd is not None:
+            raise BitConfigError(f"bit-config quantizer {odd!r} of the {self.forms[odd]} form "
+                                 f"{'needs' if self.forms[odd] == 'asymmetric' else 'takes no'} a low end")
 
     def check_shapes(self, qmodel, example: torch.Tensor | None = None) -> None:
         if example is None:

@@ -82,7 +82,11 @@ def export_quantized(qmodel, config: BitConfig, path: str | Path) -> tuple[Path,
                          "unsigned": "bitconfig.quantizers[name].unsigned: scale = (2**num_bits - 1) / amax, "
                                      "clamp to [0, 2**num_bits - 1]",
                          "log2": "bitconfig.quantizers[name].form == 'log2': k = round(-log2(x / amax)) clamped "
-                                 "below at 0; amax * 2**-k, or 0 where k > 2**num_bits - 2 or x <= 0"},
+                                 "below at 0; amax * 2**-k, or 0 where k > 2**num_bits - 2 or x <= 0",
+                         "asymmetric": "bitconfig.quantizers[name].form == 'asymmetric': low = "
+                                       "bitconfig.quantizers[name].low, high = amax; s = float32((high - low) / "
+                                       "(2**num_bits - 1)), z = round(-low / s); (clamp(round(x / s) + z, 0, "
+                                       "2**num_bits - 1) - z) * s"},
         "bitconfig": bitconfig,
     }
     text = json.dumps(metadata, indent=2) + "\n"

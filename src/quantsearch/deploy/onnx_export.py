@@ -6,6 +6,9 @@ What each quantizer becomes (the Q/DQ form TensorRT's explicit quantization and 
   DequantizeLinear`` with ``qmax = 2^(b-1) - 1`` and ``s = amax / qmax``. The Clip keeps the narrow range
   (and, below 8 bits, the width's own grid) inside the 8-bit integer type; rounding is to nearest, ties to even,
   as in PyTorch. Unsigned (data never negative): uint8, ``qmax = 2^b - 1``, ``Clip(x, 0, qmax*s)``.
+- **activation**, asymmetric form: uint8 with its zero point ``z`` and ``s = (high - low) / (2^b - 1)``, below 8
+  bits after ``Clip(x, -z*s, (2^b - 1 - z)*s)``: exactly the fake quantizer's ``round(x / s)`` grid.
+- log2 quantizers have no Q/DQ form and are refused by name.
 - **weight**, per output channel: the integer codes themselves, computed exactly as the fake quantizer computes
   them, stored as an int8 constant (packed int4 at opset 21 where every code fits in [-8, 7]), then
   ``DequantizeLinear(codes, amax / qmax, axis=0)``. The FP32 weights are not in the file.
@@ -30,6 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..quantize.forms import asymmetric_grid
 from .export import ExportError
 
 __all__ = ["OPSET", "INT4_OPSET", "export_onnx", "export_fp32_onnx", "onnx_session", "run_onnx", "onnx_latency",
@@ -67,6 +71,27 @@ class _ActivationQDQ(torch.autograd.Function):
         return out
 
 
+class _AsymmetricQDQ(torch.autograd.Function):
+    """Asymmetric fake quantization that traces as [Clip ->] QuantizeLinear -> DequantizeLinear with a uint8 zero
+    point."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float, zero: float, top: float):
+        return (torch.round(x / scale) + zero).clamp(0.0, top).sub(zero) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale: float, zero: float, top: float):
+        def const(value, dtype):
+            return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+        s, z = const(scale, torch.float32), const(int(zero), torch.uint8)
+        if top != 255:
+            x = g.op("Clip", x, const(-zero * scale, torch.float32), const((top - zero) * scale, torch.float32))
+        out = g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+        out.setType(x.type())
+        return out
+
+
 class _WeightDQ(torch.autograd.Function):
     """Integer weight codes and per-channel scales that trace as one DequantizeLinear on an int8 constant."""
 
@@ -98,9 +123,9 @@ def weight_codes(weight: torch.Tensor, amax: torch.Tensor, bits: int) -> tuple[t
 
 def _check_exportable(qmodel) -> None:
     for name, form in qmodel.forms.items():
-        if form != "uniform" and not qmodel.quantizer(name)._disabled:
+        if form == "log2" and not qmodel.quantizer(name)._disabled:
             raise ExportError(f"quantizer {name!r} has the {form} form: ONNX Q/DQ holds uniform grids only; "
-                              "export a bit-config whose quantizers are uniform")
+                              "export a bit-config whose quantizers are uniform or asymmetric")
     for name, q in qmodel.named_quantizers():
         if not q._disabled and q.num_bits > MAX_EXPORT_BITS:
             raise ExportError(f"quantizer {name!r} is at {q.num_bits} bits: Q/DQ export covers 2 to "
@@ -123,6 +148,10 @@ def _qdq_forms(qmodel) -> Iterator[None]:
                 q._disabled = True  # the fake-quantized float weight is not swapped in: the codes are used
                 _use_codes(module, codes, scale)
                 coded.append(module)
+            elif getattr(q, "form", "uniform") == "asymmetric":
+                scale, zero, top = asymmetric_grid(q.low, float(q.amax), q.num_bits)
+                q.forward = lambda x, s=scale, z=zero, t=top: _AsymmetricQDQ.apply(x, s, z, t)
+                patched.append(q)
             else:
                 bits, unsigned = q.num_bits, bool(q.unsigned)
                 qmax = 2 ** bits - 1 if unsigned else 2 ** (bits - 1) - 1

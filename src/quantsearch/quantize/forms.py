@@ -2,6 +2,11 @@
 
 - ``uniform``: pytorch-quantization's own grid (symmetric narrow range, or unsigned [0, amax]), through
   :class:`~quantsearch.quantize.fakequant.FastTensorQuantizer`, bit-identical to ``TensorQuantizer``.
+- ``asymmetric`` (a zero point, for activations whose range is lopsided, such as GELU outputs or LayerNorm outputs):
+  ``2^b`` levels from ``low`` to ``high`` (``low <= 0 <= high``, both fitted per width on calibration values by
+  least squared error), ``scale = (high - low) / (2^b - 1)`` in float32 and the integer zero point
+  ``round(-low / scale)``, so 0 is exact: ``(clamp(round(x / scale) + zero, 0, 2^b - 1) - zero) * scale``, as
+  ONNX's uint8 QuantizeLinear / DequantizeLinear compute it.
 - ``log2`` (FQ-ViT's log2 quantizer, for attention probabilities and other non-negative tensors with most mass
   near zero): ``b`` bits hold the powers ``amax * 2^-k`` for ``k = 0 .. 2^b - 2`` plus an exact zero.
   A value rounds to the nearest power in the log domain (``k = round(-log2(x / amax))``); one below the
@@ -9,13 +14,16 @@
   maximum at every width (clipping the largest probabilities costs most).
 
 Cost: a ``b``-bit log2 code multiplies as a ``b``-bit shift, so BOPs and sizes count it as ``b`` bits, like a
-uniform code; deployment as ONNX Q/DQ has no log grid, so export refuses it (by name).
+uniform code; deployment as ONNX Q/DQ has no log grid, so export refuses it (by name). An asymmetric code also
+counts as ``b`` bits: its zero point adds ``zero x (sum of the weights of each output)`` to an integer matmul, a
+constant folded into the bias, not a multiply per element; it exports as uint8 Q/DQ with that zero point.
 
 Forms are chosen per quantizer by name glob (``quant-forms`` in settings); :func:`resolve_forms` matches them.
 """
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Iterable, Mapping
 
 import torch
@@ -23,8 +31,9 @@ import torch
 from .fakequant import FastTensorQuantizer
 from .limits import DEFAULT_FORM, FORMS, check_forms
 
-__all__ = ["FORMS", "Log2TensorQuantizer", "QUANTIZER_CLASSES", "fake_quantize", "log2_fake_quant",
-           "uniform_fake_quant", "resolve_forms", "form_of"]
+__all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid",
+           "asymmetric_fake_quant", "fake_quantize", "fit_asymmetric", "log2_fake_quant", "uniform_fake_quant",
+           "resolve_forms", "form_of"]
 
 
 def uniform_fake_quant(x: torch.Tensor, amax, bits: int, unsigned: bool) -> torch.Tensor:
@@ -50,10 +59,50 @@ def log2_fake_quant(x: torch.Tensor, amax, bits: int) -> torch.Tensor:
     return out.masked_fill_(zero, 0.0)
 
 
-def fake_quantize(form: str, x: torch.Tensor, amax, bits: int, unsigned: bool) -> torch.Tensor:
-    """What a quantizer of ``form`` makes of ``x`` at ``bits`` (for estimates that do not run the model)."""
+def asymmetric_grid(low: float, high: float, bits: int) -> tuple[float, float, float]:
+    """``(scale, zero point, top code)`` of the asymmetric grid over ``[low, high]`` (widened to hold 0): the
+    float32 scale and the integer zero point that ONNX's uint8 Q/DQ use too."""
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    top = 2.0 ** bits - 1.0
+    scale = float(torch.tensor((high - low) / top, dtype=torch.float32))
+    if scale <= 0:
+        raise ValueError(f"asymmetric range [{low}, {high}] is empty")
+    return scale, float(min(max(round(-low / scale), 0), top)), top
+
+
+def asymmetric_fake_quant(x: torch.Tensor, low: float, high: float, bits: int) -> torch.Tensor:
+    """``x`` on the asymmetric grid of ``[low, high]`` at ``bits`` (see the module docstring)."""
+    scale, zero, top = asymmetric_grid(low, high, bits)
+    out = x / scale
+    return out.round_().add_(zero).clamp_(0.0, top).sub_(zero).mul_(scale)
+
+
+def fit_asymmetric(values: torch.Tensor, bits: int, steps: int = 16) -> tuple[float, float]:
+    """``(low, high)`` with the least squared error on ``values`` at ``bits``, over a grid of clipped ranges
+    (``low = min * a``, ``high = max * c``, ``a`` and ``c`` from 1/steps to 1); float32 values."""
+    values = values.detach().float().flatten()
+    vmin, vmax = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    fractions = torch.linspace(1.0 / steps, 1.0, steps).tolist()
+    best, best_error = (vmin, vmax), math.inf
+    for a in (fractions if vmin < 0 else [1.0]):
+        for c in (fractions if vmax > 0 else [1.0]):
+            low, high = vmin * a, vmax * c
+            if high - low <= 0:
+                continue
+            error = float(torch.sum((asymmetric_fake_quant(values, low, high, bits) - values) ** 2))
+            if error < best_error:
+                best, best_error = (low, high), error
+    return tuple(float(v) for v in torch.tensor(best, dtype=torch.float32))  # as the quantizer's buffers hold them
+
+
+def fake_quantize(form: str, x: torch.Tensor, amax, bits: int, unsigned: bool, low: float | None = None
+                  ) -> torch.Tensor:
+    """What a quantizer of ``form`` makes of ``x`` at ``bits`` (for estimates that do not run the model);
+    ``low`` is an asymmetric quantizer's lower end (``amax`` its upper)."""
     if form == "log2":
         return log2_fake_quant(x, amax, bits)
+    if form == "asymmetric":
+        return asymmetric_fake_quant(x, float(low), float(amax), bits)
     return uniform_fake_quant(x, amax, bits, unsigned)
 
 
@@ -69,7 +118,33 @@ class Log2TensorQuantizer(FastTensorQuantizer):
         return log2_fake_quant(inputs.float(), amax, self._num_bits).to(inputs.dtype)
 
 
-QUANTIZER_CLASSES = {"uniform": FastTensorQuantizer, "log2": Log2TensorQuantizer}
+class AsymmetricTensorQuantizer(FastTensorQuantizer):
+    """A ``TensorQuantizer`` with a zero point: ``amax`` holds the upper end of its range, the ``_low`` buffer the
+    lower end (both set per width from calibration, like amax)."""
+
+    form = "asymmetric"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("_low", torch.tensor(0.0))
+
+    @property
+    def low(self) -> float:
+        return float(self._low)
+
+    @low.setter
+    def low(self, value: float) -> None:
+        self._low.fill_(float(value))
+
+    def _quant_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        amax = getattr(self, "_amax", None)
+        if amax is None:
+            raise RuntimeError("an asymmetric quantizer needs its range: calibrate it first")
+        return asymmetric_fake_quant(inputs.float(), float(self._low), float(amax), self._num_bits).to(inputs.dtype)
+
+
+QUANTIZER_CLASSES = {"uniform": FastTensorQuantizer, "asymmetric": AsymmetricTensorQuantizer,
+                     "log2": Log2TensorQuantizer}
 assert tuple(QUANTIZER_CLASSES) == FORMS
 
 

@@ -1,12 +1,13 @@
 """The bit-widths and forms a quantizer may take, importable without torch (settings are checked against them first).
 
 pytorch-quantization's fake quantization is exact from 2 to 16 bits. A form is the grid a quantizer rounds to
-(:mod:`quantsearch.quantize.forms`): ``uniform`` (pytorch-quantization's, symmetric or unsigned) or ``log2``.
+(:mod:`quantsearch.quantize.forms`): ``uniform`` (pytorch-quantization's, symmetric or unsigned), ``asymmetric``
+(a zero point) or ``log2``.
 """
 __all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "check_forms"]
 
 MIN_BITS, MAX_BITS = 2, 16
-FORMS = ("uniform", "log2")
+FORMS = ("uniform", "asymmetric", "log2")
 DEFAULT_FORM = "uniform"
 
 

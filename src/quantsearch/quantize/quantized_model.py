@@ -160,6 +160,7 @@ class QuantizedActivationsModel(nn.Module):
         self._weights: "OrderedDict[str, WeightFakeQuant]" = OrderedDict()
         self._fused_attn: dict[nn.Module, bool] = {}
         self.amax_table: dict[str, dict[int, float]] = {}
+        self.low_table: dict[str, dict[int, float]] = {}  # asymmetric quantizers' lower ends, per width
         if self.target.unfuse_attention:
             for module in model.modules():
                 if isinstance(getattr(module, "fused_attn", None), bool):
@@ -287,6 +288,8 @@ class QuantizedActivationsModel(nn.Module):
             self._quantizers[name].num_bits = b
             if self.amax_table.get(name):
                 self._set_amax(name, amax_for_bits(self.amax_table[name], b))
+            if self.low_table.get(name):
+                self._quantizers[name].low = amax_for_bits(self.low_table[name], b)
 
     def bits_dict(self) -> dict[str, int]:
         return dict(zip(self._quantizers, self.bit_widths))
@@ -334,6 +337,22 @@ class QuantizedActivationsModel(nn.Module):
             quantizer._amax.data.copy_(tensor)
         else:
             quantizer.register_buffer("_amax", tensor.to(self._device()))
+
+    @property
+    def lows(self) -> dict[str, float]:
+        """The lower end of each asymmetric quantizer's range (its upper end is its amax)."""
+        return {n: q.low for n, q in self._quantizers.items() if hasattr(q, "low")}
+
+    @lows.setter
+    def lows(self, values: Mapping[str, float]) -> None:
+        ours = self.lows
+        unknown = [n for n in values if n not in ours]
+        if unknown:
+            raise KeyError(f"no asymmetric quantizer named {unknown[0]!r}")
+        for name, value in values.items():
+            if not math.isfinite(float(value)) or float(value) > 0:
+                raise ValueError(f"low {value} for {name!r}: it must be finite and at most 0")
+            self._quantizers[name].low = float(value)
 
     @property
     def unsigned(self) -> dict[str, bool]:

@@ -307,7 +307,9 @@ def gradient_scores(qmodel, batches, genes, ranges) -> dict[str, dict[int, float
                             else:
                                 a = output.detach()
                                 table = qmodel.amax_table.get(g) or {b: amax[g]}
-                                change = fake_quantize(forms[g], a, amax_for_bits(table, b), b, unsigned[g]) - a
+                                lows = qmodel.low_table.get(g)
+                                change = fake_quantize(forms[g], a, amax_for_bits(table, b), b, unsigned[g],
+                                                       amax_for_bits(lows, b) if lows else None) - a
                             scores[g][b] += 0.5 * float(((grad * change) ** 2).sum())
                 samples += len(x)
     finally:

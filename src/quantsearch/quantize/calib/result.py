@@ -34,6 +34,7 @@ class QuantizerCalibration:
     absmax: float
     options: Mapping[str, float] = field(default_factory=dict)
     form: str = "uniform"
+    low: Mapping[int, float] | None = None  # an asymmetric quantizer's lower end per width (amax: the upper)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class Calibration:
     @property
     def amax_table(self) -> dict[str, dict[int, float]]:
         return {n: dict(q.amax) for n, q in self.quantizers.items()}
+
+    @property
+    def low_table(self) -> dict[str, dict[int, float]]:
+        return {n: dict(q.low) for n, q in self.quantizers.items() if q.low is not None}
 
     @property
     def unsigned(self) -> dict[str, bool]:
@@ -65,7 +70,8 @@ class Calibration:
         """Give ``qmodel`` this table and signedness; each quantizer takes its current bit-width's amax."""
         qmodel.unsigned = self.unsigned
         qmodel.amax_table = self.amax_table
-        qmodel.bit_widths = qmodel.bits_dict()  # sets amax from the table
+        qmodel.low_table = self.low_table
+        qmodel.bit_widths = qmodel.bits_dict()  # sets amax (and asymmetric lower ends) from the tables
 
     def check_fits(self, qmodel, data: str | None = None, bits: tuple[int, int] | None = None,
                    source: str = "calibration file") -> None:
@@ -102,7 +108,8 @@ class Calibration:
             "fingerprint": dict(self.fingerprint), "bits": list(self.bits), "settings": dict(self.settings),
             "quantizers": {n: {"method": q.method, **dict(q.options), "form": q.form, "unsigned": q.unsigned,
                                "min": q.min, "absmax": q.absmax,
-                               "amax": {str(b): v for b, v in sorted(q.amax.items())}}
+                               "amax": {str(b): v for b, v in sorted(q.amax.items())},
+                               **({"low": {str(b): v for b, v in sorted(q.low.items())}} if q.low else {})}
                            for n, q in self.quantizers.items()},
         }
 
@@ -119,8 +126,13 @@ class Calibration:
                 raise CalibrationError(f"{source}: quantizer {name!r} has amax for bits {sorted(amax)}, "
                                        f"not {lo}..{hi}")
             options = {k: q[k] for k in ("percentile", "momentum") if k in q}
+            form = q.get("form", "uniform")
+            low = {int(b): float(v) for b, v in q["low"].items()} if "low" in q else None
+            if (form == "asymmetric") != (low is not None) or low is not None and set(low) != set(amax):
+                raise CalibrationError(f"{source}: quantizer {name!r} of the {form} form "
+                                       f"{'needs' if form == 'asymmetric' else 'takes no'} a low end per width")
             quantizers[name] = QuantizerCalibration(q["method"], q["unsigned"], amax, q["min"], q["absmax"], options,
-                                                    q.get("form", "uniform"))
+                                                    form, low)
         return cls(quantizers, (lo, hi), payload["fingerprint"], payload.get("settings", {}))
 
     def save(self, path: str | Path) -> Path:

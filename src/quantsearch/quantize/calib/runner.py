@@ -14,6 +14,7 @@ import torch
 
 from ...fingerprints import DataDigest, fingerprint_model
 from ..fakequant import quiet_quantizers
+from ..forms import fit_asymmetric
 from ..limits import MAX_BITS, MIN_BITS
 from .methods import HISTOGRAM_METHODS, PER_BIT_METHODS, CalibrationError, MethodSpec, resolve_methods
 from .result import Calibration, QuantizerCalibration
@@ -62,8 +63,9 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     weights_were_disabled = [q._disabled for q in weight_quantizers]
     for q in weight_quantizers:
         q.disable()
-    stats = {n: TensorStatistics(specs[n].method in HISTOGRAM_METHODS, specs[n].momentum, num_bins)
-             for n, _ in quantizers}
+    forms = qmodel.forms
+    stats = {n: TensorStatistics(specs[n].method in HISTOGRAM_METHODS, specs[n].momentum, num_bins,
+                                 sample=forms[n] == "asymmetric") for n, _ in quantizers}
     weights = fingerprint_model(qmodel.model)
     data = DataDigest()
     saved = [(q._calibrator, q._disabled) for _, q in quantizers]
@@ -92,7 +94,6 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     if data.samples == 0:
         raise CalibrationError("calibration saw no batch: the calibration data is empty")
 
-    forms = qmodel.forms
     result = {name: _quantizer_calibration(name, stats[name], specs[name], forms[name], (lo, hi), detect_unsigned)
               for name, _ in quantizers}
     settings = {"method": method, "percentile": percentile, "momentum": momentum,
@@ -121,6 +122,8 @@ def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, for
                                    f"{s.min:.4g}): log2 suits non-negative tensors such as attention "
                                    "probabilities; give it the uniform form")
         spec = MethodSpec("max")
+    if form == "asymmetric":
+        return _asymmetric_calibration(s, bits)
     unsigned = bool(detect_unsigned and s.min >= 0) or form == "log2"
     if spec.method in PER_BIT_METHODS:
         amax = {b: s.amax(spec, b, unsigned) for b in range(lo, hi + 1)}
@@ -133,6 +136,17 @@ def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, for
                                    "it cannot quantize")
     options = {k: v for k, v in spec.to_dict().items() if k != "method"}
     return QuantizerCalibration(spec.method, unsigned, amax, s.min, s.absmax, options, form)
+
+
+def _asymmetric_calibration(s: TensorStatistics, bits: tuple[int, int]) -> QuantizerCalibration:
+    """An asymmetric quantizer's range per width, fitted on its sampled values by least squared error (the
+    method's amax is not used: a zero point needs both ends). amax holds the upper end, kept positive."""
+    values = s.sample()
+    amax, low = {}, {}
+    for b in range(bits[0], bits[1] + 1):
+        lo, hi = fit_asymmetric(values, b)
+        low[b], amax[b] = lo, max(hi, 1e-6 * max(1.0, -lo))
+    return QuantizerCalibration("mse", False, amax, s.min, s.absmax, {}, "asymmetric", low)
 
 
 def calibrate_max(qmodel, batches: Iterable, num_batches: int | None = None) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 It takes the place of a pytorch-quantization calibrator (``collect(x)`` on every tensor while calibration is on)
 and keeps, in one pass, the running absmax, a moving average of per-batch absmax, the minimum and, for the
-histogram methods, a ``HistogramCalibrator`` histogram of |x|; :meth:`TensorStatistics.amax` then answers any
+histogram methods, a ``HistogramCalibrator`` histogram of |x| and, for asymmetric quantizers, a seeded sample of
+the signed values (a zero point's range is fitted on them); :meth:`TensorStatistics.amax` then answers any
 method at any bit-width without another forward pass.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ with warnings.catch_warnings():
 __all__ = ["NUM_BINS", "TensorStatistics"]
 
 NUM_BINS = 2048
+SAMPLE_PER_BATCH = 16384  # signed values kept per batch for a range fit (seeded, uniform over the tensor)
+SAMPLE_SIZE = 65536  # at most this many in all
 
 
 class TensorStatistics:
@@ -32,10 +35,12 @@ class TensorStatistics:
     used once per forward).
     """
 
-    def __init__(self, histogram: bool = False, momentum: float = 0.95, num_bins: int = NUM_BINS):
+    def __init__(self, histogram: bool = False, momentum: float = 0.95, num_bins: int = NUM_BINS,
+                 sample: bool = False):
         self.momentum = float(momentum)
         self.num_bins = num_bins
         self.histogram = HistogramCalibrator(8, None, False, num_bins=num_bins) if histogram else None
+        self.sampling = bool(sample)
         self.reset()
 
     def reset(self) -> None:
@@ -44,6 +49,7 @@ class TensorStatistics:
         self.absmax = 0.0
         self.moving_max: float | None = None
         self.min = math.inf
+        self._samples: list[torch.Tensor] = []
         if self.histogram is not None:
             self.histogram.reset()
 
@@ -63,6 +69,19 @@ class TensorStatistics:
         self.batches += 1
         if self.histogram is not None:
             self.histogram.collect(x)
+        if self.sampling:
+            flat = x.flatten().float()
+            if flat.numel() > SAMPLE_PER_BATCH:
+                pick = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(self.batches))
+                flat = flat[pick[:SAMPLE_PER_BATCH].to(flat.device)]
+            self._samples.append(flat.cpu())
+
+    def sample(self) -> torch.Tensor:
+        """The signed values kept (at most ``SAMPLE_SIZE``, seeded), for a range fit."""
+        values = torch.cat(self._samples) if self._samples else torch.zeros(0)
+        if values.numel() > SAMPLE_SIZE:
+            values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:SAMPLE_SIZE]]
+        return values
 
     def hist(self) -> tuple[np.ndarray, np.ndarray]:
         """Counts and bin edges of |x| (as pytorch-quantization hands them to its amax searches)."""
