@@ -107,6 +107,7 @@ CASES = [
      ["budget 5 is below the", "full evaluations that the uniform baselines take"]),
     ("explore", ["--sensitivity", "hessian"], ["unknown sensitivity 'hessian'"]),
     ("explore", ["--early-reject", "--metric", "kl"], ["early-reject", "kl"]),
+    ("explore", ["--early-reject", "sometimes"], ["early-reject", "sometimes"]),
     ("explore", ["--calibration", "/nonexistent/calibration.json"], ["calibration file", "does not exist"]),
     ("explore", ["--calibration", "{calibration}"], ["calibration file", "not a quantsearch calibration file"]),
     ("explore", ["--resume", "/nonexistent/run"], ["holds no run store"]),

@@ -60,7 +60,8 @@ def test_validation_split_keeps_only_points_that_hold_there(tmp_path):
     out = tmp_path / "run"
     assert main(["--bits", "3:8", "--pop-size", "6", "--generations", "2", "--eval-samples", "300",
                  "--validation-samples", "600", "--holdout-samples", "600", "--calib-batches", "1", "--batch-size",
-                 "100", "--max-accuracy-drop", "0.005", "--no-progress", "--log-level", "WARNING",
+                 "100", "--max-accuracy-drop", "0.005", "--validation-confidence", "0.5", "--no-progress",
+                 "--log-level", "WARNING",
                  "--out", str(out)]) == 0
     run = json.loads((out / "run.json").read_text())
     fp32, validation = run["fp32_accuracy"], run["validation"]
@@ -93,10 +94,60 @@ def test_a_front_point_that_fails_validation_gives_way_to_the_point_it_hid():
         measured.append(tuple(model.bit_widths))
         return on_validation[tuple(model.bit_widths)]
 
-    session = SimpleNamespace(bound=Bound(0.8), qmodel=qmodel, config=SimpleNamespace(min_accuracy=0.8),
+    validate.fraction = False  # a metric that counts no hits: the value itself must meet the bound
+    session = SimpleNamespace(bound=Bound(0.8), qmodel=qmodel,
+                              config=SimpleNamespace(min_accuracy=0.8, validation_confidence=0.8),
                               evaluator=lambda split: validate if split == "validation" else None)
     problem = SimpleNamespace(costs=[SimpleNamespace(name="bits")])
     evaluations = [Evaluation(bits, accuracy, {"bits": cost}, 0.0) for bits, (accuracy, cost) in search.items()]
-    front, validation = _validated_front(session, problem, evaluations, progress=False)
-    assert [e.bits for e in front] == [(3,), (4,)]
+    front, validation, failed = _validated_front(session, problem, evaluations, progress=False)
+    assert [e.bits for e in front] == [(3,), (4,)] and failed == {(2,)}
     assert validation == on_validation and sorted(measured) == [(2,), (3,), (4,)]
+
+
+def test_paired_drop_by_hand_and_the_paired_validation_check():
+    """Differences FP32 - model per image: [0, 1, 0, -1, 1]: mean 0.2, sample sd sqrt(2.8 / 4) = 0.83666; the 80 %
+    one-sided bound adds z = 0.841621 x 0.83666 / sqrt(5) = 0.314906. A point passes when that bound is within the
+    allowed drop, whatever its point estimate says."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from quantsearch.run.pipeline import _validation_check
+    from quantsearch.search.confidence import paired_drop
+
+    reference, hits = torch.tensor([1, 1, 1, 0, 1]), torch.tensor([1, 0, 1, 1, 0])
+    drop, upper = paired_drop(reference, hits, 0.8)
+    assert drop == pytest.approx(0.2) and upper == pytest.approx(0.514906, abs=1e-6)
+    assert paired_drop(reference, hits, 0.5) == (pytest.approx(0.2), pytest.approx(0.2))
+    assert paired_drop(reference, reference, 0.99) == (0.0, 0.0)  # the same predictions: no doubt at all
+
+    n = 1000  # FP32 right on 900; the model loses 12 of them and gains 2 others: drop 1.0 point, 14 disagreements
+    fp32 = torch.zeros(n, dtype=torch.bool)
+    fp32[:900] = True
+    model = fp32.clone()
+    model[:12] = False
+    model[900:902] = True
+    qmodel = SimpleNamespace(quantization_disabled=lambda: _Toggle(state), bit_widths=None)
+    state = {"fp32": False}
+    evaluate = SimpleNamespace(fraction=True, num_samples=n,
+                               sample_hits=lambda _m: fp32 if state["fp32"] else model)
+    for confidence, allowed, passes in ((0.5, 0.0101, True), (0.8, 0.0101, False), (0.8, 0.014, True)):
+        config = SimpleNamespace(min_accuracy=None, max_accuracy_drop=allowed, validation_confidence=confidence)
+        session = SimpleNamespace(config=config, qmodel=qmodel, bound=Bound(0.89),
+                                  evaluator=lambda split: evaluate, fp32=lambda split: 0.9)
+        accuracy, passed = _validation_check(session)(qmodel)
+        # sd of the differences: sqrt((14 - 1000 * 0.01^2) / 999) = 0.118030; bound 0.01 + 0.841621 * 0.118030 /
+        # sqrt(1000) = 0.013141 at 80 %
+        assert accuracy == pytest.approx(0.89) and passed == passes, (confidence, allowed)
+
+
+class _Toggle:
+    def __init__(self, state):
+        self.state = state
+
+    def __enter__(self):
+        self.state["fp32"] = True
+
+    def __exit__(self, *exc):
+        self.state["fp32"] = False

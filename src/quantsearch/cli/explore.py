@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", help="how greedy, ilp and guided rate the genes: measured (single-gene "
                    "evaluations, AMP) or gradient (one backward pass, HAWQ/ModelOpt); default: measured for greedy, "
                    "gradient for ilp and guided")
-    p.add_argument("--early-reject", nargs="?", const="floor", choices=("off", "floor", "front", "auto"),
+    p.add_argument("--early-reject", nargs="?", const="floor", metavar="MODE",
                    help="stop evaluating a candidate once it is below the floor (floor; the flag alone), or also once "
                    "it cannot beat a cheaper point (front: racing), with 99.9 %% confidence; off; auto (default): "
                    "front for metrics that count hits per image")
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused if it was made for other weights or data")
     p.add_argument("--eval-samples", type=int, help=f"images in the search split (default {d.eval_samples})")
     p.add_argument("--holdout-samples", type=int, help="images in the hold-out split (default: the rest)")
+    p.add_argument("--validation-confidence", type=float,
+                   help="one-sided confidence at which a front candidate must pass the validation split (default "
+                   "0.8; paired with FP32 on the same images for max-accuracy-drop; 0.5: the point estimate)")
     p.add_argument("--validation-samples", type=int,
                    help="images of a validation split that every front candidate must also pass before it is "
                         "reported (default 0: none); taken before the hold-out split, which stays untouched")
@@ -180,9 +183,11 @@ def print_report(run) -> None:
                           *[h for c in run.cost_names for h in (c, "x FP32")], "bits per searched quantizer"], rows))
     validation = run.summary.get("validation")
     if validation:
+        level = (f" at {100 * validation['confidence']:.0f} % one-sided confidence, {validation.get('test')}"
+                 if validation.get("confidence") is not None else "")
         print(f"validation: {validation['checked']} front candidates measured on the validation split, "
-              f"{validation['failed']} failed its {bound.kind} ({show(validation['bound']['limit'])}{unit}) and were "
-              "left off the front")
+              f"{validation['failed']} failed its {bound.kind} ({show(validation['bound']['limit'])}{unit}{level}) "
+              "and were left off the front")
     holdout_bound = run.summary.get("holdout_bound")
     if holdout_bound and run.front:
         unconfirmed = sum(1 for e in run.front if run.confirmed.get(e.bits) is False)

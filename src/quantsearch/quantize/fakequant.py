@@ -7,9 +7,10 @@ the same float32 operations in the same order (``x * scale``, round half to even
 Function with temporaries and per-call checks. The result is bit-identical to ``TensorQuantizer`` (tests compare
 them on random and real activations).
 
-Eager passes scale and clamp by Python numbers (the float32 ``scale``, held per amax and width): a 0-dim tensor
-operand takes PyTorch's broadcasting path, about 3x slower per op on CPU, with the same float32 results. Under
-``torch.compile`` the integer range comes from a tensor buffer updated in place when ``num_bits`` changes, so a
+Eager on CPU, scale and clamp take Python numbers (the float32 ``scale``, held per amax value and width): a 0-dim
+tensor operand takes PyTorch's broadcasting path, about 3x slower per op on CPU, with the same float32 results
+(on GPU the tensor operands stay: reading amax there would synchronise). Under ``torch.compile`` the integer
+range comes from a tensor buffer updated in place when ``num_bits`` changes, so a
 compiled model holds one graph for every candidate configuration: no Python number that changes between
 candidates is baked into it.
 
@@ -60,7 +61,7 @@ class FastTensorQuantizer(TensorQuantizer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("_range", torch.tensor(self._current_range()), persistent=False)
-        self._scalars: tuple = (None, (), 0.0, 0.0, 0.0)  # (amax, key, scale, low, bound) of the eager path
+        self._scalars: tuple = ((), 0.0, 0.0, 0.0)  # (key, scale, low, bound) of the eager CPU path
 
     def _current_range(self) -> list[float]:
         return _integer_range(self._num_bits, self._unsigned, self._narrow_range)
@@ -91,22 +92,22 @@ class FastTensorQuantizer(TensorQuantizer):
                 or TensorQuantizer.use_fb_fake_quant or inputs.dtype != torch.float32
                 or (inputs.requires_grad and torch.is_grad_enabled()) or self._scale_amax is not None):
             return super()._quant_forward(inputs)
-        if torch.compiler.is_compiling():
+        if inputs.is_cpu and not torch.compiler.is_compiling():
+            scale, low, bound = self._eager_scalars(amax)
+        else:
             bound, low = self._range[0], self._range[1]
             scale = bound / amax  # the same float32 scale TensorQuantizer computes: tensor(bound) / amax
-        else:
-            scale, low, bound = self._eager_scalars(amax)
         out = inputs * scale
         out.round_()
         out.clamp_(low, bound)
         return out.div_(scale)
 
     def _eager_scalars(self, amax: torch.Tensor) -> tuple[float, float, float]:
-        """``(scale, low, bound)`` as Python numbers, computed in float32 once per amax value and width (the amax
-        tensor itself is held, so a new one can never pass for it at a recycled address)."""
-        key = (amax._version, self._num_bits, self._unsigned, self._narrow_range)
-        if self._scalars[0] is not amax or self._scalars[1] != key:
+        """``(scale, low, bound)`` as Python numbers, computed in float32 once per amax value and width (keyed by
+        the value itself, so an amax changed in any way, ``.data`` writes included, is seen)."""
+        key = (amax.item(), self._num_bits, self._unsigned, self._narrow_range)
+        if self._scalars[0] != key:
             bound, low = self._current_range()
-            scale = float(torch.tensor(bound, dtype=torch.float32, device=amax.device) / amax)
-            self._scalars = (amax, key, scale, low, bound)
-        return self._scalars[2:]
+            scale = float(torch.tensor(bound, dtype=torch.float32) / amax)
+            self._scalars = (key, scale, low, bound)
+        return self._scalars[1:]

@@ -134,7 +134,9 @@ def _summary(session: Session, found: dict) -> dict:
         "confidence": CONFIDENCE,
         "validation": None if found.get("validation_bound") is None else {
             "bound": found["validation_bound"].to_dict(), "checked": len(found["validation"]),
-            "failed": sum(not found["validation_bound"].holds(v) for v in found["validation"].values())},
+            "failed": len(found.get("validation_failed", ())),
+            "confidence": config.validation_confidence,
+            "test": "paired with FP32 on the same images" if config.min_accuracy is None else "Wilson lower bound"},
         "quantizers": session.qmodel.quantizer_names, "search_space": config.search_space, "genes": session.genes,
         "fp32_accuracy": found["fp32"], "fp32_costs": fp32_costs,
         "baselines": {name: baseline(name) for name in found["baseline_costs"]},

@@ -18,6 +18,7 @@ from ..fingerprints import fingerprint_values
 from ..search.algorithms import run_algorithm
 from ..search.bound import Bound
 from ..search.budget import Budget, evaluation_cost
+from ..search.confidence import one_sided_z, paired_drop, wilson_interval
 from ..search.costs import COSTS
 from ..search.front import pareto_front
 from ..search.problem import Evaluation, LayerwiseQuantizationProblem
@@ -256,31 +257,60 @@ def split_bound(session: Session, split: str) -> Bound | None:
     return session.bound.shifted(session.fp32(split) - session.fp32("search") if relative else 0.0)
 
 
-def _validated_front(session: Session, problem, evaluations: list[Evaluation], progress: bool) -> tuple[list, dict]:
-    """The front of ``evaluations`` whose every point also meets the bound on the validation split.
+def _validated_front(session: Session, problem, evaluations: list[Evaluation],
+                     progress: bool) -> tuple[list, dict, set]:
+    """The front of ``evaluations`` whose every point also passes the validation split (:func:`_validation_check`);
+    returns it, each checked point's validation metric and the points that failed.
 
     A point that fails is dropped and the front recomputed without it, so a point it hid can take its place;
     each configuration is measured on the validation split once. Without a validation split: the plain front."""
     cost_names = [c.name for c in problem.costs]
-    evaluate, bound = session.evaluator("validation"), split_bound(session, "validation")
+    evaluate = session.evaluator("validation")
+    check = _validation_check(session) if evaluate is not None else None
     validation, failed = {}, set()
     while True:
         front = pareto_front([e for e in evaluations if e.bits not in failed], session.bound, cost_names)
         new = [e for e in front if e.bits not in validation] if evaluate is not None else []
         if not new:
-            return front, validation
+            return front, validation, failed
         for e in _phase(new, "validation check", progress):
             session.qmodel.bit_widths = e.bits
-            validation[e.bits] = evaluate(session.qmodel)
-            if not bound.holds(validation[e.bits]):
+            validation[e.bits], passed = check(session.qmodel)
+            if not passed:
                 failed.add(e.bits)
+
+
+def _validation_check(session: Session):
+    """``qmodel -> (metric, passed)`` on the validation split, at ``validation-confidence`` (one-sided).
+
+    A drop bound (``max-accuracy-drop``) with a metric that counts hits is tested paired, on the same images as
+    FP32: the upper confidence bound of the drop must be within the allowed drop. An absolute ``min-accuracy``:
+    the lower Wilson bound must reach it. Other metrics: the value must meet the bound."""
+    config, evaluate, bound = session.config, session.evaluator("validation"), split_bound(session, "validation")
+    z = one_sided_z(config.validation_confidence)
+    reference = None
+    if config.min_accuracy is None and evaluate.fraction:
+        with session.qmodel.quantization_disabled():
+            reference = evaluate.sample_hits(session.qmodel)
+
+    def check(qmodel) -> tuple[float, bool]:
+        if reference is not None:
+            hits = evaluate.sample_hits(qmodel)
+            _, upper = paired_drop(reference, hits, config.validation_confidence)
+            return float(hits.float().mean()), upper <= float(config.max_accuracy_drop) + 1e-12
+        value = evaluate(qmodel)
+        if config.min_accuracy is not None and evaluate.fraction and bound.higher_is_better:
+            return value, wilson_interval(value, evaluate.num_samples, z)[0] >= bound.limit
+        return value, bound.holds(value)
+
+    return check
 
 
 def _confirm_front(session: Session, problem, store: RunStore, progress: bool = False) -> dict:
     """The front of every stored evaluation, validated (with a validation split), then each point re-measured on
     the hold-out split and confirmed (or not) there against :func:`split_bound`."""
     evaluations = [e for e, _ in store.evaluations() if problem.in_space(e.bits)]
-    front, validation = _validated_front(session, problem, evaluations, progress)
+    front, validation, failed = _validated_front(session, problem, evaluations, progress)
     holdout_eval, bound = session.evaluator("holdout"), split_bound(session, "holdout")
     holdout, confirmed = {}, {}
     if holdout_eval is not None:
@@ -289,7 +319,8 @@ def _confirm_front(session: Session, problem, store: RunStore, progress: bool = 
             holdout[e.bits] = holdout_eval(session.qmodel)
             confirmed[e.bits] = bound.holds(holdout[e.bits])
     return {"front": front, "holdout": holdout, "confirmed": confirmed, "holdout_bound": bound,
-            "validation": validation, "validation_bound": split_bound(session, "validation")}
+            "validation": validation, "validation_failed": failed,
+            "validation_bound": split_bound(session, "validation")}
 
 
 def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,

@@ -56,6 +56,7 @@ class ExploreConfig:
     eval_samples: int = 3000
     holdout_samples: int | None = None
     validation_samples: int = 0  # images that re-check the front's candidates before they are reported (0: none)
+    validation_confidence: float = 0.8  # one-sided; paired with FP32 for max-accuracy-drop (see run/pipeline.py)
     batch_size: int = 250
     seed: int = 0
     device: str = "cpu"
@@ -160,6 +161,9 @@ class ExploreConfig:
         if not isinstance(self.validation_samples, int) or isinstance(self.validation_samples, bool) \
                 or self.validation_samples < 0:
             raise ConfigError(f"validation-samples must be a non-negative integer, got {self.validation_samples!r}")
+        if isinstance(self.validation_confidence, bool) or not isinstance(self.validation_confidence, (int, float)) \
+                or not 0.5 <= self.validation_confidence < 1.0:
+            raise ConfigError(f"validation-confidence must lie in [0.5, 1), got {self.validation_confidence!r}")
         if self.holdout_samples is not None and (not isinstance(self.holdout_samples, int)
                                                  or self.holdout_samples < 0):
             raise ConfigError(f"holdout-samples must be a non-negative integer, got {self.holdout_samples!r}")

@@ -268,6 +268,20 @@ class Evaluator:
             raise NumericalError(self._nonfinite(model, run))
         return self.metric.compute()
 
+    def sample_hits(self, model: nn.Module) -> torch.Tensor | None:
+        """Per image of the split, in order, whether ``model`` scores a hit (None: the metric counts no hits), for
+        paired comparisons on the same images (see :mod:`quantsearch.search.confidence`)."""
+        model.eval()
+        run, hits = self.runner(model), []
+        with torch.inference_mode():
+            for i, (x, y) in enumerate(self.batches):
+                hit = self.metric.hits(self._forward(run, x), y,
+                                       self.references[i] if self.references is not None else None)
+                if hit is None:
+                    return None
+                hits.append(hit.cpu())
+        return torch.cat(hits)
+
     def _check(self, rejection: EarlyRejection, checks: int, bar: float | None, finite, model, run) -> None:
         """Raise :class:`EarlyRejected` if the hits so far reject the floor (or, failing that, ``bar``)."""
         hits, seen = self.metric.successes()

@@ -59,6 +59,11 @@ class Metric:
         """``(hits, samples)`` so far for a metric that is a fraction of samples (top-k, agreement), else None."""
         return None
 
+    def hits(self, outputs: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor | None:
+        """Per sample, whether it counts as a hit (a metric that is a fraction of samples), else None; paired
+        comparisons with FP32 on the same images use it."""
+        return None
+
 
 class TopK(Metric):
     """The fraction of samples whose label is among the ``k`` highest outputs."""
@@ -74,12 +79,13 @@ class TopK(Metric):
     def reset(self) -> None:
         self.correct, self.total = 0, 0
 
-    def update(self, outputs, labels, reference=None) -> None:
+    def hits(self, outputs, labels, reference=None) -> torch.Tensor:
         if self.k == 1:
-            hit = outputs.argmax(1) == labels
-        else:
-            hit = (outputs.topk(min(self.k, outputs.shape[1]), dim=1).indices == labels[:, None]).any(1)
-        self.correct = self.correct + hit.sum()  # stays on the device: one synchronisation, in compute
+            return outputs.argmax(1) == labels
+        return (outputs.topk(min(self.k, outputs.shape[1]), dim=1).indices == labels[:, None]).any(1)
+
+    def update(self, outputs, labels, reference=None) -> None:
+        self.correct = self.correct + self.hits(outputs, labels).sum()  # on the device: one sync, in compute
         self.total += len(labels)
 
     def compute(self) -> float:
@@ -105,8 +111,11 @@ class Agreement(Metric):
     def reset(self) -> None:
         self.same, self.total = 0, 0
 
+    def hits(self, outputs, labels, reference) -> torch.Tensor:
+        return outputs.argmax(1) == reference
+
     def update(self, outputs, labels, reference) -> None:
-        self.same = self.same + (outputs.argmax(1) == reference).sum()
+        self.same = self.same + self.hits(outputs, labels, reference).sum()
         self.total += len(reference)
 
     def compute(self) -> float:
