@@ -22,13 +22,13 @@ import argparse
 import csv
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from bench_default_run import run_seeds  # noqa: E402  (one way to run variants and seeds, old code for 'before')
 VARIANTS = {"before": ["--early-reject", "floor", "--budget", "400", "--validation-samples", "0"],
             "after": ["--early-reject", "front", "--budget", "240", "--validation-samples", "2000"]}
 
@@ -56,21 +56,10 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
     clock = time.perf_counter()
-    results: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds.split(","):
-            for variant in args.variants.split(","):
-                flags = VARIANTS[variant]
-                out = Path(tmp) / f"{variant}-{seed}"
-                argv = [variant, "--config", args.config, "--out", str(out), "--seed", seed, "--no-progress", *flags]
-                start = time.perf_counter()
-                subprocess.run([sys.executable, str(HERE / "bench_default_run.py"), "--child", *argv], check=True,
-                               capture_output=True)
-                r = summary(out) | {"wall": time.perf_counter() - start}
-                results.setdefault(variant, []).append(r)
-                print(f"  {variant} seed {seed}: {r['wall']:.0f} s, {r['evaluations']} evaluations, {r['meet']} of "
-                      f"{r['reported']} reported points meet the hold-out floor, cheapest of those {r['cheapest']:.3f} "
-                      f"x W8A8 BOPs, hold-out HV {r['hv']:.4f}", flush=True)
+    results = run_seeds(args.seeds, args.variants, VARIANTS, args.config, summary, lambda v, seed, r: (
+        f"  {v} seed {seed}: {r['wall']:.0f} s, {r['evaluations']} evaluations, {r['meet']} of {r['reported']} "
+        f"reported points meet the hold-out floor, cheapest of those {r['cheapest']:.3f} x W8A8 BOPs, hold-out HV "
+        f"{r['hv']:.4f}"))
     print(f"\n{args.config}, seeds {args.seeds}")
     print(f"{'variant':8} {'wall s (median)':>16} {'x before':>9} {'meet hold-out floor':>20} "
           f"{'HV hold-out (mean)':>19} {'x before':>9}")

@@ -51,6 +51,30 @@ def child(variant: str, argv: list[str]) -> int:
     return main(argv)
 
 
+def run_variant(variant: str, argv: list[str]) -> float:
+    """One explore run of ``variant`` in a fresh process (``before``: the old code restored there); wall seconds."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", variant, *argv], check=True,
+                   capture_output=True)
+    return time.perf_counter() - start
+
+
+def run_seeds(seeds: str, variants: str, flags: dict, config: str | None, summarize, describe) -> dict:
+    """Every variant on every seed (comma-separated), each in a fresh process writing a temporary run directory;
+    ``summarize(run_dir)`` scores it and ``describe(variant, seed, result)`` prints a line. Results by variant."""
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds.split(","):
+            for variant in variants.split(","):
+                out = Path(tmp) / f"{variant}-{seed}"
+                argv = ["--out", str(out), "--seed", seed, "--no-progress", *flags[variant]]
+                wall = run_variant(variant, argv + (["--config", config] if config else []))
+                result = summarize(out) | {"wall": wall, "seed": seed}
+                results.setdefault(variant, []).append(result)
+                print(describe(variant, seed, result), flush=True)
+    return results
+
+
 def holdout_hypervolume(run_dir: Path) -> dict:
     from pymoo.indicators.hv import HV
     import numpy as np
@@ -80,20 +104,10 @@ def main() -> None:
     if args.child:
         sys.exit(child(args.child[0], args.child[1:]))
     clock = time.perf_counter()
-    results: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds.split(","):
-            for variant in args.variants.split(","):
-                out = Path(tmp) / f"{variant}-{seed}"
-                argv = [variant, "--out", str(out), "--seed", seed, "--no-progress", *VARIANTS[variant]]
-                argv += ["--config", args.config] if args.config else []
-                start = time.perf_counter()
-                subprocess.run([sys.executable, __file__, "--child", *argv], check=True, capture_output=True)
-                r = holdout_hypervolume(out) | {"wall": time.perf_counter() - start, "seed": seed}
-                results.setdefault(variant, []).append(r)
-                print(f"  {variant} seed {seed}: {r['wall']:.0f} s, {r['evaluations']} evaluations, "
-                      f"{r['per_eval']:.2f}x FP32 per evaluation, {r['confirmed']}/{r['front']} confirmed, "
-                      f"cheapest confirmed {r['cheapest']:.4f} of FP32 bits, hold-out HV {r['hv']:.4f}", flush=True)
+    results = run_seeds(args.seeds, args.variants, VARIANTS, args.config, holdout_hypervolume, lambda v, seed, r: (
+        f"  {v} seed {seed}: {r['wall']:.0f} s, {r['evaluations']} evaluations, {r['per_eval']:.2f}x FP32 per "
+        f"evaluation, {r['confirmed']}/{r['front']} confirmed, cheapest confirmed {r['cheapest']:.4f} of FP32 bits, "
+        f"hold-out HV {r['hv']:.4f}"))
     print(f"\n{args.config or 'embedded demo'}, seeds {args.seeds}: medians (and ratios against 'before')")
     print(f"{'variant':8} {'wall s':>7} {'x before':>9} {'evals':>6} {'eval/FP32':>10} {'confirmed':>10} "
           f"{'HV hold-out':>12} {'x before':>9}")
