@@ -159,7 +159,7 @@ def test_explore_apply_resume_and_export_with_log2(tmp_path, capsys):
 
     assert resume_config(out).quant_forms == {ATTENTION: "log2"}
     assert apply_main([str(point), "--export", str(tmp_path / "p.onnx")]) == 2
-    assert "has the log2 form: ONNX Q/DQ holds uniform grids only" in capsys.readouterr().err
+    assert "has the log2 form (the log2 grid at" in capsys.readouterr().err
     assert explore_main(["--resume", str(out), "--quant-form", "*=log2"]) == 2
     assert explore_main([*SMALL, "--quant-form", "no-equals-sign", "--out", str(tmp_path / "r2")]) == 2
     assert "--quant-form takes GLOB=FORM" in capsys.readouterr().err
@@ -233,3 +233,32 @@ def test_asymmetric_bitconfig_round_trip_and_onnx_export(asymmetric, tmp_path):
     out = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
     assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
     assert float((out - expected).abs().max()) < 0.5
+
+
+def test_log2_narrow_is_log2_at_four_bits_and_below_and_uniform_above(fashion_splits_small, tmp_path):
+    """log2-narrow: the log grid (amax = the calibration maximum) at <= 4 bits, the unsigned uniform grid with the
+    method's amax above; export refuses it only where it is on the log grid."""
+    from quantsearch.deploy.export import ExportError
+    from quantsearch.deploy.onnx_export import export_onnx
+    from quantsearch.quantize.forms import NarrowLog2TensorQuantizer
+
+    x = torch.tensor([1.0, 0.7, 0.3, 0.02])
+    assert torch.equal(fake_quantize("log2-narrow", x, torch.tensor(1.0), 3, True),
+                       log2_fake_quant(x, torch.tensor(1.0), 3))
+    # 5 bits, unsigned uniform: 31 levels of 1/31
+    assert torch.equal(fake_quantize("log2-narrow", x, torch.tensor(1.0), 5, True),
+                       fake_quantize("uniform", x, torch.tensor(1.0), 5, True))
+    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True,
+                                       forms={ATTENTION: "log2-narrow"})
+    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
+    calibration = calibrate(qmodel, loader, 2, "percentile", bits=(2, 8), percentile=99.0)
+    c = calibration.quantizers["blocks.0.attn.attn_drop"]
+    assert c.form == "log2-narrow" and c.unsigned
+    assert all(c.amax[b] == c.absmax for b in (2, 3, 4)) and all(c.amax[b] < c.absmax for b in (5, 6, 7, 8))
+    assert isinstance(qmodel.quantizer("blocks.0.attn.attn_drop"), NarrowLog2TensorQuantizer)
+    sample = next(iter(loader))[0][:4]
+    qmodel.bit_widths = {n: 6 for n in qmodel.quantizer_names}
+    export_onnx(qmodel, tmp_path / "six.onnx", sample[:2])  # uniform at 6 bits: exportable
+    qmodel.bit_widths = {n: (4 if n.endswith("attn_drop") else 6) for n in qmodel.quantizer_names}
+    with pytest.raises(ExportError, match="log2-narrow form \\(the log2 grid at 4 bits\\)"):
+        export_onnx(qmodel, tmp_path / "four.onnx", sample[:2])

@@ -81,6 +81,8 @@ def export_quantized(qmodel, config: BitConfig, path: str | Path) -> tuple[Path,
                          "fake_quant": "clamp(round(x * scale), -(2**(num_bits-1) - 1), 2**(num_bits-1) - 1) / scale",
                          "unsigned": "bitconfig.quantizers[name].unsigned: scale = (2**num_bits - 1) / amax, "
                                      "clamp to [0, 2**num_bits - 1]",
+                         "log2-narrow": "bitconfig.quantizers[name].form == 'log2-narrow': as log2 at num_bits <= 4, "
+                                        "as unsigned above",
                          "log2": "bitconfig.quantizers[name].form == 'log2': k = round(-log2(x / amax)) clamped "
                                  "below at 0; amax * 2**-k, or 0 where k > 2**num_bits - 2 or x <= 0",
                          "asymmetric": "bitconfig.quantizers[name].form == 'asymmetric': low = "

@@ -8,7 +8,7 @@ What each quantizer becomes (the Q/DQ form TensorRT's explicit quantization and 
   as in PyTorch. Unsigned (data never negative): uint8, ``qmax = 2^b - 1``, ``Clip(x, 0, qmax*s)``.
 - **activation**, asymmetric form: uint8 with its zero point ``z`` and ``s = (high - low) / (2^b - 1)``, below 8
   bits after ``Clip(x, -z*s, (2^b - 1 - z)*s)``: exactly the fake quantizer's ``round(x / s)`` grid.
-- log2 quantizers have no Q/DQ form and are refused by name.
+- log2 quantizers (and log2-narrow ones at 4 bits and below) have no Q/DQ form and are refused by name.
 - **weight**, per output channel: the integer codes themselves, computed exactly as the fake quantizer computes
   them, stored as an int8 constant (packed int4 at opset 21 where every code fits in [-8, 7]), then
   ``DequantizeLinear(codes, amax / qmax, axis=0)``. The FP32 weights are not in the file.
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..quantize.forms import asymmetric_grid
+from ..quantize.limits import log_grid_at
 from .export import ExportError
 
 __all__ = ["OPSET", "INT4_OPSET", "export_onnx", "export_fp32_onnx", "onnx_session", "run_onnx", "onnx_latency",
@@ -123,9 +124,11 @@ def weight_codes(weight: torch.Tensor, amax: torch.Tensor, bits: int) -> tuple[t
 
 def _check_exportable(qmodel) -> None:
     for name, form in qmodel.forms.items():
-        if form == "log2" and not qmodel.quantizer(name)._disabled:
-            raise ExportError(f"quantizer {name!r} has the {form} form: ONNX Q/DQ holds uniform grids only; "
-                              "export a bit-config whose quantizers are uniform or asymmetric")
+        q = qmodel.quantizer(name)
+        if log_grid_at(form, q.num_bits) and not q._disabled:
+            raise ExportError(f"quantizer {name!r} has the {form} form (the log2 grid at {q.num_bits} bits): ONNX "
+                              "Q/DQ holds uniform grids only; export a bit-config whose quantizers are uniform or "
+                              "asymmetric")
     for name, q in qmodel.named_quantizers():
         if not q._disabled and q.num_bits > MAX_EXPORT_BITS:
             raise ExportError(f"quantizer {name!r} is at {q.num_bits} bits: Q/DQ export covers 2 to "

@@ -13,6 +13,10 @@
   smallest power, zero or negative becomes 0, and one above amax saturates at amax. Its amax is the calibration
   maximum at every width (clipping the largest probabilities costs most).
 
+- ``log2-narrow``: log2 at 4 bits and below, uniform (unsigned) above. The log grid's top steps (1, 1/2, 1/4)
+  cost more than they save at 6-8 bits and pay at 3-4 (see the README's forms table), so a search that moves the
+  attention probabilities between widths gets the better grid at each.
+
 Cost: a ``b``-bit log2 code multiplies as a ``b``-bit shift, so BOPs and sizes count it as ``b`` bits, like a
 uniform code; deployment as ONNX Q/DQ has no log grid, so export refuses it (by name). An asymmetric code also
 counts as ``b`` bits: its zero point adds ``zero x (sum of the weights of each output)`` to an integer matmul, a
@@ -29,9 +33,9 @@ from typing import Iterable, Mapping
 import torch
 
 from .fakequant import FastTensorQuantizer
-from .limits import DEFAULT_FORM, FORMS, check_forms
+from .limits import DEFAULT_FORM, FORMS, check_forms, log_grid_at
 
-__all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid",
+__all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "NarrowLog2TensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid",
            "asymmetric_fake_quant", "fake_quantize", "fit_asymmetric", "log2_fake_quant", "uniform_fake_quant",
            "resolve_forms", "form_of"]
 
@@ -99,7 +103,7 @@ def fake_quantize(form: str, x: torch.Tensor, amax, bits: int, unsigned: bool, l
                   ) -> torch.Tensor:
     """What a quantizer of ``form`` makes of ``x`` at ``bits`` (for estimates that do not run the model);
     ``low`` is an asymmetric quantizer's lower end (``amax`` its upper)."""
-    if form == "log2":
+    if log_grid_at(form, bits):
         return log2_fake_quant(x, amax, bits)
     if form == "asymmetric":
         return asymmetric_fake_quant(x, float(low), float(amax), bits)
@@ -143,8 +147,19 @@ class AsymmetricTensorQuantizer(FastTensorQuantizer):
         return asymmetric_fake_quant(inputs.float(), float(self._low), float(amax), self._num_bits).to(inputs.dtype)
 
 
+class NarrowLog2TensorQuantizer(Log2TensorQuantizer):
+    """log2 at ``LOG2_NARROW_TOP`` bits and below, the uniform unsigned grid above (calibrated per width)."""
+
+    form = "log2-narrow"
+
+    def _quant_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if log_grid_at(self.form, self._num_bits):
+            return super()._quant_forward(inputs)
+        return FastTensorQuantizer._quant_forward(self, inputs)
+
+
 QUANTIZER_CLASSES = {"uniform": FastTensorQuantizer, "asymmetric": AsymmetricTensorQuantizer,
-                     "log2": Log2TensorQuantizer}
+                     "log2": Log2TensorQuantizer, "log2-narrow": NarrowLog2TensorQuantizer}
 assert tuple(QUANTIZER_CLASSES) == FORMS
 
 

@@ -2,12 +2,13 @@
 
 pytorch-quantization's fake quantization is exact from 2 to 16 bits. A form is the grid a quantizer rounds to
 (:mod:`quantsearch.quantize.forms`): ``uniform`` (pytorch-quantization's, symmetric or unsigned), ``asymmetric``
-(a zero point) or ``log2``.
+(a zero point), ``log2``, or ``log2-narrow`` (log2 at 4 bits and below, uniform above: the log grid where it pays).
 """
-__all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "check_forms"]
+__all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "LOG2_NARROW_TOP", "check_forms", "log_grid_at"]
 
 MIN_BITS, MAX_BITS = 2, 16
-FORMS = ("uniform", "asymmetric", "log2")
+FORMS = ("uniform", "asymmetric", "log2", "log2-narrow")
+LOG2_NARROW_TOP = 4  # log2-narrow: the log grid at this width and below, the uniform (unsigned) grid above
 DEFAULT_FORM = "uniform"
 
 
@@ -23,3 +24,8 @@ def check_forms(forms, where: str = "quant-forms") -> dict[str, str]:
         if form not in FORMS:
             raise ValueError(f"{where}[{glob!r}]: unknown form {form!r}; choose from {', '.join(FORMS)}")
     return dict(forms)
+
+
+def log_grid_at(form: str, bits: int) -> bool:
+    """Whether a quantizer of ``form`` rounds to the log2 grid at ``bits``."""
+    return form == "log2" or (form == "log2-narrow" and int(bits) <= LOG2_NARROW_TOP)

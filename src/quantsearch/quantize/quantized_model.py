@@ -243,7 +243,7 @@ class QuantizedActivationsModel(nn.Module):
 
     @property
     def forms(self) -> dict[str, str]:
-        """The form of every quantizer (``uniform`` or ``log2``; weights are uniform)."""
+        """The form of every quantizer (see :mod:`quantsearch.quantize.forms`; weights are uniform)."""
         return {n: form_of(q) for n, q in self._quantizers.items()}
 
     def weight_module(self, name: str) -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 from ...fingerprints import DataDigest, fingerprint_model
 from ..fakequant import quiet_quantizers
 from ..forms import fit_asymmetric
-from ..limits import MAX_BITS, MIN_BITS
+from ..limits import MAX_BITS, MIN_BITS, log_grid_at
 from .methods import HISTOGRAM_METHODS, PER_BIT_METHODS, CalibrationError, MethodSpec, resolve_methods
 from .result import Calibration, QuantizerCalibration
 from .statistics import NUM_BINS, TensorStatistics
@@ -50,7 +50,8 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
         bits: inclusive bit-width range of the amax table (a width outside it takes the nearest width's amax).
         detect_unsigned: give quantizers whose calibration data is never negative the unsigned range.
 
-    A log2 quantizer takes the calibration maximum at every width (method ``max``) whatever the method says.
+    A log2 quantizer takes the calibration maximum at every width (method ``max``) whatever the method says; a
+    log2-narrow one at its log2 widths, and the method's amax (unsigned) above.
     """
     activations = qmodel.activation_names
     specs = resolve_methods(activations, MethodSpec(method, percentile, momentum).validated(), overrides)
@@ -116,20 +117,22 @@ def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, for
     if not math.isfinite(s.absmax) or s.absmax <= 0:
         raise CalibrationError(f"quantizer {name!r} has amax {s.absmax}: it cannot quantize (zero or "
                                "non-finite calibration data)")
-    if form == "log2":  # its top power is the largest value seen: clipping the largest costs most
-        if s.min < 0:
-            raise CalibrationError(f"quantizer {name!r} has the log2 form but saw negative values (min "
-                                   f"{s.min:.4g}): log2 suits non-negative tensors such as attention "
-                                   "probabilities; give it the uniform form")
+    if form in ("log2", "log2-narrow") and s.min < 0:
+        raise CalibrationError(f"quantizer {name!r} has the {form} form but saw negative values (min "
+                               f"{s.min:.4g}): log2 suits non-negative tensors such as attention "
+                               "probabilities; give it the uniform form")
+    if form == "log2":
         spec = MethodSpec("max")
     if form == "asymmetric":
         return _asymmetric_calibration(s, bits)
-    unsigned = bool(detect_unsigned and s.min >= 0) or form == "log2"
+    unsigned = bool(detect_unsigned and s.min >= 0) or form in ("log2", "log2-narrow")
     if spec.method in PER_BIT_METHODS:
         amax = {b: s.amax(spec, b, unsigned) for b in range(lo, hi + 1)}
     else:
         value = s.amax(spec, hi, unsigned)
         amax = {b: value for b in range(lo, hi + 1)}
+    # on the log grid the top power is the largest value seen: clipping the largest costs most
+    amax.update({b: s.absmax for b in amax if log_grid_at(form, b)})
     for b, v in amax.items():
         if not math.isfinite(v) or v <= 0:
             raise CalibrationError(f"quantizer {name!r} got amax {v} at {b} bits from {spec.method}: "
