@@ -74,9 +74,11 @@ def asymmetric_grid(low: float, high: float, bits: int) -> tuple[float, float, f
     return scale, float(min(max(round(-low / scale), 0), top)), top
 
 
-def asymmetric_fake_quant(x: torch.Tensor, low: float, high: float, bits: int) -> torch.Tensor:
-    """``x`` on the asymmetric grid of ``[low, high]`` at ``bits`` (see the module docstring)."""
-    scale, zero, top = asymmetric_grid(low, high, bits)
+def asymmetric_fake_quant(x: torch.Tensor, low: float, high: float, bits: int,
+                          grid: tuple[float, float, float] | None = None) -> torch.Tensor:
+    """``x`` on the asymmetric grid of ``[low, high]`` at ``bits`` (see the module docstring); ``grid`` is
+    :func:`asymmetric_grid`'s answer when the caller holds it already."""
+    scale, zero, top = grid or asymmetric_grid(low, high, bits)
     out = x / scale
     return out.round_().add_(zero).clamp_(0.0, top).sub_(zero).mul_(scale)
 
@@ -131,6 +133,7 @@ class AsymmetricTensorQuantizer(FastTensorQuantizer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("_low", torch.tensor(0.0))
+        self._grid: tuple = ((), None)  # (low, high, bits) -> asymmetric_grid, computed once per range and width
 
     @property
     def low(self) -> float:
@@ -144,7 +147,10 @@ class AsymmetricTensorQuantizer(FastTensorQuantizer):
         amax = getattr(self, "_amax", None)
         if amax is None:
             raise RuntimeError("an asymmetric quantizer needs its range: calibrate it first")
-        return asymmetric_fake_quant(inputs.float(), float(self._low), float(amax), self._num_bits).to(inputs.dtype)
+        key = (float(self._low), float(amax), self._num_bits)
+        if self._grid[0] != key:
+            self._grid = (key, asymmetric_grid(*key))
+        return asymmetric_fake_quant(inputs.float(), *key, grid=self._grid[1]).to(inputs.dtype)
 
 
 class NarrowLog2TensorQuantizer(Log2TensorQuantizer):
