@@ -35,9 +35,9 @@ import torch
 from .fakequant import FastTensorQuantizer
 from .limits import DEFAULT_FORM, FORMS, check_forms, log_grid_at
 
-__all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "NarrowLog2TensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid",
-           "asymmetric_fake_quant", "fake_quantize", "fit_asymmetric", "log2_fake_quant", "uniform_fake_quant",
-           "resolve_forms", "form_of"]
+__all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "NarrowLog2TensorQuantizer",
+           "QUANTIZER_CLASSES", "asymmetric_grid", "asymmetric_fake_quant", "fake_quantize", "fit_asymmetric",
+           "log2_fake_quant", "uniform_fake_quant", "resolve_forms", "form_of"]
 
 
 def uniform_fake_quant(x: torch.Tensor, amax, bits: int, unsigned: bool) -> torch.Tensor:

@@ -196,9 +196,10 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         if known is not None:
             self._visit(key, known)
             return known
-        return self.record(key, measure(self.qmodel, self.metric, key, self.race_bar(key)))
+        costs = self.costs_of(key)
+        return self.record(key, measure(self.qmodel, self.metric, key, self.race_bar(key, costs)), costs)
 
-    def race_bar(self, key: tuple[int, ...]) -> float | None:
+    def race_bar(self, key: tuple[int, ...], costs: Mapping[str, float] | None = None) -> float | None:
         """What configuration ``key`` must beat to enter the front: the best metric among the points of the space
         visited so far that hold the bound and cost no more in any cost (None: racing off, or no such point).
 
@@ -208,7 +209,7 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         entries = self._entries if self._batch_entries is None else self._entries[:self._batch_entries]
         if not self.racing or not entries:
             return None
-        costs = self.costs_of(key)
+        costs = costs if costs is not None else self.costs_of(key)
         rivals = [e.accuracy for e in entries if all(e.costs[c] <= v for c, v in costs.items())]
         if not rivals:
             return None
@@ -249,13 +250,15 @@ class LayerwiseQuantizationProblem(ElementwiseProblem):
         with self.batch():
             super()._evaluate_elementwise(X, out, *args, **kwargs)
 
-    def record(self, key: tuple[int, ...], measured: "Measurement") -> Evaluation:
+    def record(self, key: tuple[int, ...], measured: "Measurement",
+               costs: Mapping[str, float] | None = None) -> Evaluation:
         """Turn a measurement of the full configuration ``key`` into an :class:`Evaluation`: costs, cache, listeners.
 
         :meth:`evaluate_bits` measures on this process's model; a parallel runner measures elsewhere and records
-        here, so that the driver alone holds the cache and tells the listeners (the run store).
+        here, so that the driver alone holds the cache and tells the listeners (the run store). ``costs``: the
+        configuration's costs when the caller computed them already (racing did).
         """
-        result = Evaluation(key, measured.accuracy, self.costs_of(key),
+        result = Evaluation(key, measured.accuracy, dict(costs) if costs is not None else self.costs_of(key),
                             measured.seconds, measured.status, measured.message,
                             {} if measured.samples is None else {"samples": measured.samples})
         if self.memoize:

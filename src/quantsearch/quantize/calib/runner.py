@@ -15,7 +15,7 @@ import torch
 from ...fingerprints import DataDigest, fingerprint_model
 from ..fakequant import quiet_quantizers
 from ..forms import fit_asymmetric
-from ..limits import MAX_BITS, MIN_BITS, log_grid_at
+from ..limits import LOG_FORMS, MAX_BITS, MIN_BITS, log_grid_at
 from .methods import HISTOGRAM_METHODS, PER_BIT_METHODS, CalibrationError, MethodSpec, resolve_methods
 from .result import Calibration, QuantizerCalibration
 from .statistics import NUM_BINS, TensorStatistics
@@ -117,7 +117,7 @@ def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, for
     if not math.isfinite(s.absmax) or s.absmax <= 0:
         raise CalibrationError(f"quantizer {name!r} has amax {s.absmax}: it cannot quantize (zero or "
                                "non-finite calibration data)")
-    if form in ("log2", "log2-narrow") and s.min < 0:
+    if form in LOG_FORMS and s.min < 0:
         raise CalibrationError(f"quantizer {name!r} has the {form} form but saw negative values (min "
                                f"{s.min:.4g}): log2 suits non-negative tensors such as attention "
                                "probabilities; give it the uniform form")
@@ -125,7 +125,7 @@ def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, for
         spec = MethodSpec("max")
     if form == "asymmetric":
         return _asymmetric_calibration(s, bits)
-    unsigned = bool(detect_unsigned and s.min >= 0) or form in ("log2", "log2-narrow")
+    unsigned = bool(detect_unsigned and s.min >= 0) or form in LOG_FORMS
     if spec.method in PER_BIT_METHODS:
         amax = {b: s.amax(spec, b, unsigned) for b in range(lo, hi + 1)}
     else:
