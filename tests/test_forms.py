@@ -10,7 +10,8 @@ from quantsearch.cli.explore import main as explore_main
 from quantsearch.deploy.bitconfig import BitConfig, BitConfigError, apply_bitconfig
 from quantsearch.quantize.calib import Calibration, CalibrationError, calibrate
 from quantsearch.quantize.forms import (Log2TensorQuantizer, asymmetric_fake_quant, asymmetric_grid, fake_quantize,
-                                        fit_asymmetric, log2_fake_quant, resolve_forms)
+                                        fit_asymmetric, fit_symmetric, grouped_fake_quant, log2_fake_quant,
+                                        resolve_forms, uniform_fake_quant)
 from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 from quantsearch.run.settings import ConfigError, ExploreConfig
 from quantsearch.sources.models import create_demo_vit
@@ -262,3 +263,97 @@ def test_log2_narrow_is_log2_at_four_bits_and_below_and_uniform_above(fashion_sp
     qmodel.bit_widths = {n: (4 if n.endswith("attn_drop") else 6) for n in qmodel.quantizer_names}
     with pytest.raises(ExportError, match="log2-narrow form \\(the log2 grid at 4 bits\\)"):
         export_onnx(qmodel, tmp_path / "four.onnx", sample[:2])
+
+
+# -- the per-head form -------------------------------------------------------------------------------------------
+QKV, PROJ_IN = "*.attn.qkv", "*.attn.proj:input"
+
+
+def test_per_head_grid_and_fit_by_hand():
+    """Two groups of two features: each rounds on its own grid (2 bits signed: codes -1, 0, 1)."""
+    x = torch.tensor([[0.4, -1.0, 3.0, 10.0]])
+    out = grouped_fake_quant(x, torch.tensor([1.0, 10.0]), 2, False)
+    assert torch.equal(out, torch.tensor([[0.0, -1.0, 0.0, 10.0]]))
+    assert torch.equal(fake_quantize("per-head", x, [1.0, 10.0], 2, False), out)
+    with pytest.raises(ValueError, match="does not split into 3 groups"):
+        grouped_fake_quant(x, torch.ones(3), 4, False)
+    # the fit: a group of many small values and one outlier clips the outlier at 3 bits; 0.5 is exact on its grid
+    values = torch.cat([torch.linspace(-0.5, 0.5, 999), torch.tensor([8.0])])
+    amax = fit_symmetric(torch.stack([values, values * 0 + 0.5]), 3, False)
+    assert amax[0] < 8.0 and amax[1] == pytest.approx(0.5)
+    err = lambda a: float(((uniform_fake_quant(values, a, 3, False) - values) ** 2).sum())  # noqa: E731
+    assert err(amax[0]) <= min(err(8.0), err(4.0), err(1.0))
+
+
+def test_per_head_groups_come_from_the_attention(fashion_splits_small):
+    model = create_demo_vit()
+    qmodel = QuantizedActivationsModel(model, "vit", weight_quantizers=True, forms={QKV: "per-head",
+                                                                                    PROJ_IN: "per-head"})
+    attn = model.blocks[0].attn
+    q, p = qmodel.quantizer("blocks.0.attn.qkv"), qmodel.quantizer("blocks.0.attn.proj:input")
+    assert (q.groups, q.width) == (3 * attn.num_heads, attn.qkv.out_features)
+    assert (p.groups, p.width) == (attn.num_heads, attn.proj.in_features)
+    with pytest.raises(ValueError, match="no module around it has num_heads"):
+        QuantizedActivationsModel(create_demo_vit(), "vit", forms={"head": "per-head"})
+    with pytest.raises(ValueError, match="LayerNorm is not a Linear layer"):
+        QuantizedActivationsModel(create_demo_vit(), "vit", forms={"*.norm1": "per-head"})
+
+
+@pytest.fixture(scope="module")
+def per_head(fashion_splits_small):
+    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True,
+                                       forms={QKV: "per-head", PROJ_IN: "per-head"})
+    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
+    calibration = calibrate(qmodel, loader, 2, "mse", bits=(2, 8))
+    return qmodel, loader, calibration
+
+
+def test_per_head_calibration_fits_each_head_and_round_trips(per_head, tmp_path):
+    qmodel, loader, calibration = per_head
+    name = "blocks.0.attn.qkv"
+    c = calibration.quantizers[name]
+    groups = qmodel.quantizer(name).groups
+    assert c.form == "per-head" and all(len(c.amax[b]) == groups for b in range(2, 9))
+    assert all(0 < a <= c.absmax for b in c.amax for a in c.amax[b])
+    assert max(c.amax[8]) / min(c.amax[8]) > 1.2  # the heads' ranges differ: why one range each pays
+    qmodel.bit_widths = {n: (3 if n == name else 8) for n in qmodel.quantizer_names}
+    assert qmodel.amax[name] == pytest.approx(c.amax[3])
+    # the forward is the grouped grid with those ranges
+    seen = {}
+    handle = qmodel.quantizer(name).register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
+    with torch.no_grad():
+        qmodel(next(iter(loader))[0][:4])
+    handle.remove()
+    assert torch.equal(seen["y"], grouped_fake_quant(seen["x"], torch.tensor(c.amax[3]), 3, c.unsigned))
+    path = calibration.save(tmp_path / "calibration.json")
+    assert Calibration.load(path).amax_table == calibration.amax_table
+    payload = json.loads(path.read_text())
+    payload["quantizers"][name]["amax"]["3"] = 1.0
+    with pytest.raises(CalibrationError, match="list of amax per width exactly when its form is per-head"):
+        Calibration.from_dict(payload)
+    with pytest.raises(ValueError, match="needs 12 positive finite values"):
+        qmodel.amax = {name: [1.0, 2.0]}
+
+
+def test_per_head_bitconfig_round_trip_and_onnx_export(per_head, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from quantsearch.deploy.onnx_export import export_onnx, onnx_session
+
+    qmodel, loader, _ = per_head
+    x = next(iter(loader))[0][:16]
+    qmodel.bit_widths = {n: (4 if "attn.qkv" in n or "proj:input" in n else 8) for n in qmodel.quantizer_names}
+    config = BitConfig.from_model(qmodel, {"name": "fashion-vit", "predicate": "vit", "quantize_input": True,
+                                           "weight_quantizers": True}, example=x[:2])
+    payload = json.loads(config.to_json())
+    assert payload["quantizers"]["blocks.0.attn.qkv"]["form"] == "per-head"
+    assert len(payload["quantizers"]["blocks.0.attn.qkv"]["amax"]) == 12
+    with torch.no_grad():
+        expected = qmodel(x)
+    again = apply_bitconfig(create_demo_vit(), payload, example=x[:2])
+    with torch.no_grad():
+        assert torch.equal(again(x), expected)
+    written = export_onnx(qmodel, tmp_path / "heads.onnx", x[:2])
+    session = onnx_session(written["path"], "reference")
+    out = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
+    assert float((out - expected).abs().max()) < 0.5

@@ -8,6 +8,8 @@ What each quantizer becomes (the Q/DQ form TensorRT's explicit quantization and 
   as in PyTorch. Unsigned (data never negative): uint8, ``qmax = 2^b - 1``, ``Clip(x, 0, qmax*s)``.
 - **activation**, asymmetric form: uint8 with its zero point ``z`` and ``s = (high - low) / (2^b - 1)``, below 8
   bits after ``Clip(x, -z*s, (2^b - 1 - z)*s)``: exactly the fake quantizer's ``round(x / s)`` grid.
+- **activation**, per-head form: per-axis Q/DQ on the last axis, each group's ``s = amax / qmax`` repeated over
+  its features, below 8 bits after an elementwise Max/Min with the per-feature grid ends.
 - log2 quantizers (and log2-narrow ones at 4 bits and below) have no Q/DQ form and are refused by name.
 - **weight**, per output channel: the integer codes themselves, computed exactly as the fake quantizer computes
   them, stored as an int8 constant (packed int4 at opset 21 where every code fits in [-8, 7]), then
@@ -93,6 +95,27 @@ class _AsymmetricQDQ(torch.autograd.Function):
         return out
 
 
+class _PerHeadQDQ(torch.autograd.Function):
+    """Per-head fake quantization (one scale per feature of the last axis) that traces as [Max -> Min ->]
+    QuantizeLinear -> DequantizeLinear along axis -1."""
+
+    @staticmethod
+    def forward(ctx, x, scale: torch.Tensor, qmin: int, qmax: int, unsigned: bool):
+        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, qmin: int, qmax: int, unsigned: bool):
+        zero = g.op("Constant", value_t=torch.zeros(scale.type().sizes()[0],
+                                                     dtype=torch.uint8 if unsigned else torch.int8))
+        if (qmin, qmax) != ((0, 255) if unsigned else (-128, 127)):
+            low = g.op("Mul", scale, g.op("Constant", value_t=torch.tensor(float(qmin))))
+            high = g.op("Mul", scale, g.op("Constant", value_t=torch.tensor(float(qmax))))
+            x = g.op("Min", g.op("Max", x, low), high)
+        out = g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero, axis_i=-1), scale, zero, axis_i=-1)
+        out.setType(x.type())
+        return out
+
+
 class _WeightDQ(torch.autograd.Function):
     """Integer weight codes and per-channel scales that trace as one DequantizeLinear on an int8 constant."""
 
@@ -154,6 +177,13 @@ def _qdq_forms(qmodel) -> Iterator[None]:
             elif getattr(q, "form", "uniform") == "asymmetric":
                 scale, zero, top = asymmetric_grid(q.low, float(q.amax), q.num_bits)
                 q.forward = lambda x, s=scale, z=zero, t=top: _AsymmetricQDQ.apply(x, s, z, t)
+                patched.append(q)
+            elif getattr(q, "form", "uniform") == "per-head":
+                bits, unsigned = q.num_bits, bool(q.unsigned)
+                qmax = 2 ** bits - 1 if unsigned else 2 ** (bits - 1) - 1
+                scale = (q.amax.detach().float().flatten() / qmax).repeat_interleave(q.width // q.groups)
+                q.forward = (lambda x, s=scale, lo=0 if unsigned else -qmax, hi=qmax, u=unsigned:
+                             _PerHeadQDQ.apply(x, s, lo, hi, u))
                 patched.append(q)
             else:
                 bits, unsigned = q.num_bits, bool(q.unsigned)

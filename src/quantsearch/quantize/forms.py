@@ -17,10 +17,18 @@
   cost more than they save at 6-8 bits and pay at 3-4 (see the README's forms table), so a search that moves the
   attention probabilities between widths gets the better grid at each.
 
+- ``per-head`` (separate ranges per q/k/v part and head): the last dimension of a Linear layer's features is
+  split into its heads (``last dim / head_dim`` groups: ``3 x heads`` for a fused qkv output, ``heads`` for the
+  attention output that ``proj`` reads), each group with its own uniform range (symmetric, or unsigned when never
+  negative), fitted per width by least squared error. An integer attention multiplies each head's q, k and v
+  separately, so each group's scale factors out of its own matmul.
+
 Cost: a ``b``-bit log2 code multiplies as a ``b``-bit shift, so BOPs and sizes count it as ``b`` bits, like a
 uniform code; deployment as ONNX Q/DQ has no log grid, so export refuses it (by name). An asymmetric code also
 counts as ``b`` bits: its zero point adds ``zero x (sum of the weights of each output)`` to an integer matmul, a
-constant folded into the bias, not a multiply per element; it exports as uint8 Q/DQ with that zero point.
+constant folded into the bias, not a multiply per element; it exports as uint8 Q/DQ with that zero point. A
+per-head code is a ``b``-bit code too (one scale per head's matmul); it exports as per-axis Q/DQ on the last axis,
+each group's scale repeated over its features.
 
 Forms are chosen per quantizer by name glob (``quant-forms`` in settings); :func:`resolve_forms` matches them.
 """
@@ -36,8 +44,9 @@ from .fakequant import FastTensorQuantizer
 from .limits import DEFAULT_FORM, FORMS, check_forms, log_grid_at
 
 __all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "NarrowLog2TensorQuantizer",
-           "QUANTIZER_CLASSES", "asymmetric_grid", "asymmetric_fake_quant", "fake_quantize", "fit_asymmetric",
-           "log2_fake_quant", "uniform_fake_quant", "resolve_forms", "form_of"]
+           "PerHeadTensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid", "asymmetric_fake_quant", "fake_quantize",
+           "fit_asymmetric", "fit_symmetric", "grouped_fake_quant", "head_groups", "log2_fake_quant",
+           "uniform_fake_quant", "resolve_forms", "form_of"]
 
 
 def uniform_fake_quant(x: torch.Tensor, amax, bits: int, unsigned: bool) -> torch.Tensor:
@@ -101,6 +110,52 @@ def fit_asymmetric(values: torch.Tensor, bits: int, steps: int = 16) -> tuple[fl
     return tuple(float(v) for v in torch.tensor(best, dtype=torch.float32))  # as the quantizer's buffers hold them
 
 
+def grouped_fake_quant(x: torch.Tensor, amax: torch.Tensor, bits: int, unsigned: bool) -> torch.Tensor:
+    """``x`` with its last dimension split into ``len(amax)`` equal groups, each on its own uniform grid."""
+    amax = torch.as_tensor(amax, dtype=torch.float32).flatten()
+    groups = amax.numel()
+    if x.shape[-1] % groups:
+        raise ValueError(f"a last dimension of {x.shape[-1]} does not split into {groups} groups")
+    shaped = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    return uniform_fake_quant(shaped, amax.reshape(groups, 1), bits, unsigned).reshape(x.shape)
+
+
+def fit_symmetric(values: torch.Tensor, bits: int, unsigned: bool, steps: int = 32) -> list[float]:
+    """Per row of ``values`` ((groups, n)), the amax with the least squared error at ``bits`` among
+    ``absmax * k / steps`` (k = 1 .. steps); float32 values, positive (an all-zero row gets 1)."""
+    values = values.detach().float()
+    absmax = values.abs().amax(dim=1)
+    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    fractions = torch.linspace(1.0 / steps, 1.0, steps)
+    errors = torch.stack([((uniform_fake_quant(values, (absmax * f)[:, None], bits, unsigned) - values) ** 2).sum(1)
+                          for f in fractions])  # (steps, groups); the first minimum wins a tie
+    return [float(v) for v in absmax * fractions[errors.argmin(0)]]
+
+
+def head_groups(model: torch.nn.Module, name: str, module: torch.nn.Module, reads: bool) -> tuple[int, int]:
+    """``(groups, width)``: how many per-head groups the ``width`` features that ``module`` (a Linear) writes, or
+    ``reads``, split into: their width over ``head_dim`` of the nearest enclosing module with ``num_heads`` (timm's and torchvision's
+    attention). One line names what is missing when there is no such split."""
+    where = f"quant-forms: quantizer {name!r} has the per-head form but"
+    if not isinstance(module, torch.nn.Linear):
+        raise ValueError(f"{where} {type(module).__name__} is not a Linear layer (per-head splits Linear features)")
+    width = module.in_features if reads else module.out_features
+    path = name.split(":")[0].split(".")
+    for depth in range(len(path) - 1, -1, -1):
+        parent = model.get_submodule(".".join(path[:depth]))
+        heads = getattr(parent, "num_heads", None)
+        if isinstance(heads, int) and heads > 0:
+            head_dim = getattr(parent, "head_dim", None)
+            if not isinstance(head_dim, int):
+                dim = getattr(parent, "embed_dim", None) or getattr(parent, "dim", None)
+                head_dim = dim // heads if isinstance(dim, int) else None
+            if not head_dim or width % head_dim:
+                raise ValueError(f"{where} its {width} features do not split into heads of "
+                                 f"{head_dim} (num_heads {heads} of {'.'.join(path[:depth]) or 'the model'})")
+            return width // head_dim, width
+    raise ValueError(f"{where} no module around it has num_heads (per-head suits attention layers)")
+
+
 def fake_quantize(form: str, x: torch.Tensor, amax, bits: int, unsigned: bool, low: float | None = None
                   ) -> torch.Tensor:
     """What a quantizer of ``form`` makes of ``x`` at ``bits`` (for estimates that do not run the model);
@@ -109,6 +164,8 @@ def fake_quantize(form: str, x: torch.Tensor, amax, bits: int, unsigned: bool, l
         return log2_fake_quant(x, amax, bits)
     if form == "asymmetric":
         return asymmetric_fake_quant(x, float(low), float(amax), bits)
+    if form == "per-head":
+        return grouped_fake_quant(x, amax, bits, unsigned)
     return uniform_fake_quant(x, amax, bits, unsigned)
 
 
@@ -164,8 +221,26 @@ class NarrowLog2TensorQuantizer(Log2TensorQuantizer):
         return FastTensorQuantizer._quant_forward(self, inputs)
 
 
+class PerHeadTensorQuantizer(FastTensorQuantizer):
+    """A ``TensorQuantizer`` with one uniform range per group of the last dimension (a head's q, k or v):
+    ``amax`` holds ``groups`` values, set per width from calibration like a scalar amax."""
+
+    form = "per-head"
+
+    def __init__(self, *args, groups: int = 1, width: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.groups, self.width = int(groups), int(width)  # width: the features of the last dimension
+
+    def _quant_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        amax = getattr(self, "_amax", None)
+        if amax is None or amax.numel() != self.groups:
+            raise RuntimeError(f"a per-head quantizer needs {self.groups} amax values: calibrate it first")
+        return grouped_fake_quant(inputs.float(), amax, self._num_bits, self._unsigned).to(inputs.dtype)
+
+
 QUANTIZER_CLASSES = {"uniform": FastTensorQuantizer, "asymmetric": AsymmetricTensorQuantizer,
-                     "log2": Log2TensorQuantizer, "log2-narrow": NarrowLog2TensorQuantizer}
+                     "log2": Log2TensorQuantizer, "log2-narrow": NarrowLog2TensorQuantizer,
+                     "per-head": PerHeadTensorQuantizer}
 assert tuple(QUANTIZER_CLASSES) == FORMS
 
 

@@ -24,7 +24,7 @@ with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.scr
     from pytorch_quantization.tensor_quant import QuantDescriptor
 
 from .fakequant import FastTensorQuantizer, quiet_quantizers
-from .forms import QUANTIZER_CLASSES, form_of, resolve_forms
+from .forms import QUANTIZER_CLASSES, form_of, head_groups, resolve_forms
 from .limits import DEFAULT_FORM, MAX_BITS, MIN_BITS
 from .predicates import PredicateLike, get_target
 
@@ -37,17 +37,19 @@ WEIGHT_SUFFIX = ":weight"
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # weight shape (out, in, ...): channels on axis 0
 
 
-def make_quantizer(num_bits: int = 8, fast: bool = True, form: str = DEFAULT_FORM) -> TensorQuantizer:
+def make_quantizer(num_bits: int = 8, fast: bool = True, form: str = DEFAULT_FORM,
+                   heads: tuple[int, int] = (1, 1)) -> TensorQuantizer:
     """A per-tensor fake quantizer of ``form`` with a max calibrator; uniform: symmetric narrow range.
 
     Narrow range ([-(2^(b-1)-1), 2^(b-1)-1]) keeps the integer grid symmetric, as TensorRT and FQ-ViT do.
     ``fast`` picks :class:`~quantsearch.fakequant.FastTensorQuantizer` (bit-identical, faster forward) for the
-    uniform form; other forms exist only as such subclasses (:mod:`quantsearch.quantize.forms`).
+    uniform form; other forms exist only as such subclasses (:mod:`quantsearch.quantize.forms`). ``heads``: a
+    per-head quantizer's ``(groups, features)``.
     """
     desc = QuantDescriptor(num_bits=num_bits, fake_quant=True, axis=None, calib_method="max", narrow_range=True)
     cls = QUANTIZER_CLASSES[form] if fast or form != DEFAULT_FORM else TensorQuantizer
     with quiet_quantizers():
-        return cls(desc)
+        return cls(desc, groups=heads[0], width=heads[1]) if form == "per-head" else cls(desc)
 
 
 def make_weight_quantizer(num_bits: int = 8) -> TensorQuantizer:
@@ -175,7 +177,9 @@ class QuantizedActivationsModel(nn.Module):
                 slots.append((name, module, False))
         chosen_forms = resolve_forms([n for n, _, _ in slots], forms) if slots else {}
         for name, module, pre in slots:
-            self._add(name, module, num_bits, pre, chosen_forms[name])
+            form = chosen_forms[name]
+            heads = head_groups(model, name, module, pre) if form == "per-head" else (1, 1)
+            self._add(name, module, num_bits, pre, form, heads)
         self._activation_names = list(self._quantizers)
         if weight_quantizers is not False and weight_quantizers is not None:
             chosen = None if weight_quantizers is True else get_target(weight_quantizers).outputs
@@ -187,8 +191,9 @@ class QuantizedActivationsModel(nn.Module):
         self.quantizers = nn.ModuleList(self._quantizers.values())
 
     # -- construction ------------------------------------------------------------------------------------------
-    def _add(self, name: str, module: nn.Module, num_bits: int, pre: bool, form: str = DEFAULT_FORM) -> None:
-        quantizer = make_quantizer(num_bits, self.fast, form)
+    def _add(self, name: str, module: nn.Module, num_bits: int, pre: bool, form: str = DEFAULT_FORM,
+             heads: tuple[int, int] = (1, 1)) -> None:
+        quantizer = make_quantizer(num_bits, self.fast, form, heads)
         self._quantizers[name] = quantizer
         if pre:
             def hook(_module, args, q=quantizer):
@@ -297,14 +302,14 @@ class QuantizedActivationsModel(nn.Module):
     # -- amax and switches -------------------------------------------------------------------------------------
     @property
     def amax(self) -> dict[str, float | list[float] | None]:
-        """amax per quantizer: a float for activations (None before calibration), a list (one per output
-        channel) for weights."""
+        """amax per quantizer: a float for activations (None before calibration), a list for weights (one per
+        output channel) and per-head activations (one per group)."""
         values = {}
         for n, q in self._quantizers.items():
             amax = q.amax
             if amax is None:
                 values[n] = None
-            elif n in self._weights:
+            elif n in self._weights or form_of(q) == "per-head":
                 values[n] = [float(v) for v in amax.flatten().tolist()]
             else:
                 values[n] = float(amax)
@@ -329,6 +334,11 @@ class QuantizedActivationsModel(nn.Module):
                                  f"got {tensor.numel()}")
             tensor = tensor.reshape(shape)
             self._weights[name].cache.clear()
+        elif form_of(quantizer) == "per-head":
+            tensor = torch.as_tensor(value, dtype=torch.float32).flatten()
+            if tensor.numel() != quantizer.groups or not bool(torch.isfinite(tensor).all() and (tensor > 0).all()):
+                raise ValueError(f"amax of per-head {name!r} needs {quantizer.groups} positive finite values (one "
+                                 f"per head and part), got {tensor.tolist()}")
         else:
             if not math.isfinite(float(value)) or float(value) <= 0:
                 raise ValueError(f"amax {value} for {name!r}: it must be positive and finite")

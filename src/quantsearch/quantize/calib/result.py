@@ -29,7 +29,7 @@ class QuantizerCalibration:
 
     method: str
     unsigned: bool
-    amax: Mapping[int, float]
+    amax: Mapping[int, float | list[float]]  # per-head: one list (an amax per group) per width
     min: float
     absmax: float
     options: Mapping[str, float] = field(default_factory=dict)
@@ -121,7 +121,11 @@ class Calibration:
         lo, hi = payload["bits"]
         quantizers = {}
         for name, q in payload["quantizers"].items():
-            amax = {int(b): float(v) for b, v in q["amax"].items()}
+            amax = {int(b): [float(x) for x in v] if isinstance(v, list) else float(v) for b, v in q["amax"].items()}
+            lists = [isinstance(v, list) for v in amax.values()]
+            if not (all(lists) if q.get("form") == "per-head" else not any(lists)):
+                raise CalibrationError(f"{source}: quantizer {name!r} needs a list of amax per width exactly when "
+                                       "its form is per-head")
             if set(amax) != set(range(lo, hi + 1)):
                 raise CalibrationError(f"{source}: quantizer {name!r} has amax for bits {sorted(amax)}, "
                                        f"not {lo}..{hi}")

@@ -14,7 +14,7 @@ import torch
 
 from ...fingerprints import DataDigest, fingerprint_model
 from ..fakequant import quiet_quantizers
-from ..forms import fit_asymmetric
+from ..forms import fit_asymmetric, fit_symmetric
 from ..limits import LOG_FORMS, MAX_BITS, MIN_BITS, log_grid_at
 from .methods import HISTOGRAM_METHODS, PER_BIT_METHODS, CalibrationError, MethodSpec, resolve_methods
 from .result import Calibration, QuantizerCalibration
@@ -66,7 +66,8 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
         q.disable()
     forms = qmodel.forms
     stats = {n: TensorStatistics(specs[n].method in HISTOGRAM_METHODS, specs[n].momentum, num_bins,
-                                 sample=forms[n] == "asymmetric") for n, _ in quantizers}
+                                 sample=forms[n] == "asymmetric", rows=forms[n] == "per-head")
+             for n, _ in quantizers}
     weights = fingerprint_model(qmodel.model)
     data = DataDigest()
     saved = [(q._calibrator, q._disabled) for _, q in quantizers]
@@ -95,8 +96,8 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     if data.samples == 0:
         raise CalibrationError("calibration saw no batch: the calibration data is empty")
 
-    result = {name: _quantizer_calibration(name, stats[name], specs[name], forms[name], (lo, hi), detect_unsigned)
-              for name, _ in quantizers}
+    result = {name: _quantizer_calibration(name, stats[name], specs[name], forms[name], (lo, hi), detect_unsigned,
+                                           getattr(q, "groups", 1)) for name, q in quantizers}
     settings = {"method": method, "percentile": percentile, "momentum": momentum,
                 "overrides": {str(k): v for k, v in (overrides or {}).items()}, "detect_unsigned": detect_unsigned,
                 "num_bins": num_bins, "samples": data.samples}
@@ -106,7 +107,7 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
 
 
 def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, form: str, bits: tuple[int, int],
-                           detect_unsigned: bool) -> QuantizerCalibration:
+                           detect_unsigned: bool, groups: int = 1) -> QuantizerCalibration:
     """One quantizer's calibration from its statistics, or one line saying why it cannot quantize."""
     lo, hi = bits
     if s.nonfinite:
@@ -126,6 +127,8 @@ def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, for
     if form == "asymmetric":
         return _asymmetric_calibration(s, bits)
     unsigned = bool(detect_unsigned and s.min >= 0) or form in LOG_FORMS
+    if form == "per-head":
+        return _per_head_calibration(s, bits, unsigned, groups)
     if spec.method in PER_BIT_METHODS:
         amax = {b: s.amax(spec, b, unsigned) for b in range(lo, hi + 1)}
     else:
@@ -150,6 +153,16 @@ def _asymmetric_calibration(s: TensorStatistics, bits: tuple[int, int]) -> Quant
         lo, hi = fit_asymmetric(values, b)
         low[b], amax[b] = lo, max(hi, 1e-6 * max(1.0, -lo))
     return QuantizerCalibration("mse", False, amax, s.min, s.absmax, {}, "asymmetric", low)
+
+
+def _per_head_calibration(s: TensorStatistics, bits: tuple[int, int], unsigned: bool, groups: int
+                          ) -> QuantizerCalibration:
+    """A per-head quantizer's amax per group and width, each fitted on its group's sampled features by least
+    squared error (the method's histogram is of the whole tensor, so it is not used)."""
+    rows = s.sample()
+    values = rows.reshape(len(rows), groups, -1).transpose(0, 1).reshape(groups, -1)
+    amax = {b: fit_symmetric(values, b, unsigned) for b in range(bits[0], bits[1] + 1)}
+    return QuantizerCalibration("mse", unsigned, amax, s.min, s.absmax, {}, "per-head")
 
 
 def calibrate_max(qmodel, batches: Iterable, num_batches: int | None = None) -> dict[str, float]:

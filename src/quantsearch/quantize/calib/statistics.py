@@ -2,9 +2,10 @@
 
 It takes the place of a pytorch-quantization calibrator (``collect(x)`` on every tensor while calibration is on)
 and keeps, in one pass, the running absmax, a moving average of per-batch absmax, the minimum and, for the
-histogram methods, a ``HistogramCalibrator`` histogram of |x| and, for asymmetric quantizers, a seeded sample of
-the signed values (a zero point's range is fitted on them); :meth:`TensorStatistics.amax` then answers any
-method at any bit-width without another forward pass.
+histogram methods, a ``HistogramCalibrator`` histogram of |x| and, for asymmetric and per-head quantizers, a
+seeded sample of the signed values (whole rows of the last dimension for per-head ones: each head's range is
+fitted on its own features); :meth:`TensorStatistics.amax` then answers any method at any bit-width without
+another forward pass.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ __all__ = ["NUM_BINS", "TensorStatistics"]
 NUM_BINS = 2048
 SAMPLE_PER_BATCH = 16384  # signed values kept per batch for a range fit (seeded, uniform over the tensor)
 SAMPLE_SIZE = 65536  # at most this many in all
+ROWS_FACTOR = 4  # whole rows (per-head ranges) keep this many times more: each head's range sees a share
 
 
 class TensorStatistics:
@@ -36,11 +38,12 @@ class TensorStatistics:
     """
 
     def __init__(self, histogram: bool = False, momentum: float = 0.95, num_bins: int = NUM_BINS,
-                 sample: bool = False):
+                 sample: bool = False, rows: bool = False):
         self.momentum = float(momentum)
         self.num_bins = num_bins
         self.histogram = HistogramCalibrator(8, None, False, num_bins=num_bins) if histogram else None
-        self.sampling = bool(sample)
+        self.sampling = bool(sample or rows)
+        self.rows = bool(rows)  # sample whole rows of the last dimension (per-head ranges)
         self.reset()
 
     def reset(self) -> None:
@@ -70,17 +73,20 @@ class TensorStatistics:
         if self.histogram is not None:
             self.histogram.collect(x)
         if self.sampling:
-            flat = x.flatten().float()
-            if flat.numel() > SAMPLE_PER_BATCH:
-                pick = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(self.batches))
-                flat = flat[pick[:SAMPLE_PER_BATCH].to(flat.device)]
+            flat = x.reshape(-1, x.shape[-1]).float() if self.rows else x.flatten().float()
+            keep = max(1, ROWS_FACTOR * SAMPLE_PER_BATCH // flat[0].numel()) if self.rows else SAMPLE_PER_BATCH
+            if len(flat) > keep:
+                pick = torch.randperm(len(flat), generator=torch.Generator().manual_seed(self.batches))
+                flat = flat[pick[:keep].to(flat.device)]
             self._samples.append(flat.cpu())
 
     def sample(self) -> torch.Tensor:
-        """The signed values kept (at most ``SAMPLE_SIZE``, seeded), for a range fit."""
+        """The signed values kept (at most ``SAMPLE_SIZE``, seeded), for a range fit; with ``rows``, whole rows
+        ((rows, last dimension), at most ``ROWS_FACTOR x SAMPLE_SIZE`` values: each group gets its share)."""
         values = torch.cat(self._samples) if self._samples else torch.zeros(0)
-        if values.numel() > SAMPLE_SIZE:
-            values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:SAMPLE_SIZE]]
+        cap = max(1, ROWS_FACTOR * SAMPLE_SIZE // values[0].numel()) if self.rows and len(values) else SAMPLE_SIZE
+        if len(values) > cap:
+            values = values[torch.randperm(len(values), generator=torch.Generator().manual_seed(0))[:cap]]
         return values
 
     def hist(self) -> tuple[np.ndarray, np.ndarray]:
