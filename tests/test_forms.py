@@ -357,3 +357,114 @@ def test_per_head_bitconfig_round_trip_and_onnx_export(per_head, tmp_path):
     out = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
     assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
     assert float((out - expected).abs().max()) < 0.5
+
+
+# -- the per-channel form (RepQ-ViT's fold) ----------------------------------------------------------------------
+class _NormThenLinear(torch.nn.Module):
+    """x -> LayerNorm -> Linear (optionally + the LayerNorm output: a reader the fold cannot move into)."""
+
+    def __init__(self, residual=False):
+        super().__init__()
+        self.norm, self.fc, self.residual = torch.nn.LayerNorm(4), torch.nn.Linear(4, 4), residual
+
+    def forward(self, x):
+        y = self.norm(x)
+        return self.fc(y) + (y if self.residual else 0)
+
+
+def test_fold_by_hand_keeps_the_function_and_equalises_the_channels():
+    from quantsearch.quantize.fold import ChannelFold, fold_into
+
+    torch.manual_seed(0)
+    model = _NormThenLinear()
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.tensor([1.0, 4.0, 0.5, 2.0]))
+        model.norm.bias.copy_(torch.tensor([0.0, 3.0, -1.0, 0.0]))
+    x = torch.randn(64, 4)
+    expected, before = model(x), model.norm(x)
+    fold = ChannelFold((0.5, 2.0, 0.25, 1.0), (0.0, 3.0, -1.0, 0.0), ("fc",))
+    w = model.fc.weight.detach().clone()
+    fold_into(model.norm, [model.fc], fold)
+    # y' = (y - m) / r per channel; W' = W r per column; b' = b + W m
+    assert torch.allclose(model.norm(x), (before - torch.tensor(fold.shift)) / torch.tensor(fold.scale), atol=1e-5)
+    assert torch.allclose(model.fc.weight, w * torch.tensor(fold.scale))
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_fit_folds_through_calibration_and_refuses_a_residual_reader():
+    torch.manual_seed(0)
+    model = _NormThenLinear()
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.tensor([0.1, 8.0, 1.0, 0.5]))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    qmodel = QuantizedActivationsModel(model, lambda n, m: isinstance(m, torch.nn.LayerNorm), quantize_input=False,
+                                       weight_quantizers=True, forms={"norm": "per-channel"})
+    batches = [torch.randn(32, 4) for _ in range(2)]
+    calibration = calibrate(qmodel, batches, bits=(2, 8))
+    fold = calibration.quantizers["norm"].fold
+    assert fold.into == ("fc",) and max(fold.scale) / min(fold.scale) > 20  # channel 1 is 80x channel 0
+    with qmodel.quantization_disabled(), torch.no_grad():
+        folded = qmodel.model.norm(torch.cat(batches))
+        assert torch.allclose(qmodel(batches[0]), _reference(original)(batches[0]), atol=1e-4)
+    half = (folded.amax(0) - folded.amin(0)) / 2
+    assert torch.allclose(half, half.mean().expand(4), rtol=1e-3)  # every channel now spans the same range
+    assert qmodel.amax["fc:weight"] == pytest.approx(qmodel.model.fc.weight.abs().amax(1).tolist())
+    with qmodel.unfolded():
+        assert all(torch.equal(qmodel.model.state_dict()[k], v) for k, v in original.items())
+    qmodel.remove()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
+    bad = QuantizedActivationsModel(_NormThenLinear(residual=True), lambda n, m: isinstance(m, torch.nn.LayerNorm),
+                                    quantize_input=False, forms={"norm": "per-channel"})
+    with pytest.raises(CalibrationError, match="also feeds something other than the Linear layers"):
+        calibrate(bad, batches)
+    with pytest.raises(ValueError, match="Linear has no per-channel affine"):
+        QuantizedActivationsModel(_NormThenLinear(), "linear", quantize_input=False, forms={"fc": "per-channel"})
+
+
+def _reference(state):
+    model = _NormThenLinear()
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.fixture(scope="module")
+def per_channel(fashion_splits_small):
+    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True,
+                                       forms={"*norm*": "per-channel"})
+    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
+    calibration = calibrate(qmodel, loader, 2, "mse", bits=(2, 8))
+    return qmodel, loader, calibration
+
+
+def test_per_channel_calibration_file_and_bitconfig_round_trip_and_export(per_channel, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from quantsearch.deploy.onnx_export import export_onnx, onnx_session
+
+    qmodel, loader, calibration = per_channel
+    assert calibration.folds["blocks.0.norm1"].into == ("blocks.0.attn.qkv",)
+    assert calibration.folds["norm"].into == ("head",)  # the class token reaches the head as a view
+    path = calibration.save(tmp_path / "calibration.json")
+    fresh = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True,
+                                      forms={"*norm*": "per-channel"})
+    again = Calibration.load(path)
+    again.check_fits(fresh)  # fingerprints are of the model's own weights, folded or not
+    again.apply(fresh)
+    x = next(iter(loader))[0][:16]
+    qmodel.bit_widths = fresh.bit_widths = {n: (4 if "norm" in n else 8) for n in qmodel.quantizer_names}
+    with torch.no_grad():
+        expected = qmodel(x)
+        assert torch.equal(fresh(x), expected)
+    config = BitConfig.from_model(qmodel, {"name": "fashion-vit", "predicate": "vit", "quantize_input": True,
+                                           "weight_quantizers": True}, example=x[:2])
+    payload = json.loads(config.to_json())
+    assert payload["quantizers"]["blocks.0.norm1"]["fold"]["into"] == ["blocks.0.attn.qkv"]
+    applied = apply_bitconfig(create_demo_vit(), payload, example=x[:2])
+    with torch.no_grad():
+        assert torch.equal(applied(x), expected)
+    del payload["quantizers"]["blocks.0.norm1"]["fold"]
+    with pytest.raises(BitConfigError, match="per-channel form needs a fold"):
+        BitConfig.from_dict(payload).apply(applied)
+    written = export_onnx(qmodel, tmp_path / "folded.onnx", x[:2])
+    out = torch.from_numpy(onnx_session(written["path"], "reference").run(None, {"input": x.numpy()})[0])
+    assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
+    assert float((out - expected).abs().max()) < 0.5

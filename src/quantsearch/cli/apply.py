@@ -5,7 +5,9 @@ splits, metric); apply rebuilds that run's session from them (flags override any
 ranges (refused, naming the first mismatch, when quantizer names or tensor shapes differ), evaluates the same search
 and hold-out images with the same metric and prints each next to the recorded value, then every recorded cost
 recomputed. A checkpoint, weights or images that differ from the run's are named, and their accuracy is not
-compared. ``--export PATH.onnx`` writes a Q/DQ ONNX model and checks it in ONNX Runtime
+compared. ``--refine bias-correction|adaround`` then refines the weights on the calibration split
+(:mod:`quantsearch.quantize.refine`), measures both splits again and writes a new bit-config with its refined
+weights beside it. ``--export PATH.onnx`` writes a Q/DQ ONNX model and checks it in ONNX Runtime
 (:mod:`quantsearch.deploy.onnx_export`); other suffixes write tensors (:mod:`quantsearch.deploy.export`). Bad
 input exits with status 2 and one line.
 """
@@ -42,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", metavar="PATH",
                    help="PATH.onnx: a Q/DQ ONNX model, checked in ONNX Runtime on the hold-out split; .safetensors, "
                         ".pt or .pth: weights, amax and bits, with metadata beside it")
+    p.add_argument("--refine", choices=["bias-correction", "adaround"],
+                   help="refine the weights on the calibration split, re-measure, and write a new bit-config plus "
+                        "its refined weights (see --refine-out); --export then exports the refined model")
+    p.add_argument("--refine-out", metavar="PATH.json",
+                   help="the refined bit-config (default: beside the input, BITCONFIG.METHOD.json; the weights "
+                        "go to the same name with .pt)")
     p.add_argument("--check", action="store_true",
                    help="exit with status 1 when an accuracy differs from the one the bit-config records")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -110,13 +118,14 @@ def run(args: argparse.Namespace) -> int:
     if mismatches and args.check:
         raise ValueError(f"cannot check {args.bitconfig}: {mismatches[0]}")
 
-    rows, differs = [], False
+    rows, differs, measured = [], False, {}
     for name in (["search", "holdout"] if args.split == "both" else [args.split]):
         evaluate = session.evaluator(name)
         if evaluate is None:
             continue
         bound = Bound.of(0.0, evaluate)
         value, recorded = evaluate(qmodel), bitconfig.accuracy.get(name)
+        measured[name] = value
         if mismatches or recorded is None:
             verdict = "-"
         elif value == recorded:
@@ -132,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     unit = " %" if session.evaluator("search").fraction else ""
     print(format_table(["split", "images", "hits", f"{metric}{unit}", f"recorded{unit}", ""], rows))
     print(format_table(["cost", "value", "/ FP32", "recorded", ""], _cost_rows(session, bitconfig)))
+    if args.refine:
+        _refine(args, session, bitconfig, measured)
     if args.export and str(args.export).endswith(".onnx"):
         differs = not _export_onnx(args.export, session) or differs
     elif args.export:
@@ -140,6 +151,55 @@ def run(args: argparse.Namespace) -> int:
         tensors, metadata = export_quantized(qmodel, bitconfig, args.export)
         print(f"exported {tensors} and {metadata}")
     return 1 if args.check and differs else 0
+
+
+def _refine(args: argparse.Namespace, session, bitconfig, before: dict) -> None:
+    """Refine the applied model on the calibration split, measure it again, and write the refined bit-config and
+    its weights (both atomically; the weights first, so a bit-config never names missing weights)."""
+    import hashlib
+    import io
+    import time
+    from pathlib import Path
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..deploy.bitconfig import BitConfig
+    from ..files import write_atomic
+    from ..quantize.refine import refine
+    from ..run.tables import format_table
+    from ..search.bound import Bound
+
+    source = Path(args.bitconfig)
+    out = Path(args.refine_out) if args.refine_out else source.with_name(f"{source.stem}.{args.refine}.json")
+    if out.suffix != ".json":
+        raise ValueError(f"--refine-out {out} must end in .json (the weights go beside it, in .pt)")
+    qmodel, clock = session.qmodel, time.perf_counter()
+    bar = (lambda names: tqdm(names, desc=args.refine, unit="layer", leave=False)) if sys.stderr.isatty() else None
+    inputs = session.calibration_inputs()
+    changed = refine(qmodel, inputs, args.refine, progress=bar)
+    seconds = time.perf_counter() - clock
+    after = {name: session.evaluator(name)(qmodel) for name in before}
+    rows = []
+    for name, value in after.items():
+        show = Bound.of(0.0, session.evaluator(name)).show
+        rows.append([name, show(before[name], unit=False), show(value, unit=False),
+                     f"{'+' if value >= before[name] else '-'}{show(abs(value - before[name]), unit=False)}"])
+    print(f"\nrefined {len(changed)} parameters with {args.refine} in {seconds:.1f} s on "
+          f"{sum(len(x) for x in inputs)} calibration images")
+    print(format_table(["split", "before", "after", "change"], rows))
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in changed.items()}, buffer)
+    weights = out.with_suffix(".pt")
+    write_atomic(weights, buffer.getvalue())
+    refined = {"method": args.refine, "file": weights.name, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+               "parameters": sorted(changed), "accuracy_before": dict(before)}
+    config = BitConfig.from_model(qmodel, bitconfig.model, example=session.example, dataset=bitconfig.dataset,
+                                  accuracy=after, costs=bitconfig.costs, costs_normalized=bitconfig.costs_normalized,
+                                  metric=bitconfig.metric, settings=bitconfig.settings, refined=refined)
+    write_atomic(out, config.to_json())
+    print(f"wrote {out} and {weights} ({len(buffer.getvalue()) / 1e3:.0f} kB); re-apply with "
+          f"python -m quantsearch.apply {out}")
 
 
 def _export_onnx(path: str, session) -> bool:

@@ -10,8 +10,10 @@ quantizers see, do not match the model, naming the first mismatch.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,7 +55,9 @@ class BitConfig:
     metric: Mapping[str, Any] = field(default_factory=dict)
     settings: Mapping[str, Any] = field(default_factory=dict)
     confidence: Mapping[str, Any] = field(default_factory=dict)
+    refined: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    base: Path | None = field(default=None, compare=False)  # the folder of the file it was read from
 
     @property
     def bits(self) -> dict[str, int]:
@@ -80,6 +84,13 @@ class BitConfig:
         return {n: float(q["low"]) for n, q in self.quantizers.items() if "low" in q}
 
     @property
+    def folds(self) -> dict:
+        """Each per-channel quantizer's fold into its LayerNorm and the Linear layers after it."""
+        from ..quantize.fold import ChannelFold
+
+        return {n: ChannelFold.from_dict(q["fold"]) for n, q in self.quantizers.items() if "fold" in q}
+
+    @property
     def unsigned(self) -> dict[str, bool]:
         """Whether each quantizer uses the unsigned range (absent in a bit-config means signed)."""
         return {n: bool(q.get("unsigned", False)) for n, q in self.quantizers.items()}
@@ -93,7 +104,7 @@ class BitConfig:
         if example is not None:
             shapes = qmodel.tensor_shapes(example)
             model["input_shape"] = [int(d) for d in example.shape[1:]]
-        amax, unsigned, forms, lows = qmodel.amax, qmodel.unsigned, qmodel.forms, qmodel.lows
+        amax, unsigned, forms, lows, folds = qmodel.amax, qmodel.unsigned, qmodel.forms, qmodel.lows, qmodel.folds
         quantizers = {}
         for n, b in qmodel.bits_dict().items():
             quantizers[n] = {"num_bits": b, "amax": amax[n], "unsigned": unsigned[n]}
@@ -101,13 +112,15 @@ class BitConfig:
                 quantizers[n]["form"] = forms[n]
             if n in lows:
                 quantizers[n]["low"] = lows[n]
+            if n in folds:
+                quantizers[n]["fold"] = folds[n].to_dict()
             if n in shapes:
                 quantizers[n]["shape"] = shapes[n]
         return cls(model=model, quantizers=quantizers, **kwargs)
 
     def to_dict(self) -> dict:
         run = {k: dict(v) for k, v in (("metric", self.metric), ("settings", self.settings),
-                                       ("confidence", self.confidence)) if v}
+                                       ("confidence", self.confidence), ("refined", self.refined)) if v}
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": dict(self.model),
                 "dataset": dict(self.dataset), **run, "quantizers": {n: dict(q) for n, q in self.quantizers.items()},
                 "accuracy": dict(self.accuracy), "costs": dict(self.costs),
@@ -125,11 +138,32 @@ class BitConfig:
                    accuracy=payload.get("accuracy", {}), costs=payload.get("costs", {}),
                    costs_normalized=payload.get("costs_normalized", {}), metric=payload.get("metric", {}),
                    settings=payload.get("settings", {}), confidence=payload.get("confidence", {}),
-                   schema_version=payload["schema_version"])
+                   refined=payload.get("refined", {}), schema_version=payload["schema_version"])
 
     @classmethod
     def load(cls, path: str | Path) -> "BitConfig":
-        return cls.from_dict(files.read_json(path, "bit-config", BitConfigError), source=str(path))
+        config = cls.from_dict(files.read_json(path, "bit-config", BitConfigError), source=str(path))
+        return replace(config, base=Path(path).resolve().parent)
+
+    def refined_parameters(self) -> dict[str, torch.Tensor]:
+        """The refined tensors this bit-config names (none without a refinement), read as data and checked."""
+        if not self.refined:
+            return {}
+        path = (self.base or Path.cwd()) / self.refined["file"]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BitConfigError(f"bit-config's refined weights {path} cannot be read ({exc.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != self.refined["sha256"]:
+            raise BitConfigError(f"refined weights {path} are not the ones the bit-config recorded (sha256 differs)")
+        try:
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # not a tensor file: one line
+            raise BitConfigError(f"refined weights {path} are not a state dict of tensors ({exc})") from None
+        if not isinstance(tensors, dict) or sorted(tensors) != sorted(self.refined["parameters"]) or not all(
+                isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise BitConfigError(f"refined weights {path} do not hold the parameters the bit-config names")
+        return tensors
 
     def apply(self, qmodel, example: torch.Tensor | None = None) -> None:
         """Set bits, amax and signedness on ``qmodel``; quantizer names must match exactly, in order, and so must
@@ -141,9 +175,12 @@ class BitConfig:
         self.check_names(qmodel)
         if self.shapes:
             self.check_shapes(qmodel, example)
-        # bits first: with an amax table, setting bits sets amax, which this configuration then overrides
+        # bits first: with an amax table, setting bits sets amax, which this configuration then overrides; folds
+        # before amax: a fold resets the max|w| of the weights it changes, which this configuration then overrides
         qmodel.bit_widths = self.bits
         try:
+            qmodel.folds = self.folds
+            qmodel.refined = {k: v.to(qmodel._device()) for k, v in self.refined_parameters().items()}
             qmodel.amax = self.amax
         except ValueError as exc:
             raise BitConfigError(f"bit-config does not fit the model: {exc}") from None
@@ -165,6 +202,11 @@ class BitConfig:
         if other is not None:
             raise BitConfigError(f"bit-config does not fit the model: quantizer {other!r} has the "
                                  f"{self.forms[other]} form in the bit-config but {theirs[other]} in the model")
+        odd = next((n for n, form in self.forms.items() if (form == "per-channel") != ("fold" in self.quantizers[n])),
+                   None)
+        if odd is not None:
+            raise BitConfigError(f"bit-config quantizer {odd!r} of the {self.forms[odd]} form "
+                                 f"{'needs' if self.forms[odd] == 'per-channel' else 'takes no'} a fold")
         lows = self.lows
         odd = next((n for n, form in self.forms.items() if (form == "asymmetric") != (n in lows)), None)
         if odd is not None:

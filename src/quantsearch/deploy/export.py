@@ -88,7 +88,14 @@ def export_quantized(qmodel, config: BitConfig, path: str | Path) -> tuple[Path,
                          "asymmetric": "bitconfig.quantizers[name].form == 'asymmetric': low = "
                                        "bitconfig.quantizers[name].low, high = amax; s = float32((high - low) / "
                                        "(2**num_bits - 1)), z = round(-low / s); (clamp(round(x / s) + z, 0, "
-                                       "2**num_bits - 1) - z) * s"},
+                                       "2**num_bits - 1) - z) * s",
+                         "per-head": "bitconfig.quantizers[name].form == 'per-head': amax holds one value per "
+                                     "equal group of the last dimension (a head's q, k or v); each group as above "
+                                     "with its own amax",
+                         "per-channel": "bitconfig.quantizers[name].form == 'per-channel': as the uniform form; "
+                                        "the exported weights already hold its fold (bitconfig.quantizers[name]."
+                                        "fold: LayerNorm gamma / scale, (beta - shift) / scale; each Linear in "
+                                        "'into' W * scale per input column, b + W shift)"},
         "bitconfig": bitconfig,
     }
     text = json.dumps(metadata, indent=2) + "\n"

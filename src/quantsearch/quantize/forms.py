@@ -23,12 +23,17 @@
   negative), fitted per width by least squared error. An integer attention multiplies each head's q, k and v
   separately, so each group's scale factors out of its own matmul.
 
+- ``per-channel`` (RepQ-ViT, for LayerNorm outputs): each channel's range is folded into the LayerNorm's affine
+  and the Linear layers that read it (:mod:`quantsearch.quantize.fold`), so the quantizer itself is the uniform
+  per-tensor one on the folded tensor.
+
 Cost: a ``b``-bit log2 code multiplies as a ``b``-bit shift, so BOPs and sizes count it as ``b`` bits, like a
 uniform code; deployment as ONNX Q/DQ has no log grid, so export refuses it (by name). An asymmetric code also
 counts as ``b`` bits: its zero point adds ``zero x (sum of the weights of each output)`` to an integer matmul, a
 constant folded into the bias, not a multiply per element; it exports as uint8 Q/DQ with that zero point. A
 per-head code is a ``b``-bit code too (one scale per head's matmul); it exports as per-axis Q/DQ on the last axis,
-each group's scale repeated over its features.
+each group's scale repeated over its features. A per-channel fold costs nothing at inference: the deployed model
+has the folded weights and a per-tensor quantizer.
 
 Forms are chosen per quantizer by name glob (``quant-forms`` in settings); :func:`resolve_forms` matches them.
 """
@@ -44,7 +49,7 @@ from .fakequant import FastTensorQuantizer
 from .limits import DEFAULT_FORM, FORMS, check_forms, log_grid_at
 
 __all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "NarrowLog2TensorQuantizer",
-           "PerHeadTensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid", "asymmetric_fake_quant", "fake_quantize",
+           "PerChannelTensorQuantizer", "PerHeadTensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid", "asymmetric_fake_quant", "fake_quantize",
            "fit_asymmetric", "fit_symmetric", "grouped_fake_quant", "head_groups", "log2_fake_quant",
            "uniform_fake_quant", "resolve_forms", "form_of"]
 
@@ -221,6 +226,13 @@ class NarrowLog2TensorQuantizer(Log2TensorQuantizer):
         return FastTensorQuantizer._quant_forward(self, inputs)
 
 
+class PerChannelTensorQuantizer(FastTensorQuantizer):
+    """The uniform per-tensor grid on a LayerNorm output whose per-channel ranges are folded into the model
+    (:mod:`quantsearch.quantize.fold`): the form is in the model's weights, not in this module's arithmetic."""
+
+    form = "per-channel"
+
+
 class PerHeadTensorQuantizer(FastTensorQuantizer):
     """A ``TensorQuantizer`` with one uniform range per group of the last dimension (a head's q, k or v):
     ``amax`` holds ``groups`` values, set per width from calibration like a scalar amax."""
@@ -240,7 +252,7 @@ class PerHeadTensorQuantizer(FastTensorQuantizer):
 
 QUANTIZER_CLASSES = {"uniform": FastTensorQuantizer, "asymmetric": AsymmetricTensorQuantizer,
                      "log2": Log2TensorQuantizer, "log2-narrow": NarrowLog2TensorQuantizer,
-                     "per-head": PerHeadTensorQuantizer}
+                     "per-head": PerHeadTensorQuantizer, "per-channel": PerChannelTensorQuantizer}
 assert tuple(QUANTIZER_CLASSES) == FORMS
 
 

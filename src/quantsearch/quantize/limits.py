@@ -3,12 +3,13 @@
 pytorch-quantization's fake quantization is exact from 2 to 16 bits. A form is the grid a quantizer rounds to
 (:mod:`quantsearch.quantize.forms`): ``uniform`` (pytorch-quantization's, symmetric or unsigned), ``asymmetric``
 (a zero point), ``log2``, ``log2-narrow`` (log2 at 4 bits and below, uniform above: the log grid where it pays),
-or ``per-head`` (one uniform range per attention head and q/k/v part, for Linear features split into heads).
+``per-head`` (one uniform range per attention head and q/k/v part, for Linear features split into heads), or
+``per-channel`` (RepQ-ViT: a LayerNorm output's per-channel ranges folded into it and the Linear layers after it).
 """
 __all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "LOG2_NARROW_TOP", "LOG_FORMS", "check_forms", "log_grid_at"]
 
 MIN_BITS, MAX_BITS = 2, 16
-FORMS = ("uniform", "asymmetric", "log2", "log2-narrow", "per-head")
+FORMS = ("uniform", "asymmetric", "log2", "log2-narrow", "per-head", "per-channel")
 LOG2_NARROW_TOP = 4  # log2-narrow: the log grid at this width and below, the uniform (unsigned) grid above
 LOG_FORMS = ("log2", "log2-narrow")  # forms with a log grid at some width: non-negative data, unsigned
 DEFAULT_FORM = "uniform"

@@ -24,6 +24,7 @@ with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.scr
     from pytorch_quantization.tensor_quant import QuantDescriptor
 
 from .fakequant import FastTensorQuantizer, quiet_quantizers
+from .fold import ChannelFold, FoldError, check_foldable, fold_into
 from .forms import QUANTIZER_CLASSES, form_of, head_groups, resolve_forms
 from .limits import DEFAULT_FORM, MAX_BITS, MIN_BITS
 from .predicates import PredicateLike, get_target
@@ -161,6 +162,10 @@ class QuantizedActivationsModel(nn.Module):
         self._handles: list = []
         self._weights: "OrderedDict[str, WeightFakeQuant]" = OrderedDict()
         self._fused_attn: dict[nn.Module, bool] = {}
+        self._modules_of: dict[str, nn.Module] = {}  # the module whose output (or input) each quantizer sees
+        self._folds: dict[str, ChannelFold] = {}
+        self._refined: dict[str, torch.Tensor] = {}
+        self._originals: dict[nn.Parameter, torch.Tensor] = {}  # parameters as they were before folds, refinements
         self.amax_table: dict[str, dict[int, float]] = {}
         self.low_table: dict[str, dict[int, float]] = {}  # asymmetric quantizers' lower ends, per width
         if self.target.unfuse_attention:
@@ -179,6 +184,8 @@ class QuantizedActivationsModel(nn.Module):
         for name, module, pre in slots:
             form = chosen_forms[name]
             heads = head_groups(model, name, module, pre) if form == "per-head" else (1, 1)
+            if form == "per-channel":
+                check_foldable(name, module, pre)
             self._add(name, module, num_bits, pre, form, heads)
         self._activation_names = list(self._quantizers)
         if weight_quantizers is not False and weight_quantizers is not None:
@@ -195,6 +202,7 @@ class QuantizedActivationsModel(nn.Module):
              heads: tuple[int, int] = (1, 1)) -> None:
         quantizer = make_quantizer(num_bits, self.fast, form, heads)
         self._quantizers[name] = quantizer
+        self._modules_of[name] = module
         if pre:
             def hook(_module, args, q=quantizer):
                 if args and isinstance(args[0], torch.Tensor):
@@ -219,7 +227,9 @@ class QuantizedActivationsModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def remove(self) -> nn.Module:
-        """Detach every hook, restore weights and fused attention, and return the original model."""
+        """Detach every hook, restore weights (folds and refinements undone) and fused attention, and return the
+        original model."""
+        self._restore_originals()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -347,6 +357,103 @@ class QuantizedActivationsModel(nn.Module):
             quantizer._amax.data.copy_(tensor)
         else:
             quantizer.register_buffer("_amax", tensor.to(self._device()))
+
+    # -- per-channel folds (RepQ-ViT) --------------------------------------------------------------------------
+    def quantized_module(self, name: str) -> nn.Module:
+        """The module whose output (or, for ``<module>:input``, input) activation quantizer ``name`` sees."""
+        try:
+            return self._modules_of[name]
+        except KeyError:
+            raise KeyError(f"no activation quantizer named {name!r}") from None
+
+    @property
+    def folds(self) -> dict[str, ChannelFold]:
+        """The per-channel folds in place, by quantizer (see :mod:`quantsearch.quantize.fold`)."""
+        return dict(self._folds)
+
+    @folds.setter
+    def folds(self, folds: Mapping[str, ChannelFold]) -> None:
+        """Undo the folds (and refinements) in place, then make ``folds`` (each on a per-channel quantizer's
+        LayerNorm and the Linear layers it names) and put the refinements back; the weight quantizers of the
+        layers touched take their new weights' max|w|."""
+        refined = self._refined
+        touched = self._restore_originals()
+        for name, fold in folds.items():
+            if form_of(self.quantizer(name)) != "per-channel":
+                raise FoldError(f"quantizer {name!r} has the {form_of(self.quantizer(name))} form: only a "
+                                "per-channel quantizer carries a fold")
+            norm = self.quantized_module(name)
+            try:
+                linears = [self.model.get_submodule(n) for n in fold.into]
+            except AttributeError as exc:
+                raise FoldError(f"the fold of {name!r} moves into a layer the model lacks ({exc})") from None
+            if len(fold.scale) != norm.weight.numel() or any(
+                    getattr(m, "in_features", None) != norm.weight.numel() for m in linears):
+                raise FoldError(f"the fold of {name!r} has {len(fold.scale)} channels; its LayerNorm and the "
+                                "layers it moves into do not")
+            for module in (norm, *linears):
+                for param in (module.weight, module.bias):
+                    self._originals.setdefault(param, param.detach().clone())
+                    touched.add(param)
+            fold_into(norm, linears, fold)
+            self._folds[name] = fold
+        for wname, swap in self._weights.items():
+            if swap.module.weight in touched:
+                self._set_amax(wname, channel_absmax(swap.module.weight).flatten().tolist())
+        self._put_refined(refined)
+
+    def _restore_originals(self) -> set:
+        """Put every folded or refined parameter back as the model had it; returns the parameters touched."""
+        touched = set(self._originals)
+        with torch.no_grad():
+            for param, original in self._originals.items():
+                param.copy_(original)
+        self._originals.clear()
+        self._folds, self._refined = {}, {}
+        return touched
+
+    @property
+    def refined(self) -> dict[str, torch.Tensor]:
+        """Parameters a refinement changed (:mod:`quantsearch.quantize.refine`), by state-dict key, on top of the
+        folds; the model's own values come back with :meth:`remove` and inside :meth:`unfolded`."""
+        return dict(self._refined)
+
+    @refined.setter
+    def refined(self, values: Mapping[str, torch.Tensor]) -> None:
+        folds = self._folds
+        self._refined = {}
+        self.folds = folds  # from the model's own weights again, refinements dropped
+        self._put_refined(values)
+
+    def _put_refined(self, values: Mapping[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for key, value in values.items():
+            param = params.get(key)
+            if param is None or tuple(param.shape) != tuple(value.shape):
+                what = "no such parameter" if param is None else f"shape {list(param.shape)}"
+                raise ValueError(f"refined parameter {key!r} of shape {list(value.shape)} does not fit the model "
+                                 f"({what})")
+            self._originals.setdefault(param, param.detach().clone())
+            with torch.no_grad():
+                param.copy_(value)
+        for swap in self._weights.values():
+            swap.cache.clear()
+        self._refined = {k: v.detach().clone() for k, v in values.items()}
+
+    @contextmanager
+    def unfolded(self) -> Iterator["QuantizedActivationsModel"]:
+        """The model's own weights inside the block (for fingerprints); folds and refinements come back after it."""
+        folds, refined = self.folds, self.refined
+        amax = {n: a for n, a in self.amax.items() if n in self._weights}
+        self._restore_originals()
+        try:
+            yield self
+        finally:
+            self._refined = refined
+            self.folds = folds
+            for name, value in amax.items():
+                if value is not None:
+                    self._set_amax(name, value)
 
     @property
     def lows(self) -> dict[str, float]:

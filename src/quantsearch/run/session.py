@@ -71,6 +71,14 @@ class Session:
     _fp32: dict[str, float] = field(default_factory=dict, repr=False)
 
     # -- calibration
+    def calibration_inputs(self) -> list[torch.Tensor]:
+        """The calibration split's model inputs, on the device (for refinement after the search)."""
+        from ..quantize.calib import batch_inputs
+
+        loader = data_loader(self.splits.calibration, self.config.batch_size, self.device,
+                             self.config.loader_workers)
+        return [batch_inputs(b).to(self.device) for b in loader][: self.config.calib_batches]
+
     def calibrate(self, calibration: Calibration | None = None, progress=None) -> Calibration:
         """Apply ``calibration`` (the driver's, a file's) after checking that it fits, or calibrate as the
         settings say; the result is also kept in ``self.calibration``. ``progress`` wraps the batches (a bar)."""
@@ -174,7 +182,9 @@ class Session:
     def fingerprints(self) -> dict[str, str | None]:
         """Digests of what results depend on: weights, checkpoint file, search and hold-out images (computed once;
         the weights and images do not change within a session)."""
-        out: dict[str, str | None] = {"model": fingerprint_model(self.model),
+        with self.qmodel.unfolded():  # the model's own weights, not those a per-channel fold moved ranges into
+            model = fingerprint_model(self.model)
+        out: dict[str, str | None] = {"model": model,
                                       "checkpoint": file_sha256(self.config.checkpoint)
                                       if self.config.checkpoint else None}
         for split in ("search", "holdout"):

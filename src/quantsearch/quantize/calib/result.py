@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from ... import files
 from ...files import write_atomic
 from ...fingerprints import fingerprint_model
+from ..fold import ChannelFold, FoldError
 from .methods import CalibrationError
 
 __all__ = ["CALIBRATION_FORMAT", "CALIBRATION_VERSION", "QuantizerCalibration", "Calibration"]
@@ -35,6 +36,7 @@ class QuantizerCalibration:
     options: Mapping[str, float] = field(default_factory=dict)
     form: str = "uniform"
     low: Mapping[int, float] | None = None  # an asymmetric quantizer's lower end per width (amax: the upper)
+    fold: ChannelFold | None = None  # a per-channel quantizer's fold into its LayerNorm and the Linears after it
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class Calibration:
         return {n: q.unsigned for n, q in self.quantizers.items()}
 
     @property
+    def folds(self) -> dict[str, ChannelFold]:
+        return {n: q.fold for n, q in self.quantizers.items() if q.fold is not None}
+
+    @property
     def forms(self) -> dict[str, str]:
         return {n: q.form for n, q in self.quantizers.items()}
 
@@ -67,7 +73,9 @@ class Calibration:
         return {n: q.method for n, q in self.quantizers.items()}
 
     def apply(self, qmodel) -> None:
-        """Give ``qmodel`` this table and signedness; each quantizer takes its current bit-width's amax."""
+        """Give ``qmodel`` these folds, this table and signedness; each quantizer takes its current bit-width's
+        amax."""
+        qmodel.folds = self.folds
         qmodel.unsigned = self.unsigned
         qmodel.amax_table = self.amax_table
         qmodel.low_table = self.low_table
@@ -88,7 +96,8 @@ class Calibration:
         if other is not None:
             raise CalibrationError(f"{source} calibrated quantizer {other!r} for the {self.forms[other]} form, the "
                                    f"run gives it the {forms[other]} form: recalibrate with the run's quant-forms")
-        weights = fingerprint_model(qmodel.model)
+        with qmodel.unfolded():
+            weights = fingerprint_model(qmodel.model)
         if weights != self.fingerprint.get("weights"):
             raise CalibrationError(f"{source} was made for other model weights (fingerprint "
                                    f"{str(self.fingerprint.get('weights'))[:12]}, this model {weights[:12]}): "
@@ -109,7 +118,8 @@ class Calibration:
             "quantizers": {n: {"method": q.method, **dict(q.options), "form": q.form, "unsigned": q.unsigned,
                                "min": q.min, "absmax": q.absmax,
                                "amax": {str(b): v for b, v in sorted(q.amax.items())},
-                               **({"low": {str(b): v for b, v in sorted(q.low.items())}} if q.low else {})}
+                               **({"low": {str(b): v for b, v in sorted(q.low.items())}} if q.low else {}),
+                               **({"fold": q.fold.to_dict()} if q.fold is not None else {})}
                            for n, q in self.quantizers.items()},
         }
 
@@ -135,8 +145,15 @@ class Calibration:
             if (form == "asymmetric") != (low is not None) or low is not None and set(low) != set(amax):
                 raise CalibrationError(f"{source}: quantizer {name!r} of the {form} form "
                                        f"{'needs' if form == 'asymmetric' else 'takes no'} a low end per width")
+            try:
+                fold = ChannelFold.from_dict(q["fold"]) if "fold" in q else None
+            except FoldError as exc:
+                raise CalibrationError(f"{source}: quantizer {name!r}: {exc}") from None
+            if (form == "per-channel") != (fold is not None):
+                raise CalibrationError(f"{source}: quantizer {name!r} of the {form} form "
+                                       f"{'needs' if form == 'per-channel' else 'takes no'} a fold")
             quantizers[name] = QuantizerCalibration(q["method"], q["unsigned"], amax, q["min"], q["absmax"], options,
-                                                    form, low)
+                                                    form, low, fold)
         return cls(quantizers, (lo, hi), payload["fingerprint"], payload.get("settings", {}))
 
     def save(self, path: str | Path) -> Path:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from typing import Any, Iterable, Mapping
 
 import torch
 
 from ...fingerprints import DataDigest, fingerprint_model
 from ..fakequant import quiet_quantizers
+from ..fold import FoldError, fit_folds
 from ..forms import fit_asymmetric, fit_symmetric
 from ..limits import LOG_FORMS, MAX_BITS, MIN_BITS, log_grid_at
 from .methods import HISTOGRAM_METHODS, PER_BIT_METHODS, CalibrationError, MethodSpec, resolve_methods
@@ -50,7 +52,8 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
         bits: inclusive bit-width range of the amax table (a width outside it takes the nearest width's amax).
         detect_unsigned: give quantizers whose calibration data is never negative the unsigned range.
 
-    A log2 quantizer takes the calibration maximum at every width (method ``max``) whatever the method says; a
+    Per-channel quantizers' LayerNorm ranges are folded into the model first (:func:`~..fold.fit_folds`, one
+    extra pass), and their folded tensors calibrated like uniform ones. A log2 quantizer takes the calibration maximum at every width (method ``max``) whatever the method says; a
     log2-narrow one at its log2 widths, and the method's amax (unsigned) above.
     """
     activations = qmodel.activation_names
@@ -65,10 +68,18 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     for q in weight_quantizers:
         q.disable()
     forms = qmodel.forms
+    qmodel.folds = {}  # the fingerprint, and the folds' ranges, are of the model's own weights
+    weights = fingerprint_model(qmodel.model)
+    folds, per_channel = {}, [n for n in activations if forms[n] == "per-channel"]
+    if per_channel:  # RepQ-ViT: fold the LayerNorms' channel ranges first, then calibrate the folded tensors
+        batches, num_batches = [batch_inputs(b) for b in itertools.islice(batches, num_batches)], None
+        try:
+            folds = fit_folds(qmodel, batches, per_channel)
+        except FoldError as exc:
+            raise CalibrationError(str(exc)) from None
     stats = {n: TensorStatistics(specs[n].method in HISTOGRAM_METHODS, specs[n].momentum, num_bins,
                                  sample=forms[n] == "asymmetric", rows=forms[n] == "per-head")
              for n, _ in quantizers}
-    weights = fingerprint_model(qmodel.model)
     data = DataDigest()
     saved = [(q._calibrator, q._disabled) for _, q in quantizers]
     with quiet_quantizers():
@@ -98,6 +109,7 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
 
     result = {name: _quantizer_calibration(name, stats[name], specs[name], forms[name], (lo, hi), detect_unsigned,
                                            getattr(q, "groups", 1)) for name, q in quantizers}
+    result = {n: replace(c, fold=folds[n]) if n in folds else c for n, c in result.items()}
     settings = {"method": method, "percentile": percentile, "momentum": momentum,
                 "overrides": {str(k): v for k, v in (overrides or {}).items()}, "detect_unsigned": detect_unsigned,
                 "num_bins": num_bins, "samples": data.samples}
