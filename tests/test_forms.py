@@ -468,3 +468,29 @@ def test_per_channel_calibration_file_and_bitconfig_round_trip_and_export(per_ch
     out = torch.from_numpy(onnx_session(written["path"], "reference").run(None, {"input": x.numpy()})[0])
     assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
     assert float((out - expected).abs().max()) < 0.5
+
+
+def test_per_head_and_per_channel_on_a_timm_vit_of_other_shapes():
+    """Nothing is tuned to the demo: a timm ViT (3 heads of 64, 12 blocks, 192 channels) gets 9 ranges per qkv
+    output and 3 per attention output, and every LayerNorm folds into the Linear after it (the last one into the
+    head, through the class-token view) without changing the FP32 output."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
+    model.eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    qmodel = QuantizedActivationsModel(model, "vit", weight_quantizers=True,
+                                       forms={QKV: "per-head", PROJ_IN: "per-head", "*norm*": "per-channel"})
+    assert qmodel.quantizer("blocks.11.attn.qkv").groups == 9
+    assert qmodel.quantizer("blocks.11.attn.proj:input").groups == 3
+    calibration = calibrate(qmodel, [x[:4], x[4:]], bits=(4, 8))
+    assert {n: f.into for n, f in calibration.folds.items()} == {
+        **{f"blocks.{i}.norm1": (f"blocks.{i}.attn.qkv",) for i in range(12)},
+        **{f"blocks.{i}.norm2": (f"blocks.{i}.mlp.fc1",) for i in range(12)}, "norm": ("head",)}
+    with torch.no_grad(), qmodel.quantization_disabled():
+        assert torch.allclose(qmodel(x), expected, atol=1e-4 * float(expected.abs().max()))
+    qmodel.bit_widths = [8] * len(qmodel)
+    with torch.no_grad():
+        assert (qmodel(x).argmax(1) == expected.argmax(1)).float().mean() >= 0.75

@@ -64,10 +64,17 @@ def test_adaround_rounds_on_the_grid_and_beats_nearest():
 
 
 def test_apply_refine_writes_a_bitconfig_that_reapplies_identically(tmp_path, capsys):
+    """explore with per-channel and per-head forms, resume, then apply --refine: the refined bit-config re-applies
+    to identical accuracies; tampered weights or a path outside its folder are refused in one line."""
     out = tmp_path / "run"
     assert explore_main(["--pop-size", "4", "--generations", "1", "--eval-samples", "200", "--holdout-samples",
                          "200", "--calib-batches", "1", "--batch-size", "100", "--no-progress", "--log-level",
-                         "WARNING", "--quant-form", "*norm*=per-channel", "--out", str(out)]) == 0
+                         "WARNING", "--quant-form", "*norm*=per-channel", "--quant-form", "*.attn.qkv=per-head",
+                         "--out", str(out)]) == 0
+    from quantsearch.run.pipeline import resume_config
+
+    assert resume_config(out).quant_forms == {"*norm*": "per-channel", "*.attn.qkv": "per-head"}
+    assert explore_main(["--resume", str(out), "--no-progress"]) == 0  # the same folds and heads again
     point = sorted((out / "pareto").glob("point_*.json"))[0]
     capsys.readouterr()
     assert apply_main([str(point), "--refine", "bias-correction"]) == 0

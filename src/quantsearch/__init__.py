@@ -3,7 +3,7 @@
 The flow is one way: settings -> :func:`build_session` (model, data, :class:`QuantizedActivationsModel`,
 calibration, evaluators, :class:`Bound`) -> :class:`LayerwiseQuantizationProblem` -> search (``pymoo.optimize.minimize``
 with :func:`nsga2`, or :func:`run_algorithm`) -> :class:`RunRecord` (front, bit-configs) -> :func:`apply_bitconfig`,
-:func:`export_onnx`. :func:`explore` runs all of it from an :class:`ExploreConfig`.
+:func:`refine` (bias correction, AdaRound on a chosen point), :func:`export_onnx`. :func:`explore` runs all of it from an :class:`ExploreConfig`.
 
 Names are imported on first use (PEP 562), so that the command line can refuse a mistyped setting before torch
 is loaded.
@@ -35,7 +35,7 @@ _EXPORTS = {
     "build_session": "run.session", "Session": "run.session",
     "pareto_front": "search.front",
     "Sensitivity": "search.sensitivity", "measure_sensitivity": "search.sensitivity",
-    "Budget": "search.budget",
+    "Budget": "search.budget", "refine": "quantize.refine",
     "algorithm_for": "search.algorithms", "nsga2": "search.algorithms", "nsga3": "search.algorithms", "run_search": "search.algorithms",
     "run_algorithm": "search.algorithms", "ALGORITHMS": "search.algorithms",
 }
@@ -45,7 +45,7 @@ __all__ = [
     "calibrate", "Calibration", "calibrate_max",
     "nsga2", "run_search", "run_algorithm", "ALGORITHMS", "Budget", "Sensitivity", "measure_sensitivity",
     "explore", "ExploreConfig", "pareto_front", "Bound", "build_session", "Session", "RunRecord",
-    "BitConfig", "apply_bitconfig", "export_quantized", "export_onnx", "load_exported", "load_run", "hypervolume",
+    "BitConfig", "apply_bitconfig", "refine", "export_quantized", "export_onnx", "load_exported", "load_run", "hypervolume",
     "Predicate", "Target", "PRESETS", "by_type", "by_name",
     "AccuracyEvaluator", "TotalBits", "get_costs",
     "BOPs", "ActivationMemory", "ModelSize", "profile_model", "nsga3", "algorithm_for",

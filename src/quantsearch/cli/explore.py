@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"momentum of --calib-method moving-max (default {d.calib_momentum})")
     p.add_argument("--quant-form", action="append", metavar="GLOB=FORM", dest="quant_form",
                    help="give the activation quantizers matching GLOB the form FORM: uniform, asymmetric, log2 "
-                        "(FQ-ViT's, for attention probabilities) or log2-narrow (log2 at 4 bits and below, uniform "
-                        "above), e.g. '*.attn_drop=log2-narrow'; repeatable, first match wins, before the YAML's "
-                        "quant-forms")
+                        "(FQ-ViT's, for attention probabilities), log2-narrow (log2 at 4 bits and below, uniform "
+                        "above), per-head (a range per attention head and q/k/v part) or per-channel (LayerNorm "
+                        "outputs, folded as RepQ-ViT does), e.g. '*.attn_drop=log2-narrow'; repeatable, first "
+                        "match wins, before the YAML's quant-forms")
     p.add_argument("--calibration", metavar="FILE",
                    help="reuse a calibration file (python -m quantsearch.calibrate) instead of calibrating; "
                         "refused if it was made for other weights or data")

@@ -1,8 +1,8 @@
-"""One weight layer's data for refinement: its input in the quantized model, its FP32 output, and its forward.
+"""One weight layer's data for refinement: its input and output in the FP32 or the quantized model, its forward.
 
-The input comes from the model as quantized so far (activation quantizers on, earlier layers already refined), and
-the target is the FP32 model's output of the same layer (AdaRound's asymmetric reconstruction): a refined layer
-also makes up for the error that reaches it. A pass stops as soon as the layer has run, so capturing layer ``k``
+In the quantized model (activation quantizers on, earlier layers already refined) a layer sees the error that
+reaches it; in the FP32 model it sees what it was trained on. Bias correction compares the two outputs; AdaRound
+learns on the FP32 ones by default. A pass stops as soon as the layer has run, so capturing layer ``k``
 costs the first ``k`` layers' share of a forward pass, not a whole one.
 """
 from __future__ import annotations
