@@ -183,12 +183,17 @@ def test_asymmetric_grid_by_hand():
     assert err(asymmetric_fake_quant(values, low, high, 4)) < err(fake_quantize("uniform", values, 6.0, 4, False))
 
 
+def calibrated_demo(splits, forms):
+    """The demo ViT with ``forms``, weight quantizers, and mse calibration on two batches of 100: (qmodel, loader,
+    calibration)."""
+    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True, forms=forms)
+    loader = torch.utils.data.DataLoader(splits.calibration, batch_size=100)
+    return qmodel, loader, calibrate(qmodel, loader, 2, "mse", bits=(2, 8))
+
+
 @pytest.fixture(scope="module")
 def asymmetric(fashion_splits_small):
-    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True, forms={GELU: "asymmetric"})
-    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
-    calibration = calibrate(qmodel, loader, 2, "mse", bits=(2, 8))
-    return qmodel, loader, calibration
+    return calibrated_demo(fashion_splits_small, {GELU: "asymmetric"})
 
 
 def test_asymmetric_calibration_fits_each_width_and_round_trips(asymmetric, tmp_path):
@@ -301,11 +306,7 @@ def test_per_head_groups_come_from_the_attention(fashion_splits_small):
 
 @pytest.fixture(scope="module")
 def per_head(fashion_splits_small):
-    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True,
-                                       forms={QKV: "per-head", PROJ_IN: "per-head"})
-    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
-    calibration = calibrate(qmodel, loader, 2, "mse", bits=(2, 8))
-    return qmodel, loader, calibration
+    return calibrated_demo(fashion_splits_small, {QKV: "per-head", PROJ_IN: "per-head"})
 
 
 def test_per_head_calibration_fits_each_head_and_round_trips(per_head, tmp_path):
@@ -429,11 +430,7 @@ def _reference(state):
 
 @pytest.fixture(scope="module")
 def per_channel(fashion_splits_small):
-    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True,
-                                       forms={"*norm*": "per-channel"})
-    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
-    calibration = calibrate(qmodel, loader, 2, "mse", bits=(2, 8))
-    return qmodel, loader, calibration
+    return calibrated_demo(fashion_splits_small, {"*norm*": "per-channel"})
 
 
 def test_per_channel_calibration_file_and_bitconfig_round_trip_and_export(per_channel, tmp_path):

@@ -98,3 +98,23 @@ def test_apply_refine_writes_a_bitconfig_that_reapplies_identically(tmp_path, ca
     (tmp_path / "bad.json").write_text(json.dumps(payload))
     assert apply_main([str(tmp_path / "bad.json")]) == 2
     assert "violates the bit-config schema" in capsys.readouterr().err
+
+
+def test_adaround_and_bias_correction_on_a_convolution():
+    """The same on a Conv2d (a CNN's layers): codes on the grid, at most nearest's error on the held-back images,
+    and bias correction removes the mean error per output channel (axis 1)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 4, 3))
+    qmodel = QuantizedActivationsModel(model, lambda n, m: False, quantize_input=False, weight_quantizers=True,
+                                       num_bits=3)
+    x = torch.randn(64, 1, 6, 6) * torch.ones(1, 16, 1, 1) + 0.05 * torch.randn(64, 16, 6, 6)
+    q = qmodel.quantizer("0:weight")
+    with qmodel.quantization_disabled(), torch.no_grad():
+        target = model(x)
+    weight, report = round_layer(model[0], model[0].weight.detach(), q.amax, 3, [x], [target], iterations=200)
+    codes = weight * (3.0 / q.amax.reshape(-1, 1, 1, 1))
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and report["after"] < 0.5 * report["before"]
+    changed = refine(qmodel, [x], "bias-correction")
+    with torch.no_grad():
+        error = (qmodel(x) - target).mean(dim=(0, 2, 3))
+    assert list(changed) == ["0.bias"] and float(error.abs().max()) < 1e-5

@@ -247,7 +247,14 @@ class PerHeadTensorQuantizer(FastTensorQuantizer):
         amax = getattr(self, "_amax", None)
         if amax is None or amax.numel() != self.groups:
             raise RuntimeError(f"a per-head quantizer needs {self.groups} amax values: calibrate it first")
-        return grouped_fake_quant(inputs.float(), amax, self._num_bits, self._unsigned).to(inputs.dtype)
+        if inputs.dtype != torch.float32 or inputs.shape[-1] % self.groups:
+            return grouped_fake_quant(inputs.float(), amax, self._num_bits, self._unsigned).to(inputs.dtype)
+        # grouped_fake_quant's float32 operations in place (amax is positive: _set_amax refuses anything else)
+        bound = 2.0 ** (self._num_bits - 1 + int(self._unsigned)) - 1.0
+        scale = bound / amax.reshape(self.groups, 1)
+        out = inputs.reshape(*inputs.shape[:-1], self.groups, -1) * scale
+        out.round_().clamp_(0.0 if self._unsigned else -bound, bound)
+        return out.div_(scale).reshape(inputs.shape)
 
 
 QUANTIZER_CLASSES = {"uniform": FastTensorQuantizer, "asymmetric": AsymmetricTensorQuantizer,
