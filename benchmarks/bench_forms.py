@@ -10,8 +10,8 @@ point, its range fitted per width) on GELU or LayerNorm outputs, ``per-channel``
 fold), ``per-head`` q/k/v and attention outputs, and all of them together (log2-narrow probabilities: log2 at 4
 bits and below, uniform above; asymmetric GELU, per-channel LayerNorm, per-head attention). Each set is its own session (model, splits and calibration
 exactly as ``explore`` builds them), so the differences are the forms' alone. The last set is then refined at each
-width with bias correction and, separately, AdaRound (``apply --refine``, on the 1,000 calibration images), and
-measured again: rows ``+ bias correction`` and ``+ AdaRound``, with AdaRound's time.
+width with bias correction, AdaRound, and AdaRound then bias correction, each from the unrefined model
+(``apply --refine``, on the 1,000 calibration images), and measured again, with each refinement's time.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ FORM_SETS = {"uniform": None, "log2 on attention probabilities": {"*.attn_drop":
              "per-head q/k/v and attention outputs": {"*.attn.qkv": "per-head", "*.attn.proj:input": "per-head"},
              "all together": {"*.attn_drop": "log2-narrow", "*.mlp.act": "asymmetric", "*norm*": "per-channel",
                               "*.attn.qkv": "per-head", "*.attn.proj:input": "per-head"}}
-REFINEMENTS = {"+ bias correction": "bias-correction", "+ AdaRound": "adaround"}
+REFINEMENTS = {"+ bias correction": "bias-correction", "+ AdaRound": "adaround",
+               "+ AdaRound + bias correction": "adaround,bias-correction"}
 
 
 def _row(widths, label, s, h, ref) -> list:

@@ -87,6 +87,8 @@ def test_apply_refine_writes_a_bitconfig_that_reapplies_identically(tmp_path, ca
     assert set(config.accuracy) == {"search", "holdout"}
     assert apply_main([str(refined), "--check"]) == 0  # folds, refined biases and amax come back exactly
     assert capsys.readouterr().out.count("identical") >= 3
+    assert apply_main([str(point), "--refine", "adaround,bias-corection"]) == 2
+    assert "unknown refinement 'bias-corection'" in capsys.readouterr().err
     weights = refined.with_suffix(".pt")
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 1
@@ -118,3 +120,18 @@ def test_adaround_and_bias_correction_on_a_convolution():
     with torch.no_grad():
         error = (qmodel(x) - target).mean(dim=(0, 2, 3))
     assert list(changed) == ["0.bias"] and float(error.abs().max()) < 1e-5
+
+
+def test_refinements_chain_in_order():
+    """``adaround,bias-correction``: the rounding is learned first, then the biases absorb the mean error left."""
+    model, qmodel = _one_layer(bits=3, inputs=32)
+    x = torch.randn(256, 1) * torch.ones(32) + 0.05 * torch.randn(256, 32)
+    changed = refine(qmodel, [x], "adaround,bias-correction", iterations=100)
+    assert sorted(changed) == ["0.bias", "0.weight"] and sorted(qmodel.refined) == ["0.bias", "0.weight"]
+    with qmodel.unrefined(), qmodel.quantization_disabled(), torch.no_grad():
+        fp32 = model(x)  # the model's own layer: the reference both steps learn against
+    with torch.no_grad():
+        assert float((qmodel(x) - fp32).mean(0).abs().max()) < 1e-5  # bias correction ran last, on AdaRound's
+    assert sorted(qmodel.refined) == ["0.bias", "0.weight"]  # the context put the refinements back
+    with pytest.raises(ValueError, match="unknown refinement 'adaroud'"):
+        refine(qmodel, [x], "adaroud")

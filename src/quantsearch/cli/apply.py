@@ -5,7 +5,7 @@ splits, metric); apply rebuilds that run's session from them (flags override any
 ranges (refused, naming the first mismatch, when quantizer names or tensor shapes differ), evaluates the same search
 and hold-out images with the same metric and prints each next to the recorded value, then every recorded cost
 recomputed. A checkpoint, weights or images that differ from the run's are named, and their accuracy is not
-compared. ``--refine bias-correction|adaround`` then refines the weights on the calibration split
+compared. ``--refine bias-correction|adaround|adaround,bias-correction`` then refines the weights on the calibration split
 (:mod:`quantsearch.quantize.refine`), measures both splits again and writes a new bit-config with its refined
 weights beside it. ``--export PATH.onnx`` writes a Q/DQ ONNX model and checks it in ONNX Runtime
 (:mod:`quantsearch.deploy.onnx_export`); other suffixes write tensors (:mod:`quantsearch.deploy.export`). Bad
@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", metavar="PATH",
                    help="PATH.onnx: a Q/DQ ONNX model, checked in ONNX Runtime on the hold-out split; .safetensors, "
                         ".pt or .pth: weights, amax and bits, with metadata beside it")
-    p.add_argument("--refine", choices=["bias-correction", "adaround"],
-                   help="refine the weights on the calibration split, re-measure, and write a new bit-config plus "
-                        "its refined weights (see --refine-out); --export then exports the refined model")
+    p.add_argument("--refine", metavar="METHOD",
+                   help="bias-correction, adaround, or steps chained with commas (adaround,bias-correction): refine "
+                        "the weights on the calibration split, re-measure, and write a new bit-config plus its "
+                        "refined weights (see --refine-out); --export then exports the refined model")
     p.add_argument("--refine-out", metavar="PATH.json",
                    help="the refined bit-config (default: beside the input, BITCONFIG.METHOD.json; the weights "
                         "go to the same name with .pt)")
@@ -103,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
     from ..run.tables import format_table
     from ..search.bound import Bound
 
+    if args.refine:  # refused in one line before the model loads
+        from ..quantize.limits import check_refinement
+
+        check_refinement(args.refine)
     bitconfig = BitConfig.load(args.bitconfig)
     config = resolve(args, bitconfig)
     session = build_session(config, calibrate=False,
@@ -166,12 +171,14 @@ def _refine(args: argparse.Namespace, session, bitconfig, before: dict) -> None:
 
     from ..deploy.bitconfig import BitConfig
     from ..files import write_atomic
+    from ..quantize.limits import check_refinement
     from ..quantize.refine import refine
     from ..run.tables import format_table
     from ..search.bound import Bound
 
     source = Path(args.bitconfig)
-    out = Path(args.refine_out) if args.refine_out else source.with_name(f"{source.stem}.{args.refine}.json")
+    label = "+".join(check_refinement(args.refine))
+    out = Path(args.refine_out) if args.refine_out else source.with_name(f"{source.stem}.{label}.json")
     if out.suffix != ".json":
         raise ValueError(f"--refine-out {out} must end in .json (the weights go beside it, in .pt)")
     qmodel, clock = session.qmodel, time.perf_counter()
@@ -192,7 +199,7 @@ def _refine(args: argparse.Namespace, session, bitconfig, before: dict) -> None:
     torch.save({k: v.detach().cpu().contiguous() for k, v in changed.items()}, buffer)
     weights = out.with_suffix(".pt")
     write_atomic(weights, buffer.getvalue())
-    refined = {"method": args.refine, "file": weights.name, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+    refined = {"method": ",".join(check_refinement(args.refine)), "file": weights.name, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
                "parameters": sorted(changed), "accuracy_before": dict(before)}
     config = BitConfig.from_model(qmodel, bitconfig.model, example=session.example, dataset=bitconfig.dataset,
                                   accuracy=after, costs=bitconfig.costs, costs_normalized=bitconfig.costs_normalized,

@@ -236,7 +236,8 @@ def apply_bitconfig(model: nn.Module, config: "BitConfig | Mapping | str | Path"
     """Wrap ``model`` as its bit-config says and apply it: one line from a JSON file to a quantized model.
 
     ``config`` is a :class:`BitConfig`, a parsed bit-config dict, or the path of a JSON file; ``example`` (a
-    batch) checks tensor shapes on real data instead of zeros of the recorded input shape.
+    batch) checks tensor shapes on real data instead of zeros of the recorded input shape. A refined bit-config's
+    weights file is found beside the JSON file (in the working directory for a dict).
     """
     from ..quantize.quantized_model import QuantizedActivationsModel
 

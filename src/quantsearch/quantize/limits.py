@@ -6,13 +6,15 @@ pytorch-quantization's fake quantization is exact from 2 to 16 bits. A form is t
 ``per-head`` (one uniform range per attention head and q/k/v part, for Linear features split into heads), or
 ``per-channel`` (RepQ-ViT: a LayerNorm output's per-channel ranges folded into it and the Linear layers after it).
 """
-__all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "LOG2_NARROW_TOP", "LOG_FORMS", "check_forms", "log_grid_at"]
+__all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "LOG2_NARROW_TOP", "LOG_FORMS", "REFINEMENTS", "check_forms",
+           "check_refinement", "log_grid_at"]
 
 MIN_BITS, MAX_BITS = 2, 16
 FORMS = ("uniform", "asymmetric", "log2", "log2-narrow", "per-head", "per-channel")
 LOG2_NARROW_TOP = 4  # log2-narrow: the log grid at this width and below, the uniform (unsigned) grid above
 LOG_FORMS = ("log2", "log2-narrow")  # forms with a log grid at some width: non-negative data, unsigned
 DEFAULT_FORM = "uniform"
+REFINEMENTS = ("bias-correction", "adaround")  # quantsearch.quantize.refine's methods, chained with commas
 
 
 def check_forms(forms, where: str = "quant-forms") -> dict[str, str]:
@@ -32,3 +34,14 @@ def check_forms(forms, where: str = "quant-forms") -> dict[str, str]:
 def log_grid_at(form: str, bits: int) -> bool:
     """Whether a quantizer of ``form`` rounds to the log2 grid at ``bits``."""
     return form == "log2" or (form == "log2-narrow" and int(bits) <= LOG2_NARROW_TOP)
+
+
+def check_refinement(method: str) -> list[str]:
+    """The refinement steps of ``method`` (``adaround`` or ``adaround,bias-correction``: run in that order); one
+    line naming an unknown step."""
+    steps = [m.strip() for m in str(method).split(",")]
+    unknown = next((m for m in steps if m not in REFINEMENTS), None)
+    if unknown is not None:
+        raise ValueError(f"unknown refinement {unknown!r}; choose from {', '.join(REFINEMENTS)} (several: "
+                         "comma-separated, run in that order)")
+    return steps

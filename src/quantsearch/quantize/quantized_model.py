@@ -441,6 +441,20 @@ class QuantizedActivationsModel(nn.Module):
         self._refined = {k: v.detach().clone() for k, v in values.items()}
 
     @contextmanager
+    def unrefined(self) -> Iterator["QuantizedActivationsModel"]:
+        """The model with its folds but without refinements inside the block (a refinement's FP32 reference)."""
+        refined = self.refined
+        amax = {n: a for n, a in self.amax.items() if n in self._weights}
+        self.refined = {}
+        try:
+            yield self
+        finally:
+            self.refined = refined
+            for name, value in amax.items():
+                if value is not None:
+                    self._set_amax(name, value)
+
+    @contextmanager
     def unfolded(self) -> Iterator["QuantizedActivationsModel"]:
         """The model's own weights inside the block (for fingerprints); folds and refinements come back after it."""
         folds, refined = self.folds, self.refined

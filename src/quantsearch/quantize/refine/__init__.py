@@ -1,7 +1,8 @@
 """Refinement after the search: weights and biases changed so that a chosen configuration loses less.
 
 Too slow to run per candidate, so it runs on chosen points (``apply --refine METHOD``). Every method has one
-signature, ``method(qmodel, batches, **options) -> {state-dict key: tensor}``, and returns the parameters it
+signature, ``method(qmodel, batches, **options) -> {state-dict key: tensor}`` (steps chain with commas), and
+returns the parameters it
 changed (already in place on ``qmodel``, through :attr:`QuantizedActivationsModel.refined`, so that removing or
 re-folding the model keeps them apart from its own weights):
 
@@ -13,10 +14,12 @@ re-folding the model keeps them apart from its own weights):
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Iterable
 
 import torch
 
+from ..limits import REFINEMENTS, check_refinement
 from .adaround import adaround
 from .bias_correction import correct_biases
 
@@ -24,14 +27,20 @@ __all__ = ["REFINERS", "refine"]
 
 REFINERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {"bias-correction": correct_biases,
                                                                 "adaround": adaround}
+assert tuple(REFINERS) == REFINEMENTS
 
 
 def refine(qmodel, batches: Iterable[torch.Tensor], method: str, **options) -> dict[str, torch.Tensor]:
     """Refine ``qmodel`` at its current bits with ``method`` on calibration inputs ``batches``; returns (and
-    keeps on ``qmodel``) the parameters changed."""
-    if method not in REFINERS:
-        raise ValueError(f"unknown refinement {method!r}; choose from {', '.join(REFINERS)}")
+    keeps on ``qmodel``) the parameters changed. ``method`` may chain steps with commas
+    (``adaround,bias-correction``: the biases then absorb what the learned rounding left); ``options`` go to
+    every step that takes them."""
+    steps = check_refinement(method)
     batches = list(batches)
     if not batches:
         raise ValueError("refinement needs calibration batches; the calibration split is empty")
-    return REFINERS[method](qmodel, batches, **options)
+    changed: dict[str, torch.Tensor] = {}
+    for step in steps:
+        accepted = inspect.signature(REFINERS[step]).parameters
+        changed |= REFINERS[step](qmodel, batches, **{k: v for k, v in options.items() if k in accepted})
+    return changed

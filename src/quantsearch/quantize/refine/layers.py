@@ -29,7 +29,7 @@ def layer_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias
 def capture(qmodel, name: str, batches: list[torch.Tensor], quantized: bool) -> list[tuple[torch.Tensor, ...]]:
     """``(input, output)`` of weight layer ``name`` (``<module>:weight``) per batch: with ``quantized``, the input
     of the quantized model (and the layer's output there, weight quantized, output quantizer not applied); else
-    the FP32 model's."""
+    the FP32 model's (its own weights, folded, without the refinements made so far)."""
     module = qmodel.weight_module(name)
     out: list[tuple[torch.Tensor, ...]] = []
 
@@ -45,8 +45,8 @@ def capture(qmodel, name: str, batches: list[torch.Tensor], quantized: bool) -> 
                 try:
                     if quantized:
                         qmodel(x)
-                    else:
-                        with qmodel.quantization_disabled():
+                    else:  # the FP32 model: folds kept (they keep the function), refinements so far left out
+                        with qmodel.unrefined(), qmodel.quantization_disabled():
                             qmodel(x)
                 except _Stop:
                     continue
