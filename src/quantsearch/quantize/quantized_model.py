@@ -441,33 +441,37 @@ class QuantizedActivationsModel(nn.Module):
         self._refined = {k: v.detach().clone() for k, v in values.items()}
 
     @contextmanager
+    def _weight_amax_kept(self) -> Iterator[None]:
+        """The weight quantizers' amax as they are now, set again when the block ends (folds reset them)."""
+        amax = {n: a for n, a in self.amax.items() if n in self._weights and a is not None}
+        try:
+            yield
+        finally:
+            for name, value in amax.items():
+                self._set_amax(name, value)
+
+    @contextmanager
     def unrefined(self) -> Iterator["QuantizedActivationsModel"]:
         """The model with its folds but without refinements inside the block (a refinement's FP32 reference)."""
         refined = self.refined
-        amax = {n: a for n, a in self.amax.items() if n in self._weights}
-        self.refined = {}
-        try:
-            yield self
-        finally:
-            self.refined = refined
-            for name, value in amax.items():
-                if value is not None:
-                    self._set_amax(name, value)
+        with self._weight_amax_kept():
+            self.refined = {}
+            try:
+                yield self
+            finally:
+                self.refined = refined
 
     @contextmanager
     def unfolded(self) -> Iterator["QuantizedActivationsModel"]:
         """The model's own weights inside the block (for fingerprints); folds and refinements come back after it."""
         folds, refined = self.folds, self.refined
-        amax = {n: a for n, a in self.amax.items() if n in self._weights}
-        self._restore_originals()
-        try:
-            yield self
-        finally:
-            self._refined = refined
-            self.folds = folds
-            for name, value in amax.items():
-                if value is not None:
-                    self._set_amax(name, value)
+        with self._weight_amax_kept():
+            self._restore_originals()
+            try:
+                yield self
+            finally:
+                self._refined = refined
+                self.folds = folds
 
     @property
     def lows(self) -> dict[str, float]:
