@@ -282,6 +282,11 @@ def test_per_head_grid_and_fit_by_hand():
     assert torch.equal(fake_quantize("per-head", x, [1.0, 10.0], 2, False), out)
     with pytest.raises(ValueError, match="does not split into 3 groups"):
         grouped_fake_quant(x, torch.ones(3), 4, False)
+    # bit for bit the uniform grid of each group (its in-place steps are the same float32 operations)
+    y, amax = torch.randn(5, 7, 48) * 3, torch.rand(6) + 0.2
+    for bits, unsigned in ((3, False), (8, True)):
+        expected = uniform_fake_quant(y.reshape(5, 7, 6, 8), amax.reshape(6, 1), bits, unsigned).reshape(y.shape)
+        assert torch.equal(grouped_fake_quant(y, amax, bits, unsigned), expected)
     # the fit: a group of many small values and one outlier clips the outlier at 3 bits; 0.5 is exact on its grid
     values = torch.cat([torch.linspace(-0.5, 0.5, 999), torch.tensor([8.0])])
     amax = fit_symmetric(torch.stack([values, values * 0 + 0.5]), 3, False)

@@ -49,9 +49,9 @@ from .fakequant import FastTensorQuantizer
 from .limits import DEFAULT_FORM, FORMS, check_forms, log_grid_at
 
 __all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "NarrowLog2TensorQuantizer",
-           "PerChannelTensorQuantizer", "PerHeadTensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid", "asymmetric_fake_quant", "fake_quantize",
-           "fit_asymmetric", "fit_symmetric", "grouped_fake_quant", "head_groups", "log2_fake_quant",
-           "uniform_fake_quant", "resolve_forms", "form_of"]
+           "PerChannelTensorQuantizer", "PerHeadTensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid",
+           "asymmetric_fake_quant", "fake_quantize", "fit_asymmetric", "fit_symmetric", "grouped_fake_quant",
+           "head_groups", "log2_fake_quant", "uniform_fake_quant", "resolve_forms", "form_of"]
 
 
 def uniform_fake_quant(x: torch.Tensor, amax, bits: int, unsigned: bool) -> torch.Tensor:
@@ -115,14 +115,18 @@ def fit_asymmetric(values: torch.Tensor, bits: int, steps: int = 16) -> tuple[fl
     return tuple(float(v) for v in torch.tensor(best, dtype=torch.float32))  # as the quantizer's buffers hold them
 
 
-def grouped_fake_quant(x: torch.Tensor, amax: torch.Tensor, bits: int, unsigned: bool) -> torch.Tensor:
-    """``x`` with its last dimension split into ``len(amax)`` equal groups, each on its own uniform grid."""
-    amax = torch.as_tensor(amax, dtype=torch.float32).flatten()
+def grouped_fake_quant(x: torch.Tensor, amax, bits: int, unsigned: bool) -> torch.Tensor:
+    """``x`` with its last dimension split into ``len(amax)`` equal groups, each on its own uniform grid (amax
+    positive, as calibration makes it): the uniform grid's float32 steps, done in place on one fresh tensor."""
+    amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device).flatten()
     groups = amax.numel()
     if x.shape[-1] % groups:
         raise ValueError(f"a last dimension of {x.shape[-1]} does not split into {groups} groups")
-    shaped = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
-    return uniform_fake_quant(shaped, amax.reshape(groups, 1), bits, unsigned).reshape(x.shape)
+    bound = 2.0 ** (bits - 1 + int(unsigned)) - 1.0
+    scale = bound / amax.reshape(groups, 1)
+    out = x.reshape(*x.shape[:-1], groups, -1) * scale
+    out.round_().clamp_(0.0 if unsigned else -bound, bound)
+    return out.div_(scale).reshape(x.shape)
 
 
 def fit_symmetric(values: torch.Tensor, bits: int, unsigned: bool, steps: int = 32) -> list[float]:
@@ -139,8 +143,8 @@ def fit_symmetric(values: torch.Tensor, bits: int, unsigned: bool, steps: int = 
 
 def head_groups(model: torch.nn.Module, name: str, module: torch.nn.Module, reads: bool) -> tuple[int, int]:
     """``(groups, width)``: how many per-head groups the ``width`` features that ``module`` (a Linear) writes, or
-    ``reads``, split into: their width over ``head_dim`` of the nearest enclosing module with ``num_heads`` (timm's and torchvision's
-    attention). One line names what is missing when there is no such split."""
+    ``reads``, split into: their width over ``head_dim`` of the nearest enclosing module with ``num_heads``
+    (timm's attention). One line names what is missing when there is no such split."""
     where = f"quant-forms: quantizer {name!r} has the per-head form but"
     if not isinstance(module, torch.nn.Linear):
         raise ValueError(f"{where} {type(module).__name__} is not a Linear layer (per-head splits Linear features)")
@@ -247,14 +251,7 @@ class PerHeadTensorQuantizer(FastTensorQuantizer):
         amax = getattr(self, "_amax", None)
         if amax is None or amax.numel() != self.groups:
             raise RuntimeError(f"a per-head quantizer needs {self.groups} amax values: calibrate it first")
-        if inputs.dtype != torch.float32 or inputs.shape[-1] % self.groups:
-            return grouped_fake_quant(inputs.float(), amax, self._num_bits, self._unsigned).to(inputs.dtype)
-        # grouped_fake_quant's float32 operations in place (amax is positive: _set_amax refuses anything else)
-        bound = 2.0 ** (self._num_bits - 1 + int(self._unsigned)) - 1.0
-        scale = bound / amax.reshape(self.groups, 1)
-        out = inputs.reshape(*inputs.shape[:-1], self.groups, -1) * scale
-        out.round_().clamp_(0.0 if self._unsigned else -bound, bound)
-        return out.div_(scale).reshape(inputs.shape)
+        return grouped_fake_quant(inputs.float(), amax, self._num_bits, self._unsigned).to(inputs.dtype)
 
 
 QUANTIZER_CLASSES = {"uniform": FastTensorQuantizer, "asymmetric": AsymmetricTensorQuantizer,

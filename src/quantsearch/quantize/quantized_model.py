@@ -425,7 +425,12 @@ class QuantizedActivationsModel(nn.Module):
         self.folds = folds  # from the model's own weights again, refinements dropped
         self._put_refined(values)
 
-    def _put_refined(self, values: Mapping[str, torch.Tensor]) -> None:
+    def add_refined(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Put ``values`` in place on top of the refinements so far (a refinement going layer by layer), without
+        re-making the folds and the earlier refinements as assigning :attr:`refined` does."""
+        self._put_refined(values, add=True)
+
+    def _put_refined(self, values: Mapping[str, torch.Tensor], add: bool = False) -> None:
         params = dict(self.model.named_parameters())
         for key, value in values.items():
             param = params.get(key)
@@ -438,7 +443,7 @@ class QuantizedActivationsModel(nn.Module):
                 param.copy_(value)
         for swap in self._weights.values():
             swap.cache.clear()
-        self._refined = {k: v.detach().clone() for k, v in values.items()}
+        self._refined = (self._refined if add else {}) | {k: v.detach().clone() for k, v in values.items()}
 
     @contextmanager
     def _weight_amax_kept(self) -> Iterator[None]:

@@ -53,8 +53,9 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
         detect_unsigned: give quantizers whose calibration data is never negative the unsigned range.
 
     Per-channel quantizers' LayerNorm ranges are folded into the model first (:func:`~..fold.fit_folds`, one
-    extra pass), and their folded tensors calibrated like uniform ones. A log2 quantizer takes the calibration maximum at every width (method ``max``) whatever the method says; a
-    log2-narrow one at its log2 widths, and the method's amax (unsigned) above.
+    extra pass), and their folded tensors calibrated like uniform ones. A log2 quantizer takes the calibration
+    maximum at every width (method ``max``) whatever the method says; a log2-narrow one at its log2 widths, and the
+    method's amax (unsigned) above.
     """
     activations = qmodel.activation_names
     specs = resolve_methods(activations, MethodSpec(method, percentile, momentum).validated(), overrides)

@@ -119,5 +119,5 @@ def adaround(qmodel, batches: list[torch.Tensor], iterations: int = 1000, rows: 
                  report["after"])
         key = name.rsplit(":", 1)[0] + ".weight"
         changed[key] = weight.to(module.weight.dtype)
-        qmodel.refined = qmodel.refined | {key: changed[key]}
+        qmodel.add_refined({key: changed[key]})
     return changed

@@ -36,5 +36,5 @@ def correct_biases(qmodel, batches: list[torch.Tensor], progress=None) -> dict[s
             count += error.shape[0]
         key = name.rsplit(":", 1)[0] + ".bias"
         changed[key] = (module.bias.detach().double() - total / max(count, 1)).to(module.bias.dtype)
-        qmodel.refined = qmodel.refined | {key: changed[key]}
+        qmodel.add_refined({key: changed[key]})
     return changed
