@@ -50,11 +50,8 @@ def plot_front(evaluations: Sequence[Evaluation], front: Sequence[Evaluation], c
     ok = [e for e in evaluations if e.status == "ok"]
     ax.scatter([e.costs[cost] for e in ok], [k * e.accuracy for e in ok], s=10, c="0.75", label="evaluated")
     f = sorted(front, key=lambda e: e.costs[cost])
-    ax.plot([e.costs[cost] for e in f], [k * e.accuracy for e in f], "o-", c="C0", ms=5, label="Pareto front")
-    for label, e in (baselines or {}).items():
-        ax.scatter([e.costs[cost]], [k * e.accuracy], marker="s", s=40, c="C3", zorder=3)
-        ax.annotate(label, (e.costs[cost], k * e.accuracy), textcoords="offset points", xytext=(4, -10),
-                    fontsize=8, color="C3")
+    ax.plot([e.costs[cost] for e in f], [k * e.accuracy for e in f], "o-", c="C0", ms=5,
+            label="Pareto front" if f else "Pareto front (empty)")
     if fp32_accuracy is not None:
         ax.axhline(k * fp32_accuracy, ls="--", c="k", lw=0.8, label=f"FP32 {k * fp32_accuracy:.4g}{unit}")
     if min_accuracy is not None:
@@ -62,12 +59,36 @@ def plot_front(evaluations: Sequence[Evaluation], front: Sequence[Evaluation], c
                    label=f"{bound.kind} {k * min_accuracy:.4g}{unit}")
     sign = 1.0 if higher_is_better else -1.0  # limits worked out on sign * value, where higher is better
     scores = [sign * k * e.accuracy for e in ok] + ([sign * k * fp32_accuracy] if fp32_accuracy is not None else [])
+    if min_accuracy is not None:
+        scores.append(sign * k * min_accuracy)
+    if not scores:  # nothing to scale by: the baselines, else a unit range
+        scores = [sign * k * e.accuracy for e in (baselines or {}).values() if math.isfinite(e.accuracy)] or [0.0]
     best = max(scores)
     edge = sign * k * min_accuracy if min_accuracy is not None else min(scores)
     span = max(best - edge, 1.0 if percent else 1e-9)
     low, high = edge - 3 * span, best + (0.5 if percent else 0.05 * span)
     low = max(0.0, low) if percent else low
     ax.set_ylim((low, high) if higher_is_better else (-low, -high))
+    stacked = {True: 0, False: 0}  # labels at each edge, stacked so that neighbours do not overlap
+    for label, e in sorted((baselines or {}).items(), key=lambda item: item[1].costs[cost]):
+        value, score = k * e.accuracy, sign * k * e.accuracy
+        if low <= score <= high:
+            ax.scatter([e.costs[cost]], [value], marker="s", s=40, c="C3", zorder=3)
+            ax.annotate(label, (e.costs[cost], value), textcoords="offset points", xytext=(4, -10),
+                        fontsize=8, color="C3")
+            continue  # otherwise marked at the edge it lies beyond, with its value
+        below = not score > high  # NaN counts as below; "below" is the bottom edge whichever way the axis runs
+        at, step = sign * (low if below else high), 11 * stacked[below]
+        stacked[below] += 1
+        ax.scatter([e.costs[cost]], [at], marker="v" if below else "^", s=40, c="C3", zorder=4, clip_on=False)
+        ax.annotate(f"{label} {value:.4g}{unit} ({'below' if below else 'above'} the range)", (e.costs[cost], at),
+                    textcoords="offset points", xytext=(4, 4 + step) if below else (4, -12 - step), fontsize=8,
+                    color="C3", annotation_clip=False)
+    if not f:
+        kind = bound.kind if bound is not None else "floor"
+        ax.text(0.5, 0.5, f"empty front: no configuration met the {kind}\n({len(evaluations)} evaluated)",
+                transform=ax.transAxes, ha="center", va="center", fontsize=11, color="C3",
+                bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
     ax.set_xlabel(cost)
     ax.set_ylabel(f"{metric} ({unit})" if percent else f"{metric} (lower is better)" if not higher_is_better
                   else metric)
@@ -81,14 +102,20 @@ def plot_bits_heatmap(front: Sequence[Evaluation], quantizer_names: Sequence[str
     """Bits per quantizer (rows, network order) for each Pareto point (columns, cheapest first)."""
     f = sorted(front, key=lambda e: e.costs[cost])
     ax = _axes(ax, path, (max(5, 0.5 * len(f) + 3), max(4, 0.22 * len(quantizer_names) + 1)))
-    grid = np.array([e.bits for e in f]).T if f else np.zeros((len(quantizer_names), 0))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel(f"Pareto points ({metric}; cheapest {cost} first)")
     ax.set_yticks(range(len(quantizer_names)))
     ax.set_yticklabels(quantizer_names, fontsize=6)
+    if not f:  # an image of no columns would have identical x limits: say what is (not) there instead
+        ax.set_xlim(-0.5, 0.5)
+        ax.set_ylim(len(quantizer_names) - 0.5, -0.5)
+        ax.set_xticks([])
+        ax.text(0.5, 0.5, "empty front: no Pareto point to show", transform=ax.transAxes, ha="center",
+                va="center", fontsize=11, color="C3")
+        return _finish(ax, path)
+    image = ax.imshow(np.array([e.bits for e in f]).T, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(f)))
     ax.set_xticklabels([f"{100 * e.accuracy:.1f}%" if percent else f"{e.accuracy:.3g}" for e in f], rotation=90,
                        fontsize=7)
-    ax.set_xlabel(f"Pareto points ({metric}; cheapest {cost} first)")
     ax.figure.colorbar(image, ax=ax, label="bits")
     return _finish(ax, path)
 
@@ -133,7 +160,8 @@ def plot_sensitivity(quantizer_names: Sequence[str], drops: Mapping[int, Sequenc
     others = f" (others at {reference_bits} bits)" if reference_bits is not None else ""
     ax.set_xlabel(f"accuracy drop (points) when only this quantizer is lowered{others}")
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8, loc="lower right")
+    if widths:
+        ax.legend(fontsize=8, loc="lower right")
     return _finish(ax, path)
 
 
@@ -174,10 +202,14 @@ def plot_holdout(front: Sequence[Evaluation], holdout: Mapping[tuple[int, ...], 
             ax.plot([lo, hi], [lo + shift, hi + shift], "--", c="k", lw=0.8, label=f"FP32 shift {shift:+.2f}")
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
+        ax.legend(fontsize=8, loc="upper left")
+    else:  # nothing to draw, so no legend either
+        ax.text(0.5, 0.5, "no Pareto point with a hold-out accuracy\n(empty front)" if not front
+                else "no Pareto point with a hold-out accuracy", transform=ax.transAxes, ha="center",
+                va="center", fontsize=11, color="C3")
     ax.set_xlabel("search-split accuracy (%)")
     ax.set_ylabel("hold-out accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
     return _finish(ax, path)
 
 
