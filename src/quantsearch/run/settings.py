@@ -223,12 +223,14 @@ class ExploreConfig:
             parse_cost_names(self.cost)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        from ..quantize.calib import CalibrationError, MethodSpec, override_spec
+        from ..quantize.calib import CalibrationError, MethodSpec, check_form_methods, override_spec
 
         try:
             default = MethodSpec(self.calib_method, self.calib_percentile, self.calib_momentum).validated()
             for glob, value in (self.calib_overrides or {}).items():  # the globs are matched on the model
                 override_spec(str(glob), value, default)
+            if self.calibration is None:  # a calibration file's methods are checked when it is made
+                check_form_methods(self.quant_forms, default, self.calib_overrides)
         except CalibrationError as exc:
             raise ConfigError(str(exc)) from None
         if self.preprocessing is not None:

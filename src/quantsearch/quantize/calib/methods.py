@@ -9,12 +9,15 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-__all__ = ["METHODS", "HISTOGRAM_METHODS", "PER_BIT_METHODS", "CalibrationError", "MethodSpec", "override_spec",
-           "resolve_methods"]
+__all__ = ["METHODS", "HISTOGRAM_METHODS", "PER_BIT_METHODS", "RANGE_FIT_METHODS", "CalibrationError", "MethodSpec",
+           "check_form_methods", "form_method_problem", "override_spec", "resolve_methods"]
 
 METHODS = ("max", "percentile", "entropy", "mse", "moving-max")
 HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
 PER_BIT_METHODS = ("entropy", "mse")
+# forms whose range is not one amax of |x| (a zero point, one range per head): fitted by least squared error on
+# sampled values (mse) or taken whole (max); a histogram or a moving average of |x| has no meaning for them
+RANGE_FIT_METHODS = {"asymmetric": ("mse", "max"), "per-head": ("mse", "max")}
 
 
 class CalibrationError(ValueError):
@@ -80,3 +83,26 @@ def resolve_methods(names: Iterable[str], default: MethodSpec,
                                    f"{names[-1]!r})")
         rules.append((str(glob), spec))
     return {n: next((s for g, s in rules if fnmatch.fnmatchcase(n, g)), default) for n in names}
+
+
+def form_method_problem(what: str, form: str, given: str) -> str:
+    """One line: ``what`` of ``form`` cannot be calibrated by ``given`` (say ``calib-method entropy``)."""
+    return (f"{what} has the {form} form, whose ranges are fitted by least squared error (mse) or taken whole "
+            f"(max), not by {given}: calibrate it with {' or '.join(RANGE_FIT_METHODS[form])} (--calib-method, or "
+            "calib-overrides {GLOB: mse}) or give it another form")
+
+
+def check_form_methods(forms: Mapping[str, str] | None, default: MethodSpec,
+                       overrides: Mapping[str, Any] | None = None) -> None:
+    """Refuse, before any model is loaded, a ``quant-forms`` glob whose form no method given can calibrate.
+
+    The quantizers a glob matches are not known yet: each gets the default method or some override's, so a glob is
+    refused here only when none of those methods fits its form; :func:`~.runner.calibrate` checks each quantizer's
+    own method once the names are known."""
+    given = {"calib-method": default.method}
+    given.update({f"calib-overrides[{str(g)!r}]": override_spec(str(g), v, default).method
+                  for g, v in (overrides or {}).items()})
+    for glob, form in (forms or {}).items():
+        if form in RANGE_FIT_METHODS and not any(m in RANGE_FIT_METHODS[form] for m in given.values()):
+            raise CalibrationError(form_method_problem(f"quant-forms[{glob!r}]", form,
+                                                       " or ".join(f"{k} {m}" for k, m in given.items())))

@@ -6,6 +6,7 @@ calibration inputs are fingerprinted on the way, and the result is applied to th
 """
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import math
 from dataclasses import replace
@@ -18,7 +19,8 @@ from ..fakequant import quiet_quantizers
 from ..fold import FoldError, fit_folds
 from ..forms import fit_asymmetric, fit_symmetric
 from ..limits import LOG_FORMS, MAX_BITS, MIN_BITS, log_grid_at
-from .methods import HISTOGRAM_METHODS, PER_BIT_METHODS, CalibrationError, MethodSpec, resolve_methods
+from .methods import (HISTOGRAM_METHODS, PER_BIT_METHODS, RANGE_FIT_METHODS, CalibrationError, MethodSpec,
+                      form_method_problem, resolve_methods)
 from .result import Calibration, QuantizerCalibration
 from .statistics import NUM_BINS, TensorStatistics
 
@@ -55,10 +57,14 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     Per-channel quantizers' LayerNorm ranges are folded into the model first (:func:`~..fold.fit_folds`, one
     extra pass), and their folded tensors calibrated like uniform ones. A log2 quantizer takes the calibration
     maximum at every width (method ``max``) whatever the method says; a log2-narrow one at its log2 widths, and the
-    method's amax (unsigned) above.
+    method's amax (unsigned) above. Asymmetric and per-head quantizers take ``mse`` (ranges fitted by least squared
+    error on sampled values) or ``max`` (the whole range seen); any other method for them is refused, before the
+    pass.
     """
     activations = qmodel.activation_names
     specs = resolve_methods(activations, MethodSpec(method, percentile, momentum).validated(), overrides)
+    forms = qmodel.forms
+    _check_form_methods(specs, forms, method, overrides)
     lo, hi = int(bits[0]), int(bits[1])
     if not MIN_BITS <= lo <= hi <= MAX_BITS:
         raise CalibrationError(f"calibration bits {lo}:{hi} must satisfy {MIN_BITS} <= LO <= HI <= {MAX_BITS}")
@@ -68,7 +74,6 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     weights_were_disabled = [q._disabled for q in weight_quantizers]
     for q in weight_quantizers:
         q.disable()
-    forms = qmodel.forms
     qmodel.folds = {}  # the fingerprint, and the folds' ranges, are of the model's own weights
     weights = fingerprint_model(qmodel.model)
     folds, per_channel = {}, [n for n in activations if forms[n] == "per-channel"]
@@ -119,6 +124,16 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     return calibration
 
 
+def _check_form_methods(specs: Mapping[str, MethodSpec], forms: Mapping[str, str], method: str,
+                        overrides: Mapping[str, Any] | None) -> None:
+    """Refuse (one line) a method that an asymmetric or per-head quantizer cannot take, naming where it came from."""
+    for name, spec in specs.items():
+        glob = next((str(g) for g in (overrides or {}) if fnmatch.fnmatchcase(name, str(g))), None)
+        given = f"calib-method {method}" if glob is None else f"calib-overrides[{glob!r}] {spec.method}"
+        if spec.method not in RANGE_FIT_METHODS.get(forms[name], (spec.method,)):
+            raise CalibrationError(form_method_problem(f"quantizer {name!r}", forms[name], given))
+
+
 def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, form: str, bits: tuple[int, int],
                            detect_unsigned: bool, groups: int = 1) -> QuantizerCalibration:
     """One quantizer's calibration from its statistics, or one line saying why it cannot quantize."""
@@ -138,10 +153,10 @@ def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, for
     if form == "log2":
         spec = MethodSpec("max")
     if form == "asymmetric":
-        return _asymmetric_calibration(s, bits)
+        return _asymmetric_calibration(s, bits, spec.method)
     unsigned = bool(detect_unsigned and s.min >= 0) or form in LOG_FORMS
     if form == "per-head":
-        return _per_head_calibration(s, bits, unsigned, groups)
+        return _per_head_calibration(s, bits, unsigned, groups, spec.method)
     if spec.method in PER_BIT_METHODS:
         amax = {b: s.amax(spec, b, unsigned) for b in range(lo, hi + 1)}
     else:
@@ -157,25 +172,33 @@ def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, for
     return QuantizerCalibration(spec.method, unsigned, amax, s.min, s.absmax, options, form)
 
 
-def _asymmetric_calibration(s: TensorStatistics, bits: tuple[int, int]) -> QuantizerCalibration:
-    """An asymmetric quantizer's range per width, fitted on its sampled values by least squared error (the
-    method's amax is not used: a zero point needs both ends). amax holds the upper end, kept positive."""
-    values = s.sample()
+def _asymmetric_calibration(s: TensorStatistics, bits: tuple[int, int], method: str) -> QuantizerCalibration:
+    """An asymmetric quantizer's range per width: ``mse`` fits it on the sampled values by least squared error,
+    ``max`` takes ``[min, max]`` of all values seen (widened to hold 0). amax holds the upper end, kept positive."""
+    if method == "max":  # float32, as the quantizer's buffers hold them
+        whole = tuple(float(v) for v in torch.tensor([min(s.min, 0.0), max(s.max, 0.0)], dtype=torch.float32))
+    values = s.sample() if method == "mse" else None
     amax, low = {}, {}
     for b in range(bits[0], bits[1] + 1):
-        lo, hi = fit_asymmetric(values, b)
+        lo, hi = fit_asymmetric(values, b) if method == "mse" else whole
         low[b], amax[b] = lo, max(hi, 1e-6 * max(1.0, -lo))
-    return QuantizerCalibration("mse", False, amax, s.min, s.absmax, {}, "asymmetric", low)
+    return QuantizerCalibration(method, False, amax, s.min, s.absmax, {}, "asymmetric", low)
 
 
-def _per_head_calibration(s: TensorStatistics, bits: tuple[int, int], unsigned: bool, groups: int
+def _per_head_calibration(s: TensorStatistics, bits: tuple[int, int], unsigned: bool, groups: int, method: str
                           ) -> QuantizerCalibration:
-    """A per-head quantizer's amax per group and width, each fitted on its group's sampled features by least
-    squared error (the method's histogram is of the whole tensor, so it is not used)."""
+    """A per-head quantizer's amax per group and width: ``mse`` fits each on its group's sampled features by least
+    squared error, ``max`` takes each group's max |x| over all values seen (an all-zero group gets 1, as a fit
+    does). The histogram is of the whole tensor, so no other method has a per-group meaning."""
+    if method == "max":
+        whole = s.feature_absmax.reshape(groups, -1).amax(1)
+        whole = [float(v) for v in torch.where(whole > 0, whole, torch.ones_like(whole))]
+        return QuantizerCalibration(method, unsigned, {b: whole for b in range(bits[0], bits[1] + 1)}, s.min,
+                                    s.absmax, {}, "per-head")
     rows = s.sample()
     values = rows.reshape(len(rows), groups, -1).transpose(0, 1).reshape(groups, -1)
     amax = {b: fit_symmetric(values, b, unsigned) for b in range(bits[0], bits[1] + 1)}
-    return QuantizerCalibration("mse", unsigned, amax, s.min, s.absmax, {}, "per-head")
+    return QuantizerCalibration(method, unsigned, amax, s.min, s.absmax, {}, "per-head")
 
 
 def calibrate_max(qmodel, batches: Iterable, num_batches: int | None = None) -> dict[str, float]:

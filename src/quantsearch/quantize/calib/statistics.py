@@ -1,10 +1,10 @@
 """The calibrator: :class:`TensorStatistics`, everything one calibration pass records for one quantizer.
 
 It takes the place of a pytorch-quantization calibrator (``collect(x)`` on every tensor while calibration is on)
-and keeps, in one pass, the running absmax, a moving average of per-batch absmax, the minimum and, for the
-histogram methods, a ``HistogramCalibrator`` histogram of |x| and, for asymmetric and per-head quantizers, a
+and keeps, in one pass, the running absmax, a moving average of per-batch absmax, the minimum and maximum and, for
+the histogram methods, a ``HistogramCalibrator`` histogram of |x| and, for asymmetric and per-head quantizers, a
 seeded sample of the signed values (whole rows of the last dimension for per-head ones: each head's range is
-fitted on its own features); :meth:`TensorStatistics.amax` then answers any method at any bit-width without
+fitted on its own features; they keep each feature's max |x| too, for method max); :meth:`TensorStatistics.amax` then answers any method at any bit-width without
 another forward pass.
 """
 from __future__ import annotations
@@ -52,6 +52,8 @@ class TensorStatistics:
         self.absmax = 0.0
         self.moving_max: float | None = None
         self.min = math.inf
+        self.max = -math.inf
+        self.feature_absmax: torch.Tensor | None = None  # with rows: max |x| per feature of the last dimension
         self._samples: list[torch.Tensor] = []
         if self.histogram is not None:
             self.histogram.reset()
@@ -65,13 +67,17 @@ class TensorStatistics:
             self.nonfinite += 1
             return
         absmax = max(-lo, hi)
-        self.min = min(self.min, lo)
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.absmax = max(self.absmax, absmax)
         self.moving_max = absmax if self.moving_max is None else (
             self.momentum * self.moving_max + (1 - self.momentum) * absmax)
         self.batches += 1
         if self.histogram is not None:
             self.histogram.collect(x)
+        if self.rows:
+            features = x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu()
+            self.feature_absmax = features if self.feature_absmax is None else torch.maximum(self.feature_absmax,
+                                                                                             features)
         if self.sampling:
             flat = x.reshape(-1, x.shape[-1]).float() if self.rows else x.flatten().float()
             keep = max(1, ROWS_FACTOR * SAMPLE_PER_BATCH // flat[0].numel()) if self.rows else SAMPLE_PER_BATCH
