@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from .layers import capture, layer_forward
+from .layers import Reference, capture, layer_forward
 
 __all__ = ["adaround", "round_layer"]
 
@@ -108,10 +108,12 @@ def adaround(qmodel, batches: list[torch.Tensor], iterations: int = 1000, rows: 
     quantized model's inputs to each layer (earlier layers refined) instead of the FP32 model's."""
     changed: dict[str, torch.Tensor] = {}
     names = [n for n in qmodel.weight_names if not qmodel.quantizer(n)._disabled]
+    reference = Reference(qmodel, names, batches, inputs=not quantized_inputs)  # FP32: taken once for all
     for name in (progress(names) if progress is not None else names):
         module, quantizer = qmodel.weight_module(name), qmodel.quantizer(name)
-        inputs = [x for x, _ in capture(qmodel, name, batches, quantized_inputs)]
-        targets = [y for _, y in capture(qmodel, name, batches, False)]
+        fp32 = reference.pop(name)
+        inputs = [x for x, _ in (capture(qmodel, name, batches) if quantized_inputs else fp32)]
+        targets = [y for _, y in fp32]
         with torch.enable_grad():
             weight, report = round_layer(module, module.weight.detach().float(), quantizer.amax, quantizer.num_bits,
                                          inputs, targets, iterations, rows)

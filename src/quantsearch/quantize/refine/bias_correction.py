@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from .layers import capture
+from .layers import Reference, capture
 
 __all__ = ["correct_biases"]
 
@@ -22,12 +22,14 @@ def correct_biases(qmodel, batches: list[torch.Tensor], progress=None) -> dict[s
     """Correct every quantized weight layer's bias in place; returns ``{<module>.bias: new bias}``."""
     changed: dict[str, torch.Tensor] = {}
     names = [n for n in qmodel.weight_names if not qmodel.quantizer(n)._disabled]
+    reference = Reference(qmodel, [n for n in names if qmodel.weight_module(n).bias is not None], batches,
+                          inputs=False)  # the FP32 outputs, taken once for all layers
     for name in (progress(names) if progress is not None else names):
         module = qmodel.weight_module(name)
         if module.bias is None:
             log.info("bias correction: %s has no bias, left as is", name)
             continue
-        quantized, fp32 = capture(qmodel, name, batches, True), capture(qmodel, name, batches, False)
+        quantized, fp32 = capture(qmodel, name, batches), reference.pop(name)
         channel_axis = -1 if isinstance(module, torch.nn.Linear) else 1
         total, count = torch.zeros_like(module.bias, dtype=torch.float64), 0
         for (_, yq), (_, y) in zip(quantized, fp32):
