@@ -1,7 +1,13 @@
-"""Quantizer forms: the log2 grid by hand, through calibration, calibration files, bit-configs, explore, apply,
-resume and export."""
+"""Quantizer forms: each grid by hand and against a reference written here in numpy from its formula, the fits
+against hand-computed optima, through calibration, calibration files, bit-configs, explore, apply, resume and ONNX
+export (the reference ONNX Runtime session compared quantizer by quantizer).
+
+No test shares a mutable model: each builds a fresh demo ViT from one module-wide FP32 state dict and applies a
+calibration that is computed once per set of forms and kept as JSON text (deterministic: seeded samples, the same
+images), so no test depends on another having run before it."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,13 +17,66 @@ from quantsearch.deploy.bitconfig import BitConfig, BitConfigError, apply_bitcon
 from quantsearch.quantize.calib import Calibration, CalibrationError, calibrate
 from quantsearch.quantize.forms import (Log2TensorQuantizer, asymmetric_fake_quant, asymmetric_grid, fake_quantize,
                                         fit_asymmetric, fit_symmetric, grouped_fake_quant, log2_fake_quant,
-                                        resolve_forms, uniform_fake_quant)
+                                        resolve_forms)
 from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 from quantsearch.run.settings import ConfigError, ExploreConfig
 from quantsearch.sources.models import create_demo_vit
 
 ATTENTION = "*.attn_drop"
 GELU = "*.mlp.act"
+
+
+# -- references written from the formulas, in numpy (nothing from quantsearch.quantize.forms) ---------------------
+def log2_reference(x, amax, bits):
+    """FQ-ViT's log2 grid from its formula: ``k = round(-log2(x / amax))`` in float64; codes ``k = 0 .. 2^b - 2``
+    give ``amax * 2^-k``, a deeper ``k`` (or ``x <= 0``) gives 0, ``x > amax`` (``k < 0``) gives amax.
+
+    Returns ``(values, ambiguous)``: ``ambiguous`` marks inputs whose ``-log2(x / amax)`` lies within 1e-6 of a
+    half-way point ``k + 1/2``, where the float32 log2 of the code under test may round the other way."""
+    x = np.asarray(x, dtype=np.float64)
+    amax = float(amax)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        e = -np.log2(np.where(x > 0, x / amax, np.nan))
+    k = np.maximum(np.floor(e + 0.5), 0.0)
+    zero = np.isnan(e) | (k > 2 ** bits - 2)
+    values = np.where(zero, 0.0, amax * np.exp2(-np.where(zero, 0.0, k))).astype(np.float32)
+    ambiguous = ~np.isnan(e) & (np.abs(e - np.floor(e) - 0.5) < 1e-6)
+    return values, ambiguous
+
+
+def uniform_codes(x, amax, bits, unsigned):
+    """The uniform grid from its formula, in float64, per group of the last axis when ``amax`` holds several
+    values (each group's range repeated over its features): ``(codes, step, ambiguous)`` with ``codes =
+    clip(rint(x / step), -qmax or 0, qmax)``, ``step = amax / qmax``, ``qmax = 2^(b-1+u) - 1``; ``ambiguous``
+    marks inputs within 1e-5 of a half-way point, where float32 rounding in the code under test decides."""
+    x = np.asarray(x, dtype=np.float64)
+    amax = np.asarray(amax, dtype=np.float64).ravel()
+    bound = 2.0 ** (bits - 1 + int(unsigned)) - 1
+    step = np.repeat(amax / bound, x.shape[-1] // len(amax))
+    t = x / step
+    return np.clip(np.rint(t), 0.0 if unsigned else -bound, bound), step, np.abs(t - np.floor(t) - 0.5) < 1e-5
+
+
+def assert_on_uniform_grid(out, x, amax, bits, unsigned, name="", ambiguous_at_most=1e-3):
+    """``out`` (what a quantizer made of ``x``) is ``code * step`` to float32 precision, with the reference's
+    code everywhere but at half-way points, and at most one code off there. (Bit for bit is not the claim:
+    PyTorch's fake quantizer divides by ``qmax / amax`` where ONNX multiplies by ``amax / qmax``.)"""
+    codes, step, ambiguous = uniform_codes(x, amax, bits, unsigned)
+    out = np.asarray(out, dtype=np.float64)
+    got = np.rint(out / step)
+    assert np.allclose(out, got * step, rtol=1e-6, atol=0), name
+    assert np.array_equal(got[~ambiguous], codes[~ambiguous]), name
+    assert np.all(np.abs(got - codes)[ambiguous] <= 1) and ambiguous.mean() <= ambiguous_at_most, name
+
+
+def asymmetric_reference(x, low, high, bits):
+    """The asymmetric grid from its formula: ``s = float32((high - low) / (2^b - 1))``, ``z = round(-low / s)``,
+    ``(clip(rint(x / s) + z, 0, 2^b - 1) - z) * s`` in float32."""
+    top = np.float32(2 ** bits - 1)
+    s = np.float32((high - low) / float(top))
+    z = np.float32(min(max(np.rint(-low / float(s)), 0), float(top)))
+    x = np.asarray(x, dtype=np.float32)
+    return ((np.clip(np.rint(x / s) + z, np.float32(0), top) - z) * s).astype(np.float32)
 
 
 def test_log2_grid_by_hand():
@@ -31,6 +90,18 @@ def test_log2_grid_by_hand():
                        torch.tensor([2.0, 1.0, 0.5, 0.0]))
     assert torch.equal(fake_quantize("log2", x, torch.tensor(1.0), 3, True), expected)  # x is left as it was
     assert x[1] == 0.75
+    # the numpy reference agrees with the hand values, then with the code on values spread over 40 octaves
+    assert np.array_equal(log2_reference(x.numpy(), 1.0, 3)[0], expected.numpy())
+    generator = torch.Generator().manual_seed(0)
+    amax = 0.8
+    y = amax * torch.exp2(-40 * torch.rand(20000, generator=generator))
+    y = torch.cat([y, torch.tensor([0.0, -1.0, 2.0, amax])])
+    for bits in (2, 3, 4, 5):
+        values, ambiguous = log2_reference(y.numpy(), amax, bits)
+        out = log2_fake_quant(y, torch.tensor(amax), bits).numpy()
+        assert ambiguous.sum() <= 2, bits  # within 1e-6 of a half-way exponent: the float32 log2 decides
+        assert np.array_equal(out[~ambiguous], values[~ambiguous]), bits
+        assert len(np.unique(out)) == 2 ** bits  # every code is reached: 2^b - 1 powers and 0
 
 
 def test_forms_by_glob_and_refusals():
@@ -46,14 +117,6 @@ def test_forms_by_glob_and_refusals():
         ExploreConfig(quant_forms=["log2"]).validate()
 
 
-@pytest.fixture(scope="module")
-def calibrated(fashion_splits_small):
-    model = create_demo_vit()
-    qmodel = QuantizedActivationsModel(model, "vit", weight_quantizers=True, forms={ATTENTION: "log2"})
-    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
-    qmodel.calibrate(loader, 2, method="mse", bits=(2, 8))
-    return qmodel, loader
-
 
 @pytest.fixture(scope="module")
 def fashion_splits_small():
@@ -62,11 +125,60 @@ def fashion_splits_small():
     return split_dataset(load_fashion_mnist(), calibration=200, search=300, holdout=300, seed=0)
 
 
-def test_log2_quantizers_calibrate_to_their_maximum_and_run_their_grid(calibrated):
-    qmodel, loader = calibrated
+@pytest.fixture(scope="module")
+def fp32_state():
+    """The demo ViT's FP32 weights: the one source every test's fresh model copies (never a shared model)."""
+    return {k: v.clone() for k, v in create_demo_vit().state_dict().items()}
+
+
+def fresh_vit(state):
+    model = create_demo_vit(pretrained=False)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def calibration_texts():
+    """forms (as JSON) -> the calibration file's text of an mse calibration on two batches of 100 (bits 2..8):
+    computed once per set of forms and kept as text, so no test can change what another test gets."""
+    return {}
+
+
+@pytest.fixture
+def build(fashion_splits_small, fp32_state, calibration_texts):
+    """``build(forms)``: a fresh demo ViT with ``forms`` and weight quantizers, calibrated: (qmodel, loader,
+    calibration)."""
+    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
+
+    def make(forms):
+        key = json.dumps(forms, sort_keys=True)
+        if key not in calibration_texts:
+            qmodel = QuantizedActivationsModel(fresh_vit(fp32_state), "vit", weight_quantizers=True, forms=forms)
+            calibration_texts[key] = json.dumps(calibrate(qmodel, loader, 2, "mse", bits=(2, 8)).to_dict())
+            qmodel.remove()
+        qmodel = QuantizedActivationsModel(fresh_vit(fp32_state), "vit", weight_quantizers=True, forms=forms)
+        calibration = Calibration.from_dict(json.loads(calibration_texts[key]))
+        calibration.apply(qmodel)
+        return qmodel, loader, calibration
+
+    return make
+
+
+def test_log2_quantizers_calibrate_to_their_maximum_and_run_their_grid(build, fp32_state):
+    qmodel, loader, _ = build({ATTENTION: "log2"})
     attention = [n for n, f in qmodel.forms.items() if f == "log2"]
     assert attention == [f"blocks.{i}.attn.attn_drop" for i in range(4)]
     assert all(isinstance(qmodel.quantizer(n), Log2TensorQuantizer) for n in attention)
+    # the maximum, measured here on a plain FP32 copy over the same two calibration batches
+    plain, maxima = fresh_vit(fp32_state), {}
+    for block in plain.blocks:
+        block.attn.fused_attn = False  # attention probabilities pass through attn_drop
+    for n in attention:
+        plain.get_submodule(n).register_forward_hook(
+            lambda m, a, out, n=n: maxima.update({n: max(maxima.get(n, 0.0), float(out.max()))}))
+    with torch.no_grad():
+        for x, _ in loader:
+            plain(x)
     x = next(iter(loader))[0]
     seen = {}
 
@@ -88,30 +200,25 @@ def test_log2_quantizers_calibrate_to_their_maximum_and_run_their_grid(calibrate
         table = qmodel.amax_table[n]
         assert len(set(table.values())) == 1  # the same maximum at every width, whatever the method
         amax = table[4]
-        assert 0.5 < amax <= 1.0 and qmodel.unsigned[n]  # softmax probabilities
-        assert torch.equal(out, log2_fake_quant(inputs.clone(), torch.tensor(amax), 4))
+        assert amax == pytest.approx(maxima[n], rel=1e-6) and qmodel.unsigned[n]  # softmax probabilities
+        values, ambiguous = log2_reference(inputs.numpy(), amax, 4)
+        assert ambiguous.mean() < 1e-4
+        assert np.array_equal(out.numpy()[~ambiguous], values[~ambiguous])
         nonzero = out[out > 0] / amax
-        assert torch.equal(nonzero, torch.exp2(torch.round(torch.log2(nonzero))))  # powers of two only
-        assert float(nonzero.min()) >= 2.0 ** -14
+        assert float(nonzero.min()) >= 2.0 ** -14 and len(torch.unique(out)) > 8  # the 4-bit grid, well used
 
 
-def test_calibration_file_keeps_forms_and_refuses_another(calibrated, tmp_path, fashion_splits_small):
-    from quantsearch.quantize.calib import calibrate
-
-    qmodel, loader = calibrated
-    calibration = calibrate(qmodel, loader, 2, "mse", bits=(2, 8))
+def test_calibration_file_keeps_forms_and_refuses_another(build, tmp_path, fp32_state):
+    qmodel, loader, calibration = build({ATTENTION: "log2"})
     path = calibration.save(tmp_path / "cal.json")
     loaded = Calibration.load(path)
     assert loaded.forms == {n: qmodel.forms[n] for n in qmodel.activation_names}
     assert list(loaded.forms.values()).count("log2") == 4
     assert loaded.methods["blocks.0.attn.attn_drop"] == "max" and loaded.methods["blocks.0.attn.qkv"] == "mse"
     loaded.check_fits(qmodel)
-    uniform = QuantizedActivationsModel(qmodel.model, "vit", weight_quantizers=True)
-    try:
-        with pytest.raises(CalibrationError, match="'blocks.0.attn.attn_drop' for the log2 form"):
-            loaded.check_fits(uniform)
-    finally:
-        uniform.remove()
+    uniform = QuantizedActivationsModel(fresh_vit(fp32_state), "vit", weight_quantizers=True)
+    with pytest.raises(CalibrationError, match="'blocks.0.attn.attn_drop' for the log2 form"):
+        loaded.check_fits(uniform)
 
 
 def test_log2_refuses_signed_data(fashion_splits_small):
@@ -121,8 +228,9 @@ def test_log2_refuses_signed_data(fashion_splits_small):
         qmodel.calibrate(loader, 1, method="mse")
 
 
-def test_bitconfig_round_trip_reproduces_log2_outputs(calibrated):
-    qmodel, loader = calibrated
+
+def test_bitconfig_round_trip_reproduces_log2_outputs(build):
+    qmodel, loader, _ = build({ATTENTION: "log2"})
     x = next(iter(loader))[0]
     qmodel.bit_widths = {n: (3 if n.endswith("attn_drop") else 6) for n in qmodel.quantizer_names}
     config = BitConfig.from_model(qmodel, {"name": "fashion-vit", "predicate": "vit", "quantize_input": True,
@@ -176,35 +284,60 @@ def test_asymmetric_grid_by_hand():
     expected = torch.tensor([-1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 0.0]) * torch.tensor(scale)
     assert torch.equal(asymmetric_fake_quant(x, -1.0, 3.0, 2), expected)
     assert asymmetric_grid(0.5, 2.0, 8)[1] == 0.0  # a range is widened to hold 0: zero point 0
-    values = torch.cat([torch.full((900,), -0.1), torch.linspace(0, 6, 100)])  # GELU-like: a lopsided range
-    low, high = fit_asymmetric(values, 4)
-    err = lambda q: float(((q - values) ** 2).sum())  # noqa: E731
-    assert err(asymmetric_fake_quant(values, low, high, 4)) <= err(asymmetric_fake_quant(values, -0.1, 6.0, 4))
-    assert err(asymmetric_fake_quant(values, low, high, 4)) < err(fake_quantize("uniform", values, 6.0, 4, False))
+    # the numpy reference on random values and exact half-way points, at several widths and ranges
+    generator = torch.Generator().manual_seed(0)
+    for low, high, bits in ((-1.0, 3.0, 2), (-0.17, 6.3, 4), (-2.5, 0.4, 3), (-0.3, 9.0, 8)):
+        s, z, _ = asymmetric_grid(low, high, bits)
+        y = torch.cat([torch.randn(5000, generator=generator) * high,
+                       (torch.arange(-4, 2 ** bits + 4) - z + 0.5) * s]).float()  # half-way points, both ends
+        assert np.array_equal(asymmetric_fake_quant(y, low, high, bits).numpy(),
+                              asymmetric_reference(y.numpy(), low, high, bits)), (low, high, bits)
 
 
-def calibrated_demo(splits, forms):
-    """The demo ViT with ``forms``, weight quantizers, and mse calibration on two batches of 100: (qmodel, loader,
-    calibration)."""
-    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True, forms=forms)
-    loader = torch.utils.data.DataLoader(splits.calibration, batch_size=100)
-    return qmodel, loader, calibrate(qmodel, loader, 2, "mse", bits=(2, 8))
+def test_asymmetric_fit_finds_the_hand_computed_optimum():
+    """2 bits (4 levels), candidates low = min * a, high = max * c with a, c = 1/16 .. 1.
+
+    300 values of 1 and one of 8 (min 0): high = 8c = 3 makes s = 1, 1 exact and 8 clipped to 3: error 25. The
+    next candidates: high 3.5 puts 1 on 7/6 and 8 on 3.5: 300/36 + 20.25 = 28.58; high 2.5: 1 on 5/6: 8.33 + 30.25
+    = 38.58; high 8 rounds every 1 to 0: 300. So (0, 3).
+
+    Clusters of 300 at -1, 1 and 2 with outliers -16 and 32 (candidates: low -1 .. -16, high 2, 4 .. 32): low -1
+    and high 2 make s = 1, z = 1, levels -1, 0, 1, 2: every cluster exact, the outliers clipped: 15^2 + 30^2 =
+    1125. Wider ranges move the clusters: (-2, 2): s 4/3, z 2, each cluster 1/3 or 2/3 off: 200 + 13.33^2 +
+    30.67^2 = 1275.6; (-1, 4): s 5/3, z 1: 300 (4/9 + 4/9 + 1/9) + 14.33^2 + 28.67^2 = 1327.2; the full range
+    (-16, 32): s 16, every cluster to 0: 1800. So (-1, 2), clipping both ends."""
+    ones = torch.cat([torch.ones(300), torch.tensor([8.0])])
+    assert fit_asymmetric(ones, 2) == (0.0, 3.0)
+    clusters = torch.cat([torch.full((300,), v) for v in (-1.0, 1.0, 2.0)] + [torch.tensor([-16.0, 32.0])])
+    assert fit_asymmetric(clusters, 2) == (-1.0, 2.0)
+    # a lopsided GELU-like tensor: the fit is the least-error range of its candidates, found here in numpy
+    values = torch.cat([torch.full((900,), -0.1), torch.linspace(0, 6, 100)])
+    candidates = [(-0.1 * a / 16, 6.0 * c / 16) for a in range(1, 17) for c in range(1, 17)]
+    v = values.numpy().astype(np.float64)
+    errors = [float(((asymmetric_reference(values.numpy(), lo, hi, 4) - v) ** 2).sum()) for lo, hi in candidates]
+    best = int(np.argmin(errors))
+    assert sorted(errors)[1] > errors[best] * (1 + 1e-4)  # a winner that float sums cannot swap
+    assert fit_asymmetric(values, 4) == pytest.approx(candidates[best], rel=1e-6)
+    assert candidates[best][0] > -0.1 or candidates[best][1] < 6.0  # it clips: the full range is not the answer
 
 
-@pytest.fixture(scope="module")
-def asymmetric(fashion_splits_small):
-    return calibrated_demo(fashion_splits_small, {GELU: "asymmetric"})
-
-
-def test_asymmetric_calibration_fits_each_width_and_round_trips(asymmetric, tmp_path):
-    qmodel, loader, calibration = asymmetric
+def test_asymmetric_calibration_fits_each_width_and_round_trips(build, tmp_path):
+    qmodel, loader, calibration = build({GELU: "asymmetric"})
     name = "blocks.1.mlp.act"
     q = calibration.quantizers[name]
     assert q.form == "asymmetric" and set(q.low) == set(q.amax) == set(range(2, 9))
     assert all(q.min <= q.low[b] <= 0 < q.amax[b] <= q.absmax for b in q.low)  # GELU's min is about -0.17
+    assert -0.2 < q.min < -0.1
     assert q.low[8] < q.low[3] or q.amax[8] > q.amax[3]  # wider grids clip less
     qmodel.bit_widths = {n: (3 if n == name else 8) for n in qmodel.quantizer_names}
     assert qmodel.lows[name] == q.low[3] and float(qmodel.quantizer(name).amax) == pytest.approx(q.amax[3])
+    # the module's forward is the grid of its range, as the numpy reference computes it
+    seen = {}
+    handle = qmodel.quantizer(name).register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
+    with torch.no_grad():
+        qmodel(next(iter(loader))[0][:8])
+    handle.remove()
+    assert np.array_equal(seen["y"].numpy(), asymmetric_reference(seen["x"].numpy(), q.low[3], q.amax[3], 3))
     path = calibration.save(tmp_path / "calibration.json")
     again = Calibration.load(path)
     assert again.low_table == calibration.low_table and again.forms == calibration.forms
@@ -214,11 +347,121 @@ def test_asymmetric_calibration_fits_each_width_and_round_trips(asymmetric, tmp_
         Calibration.from_dict(payload)
 
 
-def test_asymmetric_bitconfig_round_trip_and_onnx_export(asymmetric, tmp_path):
+# -- ONNX, quantizer by quantizer ----------------------------------------------------------------------------------
+def onnx_quantizer_steps(qmodel, path, x, folder):
+    """Run the exported file in the reference ONNX Runtime session with every activation Q/DQ's input and output
+    made graph outputs; pair them in graph order with the activation quantizers in the order PyTorch's forward
+    calls them. Returns ``(logits, [(name, onnx input, onnx output)])``."""
+    import onnx
+
+    from quantsearch.deploy.onnx_export import onnx_session
+
+    order = []
+    handles = [qmodel.quantizer(n).register_forward_hook(lambda m, a, o, n=n: order.append(n))
+               for n in qmodel.activation_names]
+    with torch.no_grad():
+        qmodel(x[:1])
+    for h in handles:
+        h.remove()
+    model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inputs = {i.name for i in model.graph.input}
+    pairs = []
+    for node in model.graph.node:
+        q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue  # weights: a DequantizeLinear of constant codes
+        raw = q.input[0]
+        while raw in producer and producer[raw].op_type in ("Clip", "Max", "Min"):  # the width's grid ends
+            raw = producer[raw].input[0]
+        pairs.append((raw, node.output[0]))
+    assert len(pairs) == len(order), (len(pairs), len(order))
+    wanted = [t for pair in pairs for t in pair if t not in inputs]
+    del model.graph.output[1:]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in wanted)
+    probe = folder / "probe.onnx"
+    onnx.save(model, str(probe))
+    results = onnx_session(probe, "reference").run(None, {"input": x.numpy()})
+    values = dict(zip(wanted, results[1:]))
+    values.update({i: x.numpy() for i in inputs})
+    return torch.from_numpy(results[0]), [(n, torch.from_numpy(values[a]), torch.from_numpy(values[b]))
+                                         for n, (a, b) in zip(order, pairs)]
+
+
+def check_onnx_against_pytorch(qmodel, x, folder):
+    """Each Q/DQ of the exported file, given ONNX's own input, against the PyTorch quantizer on that input:
+    asymmetric ones bit for bit (both compute ``round(x / s)`` and ``(q - z) * s``); uniform and per-head ones on
+    the reference grid, the same codes but at half-way points (see :func:`assert_on_uniform_grid`). The logits
+    then agree in every argmax and to within 10 % of their largest magnitude (a 4-bit code moved at a half-way
+    point moves everything after it by up to its step)."""
+    from quantsearch.deploy.onnx_export import export_onnx
+
+    with torch.no_grad():
+        expected = qmodel(x)
+    written = export_onnx(qmodel, folder / "model.onnx", x[:2])
+    logits, steps = onnx_quantizer_steps(qmodel, written["path"], x, folder)
+    for name, onnx_in, onnx_out in steps:
+        quantizer = qmodel.quantizer(name)
+        with torch.no_grad():
+            ours = quantizer(onnx_in)
+        if quantizer.form == "asymmetric":
+            assert torch.equal(onnx_out, ours), name
+            assert np.array_equal(onnx_out.numpy(), asymmetric_reference(onnx_in.numpy(), quantizer.low,
+                                                                         float(quantizer.amax), quantizer.num_bits))
+            continue
+        amax = quantizer.amax.detach().double().numpy()
+        for out in (onnx_out, ours):
+            assert_on_uniform_grid(out.numpy(), onnx_in.numpy(), amax, quantizer.num_bits, quantizer.unsigned, name)
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+    assert float((logits - expected).abs().max()) < 0.1 * float(expected.abs().max())
+    return steps
+
+
+class _Proj(torch.nn.Module):
+    """x -> proj, an identity Linear without bias (exact in float32): the model's output is the quantizer's output
+    at proj's input. ``num_heads`` and ``head_dim`` give that input 2 heads of 3 features."""
+
+    num_heads, head_dim = 2, 3
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 6, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(6))
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_asymmetric_onnx_is_bit_for_bit_the_fake_quantizer_half_way_points_included(tmp_path):
+    """The README's promise, on a graph whose output is the quantizer's: the reference session's output equals
+    PyTorch's, and the grid of the numpy reference, on random values and on every half-way point."""
     pytest.importorskip("onnxruntime")
     from quantsearch.deploy.onnx_export import export_onnx, onnx_session
+    from quantsearch.quantize.predicates import Target, by_type, nothing
 
-    qmodel, loader, _ = asymmetric
+    generator = torch.Generator().manual_seed(0)
+    qmodel = QuantizedActivationsModel(_Proj(), Target(nothing(), by_type(torch.nn.Linear)), quantize_input=False,
+                                       forms={"proj:input": "asymmetric"})
+    calibrate(qmodel, [torch.randn(64, 6, generator=generator) * 2 + 1.5], bits=(2, 8))
+    for bits in (3, 8):
+        qmodel.bit_widths = [bits]
+        low, high = qmodel.lows["proj:input"], float(qmodel.quantizer("proj:input").amax)
+        s, z, top = asymmetric_grid(low, high, bits)
+        x = torch.cat([torch.randn(300, generator=generator) * 3 + 1,
+                       (torch.arange(-3, top + 4) - z + 0.5) * s]).float()
+        x = torch.cat([x, torch.zeros(-len(x) % 6)]).reshape(-1, 6)
+        with torch.no_grad():
+            expected = qmodel(x)
+        assert np.array_equal(expected.numpy(), asymmetric_reference(x.numpy(), low, high, bits))
+        written = export_onnx(qmodel, tmp_path / f"asym{bits}.onnx", x[:2])
+        out = onnx_session(written["path"], "reference").run(None, {"input": x.numpy()})[0]
+        assert np.array_equal(out, expected.numpy()), bits
+
+
+def test_asymmetric_bitconfig_round_trip_and_onnx_export(build, tmp_path):
+    pytest.importorskip("onnxruntime")
+    qmodel, loader, _ = build({GELU: "asymmetric"})
     x = next(iter(loader))[0][:16]
     qmodel.bit_widths = {n: (4 if n.endswith("mlp.act") else 8) for n in qmodel.quantizer_names}
     config = BitConfig.from_model(qmodel, {"name": "fashion-vit", "predicate": "vit", "quantize_input": True,
@@ -234,14 +477,11 @@ def test_asymmetric_bitconfig_round_trip_and_onnx_export(asymmetric, tmp_path):
     del payload["quantizers"]["blocks.0.mlp.act"]["low"]
     with pytest.raises(BitConfigError, match="asymmetric form needs a low end"):
         BitConfig.from_dict(payload).apply(again)
-    written = export_onnx(qmodel, tmp_path / "asym.onnx", x[:2])
-    session = onnx_session(written["path"], "reference")
-    out = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-    assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
-    assert float((out - expected).abs().max()) < 0.5
+    steps = check_onnx_against_pytorch(qmodel, x, tmp_path)
+    assert sum(qmodel.quantizer(n).form == "asymmetric" for n, _, _ in steps) == 4
 
 
-def test_log2_narrow_is_log2_at_four_bits_and_below_and_uniform_above(fashion_splits_small, tmp_path):
+def test_log2_narrow_is_log2_at_four_bits_and_below_and_uniform_above(fashion_splits_small, fp32_state, tmp_path):
     """log2-narrow: the log grid (amax = the calibration maximum) at <= 4 bits, the unsigned uniform grid with the
     method's amax above; export refuses it only where it is on the log grid."""
     from quantsearch.deploy.export import ExportError
@@ -249,12 +489,13 @@ def test_log2_narrow_is_log2_at_four_bits_and_below_and_uniform_above(fashion_sp
     from quantsearch.quantize.forms import NarrowLog2TensorQuantizer
 
     x = torch.tensor([1.0, 0.7, 0.3, 0.02])
+    # 3 bits, log: -log2 = 0, .515, 1.74, 5.64 -> 1, 1/2, 1/4, 1/64
     assert torch.equal(fake_quantize("log2-narrow", x, torch.tensor(1.0), 3, True),
-                       log2_fake_quant(x, torch.tensor(1.0), 3))
-    # 5 bits, unsigned uniform: 31 levels of 1/31
+                       torch.tensor([1.0, 0.5, 0.25, 1 / 64]))
+    # 5 bits, unsigned uniform: 31 levels of 1/31; x * 31 = 31, 21.7, 9.3, 0.62 -> 31, 22, 9, 1
     assert torch.equal(fake_quantize("log2-narrow", x, torch.tensor(1.0), 5, True),
-                       fake_quantize("uniform", x, torch.tensor(1.0), 5, True))
-    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True,
+                       torch.tensor([31.0, 22.0, 9.0, 1.0]) / 31.0)
+    qmodel = QuantizedActivationsModel(fresh_vit(fp32_state), "vit", weight_quantizers=True,
                                        forms={ATTENTION: "log2-narrow"})
     loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
     calibration = calibrate(qmodel, loader, 2, "percentile", bits=(2, 8), percentile=99.0)
@@ -274,48 +515,60 @@ def test_log2_narrow_is_log2_at_four_bits_and_below_and_uniform_above(fashion_sp
 QKV, PROJ_IN = "*.attn.qkv", "*.attn.proj:input"
 
 
-def test_per_head_grid_and_fit_by_hand():
+def test_per_head_grid_by_hand_and_against_the_reference():
     """Two groups of two features: each rounds on its own grid (2 bits signed: codes -1, 0, 1)."""
     x = torch.tensor([[0.4, -1.0, 3.0, 10.0]])
     out = grouped_fake_quant(x, torch.tensor([1.0, 10.0]), 2, False)
     assert torch.equal(out, torch.tensor([[0.0, -1.0, 0.0, 10.0]]))
     assert torch.equal(fake_quantize("per-head", x, [1.0, 10.0], 2, False), out)
+    # 3 bits signed, amax 3 and 0.5 (steps 1 and 1/6): 0.4 -> 0, -1.0 -> -1; 3 * 6 = 18 clamps to 3 -> 0.5,
+    # -0.3 * 6 = -1.8 -> -2 -> -1/3
+    assert torch.equal(grouped_fake_quant(torch.tensor([0.4, -1.0, 3.0, -0.3]), [3.0, 0.5], 3, False),
+                       torch.tensor([0.0, -1.0, 0.5, -2.0 / 6.0]))
+    # 2 bits unsigned (codes 0..3), one group of amax 3: -1 clamps to 0, 1.5 ties to even (2), 7 clamps to 3
+    assert torch.equal(grouped_fake_quant(torch.tensor([-1.0, 1.5, 0.5, 7.0]), [3.0], 2, True),
+                       torch.tensor([0.0, 2.0, 0.0, 3.0]))
     with pytest.raises(ValueError, match="does not split into 3 groups"):
         grouped_fake_quant(x, torch.ones(3), 4, False)
-    # bit for bit the uniform grid of each group (its in-place steps are the same float32 operations)
-    y, amax = torch.randn(5, 7, 48) * 3, torch.rand(6) + 0.2
-    for bits, unsigned in ((3, False), (8, True)):
-        expected = uniform_fake_quant(y.reshape(5, 7, 6, 8), amax.reshape(6, 1), bits, unsigned).reshape(y.shape)
-        assert torch.equal(grouped_fake_quant(y, amax, bits, unsigned), expected)
-    # the fit: a group of many small values and one outlier clips the outlier at 3 bits; 0.5 is exact on its grid
-    values = torch.cat([torch.linspace(-0.5, 0.5, 999), torch.tensor([8.0])])
-    amax = fit_symmetric(torch.stack([values, values * 0 + 0.5]), 3, False)
-    assert amax[0] < 8.0 and amax[1] == pytest.approx(0.5)
-    err = lambda a: float(((uniform_fake_quant(values, a, 3, False) - values) ** 2).sum())  # noqa: E731
-    assert err(amax[0]) <= min(err(8.0), err(4.0), err(1.0))
+    # each group on its own grid, as the numpy reference has it, on random values that clip in some groups only
+    generator = torch.Generator().manual_seed(0)
+    y, amax = torch.randn(5, 7, 48, generator=generator) * 3, torch.rand(6, generator=generator) * 4 + 0.2
+    for bits, unsigned in ((2, False), (3, False), (4, True), (8, True)):
+        assert_on_uniform_grid(grouped_fake_quant(y, amax, bits, unsigned).numpy(), y.numpy(), amax.numpy(), bits,
+                               unsigned, (bits, unsigned))
 
 
-def test_per_head_groups_come_from_the_attention(fashion_splits_small):
-    model = create_demo_vit()
+def test_symmetric_fit_finds_the_hand_computed_optimum():
+    """3 bits signed (levels amax * k/3, k = -3..3), candidates amax = absmax * k/32.
+
+    Row 0: 300 values of 1 and one of 8 (absmax 8, candidates k/4). For amax in [3, 6) each 1 rounds to code 1,
+    i.e. amax/3, and 8 clips to amax: error 300 (amax/3 - 1)^2 + (8 - amax)^2, least at amax = 3.146; among the
+    candidates 3.25 gives 2.08 + 22.56 = 24.65 against 25 at 3.0 and 28.58 at 3.5; below 3 every candidate is
+    worse (2.75: 2.08 + 27.56; 1.5, where 1 is exact: 42.25) and 8 costs 300. Row 1: every value 0.5: only
+    amax 0.5 keeps it exact (a smaller one clips it). The rows are fitted each on its own."""
+    row = torch.cat([torch.ones(300), torch.tensor([8.0])])
+    amax = fit_symmetric(torch.stack([row, torch.full_like(row, 0.5)]), 3, False)
+    assert amax == [3.25, 0.5]
+    # unsigned at 2 bits (levels amax * k/3, k = 0..3): the same row, values >= 0: the same errors, the same 3.25
+    assert fit_symmetric(row[None], 2, True) == [3.25]
+
+
+def test_per_head_groups_come_from_the_attention(fp32_state):
+    model = fresh_vit(fp32_state)
     qmodel = QuantizedActivationsModel(model, "vit", weight_quantizers=True, forms={QKV: "per-head",
                                                                                     PROJ_IN: "per-head"})
     attn = model.blocks[0].attn
     q, p = qmodel.quantizer("blocks.0.attn.qkv"), qmodel.quantizer("blocks.0.attn.proj:input")
-    assert (q.groups, q.width) == (3 * attn.num_heads, attn.qkv.out_features)
-    assert (p.groups, p.width) == (attn.num_heads, attn.proj.in_features)
+    assert (q.groups, q.width) == (3 * attn.num_heads, attn.qkv.out_features) == (12, 192)
+    assert (p.groups, p.width) == (attn.num_heads, attn.proj.in_features) == (4, 64)
     with pytest.raises(ValueError, match="no module around it has num_heads"):
-        QuantizedActivationsModel(create_demo_vit(), "vit", forms={"head": "per-head"})
+        QuantizedActivationsModel(fresh_vit(fp32_state), "vit", forms={"head": "per-head"})
     with pytest.raises(ValueError, match="LayerNorm is not a Linear layer"):
-        QuantizedActivationsModel(create_demo_vit(), "vit", forms={"*.norm1": "per-head"})
+        QuantizedActivationsModel(fresh_vit(fp32_state), "vit", forms={"*.norm1": "per-head"})
 
 
-@pytest.fixture(scope="module")
-def per_head(fashion_splits_small):
-    return calibrated_demo(fashion_splits_small, {QKV: "per-head", PROJ_IN: "per-head"})
-
-
-def test_per_head_calibration_fits_each_head_and_round_trips(per_head, tmp_path):
-    qmodel, loader, calibration = per_head
+def test_per_head_calibration_fits_each_head_and_round_trips(build, tmp_path):
+    qmodel, loader, calibration = build({QKV: "per-head", PROJ_IN: "per-head"})
     name = "blocks.0.attn.qkv"
     c = calibration.quantizers[name]
     groups = qmodel.quantizer(name).groups
@@ -324,13 +577,13 @@ def test_per_head_calibration_fits_each_head_and_round_trips(per_head, tmp_path)
     assert max(c.amax[8]) / min(c.amax[8]) > 1.2  # the heads' ranges differ: why one range each pays
     qmodel.bit_widths = {n: (3 if n == name else 8) for n in qmodel.quantizer_names}
     assert qmodel.amax[name] == pytest.approx(c.amax[3])
-    # the forward is the grouped grid with those ranges
+    # the forward is each head's grid with its own range, as the numpy reference computes it
     seen = {}
     handle = qmodel.quantizer(name).register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
     with torch.no_grad():
         qmodel(next(iter(loader))[0][:4])
     handle.remove()
-    assert torch.equal(seen["y"], grouped_fake_quant(seen["x"], torch.tensor(c.amax[3]), 3, c.unsigned))
+    assert_on_uniform_grid(seen["y"].numpy(), seen["x"].numpy(), c.amax[3], 3, c.unsigned)
     path = calibration.save(tmp_path / "calibration.json")
     assert Calibration.load(path).amax_table == calibration.amax_table
     payload = json.loads(path.read_text())
@@ -341,11 +594,37 @@ def test_per_head_calibration_fits_each_head_and_round_trips(per_head, tmp_path)
         qmodel.amax = {name: [1.0, 2.0]}
 
 
-def test_per_head_bitconfig_round_trip_and_onnx_export(per_head, tmp_path):
+def test_per_head_onnx_is_the_fake_quantizer_up_to_half_way_points(tmp_path):
+    """A graph whose output is the per-head quantizer's: ONNX and PyTorch both give each head's reference codes
+    (to float32 precision: PyTorch divides a code by qmax / amax, ONNX multiplies it by amax / qmax), on random
+    values, on every level, and at every half-way point (there at most one code apart)."""
     pytest.importorskip("onnxruntime")
     from quantsearch.deploy.onnx_export import export_onnx, onnx_session
+    from quantsearch.quantize.predicates import Target, by_type, nothing
 
-    qmodel, loader, _ = per_head
+    generator = torch.Generator().manual_seed(0)
+    qmodel = QuantizedActivationsModel(_Proj(), Target(nothing(), by_type(torch.nn.Linear)), quantize_input=False,
+                                       forms={"proj:input": "per-head"})
+    calibrate(qmodel, [torch.randn(64, 6, generator=generator) * torch.tensor([1.0] * 3 + [5.0] * 3)], bits=(2, 8))
+    for bits in (3, 8):
+        qmodel.bit_widths = [bits]
+        amax = qmodel.quantizer("proj:input").amax.detach().float()
+        step = (amax / (2 ** (bits - 1) - 1)).repeat_interleave(3)
+        assert float(amax[1]) > 3 * float(amax[0])  # the heads' own ranges
+        x = torch.randn(400, 6, generator=generator) * amax.repeat_interleave(3)
+        codes = torch.arange(-2 ** (bits - 1) - 1, 2 ** (bits - 1) + 1)[:, None].float()
+        x = torch.cat([x, codes * step, (codes + 0.5) * step])  # every level and every half-way point
+        with torch.no_grad():
+            expected = qmodel(x)
+        written = export_onnx(qmodel, tmp_path / f"heads{bits}.onnx", x[:2])
+        out = onnx_session(written["path"], "reference").run(None, {"input": x.numpy()})[0]
+        for values in (expected.numpy(), out):
+            assert_on_uniform_grid(values, x.numpy(), amax.numpy(), bits, False, bits, ambiguous_at_most=0.3)
+
+
+def test_per_head_bitconfig_round_trip_and_onnx_export(build, tmp_path):
+    pytest.importorskip("onnxruntime")
+    qmodel, loader, _ = build({QKV: "per-head", PROJ_IN: "per-head"})
     x = next(iter(loader))[0][:16]
     qmodel.bit_widths = {n: (4 if "attn.qkv" in n or "proj:input" in n else 8) for n in qmodel.quantizer_names}
     config = BitConfig.from_model(qmodel, {"name": "fashion-vit", "predicate": "vit", "quantize_input": True,
@@ -358,11 +637,8 @@ def test_per_head_bitconfig_round_trip_and_onnx_export(per_head, tmp_path):
     again = apply_bitconfig(create_demo_vit(), payload, example=x[:2])
     with torch.no_grad():
         assert torch.equal(again(x), expected)
-    written = export_onnx(qmodel, tmp_path / "heads.onnx", x[:2])
-    session = onnx_session(written["path"], "reference")
-    out = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-    assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
-    assert float((out - expected).abs().max()) < 0.5
+    steps = check_onnx_against_pytorch(qmodel, x, tmp_path)
+    assert sum(qmodel.quantizer(n).form == "per-head" for n, _, _ in steps) == 8
 
 
 # -- the per-channel form (RepQ-ViT's fold) ----------------------------------------------------------------------
@@ -432,21 +708,13 @@ def _reference(state):
     model.load_state_dict(state)
     return model
 
-
-@pytest.fixture(scope="module")
-def per_channel(fashion_splits_small):
-    return calibrated_demo(fashion_splits_small, {"*norm*": "per-channel"})
-
-
-def test_per_channel_calibration_file_and_bitconfig_round_trip_and_export(per_channel, tmp_path):
+def test_per_channel_calibration_file_and_bitconfig_round_trip_and_export(build, fp32_state, tmp_path):
     pytest.importorskip("onnxruntime")
-    from quantsearch.deploy.onnx_export import export_onnx, onnx_session
-
-    qmodel, loader, calibration = per_channel
+    qmodel, loader, calibration = build({"*norm*": "per-channel"})
     assert calibration.folds["blocks.0.norm1"].into == ("blocks.0.attn.qkv",)
     assert calibration.folds["norm"].into == ("head",)  # the class token reaches the head as a view
     path = calibration.save(tmp_path / "calibration.json")
-    fresh = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True,
+    fresh = QuantizedActivationsModel(fresh_vit(fp32_state), "vit", weight_quantizers=True,
                                       forms={"*norm*": "per-channel"})
     again = Calibration.load(path)
     again.check_fits(fresh)  # fingerprints are of the model's own weights, folded or not
@@ -466,10 +734,8 @@ def test_per_channel_calibration_file_and_bitconfig_round_trip_and_export(per_ch
     del payload["quantizers"]["blocks.0.norm1"]["fold"]
     with pytest.raises(BitConfigError, match="per-channel form needs a fold"):
         BitConfig.from_dict(payload).apply(applied)
-    written = export_onnx(qmodel, tmp_path / "folded.onnx", x[:2])
-    out = torch.from_numpy(onnx_session(written["path"], "reference").run(None, {"input": x.numpy()})[0])
-    assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
-    assert float((out - expected).abs().max()) < 0.5
+    steps = check_onnx_against_pytorch(qmodel, x, tmp_path)  # the folded weights are in the file
+    assert sum(qmodel.quantizer(n).form == "per-channel" for n, _, _ in steps) == 9
 
 
 def test_per_head_and_per_channel_on_a_timm_vit_of_other_shapes():
