@@ -2,14 +2,17 @@
 
 What each quantizer becomes (the Q/DQ form TensorRT's explicit quantization and ONNX Runtime read):
 
-- **activation**, signed, ``b`` bits: ``Clip(x, -qmax*s, qmax*s) -> QuantizeLinear(s, int8 0) ->
-  DequantizeLinear`` with ``qmax = 2^(b-1) - 1`` and ``s = amax / qmax``. The Clip keeps the narrow range
-  (and, below 8 bits, the width's own grid) inside the 8-bit integer type; rounding is to nearest, ties to even,
-  as in PyTorch. Unsigned (data never negative): uint8, ``qmax = 2^b - 1``, ``Clip(x, 0, qmax*s)``.
+- **activation**, signed, ``b`` bits: ``Clip(x, -qmax*s, qmax*s) -> QuantizeLinear(s, uint8 128) ->
+  DequantizeLinear`` with ``qmax = 2^(b-1) - 1`` and ``s = amax / qmax``: the signed grid shifted into uint8 by
+  its zero point 128 (the same values; uint8 activations are what ONNX Runtime's u8s8 integer kernels take, and an
+  int8 zero point trips ONNX Runtime 1.32's Q/DQ propagation at opset 21, see :func:`onnx_session`). The Clip keeps
+  the narrow range (and, below 8 bits, the width's own grid); rounding is to nearest, ties to even, as in PyTorch.
+  Unsigned (data never negative): uint8 with zero point 0, ``qmax = 2^b - 1``, ``Clip(x, 0, qmax*s)``.
 - **activation**, asymmetric form: uint8 with its zero point ``z`` and ``s = (high - low) / (2^b - 1)``, below 8
   bits after ``Clip(x, -z*s, (2^b - 1 - z)*s)``: exactly the fake quantizer's ``round(x / s)`` grid.
-- **activation**, per-head form: per-axis Q/DQ on the last axis, each group's ``s = amax / qmax`` repeated over
-  its features, below 8 bits after an elementwise Max/Min with the per-feature grid ends.
+- **activation**, per-head form: per-axis Q/DQ on the last axis (uint8, zero point 128 where signed), each group's
+  ``s = amax / qmax`` repeated over its features, below 8 bits after an elementwise Max/Min with the per-feature
+  grid ends.
 - log2 quantizers (and log2-narrow ones at 4 bits and below) have no Q/DQ form and are refused by name.
 - **weight**, per output channel: the integer codes themselves, computed exactly as the fake quantizer computes
   them, stored as an int8 constant (packed int4 at opset 21 where every code fits in [-8, 7]), then
@@ -43,9 +46,10 @@ __all__ = ["OPSET", "INT4_OPSET", "export_onnx", "export_fp32_onnx", "onnx_sessi
            "compare_onnx", "RUNTIMES"]
 
 # how ONNX Runtime runs the Q/DQ graph: "reference" executes each Q/DQ as written, in float (its bias-quantizing
-# pass off, the one basic pass that changes numbers); "deployed" is ONNX Runtime's default, every optimisation on:
-# biases rounded to int32 at input x weight scale, Q/DQ pairs fused into integer kernels
-RUNTIMES = {"reference": ("ORT_ENABLE_BASIC", ["WeightBiasQuantization"]), "deployed": ("ORT_ENABLE_ALL", [])}
+# pass off, the one basic pass that changes numbers); "deployed" is exactly what a user's
+# ``onnxruntime.InferenceSession(path)`` runs: every optimisation on, biases rounded to int32 at input x weight
+# scale, Q/DQ pairs fused into integer kernels, no pass turned off and no retry
+RUNTIMES = {"reference": ("ORT_ENABLE_BASIC", ["WeightBiasQuantization"]), "deployed": ("default", [])}
 
 log = logging.getLogger("quantsearch")
 OPSET = 17
@@ -54,7 +58,8 @@ MAX_EXPORT_BITS = 8
 
 
 class _ActivationQDQ(torch.autograd.Function):
-    """Fake quantization that traces as Clip -> QuantizeLinear -> DequantizeLinear."""
+    """Fake quantization that traces as Clip -> QuantizeLinear -> DequantizeLinear, always on uint8 (a signed grid
+    through zero point 128)."""
 
     @staticmethod
     def forward(ctx, x, scale: float, qmin: int, qmax: int, unsigned: bool):
@@ -65,13 +70,17 @@ class _ActivationQDQ(torch.autograd.Function):
         def const(value, dtype):
             return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
 
-        s = const(scale, torch.float32)
-        zero = const(0, torch.uint8 if unsigned else torch.int8)
-        if (qmin, qmax) != ((0, 255) if unsigned else (-128, 127)):
+        s, zero = const(scale, torch.float32), const(_zero_point(unsigned), torch.uint8)
+        if (qmin, qmax) != (0, 255):  # the grid is narrower than uint8's: Clip to its ends
             x = g.op("Clip", x, const(qmin * scale, torch.float32), const(qmax * scale, torch.float32))
         out = g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, zero), s, zero)
         out.setType(x.type())
         return out
+
+
+def _zero_point(unsigned: bool) -> int:
+    """The uint8 zero point that holds a symmetric grid: 0 for unsigned data, 128 for signed (codes -128..127)."""
+    return 0 if unsigned else 128
 
 
 class _AsymmetricQDQ(torch.autograd.Function):
@@ -105,9 +114,9 @@ class _PerHeadQDQ(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, qmin: int, qmax: int, unsigned: bool):
-        zero = g.op("Constant", value_t=torch.zeros(scale.type().sizes()[0],
-                                                     dtype=torch.uint8 if unsigned else torch.int8))
-        if (qmin, qmax) != ((0, 255) if unsigned else (-128, 127)):
+        zero = g.op("Constant", value_t=torch.full((scale.type().sizes()[0],), _zero_point(unsigned),
+                                                   dtype=torch.uint8))
+        if (qmin, qmax) != (0, 255):
             low = g.op("Mul", scale, g.op("Constant", value_t=torch.tensor(float(qmin))))
             high = g.op("Mul", scale, g.op("Constant", value_t=torch.tensor(float(qmax))))
             x = g.op("Min", g.op("Max", x, low), high)
@@ -297,13 +306,12 @@ def _pack_nibbles(values: np.ndarray) -> bytes:
     return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
 
 
-def _pack_int4(path: Path) -> int:
-    """Store every weight DequantizeLinear's int8 codes that fit in [-8, 7] as packed int4 (opset 21);
+def _pack_int4(model) -> int:
+    """Store every weight DequantizeLinear's int8 codes that fit in [-8, 7] as packed int4 (opset 21), in place;
     returns how many were packed."""
     import onnx
-    from onnx import helper, numpy_helper, version_converter
+    from onnx import helper, numpy_helper
 
-    model = onnx.load(str(path))
     producers = {out: node for node in model.graph.node for out in node.output}
     packed = 0
     for node in model.graph.node:
@@ -320,23 +328,26 @@ def _pack_int4(path: Path) -> int:
                                         _pack_nibbles(values), raw=True)
             constant.attribute[0].t.CopyFrom(tensor)
         packed += 1
-    if packed:
-        model = version_converter.convert_version(model, INT4_OPSET)
-        onnx.save(model, str(path))
     return packed
 
 
-def export_onnx(qmodel, path: str | Path, example: torch.Tensor, int4: bool = True) -> dict:
+def export_onnx(qmodel, path: str | Path, example: torch.Tensor, int4: bool = True,
+                opset: int | None = None) -> dict:
     """Write ``qmodel`` at its current bits and ranges as Q/DQ ONNX to ``path`` (see the module docstring).
 
-    ``example`` is one input batch (its batch dimension is exported as dynamic). Returns what was written:
-    path, opset, the quantizers exported, and how many weights were packed as int4.
+    ``example`` is one input batch (its batch dimension is exported as dynamic). ``opset`` is 17 (weights stay
+    int8), 21, or None: 21 where ``int4`` packs a weight, else 17. The file is written only once it loads in a
+    default ONNX Runtime session (when onnxruntime is installed): a file a user cannot load is never handed over.
+    Returns what was written: path, opset, the quantizers exported, and how many weights were packed as int4.
     """
     import onnx
+    from onnx import version_converter
 
     path = Path(path)
     if path.suffix != ".onnx":
         raise ExportError(f"ONNX export path {path} must end in .onnx")
+    if opset not in (None, OPSET, INT4_OPSET):
+        raise ExportError(f"ONNX opset {opset} is not offered: {OPSET}, or {INT4_OPSET} (int4 weights)")
     _check_exportable(qmodel)
     qmodel.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,16 +356,32 @@ def export_onnx(qmodel, path: str | Path, example: torch.Tensor, int4: bool = Tr
     try:
         with _qdq_forms(qmodel):
             _export(qmodel, example, Path(tmp), OPSET)
-        packed = _pack_int4(Path(tmp)) if int4 else 0
         model = onnx.load(tmp)
+        packed = _pack_int4(model) if int4 and opset != OPSET else 0
+        final = INT4_OPSET if packed or opset == INT4_OPSET else OPSET
+        if final != OPSET:
+            model = version_converter.convert_version(model, final)
         del model.graph.value_info[:]  # optional shape annotations (the runtime infers them): a smaller file
         onnx.checker.check_model(model)
         onnx.save(model, tmp)
+        _check_loads(tmp, path)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     counts = {op: sum(n.op_type == op for n in model.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
-    return {"path": path, "opset": INT4_OPSET if packed else OPSET, "int4_weights": packed, **counts}
+    return {"path": path, "opset": final, "int4_weights": packed, **counts}
+
+
+def _check_loads(tmp: str, path: Path) -> None:
+    """Raise :class:`ExportError` (naming ``path``) unless ``tmp`` loads in a default ONNX Runtime session."""
+    try:
+        import onnxruntime  # noqa: F401 - an optional extra: without it there is nothing to check against
+    except ImportError:
+        return
+    try:
+        onnx_session(tmp)
+    except ExportError as exc:
+        raise ExportError(str(exc).replace(tmp, str(path)) + "; nothing was written") from None
 
 
 def export_fp32_onnx(qmodel, path: str | Path, example: torch.Tensor) -> Path:
@@ -367,25 +394,24 @@ def export_fp32_onnx(qmodel, path: str | Path, example: torch.Tensor) -> Path:
 
 
 def onnx_session(path: str | Path, runtime: str = "deployed", threads: int | None = None):
-    """An ONNX Runtime CPU session, optimised as :data:`RUNTIMES` says."""
+    """An ONNX Runtime CPU session as :data:`RUNTIMES` says: "deployed" is a default session (only the thread
+    count set, when given). A file that does not load raises :class:`ExportError` naming ONNX Runtime's reason."""
     import onnxruntime as ort
 
     level, disabled = RUNTIMES[runtime]
     options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    if level != "default":
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    options.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                     disabled_optimizers=disabled)
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime 1.32's Q/DQ propagation breaks on opset-21 int4 graphs
-        if "QDQPropagationTransformer" in disabled:
-            raise ExportError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
-        log.warning("ONNX Runtime failed to optimise %s (%s); retrying without its Q/DQ propagation pass", path,
-                    str(exc).splitlines()[0][:120])
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=[*disabled, "QDQPropagationTransformer"])
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own Fail/InvalidGraph types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        session = "a default session" if level == "default" else f"a {runtime} session ({level})"
+        raise ExportError(f"ONNX Runtime {ort.__version__} cannot load {path} in {session}: {reason}") from None
 
 
 def run_onnx(session, evaluate) -> tuple[float, list[torch.Tensor]]:
