@@ -54,20 +54,24 @@ def test_run_points_carry_intervals_and_confirmation(tmp_path):
 
 def test_validation_split_keeps_only_points_that_hold_there(tmp_path):
     """With --validation-samples, every reported point also meets the bound (moved by FP32's shift) on a
-    validation split disjoint from search and hold-out; candidates that fail it are left off the front."""
+    validation split disjoint from search and hold-out; candidates that fail it are left off the front. At 90 %
+    the paired upper bound lies above the observed drop, so meeting the limit is necessary, not sufficient; every
+    candidate checked is either reported or counted failed (the must-fail cases are worked by hand below)."""
     from quantsearch.cli.explore import main
 
     out = tmp_path / "run"
     assert main(["--bits", "3:8", "--pop-size", "6", "--generations", "2", "--eval-samples", "300",
                  "--validation-samples", "600", "--holdout-samples", "600", "--calib-batches", "1", "--batch-size",
-                 "100", "--max-accuracy-drop", "0.005", "--validation-confidence", "0.5", "--no-progress",
+                 "100", "--max-accuracy-drop", "0.005", "--validation-confidence", "0.9", "--no-progress",
                  "--log-level", "WARNING",
                  "--out", str(out)]) == 0
     run = json.loads((out / "run.json").read_text())
     fp32, validation = run["fp32_accuracy"], run["validation"]
     limit = run["bound"]["limit"] + fp32["validation"] - fp32["search"]
     assert validation["bound"]["limit"] == pytest.approx(limit)
-    assert run["front"] and validation["checked"] >= len(run["front"])
+    assert validation["confidence"] == 0.9 and validation["test"] == "paired with FP32 on the same images"
+    assert run["front"]
+    assert validation["checked"] == len(run["front"]) + validation["failed"]
     assert all(p["accuracy_validation"] >= limit for p in run["front"])
     splits = json.loads((out / "splits.json").read_text())
     parts = [set(splits[k]) for k in ("calibration", "search", "validation", "holdout")]
@@ -151,3 +155,96 @@ class _Toggle:
 
     def __exit__(self, *exc):
         self.state["fp32"] = False
+
+
+def _session(n_hits, n, allowed=None, minimum=None, confidence=0.8, fp32_hits=None):
+    """A stand-in session for :func:`_validation_check`: the model right on ``n_hits`` of ``n`` images (the first
+    ones); FP32 right on ``fp32_hits`` of them (the first ones, so the model's hits are a subset)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    state = {"fp32": False}
+    model = torch.arange(n) < n_hits
+    fp32 = torch.arange(n) < (fp32_hits if fp32_hits is not None else n_hits)
+
+    class _Evaluate:
+        fraction, num_samples = True, n
+
+        def sample_hits(self, _model):
+            return fp32 if state["fp32"] else model
+
+        def __call__(self, _model):
+            return float(model.float().mean())
+
+    evaluator = _Evaluate()
+    qmodel = SimpleNamespace(quantization_disabled=lambda: _Toggle(state), bit_widths=None)
+    config = SimpleNamespace(min_accuracy=minimum, max_accuracy_drop=allowed, validation_confidence=confidence)
+    bound = Bound(minimum) if minimum is not None else Bound(float(fp32.float().mean()) - allowed)
+    return SimpleNamespace(config=config, qmodel=qmodel, bound=bound, evaluator=lambda split: evaluator,
+                           fp32=lambda split: float(fp32.float().mean())), qmodel
+
+
+def test_min_accuracy_validation_fails_a_point_whose_estimate_passes():
+    """An absolute floor is tested with the one-sided lower Wilson bound. 176 hits of 200 (88 %) against a floor
+    of 85 %: at 95 %, z = 1.644854, z^2 = 2.705545; centre (0.88 + z^2/400) / (1 + z^2/200) = 0.886764 / 1.013528 =
+    0.874928; half-width z sqrt(0.88 x 0.12 / 200 + z^2 / 160000) / 1.013528 = 1.644854 x 0.023343 / 1.013528 =
+    0.037884: lower bound 0.837044 < 0.85, so it fails although 88 % > 85 %. At 50 % (z = 0) the lower bound is
+    0.88 itself: it passes. 186 of 200 (93 %): lower bound 0.8975 at 95 %: it passes."""
+    from quantsearch.run.pipeline import _validation_check
+    from quantsearch.search.confidence import one_sided_z
+
+    assert one_sided_z(0.95) == pytest.approx(1.644854, abs=1e-6)
+    assert wilson_interval(0.88, 200, one_sided_z(0.95))[0] == pytest.approx(0.837044, abs=2e-6)
+    for hits, confidence, passes in ((176, 0.95, False), (176, 0.5, True), (186, 0.95, True), (169, 0.5, False)):
+        session, qmodel = _session(hits, 200, minimum=0.85, confidence=confidence)
+        value, passed = _validation_check(session)(qmodel)
+        assert value == pytest.approx(hits / 200) and passed is passes, (hits, confidence)
+
+
+def test_drop_validation_fails_a_point_whose_estimate_passes():
+    """Paired: FP32 right on 900 of 1000, the model on the first 892 of them (it loses 8, gains none): drop 0.008,
+    within 0.01 allowed. The differences are 8 ones and 992 zeros: sd sqrt((8 - 1000 x 0.008^2) / 999) = 0.089124;
+    at 95 % the bound adds 1.644854 x 0.089124 / sqrt(1000) = 0.004636: 0.012636 > 0.01, so it must fail; at 80 %
+    it adds 0.841621 x 0.089124 / sqrt(1000) = 0.002372: 0.010372 > 0.01, fails too; at 60 % (z = 0.253347):
+    0.008714, it passes."""
+    from quantsearch.run.pipeline import _validation_check
+    from quantsearch.search.confidence import paired_drop
+
+    import torch
+
+    fp32, model = torch.arange(1000) < 900, torch.arange(1000) < 892
+    assert paired_drop(fp32, model, 0.95) == (pytest.approx(0.008), pytest.approx(0.012636, abs=2e-6))
+    assert paired_drop(fp32, model, 0.8)[1] == pytest.approx(0.010372, abs=2e-6)
+    for confidence, passes in ((0.95, False), (0.8, False), (0.6, True)):
+        session, qmodel = _session(892, 1000, allowed=0.01, confidence=confidence, fp32_hits=900)
+        value, passed = _validation_check(session)(qmodel)
+        assert value == pytest.approx(0.892) and passed is passes, confidence
+
+
+def test_stated_error_rates_hold_in_simulation():
+    """What the bounds claim, checked by drawing data whose truth is known (seeded, so the test is repeatable):
+
+    - the 95 % Wilson interval of p = 0.9 on n = 500 holds p in 95 % of 4000 draws (within 1.5 points);
+    - the one-sided 80 % paired upper bound of the drop, for a model that loses each FP32 hit with 3 % chance and
+      gains each FP32 miss with 2 % chance (true drop 0.9 x 0.03 - 0.1 x 0.02 = 0.025) on 1000 images, lies at or
+      above 0.025 in 80 % of 2000 draws (within 3 points); so a candidate whose true drop is exactly the allowed
+      one passes validation in about 20 % of draws, the rate the 80 % setting states."""
+    import numpy as np
+    import torch
+
+    from quantsearch.search.confidence import Z, paired_drop
+
+    rng = np.random.default_rng(0)
+    p, n = 0.9, 500
+    hits = rng.binomial(n, p, size=4000) / n
+    covered = np.mean([lo <= p <= hi for lo, hi in (wilson_interval(h, n, Z) for h in hits)])
+    assert abs(covered - 0.95) < 0.015, covered
+    n, trials, truth = 1000, 2000, 0.9 * 0.03 - 0.1 * 0.02
+    fp32 = np.arange(n) < 900
+    above = 0
+    for _ in range(trials):
+        flip = rng.random(n) < np.where(fp32, 0.03, 0.02)
+        _, upper = paired_drop(torch.from_numpy(fp32), torch.from_numpy(fp32 ^ flip), 0.8)
+        above += upper >= truth
+    assert abs(above / trials - 0.8) < 0.03, above / trials
