@@ -211,7 +211,7 @@ def test_onnx_export_runs_in_onnx_runtime_as_in_pytorch(kind, agreement_run, cal
     text = capsys.readouterr().out
     rows = onnx_rows(text)
     value, agreeing, images = rows["reference"]
-    assert images == 200 if kind == "vit" else 100
+    assert images == (200 if kind == "vit" else 100)
     assert agreeing >= images - images / 1000, text  # the Q/DQ graph as written: the same top-1 as PyTorch
     recorded = json.loads(point.read_text())["accuracy"]["holdout"]
     assert float(value) == pytest.approx(100 * recorded, abs=0.005 + 100 / images * (images - agreeing))
