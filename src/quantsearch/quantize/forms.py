@@ -35,6 +35,11 @@ per-head code is a ``b``-bit code too (one scale per head's matmul); it exports 
 each group's scale repeated over its features. A per-channel fold costs nothing at inference: the deployed model
 has the folded weights and a per-tensor quantizer.
 
+On the hot path the forms follow :mod:`~quantsearch.quantize.fakequant`: eager on CPU their grids are Python
+numbers, computed once per range and width; on GPU and under ``torch.compile`` nothing is read back from a buffer
+in a forward (no device sync, no graph break), and no Python number that changes with the width is read either,
+so one compiled graph serves every candidate (the width comes from buffers updated in place with ``num_bits``).
+
 Forms are chosen per quantizer by name glob (``quant-forms`` in settings); :func:`resolve_forms` matches them.
 """
 from __future__ import annotations
@@ -50,7 +55,7 @@ from .limits import DEFAULT_FORM, FORMS, check_forms, log_grid_at
 
 __all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "NarrowLog2TensorQuantizer",
            "PerChannelTensorQuantizer", "PerHeadTensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid",
-           "asymmetric_fake_quant", "fake_quantize", "fit_asymmetric", "fit_symmetric", "grouped_fake_quant",
+           "asymmetric_grid_tensors", "asymmetric_fake_quant", "fake_quantize", "fit_asymmetric", "fit_symmetric", "grouped_fake_quant",
            "head_groups", "log2_fake_quant", "uniform_fake_quant", "resolve_forms", "form_of"]
 
 
@@ -67,10 +72,11 @@ def uniform_fake_quant(x: torch.Tensor, amax, bits: int, unsigned: bool) -> torc
     return torch.where(amax > 0, torch.clamp(torch.round(x * scale), low, bound) / scale, torch.zeros_like(x))
 
 
-def log2_fake_quant(x: torch.Tensor, amax, bits: int) -> torch.Tensor:
+def log2_fake_quant(x: torch.Tensor, amax, bits: int | None, deepest: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` rounded to ``{0} U {amax * 2^-k : k = 0 .. 2^b - 2}`` (nearest in the log domain); ``x`` is left as
-    it was (the in-place steps work on the fresh ``x / amax``)."""
-    deepest = 2.0 ** bits - 2.0
+    it was (the in-place steps work on the fresh ``x / amax``). ``deepest`` (``2^b - 2`` as a tensor) stands for
+    ``bits`` in a compiled graph, which then serves every width."""
+    deepest = 2.0 ** bits - 2.0 if deepest is None else deepest
     exponent = (x / amax).clamp_(min=0.0).log2_().neg_().round_()  # +inf where x <= 0
     zero = exponent > deepest
     out = exponent.clamp_(min=0.0).neg_().exp2_().mul_(amax)
@@ -88,13 +94,24 @@ def asymmetric_grid(low: float, high: float, bits: int) -> tuple[float, float, f
     return scale, float(min(max(round(-low / scale), 0), top)), top
 
 
-def asymmetric_fake_quant(x: torch.Tensor, low: float, high: float, bits: int,
-                          grid: tuple[float, float, float] | None = None) -> torch.Tensor:
+def asymmetric_grid_tensors(low: torch.Tensor, high: torch.Tensor, top: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`asymmetric_grid` in tensor operations on the range buffers (no read back to Python: no device sync,
+    no graph break), bit-identical: the same float64 steps and float32 rounding; ``top`` is ``2^b - 1``."""
+    low, high, top = low.double().clamp(max=0.0), high.double().clamp(min=0.0), top.double()
+    scale = ((high - low) / top).float()
+    zero = torch.round(-low / scale.double()).clamp(min=0.0).minimum(top)
+    return scale, zero.float(), top.float()
+
+
+def asymmetric_fake_quant(x: torch.Tensor, low: float | None, high: float | None, bits: int | None,
+                          grid: tuple | None = None) -> torch.Tensor:
     """``x`` on the asymmetric grid of ``[low, high]`` at ``bits`` (see the module docstring); ``grid`` is
-    :func:`asymmetric_grid`'s answer when the caller holds it already."""
+    :func:`asymmetric_grid`'s answer (or :func:`asymmetric_grid_tensors`') when the caller holds it already."""
     scale, zero, top = grid or asymmetric_grid(low, high, bits)
+    floor = torch.zeros_like(top) if isinstance(top, torch.Tensor) else 0.0  # clamp takes two numbers or two tensors
     out = x / scale
-    return out.round_().add_(zero).clamp_(0.0, top).sub_(zero).mul_(scale)
+    return out.round_().add_(zero).clamp_(floor, top).sub_(zero).mul_(scale)
 
 
 def fit_asymmetric(values: torch.Tensor, bits: int, steps: int = 16) -> tuple[float, float]:
@@ -115,15 +132,19 @@ def fit_asymmetric(values: torch.Tensor, bits: int, steps: int = 16) -> tuple[fl
     return tuple(float(v) for v in torch.tensor(best, dtype=torch.float32))  # as the quantizer's buffers hold them
 
 
-def grouped_fake_quant(x: torch.Tensor, amax, bits: int, unsigned: bool) -> torch.Tensor:
+def grouped_fake_quant(x: torch.Tensor, amax, bits: int | None, unsigned: bool,
+                       bound: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` with its last dimension split into ``len(amax)`` equal groups, each on its own uniform grid (amax
-    positive, as calibration makes it): the uniform grid's float32 steps, done in place on one fresh tensor."""
+    positive, as calibration makes it): the uniform grid's float32 steps, done in place on one fresh tensor.
+    ``bound`` (``2^(b-1+unsigned) - 1`` as a tensor) stands for ``bits`` in a compiled graph, which then serves
+    every width."""
     amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device).flatten()
     groups = amax.numel()
     if x.shape[-1] % groups:
         raise ValueError(f"a last dimension of {x.shape[-1]} does not split into {groups} groups")
-    bound = 2.0 ** (bits - 1 + int(unsigned)) - 1.0
-    scale = bound / amax.reshape(groups, 1)
+    bound = 2.0 ** (bits - 1 + int(unsigned)) - 1.0 if bound is None else bound
+    # tensor / tensor, as TensorQuantizer divides (a number over a tensor is a reciprocal times the number)
+    scale = torch.as_tensor(bound, dtype=torch.float32, device=x.device) / amax.reshape(groups, 1)
     out = x.reshape(*x.shape[:-1], groups, -1) * scale
     out.round_().clamp_(0.0 if unsigned else -bound, bound)
     return out.div_(scale).reshape(x.shape)
@@ -178,21 +199,47 @@ def fake_quantize(form: str, x: torch.Tensor, amax, bits: int, unsigned: bool, l
     return uniform_fake_quant(x, amax, bits, unsigned)
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 class Log2TensorQuantizer(FastTensorQuantizer):
-    """A ``TensorQuantizer`` on the log2 grid: the same module, switches, calibration hooks and amax buffer."""
+    """A ``TensorQuantizer`` on the log2 grid: the same module, switches, calibration hooks and amax buffer.
+
+    Compiled, the deepest power comes from a buffer updated in place with ``num_bits`` (as fakequant's integer
+    range does), so one graph serves every width."""
 
     form = "log2"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("_deepest", torch.tensor(2.0 ** self._num_bits - 2.0), persistent=False)
+
+    def _refresh_range(self) -> None:
+        super()._refresh_range()
+        if hasattr(self, "_deepest"):
+            self._deepest.fill_(2.0 ** self._num_bits - 2.0)
+
     def _quant_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._log2_forward(inputs)
+
+    def _log2_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         amax = getattr(self, "_amax", None)
         if amax is None:
             raise RuntimeError("a log2 quantizer needs amax: calibrate it first")
+        if _compiling():
+            return log2_fake_quant(inputs.float(), amax, None, self._deepest).to(inputs.dtype)
         return log2_fake_quant(inputs.float(), amax, self._num_bits).to(inputs.dtype)
 
 
 class AsymmetricTensorQuantizer(FastTensorQuantizer):
     """A ``TensorQuantizer`` with a zero point: ``amax`` holds the upper end of its range, the ``_low`` buffer the
-    lower end (both set per width from calibration, like amax)."""
+    lower end (both set per width from calibration, like amax).
+
+    Its grid (scale, zero point, top code) is Python numbers eager on CPU, computed once per range and width (keyed
+    by the buffers' values, as fakequant keys amax); on GPU and compiled, tensor operations on the buffers (no
+    device sync, no graph break), with the top code from the integer-range buffer, so one graph serves every
+    width."""
 
     form = "asymmetric"
 
@@ -200,6 +247,10 @@ class AsymmetricTensorQuantizer(FastTensorQuantizer):
         super().__init__(*args, **kwargs)
         self.register_buffer("_low", torch.tensor(0.0))
         self._grid: tuple = ((), None)  # (low, high, bits) -> asymmetric_grid, computed once per range and width
+
+    def _current_range(self) -> list[float]:
+        """The codes' range, ``[top, 0]``: uint codes 0 .. 2^b - 1 (the zero point shifts them)."""
+        return [2.0 ** self._num_bits - 1.0, 0.0]
 
     @property
     def low(self) -> float:
@@ -213,20 +264,39 @@ class AsymmetricTensorQuantizer(FastTensorQuantizer):
         amax = getattr(self, "_amax", None)
         if amax is None:
             raise RuntimeError("an asymmetric quantizer needs its range: calibrate it first")
-        key = (float(self._low), float(amax), self._num_bits)
-        if self._grid[0] != key:
-            self._grid = (key, asymmetric_grid(*key))
-        return asymmetric_fake_quant(inputs.float(), *key, grid=self._grid[1]).to(inputs.dtype)
+        if inputs.is_cpu and not _compiling():
+            key = (self._low.item(), amax.item(), self._num_bits)
+            if self._grid[0] != key:
+                self._grid = (key, asymmetric_grid(*key))
+            grid = self._grid[1]
+        else:
+            grid = asymmetric_grid_tensors(self._low, amax, self._range[0])
+        return asymmetric_fake_quant(inputs.float(), None, None, None, grid=grid).to(inputs.dtype)
 
 
 class NarrowLog2TensorQuantizer(Log2TensorQuantizer):
-    """log2 at ``LOG2_NARROW_TOP`` bits and below, the uniform unsigned grid above (calibrated per width)."""
+    """log2 at ``LOG2_NARROW_TOP`` bits and below, the uniform unsigned grid above (calibrated per width).
+
+    Compiled, both grids are computed and a buffer flag picks one, so one graph serves every width (the attention
+    probabilities it quantizes are a small share of a forward; the two grids fuse into one kernel)."""
 
     form = "log2-narrow"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("_log_grid", torch.tensor(log_grid_at(self.form, self._num_bits)), persistent=False)
+
+    def _refresh_range(self) -> None:
+        super()._refresh_range()
+        if hasattr(self, "_log_grid"):
+            self._log_grid.fill_(log_grid_at(self.form, self._num_bits))
+
     def _quant_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if _compiling():
+            return torch.where(self._log_grid, self._log2_forward(inputs), FastTensorQuantizer._quant_forward(
+                self, inputs))
         if log_grid_at(self.form, self._num_bits):
-            return super()._quant_forward(inputs)
+            return self._log2_forward(inputs)
         return FastTensorQuantizer._quant_forward(self, inputs)
 
 
@@ -239,7 +309,8 @@ class PerChannelTensorQuantizer(FastTensorQuantizer):
 
 class PerHeadTensorQuantizer(FastTensorQuantizer):
     """A ``TensorQuantizer`` with one uniform range per group of the last dimension (a head's q, k or v):
-    ``amax`` holds ``groups`` values, set per width from calibration like a scalar amax."""
+    ``amax`` holds ``groups`` values, set per width from calibration like a scalar amax. Compiled, the grid's
+    bound comes from the integer-range buffer, so one graph serves every width."""
 
     form = "per-head"
 
@@ -251,6 +322,8 @@ class PerHeadTensorQuantizer(FastTensorQuantizer):
         amax = getattr(self, "_amax", None)
         if amax is None or amax.numel() != self.groups:
             raise RuntimeError(f"a per-head quantizer needs {self.groups} amax values: calibrate it first")
+        if _compiling():  # self._num_bits, a Python number, would key the graph by width
+            return grouped_fake_quant(inputs.float(), amax, None, self._unsigned, self._range[0]).to(inputs.dtype)
         return grouped_fake_quant(inputs.float(), amax, self._num_bits, self._unsigned).to(inputs.dtype)
 
 
