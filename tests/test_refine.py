@@ -9,6 +9,7 @@ from quantsearch.cli.explore import main as explore_main
 from quantsearch.deploy.bitconfig import BitConfig
 from quantsearch.quantize.quantized_model import QuantizedActivationsModel
 from quantsearch.quantize.refine import refine
+from quantsearch.quantize.refine import layers
 from quantsearch.quantize.refine.adaround import round_layer
 
 
@@ -35,25 +36,37 @@ def test_bias_correction_by_hand():
     assert torch.equal(model[0].bias, b) and torch.equal(model[0].weight, w)
 
 
-def test_adaround_rounds_on_the_grid_and_beats_nearest():
-    """AdaRound keeps the quantizer's grid (each weight moves to its floor or its ceiling) and its output error on
-    the data is at most round-to-nearest's; the weight quantizer reproduces the refined weight exactly.
-
-    The 32 inputs move together, so a layer output's error is about the sum of its row's rounding errors: rounding
-    each weight to nearest leaves that sum to chance, AdaRound picks roundings whose errors cancel."""
+def _correlated_layer():
+    """One Linear (32 inputs, 3-bit weights) whose 32 inputs move together, so that an output's error is about the
+    sum of its row's rounding errors: rounding each weight to nearest leaves that sum to chance, AdaRound picks
+    roundings whose errors cancel. Returns the model, its qmodel, inputs, FP32 outputs, the codes' scale per
+    output channel (3 / amax) and the round-to-nearest weight, computed here."""
     model, qmodel = _one_layer(bits=3, inputs=32)
     x = torch.randn(512, 1) * torch.ones(32) + 0.05 * torch.randn(512, 32)
-    w = model[0].weight.detach().clone()
-    q = qmodel.quantizer("0:weight")
-    scale = 3.0 / q.amax.reshape(-1, 1)
-    with qmodel.quantization_disabled(), torch.no_grad():
-        target = model[0](x)  # FP32 (the layer's own forward would run its weight quantizer's hooks)
+    w, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    with torch.no_grad():
+        target = x @ w.T + b
+    scale = 3.0 / qmodel.quantizer("0:weight").amax.reshape(-1, 1)
+    return model, qmodel, x, target, scale, torch.clamp(torch.round(w * scale), -3, 3) / scale
+
+
+def _mse(x, weight, bias, target) -> float:
+    return float(((x @ weight.T + bias - target) ** 2).mean())
+
+
+def test_adaround_rounds_to_floor_or_ceiling_and_beats_nearest():
+    """Every refined weight is its floor or its ceiling on the quantizer's grid, some differ from nearest, and the
+    layer's output error on all the data, computed here, is under half round-to-nearest's; the weight quantizer
+    reproduces the refined weight exactly, and refine() puts it in place over the model's own weight."""
+    model, qmodel, x, target, scale, nearest = _correlated_layer()
+    w, b, q = model[0].weight.detach().clone(), model[0].bias.detach(), qmodel.quantizer("0:weight")
     refined, report = round_layer(model[0], w, q.amax, 3, [x], [target], iterations=300)
     codes = refined * scale
     assert torch.allclose(codes, codes.round(), atol=1e-4) and float(codes.abs().max()) <= 3 + 1e-4
-    assert bool(((codes.round() - torch.floor(w * scale)).abs() <= 1).all())  # floor or ceiling
-    assert report["after"] <= report["before"]
-    assert report["after"] < 0.5 * report["before"]  # on this layer it pays clearly
+    up = codes.round() - torch.floor(w * scale)
+    assert bool(((up == 0) | (up == 1)).all())  # floor or ceiling, nothing else
+    assert bool((codes.round() != (nearest * scale).round()).any()) and "kept" not in report
+    assert _mse(x, refined, b, target) < 0.5 * _mse(x, nearest, b, target)
     assert torch.equal(q(refined), refined)  # the refined weight is a fixed point of its quantizer
     changed = refine(qmodel, [x], "adaround", iterations=300)
     assert list(changed) == ["0.weight"]
@@ -61,6 +74,29 @@ def test_adaround_rounds_on_the_grid_and_beats_nearest():
     with qmodel.unfolded():
         assert torch.equal(model[0].weight, w)  # the model's own weight, for fingerprints
     assert torch.equal(model[0].weight, changed["0.weight"])
+
+
+def test_adaround_reports_the_errors_of_its_weights():
+    """With one sample (an image of 512 token rows) nothing is held back, so the reported errors are those of
+    nearest's and the returned weight on all the data, as computed here."""
+    model, qmodel, x, target, _, nearest = _correlated_layer()
+    w, b = model[0].weight.detach().clone(), model[0].bias.detach()
+    amax = qmodel.quantizer("0:weight").amax
+    refined, report = round_layer(model[0], w, amax, 3, [x[None]], [target[None]], iterations=300)
+    assert report["before"] == pytest.approx(_mse(x, nearest, b, target), rel=1e-5)
+    assert report["after"] == pytest.approx(_mse(x, refined, b, target), rel=1e-5)
+    assert report["after"] < 0.5 * report["before"]
+
+
+def test_adaround_falls_back_to_nearest_when_it_does_not_beat_it():
+    """Five steps at learning rate 1 throw the rounding about: it loses to nearest, so nearest's weight comes back
+    (as computed here), reported as such with its own error."""
+    model, qmodel, x, target, _, nearest = _correlated_layer()
+    w, b = model[0].weight.detach().clone(), model[0].bias.detach()
+    weight, report = round_layer(model[0], w, qmodel.quantizer("0:weight").amax, 3, [x[None]], [target[None]], iterations=5,
+                                 lr=1.0)
+    assert report.get("kept") == "nearest" and torch.equal(weight, nearest)
+    assert report["after"] == report["before"] == pytest.approx(_mse(x, nearest, b, target), rel=1e-5)
 
 
 def test_apply_refine_writes_a_bitconfig_that_reapplies_identically(tmp_path, capsys):
@@ -135,3 +171,33 @@ def test_refinements_chain_in_order():
     assert sorted(qmodel.refined) == ["0.bias", "0.weight"]  # the context put the refinements back
     with pytest.raises(ValueError, match="unknown refinement 'adaroud'"):
         refine(qmodel, [x], "adaroud")
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 1])
+def test_fp32_reference_is_taken_once_for_all_layers(monkeypatch, budget):
+    """The FP32 reference of two Linear layers, with a refinement in place, is what the model's own weights give
+    (computed here), taken in one pass over the batches (one ``unrefined`` block) or, past the byte budget, one
+    pass per layer; each layer's data is handed out once."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    qmodel = QuantizedActivationsModel(model, lambda n, m: False, quantize_input=False, weight_quantizers=True,
+                                       num_bits=2)
+    (w0, b0), (w2, b2) = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in (model[0], model[2])]
+    qmodel.add_refined({"0.weight": torch.zeros(6, 8), "2.bias": torch.ones(4)})
+    batches = [torch.randn(5, 8), torch.randn(3, 8)]
+    passes, blocks, unrefined = [], [], qmodel.unrefined
+    model.register_forward_pre_hook(lambda _m, args: passes.append(len(args[0])))
+    monkeypatch.setattr(qmodel, "unrefined", lambda: blocks.append(1) or unrefined())
+    monkeypatch.setattr(layers, "BUDGET", budget)
+    reference = layers.Reference(qmodel, ["0:weight", "2:weight"], batches)
+    got = {name: reference.pop(name) for name in ("0:weight", "2:weight")}
+    for x, (x0, y0), (x2, y2) in zip(batches, got["0:weight"], got["2:weight"]):
+        hidden = x @ w0.T + b0
+        assert torch.allclose(x0, x) and torch.allclose(y0, hidden, atol=1e-6)
+        assert torch.allclose(x2, hidden.relu(), atol=1e-6)
+        assert torch.allclose(y2, hidden.relu() @ w2.T + b2, atol=1e-6)
+    layers_per_pass = 2 if budget > 1 else 1
+    assert passes == [1] + [5, 3] * (2 // layers_per_pass)  # one sample sizes the data, then the passes
+    assert len(blocks) == 2 // layers_per_pass
+    with pytest.raises(KeyError, match="handed out already"):
+        reference.pop("0:weight")
