@@ -10,7 +10,9 @@ re-folding the model keeps them apart from its own weights):
 - ``adaround`` (:mod:`.adaround`): each weight's rounding (up or down) is learned layer by layer (Nagel et al.,
   2020), with its per-channel scale unchanged, so the refined weights sit on the same grid.
 
-:mod:`.layers` captures, for one weight layer, its input in the quantized model and its FP32 output.
+:mod:`.layers` captures a weight layer's input and output in the quantized model, and the FP32 model's for all
+layers in one pass (the reference does not change while a method refines layer after layer), and runs a layer's
+own forward with other weights.
 """
 from __future__ import annotations
 
