@@ -236,7 +236,7 @@ def _drop_codes(module) -> None:
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
-def _export(model, example: torch.Tensor, path: Path, opset: int) -> None:
+def _export(model, example: torch.Tensor, path: Path, opset: int, fold_constants: bool = False) -> None:
     import warnings
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +244,7 @@ def _export(model, example: torch.Tensor, path: Path, opset: int) -> None:
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["output"], do_constant_folding=False,
+                              input_names=["input"], output_names=["output"], do_constant_folding=fold_constants,
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
         except Exception as exc:  # noqa: BLE001 - an operator ONNX lacks, a graph that cannot be traced
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CostModel", "TotalBits", "ActivationMemory", "ModelSize", "BOPs", "COSTS", "get_costs",
+__all__ = ["CostModel", "TotalBits", "ActivationMemory", "ModelSize", "BOPs", "Latency", "COSTS", "get_costs",
            "MatmulOp", "ModelProfile", "profile_model", "UNQUANTIZED_BITS"]
 
 UNQUANTIZED_BITS = 32
@@ -273,6 +273,21 @@ class BOPs:
             return UNQUANTIZED_BITS if name is None else bits[name]
 
         return float(sum(op.macs * width(op.operands[0]) * width(op.operands[1]) for op in self.ops))
+
+
+class Latency:
+    """Seconds per call on a runtime: a measured fixed part plus each layer's entry for its format (the gene is a
+    format index); built from a latency table (:mod:`quantsearch.deploy.targets.latency`)."""
+
+    name = "latency"
+
+    def __init__(self, layers: Mapping[str, Sequence[float]], fixed: float):
+        self.layers = {n: tuple(float(s) for s in v) for n, v in layers.items()}
+        self.fixed = float(fixed)
+        self.fp32 = self.fixed + sum(v[0] for v in self.layers.values())
+
+    def __call__(self, bits: Mapping[str, int]) -> float:
+        return self.fixed + sum(v[bits[n]] for n, v in self.layers.items())
 
 
 COSTS = {"bits": TotalBits, "activation-memory": ActivationMemory, "model-size": ModelSize, "bops": BOPs}

@@ -1,0 +1,275 @@
+"""Latency on this machine: each layer in each format, measured in ONNX Runtime, cached per machine.
+
+A layer's latency is measured as a one-layer ONNX graph (the format's kernel and the bias Add) at the layer's
+input shape at the deployment batch size, in a session with the run's thread count. Sessions are timed
+interleaved (each repeat runs every graph once, so a load spike hits all alike) and the median is kept. Layers
+of the same shape share one measurement (a ViT's blocks repeat). The rest of the graph (norms, softmax, adds,
+reshapes, the attention matmuls) is one measured fixed part: the FP32 export's own latency, timed in the same
+loop, less its layers' FP32 latencies. A configuration's predicted latency is the fixed part plus its layers'
+entries: unary terms, like BOPs.
+
+The cache (``$XDG_CACHE_HOME/quantsearch/latency.json``) keys every entry by machine (CPU model, thread count,
+ONNX Runtime version) and by shape and format, so a second run on the same machine measures only the model's
+fixed part. A table file from another machine is refused in one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..export import ExportError
+from .onnxruntime import FORMATS, RuntimeFormatModel, export_runtime_onnx, format_nodes
+
+__all__ = ["LatencyTable", "LatencyError", "machine", "layer_shapes", "measure_latency", "measure_end_to_end",
+           "cache_path"]
+
+SCHEMA_VERSION = 1
+
+
+class LatencyError(ValueError):
+    """A latency table that does not fit this machine, model or target."""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(threads: int | None = None) -> dict:
+    """What a latency depends on besides the graph: CPU model, intra-op threads (0 = ONNX Runtime's default),
+    ONNX Runtime version."""
+    import onnxruntime as ort
+
+    return {"cpu": _cpu_model(), "threads": int(threads or 0), "onnxruntime": ort.__version__}
+
+
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "quantsearch" / "latency.json"
+
+
+def _machine_key(m: Mapping) -> str:
+    return f"{m['cpu']}|threads={m['threads']}|onnxruntime={m['onnxruntime']}"
+
+
+def _op_key(shape: tuple, n: int, fmt: str) -> str:
+    return f"{fmt}|{'x'.join(map(str, shape))}|{n}"
+
+
+def layer_shapes(rmodel: RuntimeFormatModel, example: torch.Tensor) -> dict[str, tuple[tuple, int]]:
+    """Each layer's input shape for a batch of ``rmodel.batch_size`` samples, and its output features."""
+    shapes, handles = {}, []
+
+    def record(name):
+        def hook(module, args, _out) -> None:
+            shapes.setdefault(name, (tuple(args[0].shape), module.out_features))
+        return hook
+
+    for name, module in rmodel.layers.items():
+        handles.append(module.register_forward_hook(record(name)))
+    batch = example[:1].expand(rmodel.batch_size, *example.shape[1:])
+    try:
+        with torch.no_grad(), rmodel.fp32():
+            rmodel(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+@dataclass
+class LatencyTable:
+    """Seconds per layer per format (in :data:`FORMATS` order) and the fixed rest, on ``machine``."""
+
+    machine: dict
+    batch_size: int
+    layers: dict[str, list[float]]
+    fixed: float
+    fp32_measured: float = 0.0
+    measured_ops: int = field(default=0, compare=False)  # measured now, not taken from the cache
+
+    def predict(self, formats: Mapping[str, int]) -> float:
+        """The predicted latency of a configuration (format index per layer; missing layers are fp32)."""
+        return self.fixed + sum(v[int(formats.get(n, 0))] for n, v in self.layers.items())
+
+    def cost(self):
+        """The table as a search cost (:class:`~quantsearch.search.costs.Latency`)."""
+        from ...search.costs import Latency
+
+        return Latency(self.layers, self.fixed)
+
+    def check_fits(self, rmodel: RuntimeFormatModel, threads: int | None = None) -> None:
+        """One line naming the first mismatch between this table and the machine, model or batch size."""
+        here = machine(threads)
+        for key in ("cpu", "threads", "onnxruntime"):
+            if self.machine.get(key) != here[key]:
+                raise LatencyError(f"latency table measured with {key} {self.machine.get(key)!r}, this machine has "
+                                   f"{here[key]!r}: measure it here")
+        if self.batch_size != rmodel.batch_size:
+            raise LatencyError(f"latency table is for batch size {self.batch_size}, the run deploys at "
+                               f"{rmodel.batch_size}")
+        missing = sorted(set(rmodel.layers) ^ set(self.layers))
+        if missing:
+            raise LatencyError(f"latency table and model differ at layer {missing[0]!r}")
+
+    def to_dict(self) -> dict:
+        return {"version": SCHEMA_VERSION, "formats": list(FORMATS), "machine": self.machine,
+                "batch_size": self.batch_size, "fixed": self.fixed, "fp32_measured": self.fp32_measured,
+                "layers": self.layers}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise LatencyError(f"cannot read latency table {path}: {exc}") from None
+        _check_schema(data, path)
+        return cls(data["machine"], data["batch_size"], {n: list(v) for n, v in data["layers"].items()},
+                   data["fixed"], data.get("fp32_measured", 0.0))
+
+
+def _check_schema(data, path) -> None:
+    import jsonschema
+
+    number = {"type": "number", "minimum": 0}
+    schema = {
+        "type": "object", "required": ["version", "formats", "machine", "batch_size", "fixed", "layers"],
+        "properties": {
+            "version": {"const": SCHEMA_VERSION}, "formats": {"const": list(FORMATS)},
+            "machine": {"type": "object", "required": ["cpu", "threads", "onnxruntime"],
+                        "properties": {"cpu": {"type": "string"}, "threads": {"type": "integer", "minimum": 0},
+                                       "onnxruntime": {"type": "string"}}},
+            "batch_size": {"type": "integer", "minimum": 1}, "fixed": {"type": "number"}, "fp32_measured": number,
+            "layers": {"type": "object", "additionalProperties": {
+                "type": "array", "items": number, "minItems": len(FORMATS), "maxItems": len(FORMATS)}}}}
+    try:
+        jsonschema.validate(data, schema)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(map(str, exc.absolute_path)) or "(top)"
+        raise LatencyError(f"latency table {path}: {where}: {exc.message}") from None
+
+
+def _op_graph(shape: tuple, n: int, fmt: str) -> bytes:
+    """A one-layer graph: ``x [shape] -> fmt's kernel -> + bias``, with seeded random weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(n, shape[-1], generator=g) * 0.05
+    nodes, inits = format_nodes(fmt, "x", "product", weight, "layer")
+    bias = numpy_helper.from_array(np.zeros(n, np.float32), "bias")
+    nodes.append(helper.make_node("Add", ["product", "bias"], ["y"]))
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [*inits, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    return model.SerializeToString()
+
+
+def _session(model, threads: int | None, spinning: bool = True):
+    """A CPU session; ``spinning=False`` stops its idle threads from spinning after a run, so that sessions timed
+    in turn do not steal each other's cores."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _time_interleaved(runs: Mapping[str, tuple], repeats: int) -> dict[str, float]:
+    """Median seconds of each ``(session, feed)``, every repeat running each once (after one warm-up each)."""
+    times = {k: [] for k in runs}
+    for session, feed in runs.values():
+        session.run(None, feed)
+    for _ in range(repeats):
+        for key, (session, feed) in runs.items():
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[key].append(time.perf_counter() - start)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def measure_latency(rmodel: RuntimeFormatModel, example: torch.Tensor, threads: int | None = None,
+                    repeats: int = 20, cache: str | Path | None = "default") -> LatencyTable:
+    """The :class:`LatencyTable` of ``rmodel`` at its deployment batch size: layer entries from the cache where
+    this machine measured the same shape and format before, the rest and the fixed part measured now."""
+    here = machine(threads)
+    cache = cache_path() if cache == "default" else (Path(cache) if cache else None)
+    stored = _read_cache(cache).get(_machine_key(here), {}) if cache else {}
+    shapes = layer_shapes(rmodel, example)
+    keys = {(shape, n, f) for shape, n in shapes.values() for f in FORMATS}
+    todo = {_op_key(*k): k for k in keys if _op_key(*k) not in stored}
+    runs = {}
+    for key, (shape, n, fmt) in todo.items():
+        runs[key] = (_session(_op_graph(shape, n, fmt), threads, spinning=False), {"x": np.random.default_rng(0).standard_normal(
+            shape, dtype=np.float32)})
+    with tempfile.TemporaryDirectory() as tmp:
+        with rmodel.fp32():  # every layer's format 0 while the FP32 graph is written
+            path = export_runtime_onnx(rmodel, Path(tmp) / "fp32.onnx", example[:1])["path"]
+        batch = example[:1].expand(rmodel.batch_size, *example.shape[1:]).contiguous().numpy()
+        runs["model"] = (_session(str(path), threads, spinning=False), {"input": batch})
+        times = _time_interleaved(runs, repeats)
+    measured = {k: times[k] for k in todo}
+    if cache and measured:
+        _write_cache(cache, here, measured)
+    entries = {**stored, **measured}
+    layers = {name: [entries[_op_key(shape, n, f)] for f in FORMATS] for name, (shape, n) in shapes.items()}
+    fixed = times["model"] - sum(v[0] for v in layers.values())
+    return LatencyTable(here, rmodel.batch_size, layers, fixed, times["model"], len(measured))
+
+
+def _read_cache(path: Path | None) -> dict:
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return {}  # a damaged cache is re-measured, never trusted
+    if not isinstance(data, dict) or data.get("version") != SCHEMA_VERSION:
+        return {}
+    return {m: {k: float(v) for k, v in ops.items() if isinstance(v, (int, float)) and v > 0}
+            for m, ops in data.get("machines", {}).items() if isinstance(ops, dict)}
+
+
+def _write_cache(path: Path, here: dict, measured: Mapping[str, float]) -> None:
+    machines = _read_cache(path)
+    machines.setdefault(_machine_key(here), {}).update(measured)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"version": SCHEMA_VERSION, "machines": machines}, indent=0))
+    os.replace(tmp, path)
+
+
+def measure_end_to_end(paths: Mapping[str, str | Path], batch: np.ndarray, threads: int | None = None,
+                       repeats: int = 20) -> dict[str, float]:
+    """Median seconds per call of each ONNX file in a default session (the thread count set when given),
+    measured interleaved on ``batch``."""
+    try:
+        runs = {name: (_session(str(p), threads), {"input": batch}) for name, p in paths.items()}
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error types
+        raise ExportError(f"ONNX Runtime cannot load a model to time: {str(exc).splitlines()[0]}") from None
+    return _time_interleaved(runs, repeats)

@@ -1,0 +1,307 @@
+"""ONNX Runtime on a CPU as a deployment target: per-Linear formats that ONNX Runtime runs as its own kernels.
+
+A layer's gene is an index into :data:`FORMATS`:
+
+- ``fp32``: the layer as exported (MatMul or Gemm).
+- ``int8-dynamic``: ``com.microsoft.DynamicQuantizeMatMul``. ONNX Runtime quantizes the input at run time, per
+  tensor, to uint8 over ``[min(x, 0), max(x, 0)]`` of the whole tensor it is given (so the grid depends on the
+  deployment batch size), multiplies in integers with the weight stored as int8 per output channel (symmetric,
+  ``scale = max|w| / 127``) and returns float. ORT's own ``quantize_dynamic`` ran DeiT-S 1.4-1.75x faster than
+  FP32 on a 2-core AVX2 CPU.
+- ``int4-weight``: ``com.microsoft.MatMulNBits``: the weight as 4-bit codes in blocks of :data:`BLOCK` input
+  features, symmetric per block (``scale = max|w| / 7``, codes -7..7 stored as ``code + 8``), float
+  activations. Block 32 is ORT's own default and the block its CPU kernels pack; 16 doubles the scales (a quarter
+  more bytes) and 64 or 128 lose accuracy on layers with outlier channels. Smaller, not always faster.
+
+:class:`RuntimeFormatModel` simulates each format in PyTorch as ORT computes it and exposes the formats as the
+genes of a :class:`~quantsearch.search.problem.LayerwiseQuantizationProblem` (``quantizer_names``, ``bit_widths``),
+so the search runs on it unchanged. :func:`export_runtime_onnx` writes ORT's graph; :mod:`.latency` measures
+what each format costs. Conv layers and int8 static (QLinearConv) are not formats yet.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..export import ExportError
+
+__all__ = ["FORMATS", "BLOCK", "RuntimeFormatModel", "dynamic_uint8", "int8_channel_codes", "int4_block_codes",
+           "format_nodes", "export_runtime_onnx"]
+
+FORMATS = ("fp32", "int8-dynamic", "int4-weight")
+BLOCK = 32
+MS_DOMAIN = "com.microsoft"
+
+
+def dynamic_uint8(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``x`` through ORT's DynamicQuantizeLinear, one grid per ``batch`` samples along dim 0 (what a session at
+    that batch size sees): ``scale = (max(x, 0) - min(x, 0)) / 255``, ``zp = round(-min / scale)``, codes
+    ``clamp(round(x / scale) + zp, 0, 255)``; returns ``codes - zp`` (the integers) and the scale per sample."""
+    n = x.shape[0]
+    groups = torch.arange(n, device=x.device) // batch
+    flat = x.reshape(n, -1)
+    count = int(groups[-1]) + 1
+    low = torch.zeros(count, device=x.device).scatter_reduce(0, groups, flat.amin(1), "amin").clamp(max=0)
+    high = torch.zeros(count, device=x.device).scatter_reduce(0, groups, flat.amax(1), "amax").clamp(min=0)
+    scale = (high - low) / 255
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-low / scale), 0, 255)
+    shape = (n,) + (1,) * (x.dim() - 1)
+    s, z = scale[groups].reshape(shape), zero[groups].reshape(shape)
+    return torch.clamp(torch.round(x / s) + z, 0, 255) - z, s
+
+
+def int8_channel_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes per output channel (``round(w / s)``, ``s = max|w| / 127``; 1 where a row is zero)."""
+    amax = weight.detach().abs().amax(1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return torch.clamp(torch.round(weight.detach() / scale[:, None]), -127, 127), scale
+
+
+def int4_block_codes(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 4-bit codes in blocks of ``block`` input features (the last block zero-padded): codes
+    ``[N, blocks, block]`` in -7..7 and scales ``[N, blocks]`` (``max|w| / 7``; 1 where a block is zero)."""
+    n, k = weight.shape
+    padded = torch.nn.functional.pad(weight.detach(), (0, -k % block)).reshape(n, -1, block)
+    amax = padded.abs().amax(2)
+    scale = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+    return torch.clamp(torch.round(padded / scale[..., None]), -7, 7), scale
+
+
+class RuntimeFormatModel(nn.Module):
+    """``model`` with each Linear layer computed in its :data:`FORMATS` entry, as ONNX Runtime computes it at
+    deployment batch size ``batch_size``.
+
+    The layers are the genes (``quantizer_names``); ``bit_widths`` holds each one's format index (0 = fp32), as
+    :class:`~quantsearch.search.problem.LayerwiseQuantizationProblem` expects. Weight codes are computed once per
+    layer and format.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int = 1):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"deployment batch size must be at least 1, not {batch_size}")
+        self.model, self.batch_size = model, int(batch_size)
+        self.layers = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+        if not self.layers:
+            raise ValueError("the onnxruntime-cpu target has no layer to choose a format for: the model has no "
+                             "nn.Linear")
+        self._formats = dict.fromkeys(self.layers, 0)
+        self._weights: dict[tuple[str, int], torch.Tensor] = {}
+
+    @property
+    def quantizer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def bit_widths(self) -> list[int]:
+        return list(self._formats.values())
+
+    @bit_widths.setter
+    def bit_widths(self, formats: Sequence[int] | Mapping[str, int]) -> None:
+        if not isinstance(formats, Mapping):
+            if len(formats) != len(self.layers):
+                raise ValueError(f"expected {len(self.layers)} formats, got {len(formats)}")
+            formats = dict(zip(self.layers, formats))
+        for name, index in formats.items():
+            if name not in self.layers:
+                raise KeyError(f"no Linear layer named {name!r}")
+            if not 0 <= int(index) < len(FORMATS):
+                raise ValueError(f"layer {name!r}: format index {index} is not one of 0..{len(FORMATS) - 1} "
+                                 f"({', '.join(FORMATS)})")
+            self._set(name, int(index))
+
+    def bits_dict(self) -> dict[str, int]:
+        return dict(self._formats)
+
+    @property
+    def formats(self) -> dict[str, str]:
+        """Each layer's format by name."""
+        return {n: FORMATS[i] for n, i in self._formats.items()}
+
+    def _set(self, name: str, index: int) -> None:
+        self._formats[name] = index
+        module = self.layers[name]
+        if index == 0:
+            module.__dict__.pop("forward", None)
+        elif index == 1:
+            module.forward = lambda x, m=module, n=name: self._dynamic(m, n, x)
+        else:
+            module.forward = lambda x, m=module, n=name: torch.nn.functional.linear(x, self._weight(n, 2), m.bias)
+
+    def _weight(self, name: str, index: int) -> torch.Tensor:
+        """The layer's weight as the format stores it, dequantized (int8 codes for format 1)."""
+        key = (name, index)
+        if key not in self._weights:
+            weight = self.layers[name].weight
+            if index == 1:
+                self._weights[key] = int8_channel_codes(weight)
+            else:
+                codes, scale = int4_block_codes(weight)
+                self._weights[key] = (codes * scale[..., None]).reshape(weight.shape[0], -1)[:, :weight.shape[1]]
+        return self._weights[key]
+
+    def _dynamic(self, module: nn.Linear, name: str, x: torch.Tensor) -> torch.Tensor:
+        codes, scale = self._weight(name, 1)
+        q, s = dynamic_uint8(x, self.batch_size)
+        out = torch.nn.functional.linear(q, codes) * (s * scale)  # int32 accumulator x (a_scale x b_scale)
+        return out if module.bias is None else out + module.bias
+
+    @contextlib.contextmanager
+    def fp32(self) -> Iterator["RuntimeFormatModel"]:
+        """Within the block every layer computes in fp32 (the formats are kept and restored after)."""
+        formats = dict(self._formats)
+        try:
+            for name in self.layers:
+                self._set(name, 0)
+            yield self
+        finally:
+            for name, index in formats.items():
+                self._set(name, index)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+# -- ORT's graph ---------------------------------------------------------------------------------------------------
+def _tensor(name: str, array: np.ndarray):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+def format_nodes(fmt: str, x: str, y: str, weight: torch.Tensor, prefix: str) -> tuple[list, list]:
+    """ONNX nodes and initializers computing ``y = x @ weight.T`` (no bias) in format ``fmt``."""
+    from onnx import helper
+
+    n, k = weight.shape
+    if fmt == "fp32":
+        wt = _tensor(f"{prefix}.weight_t", weight.detach().float().numpy().T)
+        return [helper.make_node("MatMul", [x, wt.name], [y], name=f"{prefix}/MatMul")], [wt]
+    if fmt == "int8-dynamic":
+        codes, scale = int8_channel_codes(weight)
+        b = _tensor(f"{prefix}.weight_int8", codes.numpy().astype(np.int8).T)
+        s = _tensor(f"{prefix}.weight_scale", scale.float().numpy())
+        z = _tensor(f"{prefix}.weight_zero", np.zeros(n, np.int8))
+        node = helper.make_node("DynamicQuantizeMatMul", [x, b.name, s.name, z.name], [y],
+                                name=f"{prefix}/DynamicQuantizeMatMul", domain=MS_DOMAIN)
+        return [node], [b, s, z]
+    if fmt == "int4-weight":
+        codes, scale = int4_block_codes(weight)
+        stored = (codes.numpy().astype(np.int16) + 8).astype(np.uint8)  # [N, blocks, BLOCK]
+        packed = stored[..., 0::2] | (stored[..., 1::2] << 4)  # low nibble first
+        b = _tensor(f"{prefix}.weight_int4", packed)
+        s = _tensor(f"{prefix}.weight_scales", scale.float().numpy().reshape(-1))
+        node = helper.make_node("MatMulNBits", [x, b.name, s.name], [y], name=f"{prefix}/MatMulNBits",
+                                domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=BLOCK)
+        return [node], [b, s]
+    raise ValueError(f"unknown format {fmt!r}; the onnxruntime-cpu target has {', '.join(FORMATS)}")
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _layer_nodes(graph, layers: Mapping[str, nn.Linear]) -> dict[str, tuple]:
+    """Each layer's MatMul or Gemm node in an exported FP32 graph, found by its weight's values (the exporter's
+    names change between versions): ``{layer: (node, bias initializer name or None)}``."""
+    from onnx import numpy_helper
+
+    init = {t.name: t for t in graph.initializer}
+    want = {}
+    for name, module in layers.items():
+        w = module.weight.detach().float().numpy()
+        want[_digest(w.T)], want[_digest(w)] = (name, "t"), (name, "w")
+    found = {}
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in init:
+            continue
+        array = numpy_helper.to_array(init[node.input[1]])
+        match = want.get(_digest(array)) if array.ndim == 2 else None
+        if match is None:
+            continue
+        name, layout = match
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        plain = node.op_type == "MatMul" or (
+            all(a.name in ("transB", "alpha", "beta") for a in node.attribute) and
+            all(a.f == 1.0 for a in node.attribute if a.name in ("alpha", "beta")) and
+            next((a.i for a in node.attribute if a.name == "transA"), 0) == 0)
+        if plain and (layout == "t") == (trans_b == 0) and name not in found:
+            found[name] = (node, node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else None)
+    return found
+
+
+def export_runtime_onnx(rmodel: RuntimeFormatModel, path: str | Path, example: torch.Tensor,
+                        opset: int = 17) -> dict:
+    """Write ORT's graph of ``rmodel`` at its formats to ``path``: the FP32 export with each non-fp32 layer's node
+    replaced by its format's kernel. The file is written only once it loads in a default ONNX Runtime session.
+    Returns the path and the count of each format."""
+    import onnx
+    from onnx import helper
+
+    from ..onnx_export import _export, onnx_session
+
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ExportError(f"ONNX export path {path} must end in .onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")
+    os.close(fd)
+    try:
+        rmodel.eval()
+        with rmodel.fp32():
+            _export(rmodel.model, example, Path(tmp), opset, fold_constants=True)
+        model = onnx.load(tmp)
+        nodes = _layer_nodes(model.graph, rmodel.layers)
+        missing = [n for n, i in rmodel.bits_dict().items() if i and n not in nodes]
+        if missing:
+            raise ExportError(f"layer {missing[0]!r}: no MatMul or Gemm with its weight in the exported graph "
+                              "(shared or transformed weight); keep it fp32")
+        for name, index in rmodel.bits_dict().items():
+            if index:
+                _replace(model.graph, nodes[name], FORMATS[index], rmodel.layers[name].weight, name)
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        _drop_unused(model.graph)
+        onnx.save(model, tmp)
+        onnx_session(tmp)  # raises ExportError when a default session cannot load it
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    counts = {f: sum(FORMATS[i] == f for i in rmodel.bit_widths) for f in FORMATS}
+    return {"path": path, "formats": counts}
+
+
+def _replace(graph, found: tuple, fmt: str, weight: torch.Tensor, name: str) -> None:
+    """Swap one layer's MatMul/Gemm for ``fmt``'s nodes, keeping its output name (a Gemm's bias becomes an Add)."""
+    from onnx import helper
+
+    node, bias = found
+    out = node.output[0]
+    product = f"{out}_{fmt}" if bias else out
+    new_nodes, inits = format_nodes(fmt, node.input[0], product, weight, name)
+    if bias:
+        new_nodes.append(helper.make_node("Add", [product, bias], [out], name=f"{name}/bias"))
+    at = list(graph.node).index(node)
+    graph.node.remove(node)
+    for offset, new in enumerate(new_nodes):
+        graph.node.insert(at + offset, new)
+    graph.initializer.extend(inits)
+
+
+def _drop_unused(graph) -> None:
+    """Remove the FP32 weights that no node reads any more."""
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
