@@ -33,6 +33,7 @@ __all__ = ["LatencyTable", "LatencyError", "machine", "layer_shapes", "measure_l
            "cache_path"]
 
 SCHEMA_VERSION = 1
+GAP = 0.01  # seconds between timed runs (see _time_interleaved)
 
 
 class LatencyError(ValueError):
@@ -187,26 +188,28 @@ def _op_graph(shape: tuple, n: int, fmt: str) -> bytes:
     return model.SerializeToString()
 
 
-def _session(model, threads: int | None, spinning: bool = True):
-    """A CPU session; ``spinning=False`` stops its idle threads from spinning after a run, so that sessions timed
-    in turn do not steal each other's cores."""
+def _session(model, threads: int | None):
+    """A default CPU session (only the thread count set, when given)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _time_interleaved(runs: Mapping[str, tuple], repeats: int) -> dict[str, float]:
-    """Median seconds of each ``(session, feed)``, every repeat running each once (after one warm-up each)."""
+def _time_interleaved(runs: Mapping[str, tuple], repeats: int, gap: float = GAP) -> dict[str, float]:
+    """Median seconds of each ``(session, feed)``, every repeat running each once (after one warm-up each).
+
+    Each timed run starts ``gap`` seconds after the previous one ends: long enough for the last session's idle
+    threads to stop spinning (ONNX Runtime's default), so that sessions timed in turn do not steal each other's
+    cores, while each keeps its default behaviour inside a run."""
     times = {k: [] for k in runs}
     for session, feed in runs.values():
         session.run(None, feed)
     for _ in range(repeats):
         for key, (session, feed) in runs.items():
+            time.sleep(gap)
             start = time.perf_counter()
             session.run(None, feed)
             times[key].append(time.perf_counter() - start)
@@ -225,13 +228,13 @@ def measure_latency(rmodel: RuntimeFormatModel, example: torch.Tensor, threads: 
     todo = {_op_key(*k): k for k in keys if _op_key(*k) not in stored}
     runs = {}
     for key, (shape, n, fmt) in todo.items():
-        runs[key] = (_session(_op_graph(shape, n, fmt), threads, spinning=False), {"x": np.random.default_rng(0).standard_normal(
+        runs[key] = (_session(_op_graph(shape, n, fmt), threads), {"x": np.random.default_rng(0).standard_normal(
             shape, dtype=np.float32)})
     with tempfile.TemporaryDirectory() as tmp:
         with rmodel.fp32():  # every layer's format 0 while the FP32 graph is written
             path = export_runtime_onnx(rmodel, Path(tmp) / "fp32.onnx", example[:1])["path"]
         batch = example[:1].expand(rmodel.batch_size, *example.shape[1:]).contiguous().numpy()
-        runs["model"] = (_session(str(path), threads, spinning=False), {"input": batch})
+        runs["model"] = (_session(str(path), threads), {"input": batch})
         times = _time_interleaved(runs, repeats)
     measured = {k: times[k] for k in todo}
     if cache and measured:

@@ -1,0 +1,216 @@
+"""What the onnxruntime-cpu target delivers in ONNX Runtime on this CPU, against FP32 and ORT's own int8.
+
+    python benchmarks/bench_runtime.py [--models deit_small_patch16_224,resnet18] [--batches 1,8] [--threads 2]
+                                       [--repeats 10] [--skip-demo]
+
+Part 1, latency on models of real size: timm models with random weights (only latency is judged here; accuracy
+needs real weights, part 2). Per batch size, every file runs in a default ONNX Runtime session with the thread
+count set, all timed interleaved in this one process (median of ``--repeats``):
+- FP32: the plain export;
+- ORT dynamic: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, dynamic uint8 activations);
+- ORT static: ``quant_pre_process`` then ``quantize_static`` (QDQ, uint8 activations, int8 per-channel weights),
+  calibrated on 4 random batches;
+- the target's configurations, each with the latency its table predicts: every Linear int8-dynamic, every Linear
+  int4-weight, the fastest format per layer by the table, and a lean point (the fastest configuration with the
+  largest layers moved to int4 while the prediction stays at least 1.1x faster than FP32).
+Part 2, the demo ViT with its shipped weights on Fashion-MNIST: NSGA-II over the formats (objectives: search-split
+top-1 and predicted latency, floor FP32 - 1 point); each front point's hold-out top-1 simulated in PyTorch and
+measured in ONNX Runtime itself at the deployment batch size, and its predicted against measured latency.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantsearch.deploy.targets.latency import measure_end_to_end, measure_latency
+from quantsearch.deploy.targets.onnxruntime import FORMATS, RuntimeFormatModel, export_runtime_onnx
+
+
+def _ort_baselines(fp32: Path, folder: Path, shape: tuple) -> dict[str, Path]:
+    """ORT's own uniform int8 on the FP32 export: dynamic, and static QDQ after its pre-processing."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Random(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.batches = iter([{"input": rng.standard_normal(shape, dtype=np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    out = {}
+    quantize_dynamic(str(fp32), str(folder / "ort_dynamic.onnx"), weight_type=QuantType.QInt8)
+    out["ORT dynamic int8"] = folder / "ort_dynamic.onnx"
+    quant_pre_process(str(fp32), str(folder / "pre.onnx"), skip_symbolic_shape=True)
+    quantize_static(str(folder / "pre.onnx"), str(folder / "ort_static.onnx"), Random(),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    out["ORT static int8"] = folder / "ort_static.onnx"
+    return out
+
+
+def _target_configs(rmodel: RuntimeFormatModel, table) -> dict[str, list[int]]:
+    names = rmodel.quantizer_names
+    fastest = [int(np.argmin(table.layers[n])) for n in names]
+    configs = {"int8-dynamic, every Linear": [1] * len(names), "int4-weight, every Linear": [2] * len(names),
+               "fastest per layer (table)": fastest}
+    lean, fp32 = dict(zip(names, fastest)), table.predict({})
+    for name in sorted(names, key=lambda n: -rmodel.layers[n].weight.numel()):
+        trial = {**lean, name: 2}
+        if table.predict(trial) * 1.1 <= fp32:
+            lean = trial
+    configs["lean: int4 where still 1.1x faster"] = [lean[n] for n in names]
+    return configs
+
+
+def latency_part(name: str, batches: list[int], threads: int, repeats: int) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    shape1 = (1, *model.default_cfg["input_size"])
+    x = torch.randn(shape1)
+    print(f"\n## {name} (random weights), {threads} threads, median of {repeats} interleaved")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        rmodel = RuntimeFormatModel(model, batch_size=1)
+        files = {"FP32": export_runtime_onnx(rmodel, folder / "fp32.onnx", x)["path"]}
+        files.update(_ort_baselines(files["FP32"], folder, shape1))
+        for batch in batches:
+            rmodel.batch_size = batch
+            start = time.perf_counter()
+            table = measure_latency(rmodel, x, threads=threads, repeats=repeats)
+            measured_in = time.perf_counter() - start
+            ours, predicted = {}, {"FP32": table.predict({})}
+            for label, config in _target_configs(rmodel, table).items():
+                rmodel.bit_widths = config
+                path = folder / f"target_{len(ours)}_b{batch}.onnx"
+                ours[f"target: {label}"] = export_runtime_onnx(rmodel, path, x)["path"]
+                predicted[f"target: {label}"] = table.predict(rmodel.bits_dict())
+            feed = np.random.default_rng(1).standard_normal((batch, *shape1[1:]), dtype=np.float32)
+            times = measure_end_to_end({**files, **ours}, feed, threads=threads, repeats=repeats)
+            _print_rows(batch, {**files, **ours}, times, predicted, measured_in, table)
+    print(f"Linear layers: {len(rmodel)} ({sum(m.weight.numel() for m in rmodel.layers.values()) / 1e6:.1f} M "
+          f"weights of {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
+
+
+def _print_rows(batch, files, times, predicted, measured_in, table) -> None:
+    fp32 = times["FP32"]
+    print(f"\nbatch {batch}: latency table in {measured_in:.0f} s ({table.measured_ops} layer shapes x formats "
+          f"measured, the rest cached); fixed part {1e3 * table.fixed:.2f} ms")
+    print(f"{'model':42s} {'MB':>7s} {'ms':>8s} {'x FP32':>7s} {'predicted ms':>13s} {'error':>7s}")
+    for label, path in files.items():
+        size = Path(path).stat().st_size / 1e6
+        pred = predicted.get(label)
+        err = f"{pred / times[label] - 1:+.1%}" if pred else "-"
+        print(f"{label:42s} {size:7.1f} {1e3 * times[label]:8.2f} {fp32 / times[label]:6.2f}x "
+              f"{'-' if pred is None else f'{1e3 * pred:.2f}':>13s} {err:>7s}")
+
+
+def demo_part(threads: int, repeats: int) -> None:
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.optimize import minimize
+
+    from quantsearch.search.problem import LayerwiseQuantizationProblem
+    from quantsearch.sources.data import load_fashion_mnist, split_dataset
+    from quantsearch.sources.models import create_demo_vit
+
+    splits = split_dataset(load_fashion_mnist(), calibration=1000, search=3000, holdout=6000, seed=0)
+    search, holdout = (_tensors(s) for s in (splits.search, splits.holdout))
+    rmodel = RuntimeFormatModel(create_demo_vit().eval(), batch_size=1)
+
+    def top1(model, data=search):
+        with torch.no_grad():
+            return float(sum((model(x).argmax(1) == y).sum() for x, y in _chunks(*data)) / len(data[1]))
+
+    fp32 = top1(rmodel)
+    table = measure_latency(rmodel, search[0][:1], threads=threads, repeats=repeats)
+    problem = LayerwiseQuantizationProblem(rmodel, top1, fp32 - 0.01, bits=(0, len(FORMATS) - 1),
+                                           costs=[table.cost()])
+    start = time.perf_counter()
+    minimize(problem, NSGA2(pop_size=12), ("n_gen", 6), seed=0)
+    print(f"\n## demo ViT (shipped weights), Fashion-MNIST, deployment batch 1, {threads} threads")
+    print(f"search: {len(problem.cache)} evaluations in {time.perf_counter() - start:.0f} s; FP32 top-1 search "
+          f"{100 * fp32:.2f} %, floor {100 * (fp32 - 0.01):.2f} %")
+    front = _front([e for e in problem.cache.values() if e.accuracy >= fp32 - 0.01])
+    _verify_front(rmodel, front, table, search, holdout, top1, threads, repeats)
+
+
+def _tensors(dataset):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=len(dataset))
+    return next(iter(loader))
+
+
+def _chunks(x, y, size=500):
+    for i in range(0, len(y), size):
+        yield x[i:i + size], y[i:i + size]
+
+
+def _front(evaluations):
+    front = []
+    for e in sorted(evaluations, key=lambda e: (e.costs["latency"], -e.accuracy)):
+        if not front or e.accuracy > front[-1].accuracy:
+            front.append(e)
+    return front
+
+
+def _verify_front(rmodel, front, table, search, holdout, top1, threads, repeats) -> None:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        paths, rows = {}, []
+        with rmodel.fp32():
+            paths["FP32"] = export_runtime_onnx(rmodel, Path(tmp) / "fp32.onnx", search[0][:1])["path"]
+            fp32_hold = top1(rmodel, holdout)
+        for i, e in enumerate(front):
+            rmodel.bit_widths = list(e.bits)
+            paths[i] = export_runtime_onnx(rmodel, Path(tmp) / f"p{i}.onnx", search[0][:1])["path"]
+            session = ort.InferenceSession(str(paths[i]))
+            ort_hits = sum(int(session.run(None, {"input": holdout[0][j:j + 1].numpy()})[0].argmax(1)[0] ==
+                               int(holdout[1][j])) for j in range(len(holdout[1])))
+            rows.append((i, e, top1(rmodel, holdout), ort_hits / len(holdout[1]), table.predict(rmodel.bits_dict())))
+        times = measure_end_to_end(paths, holdout[0][:1].numpy(), threads=threads, repeats=repeats)
+    print(f"FP32 hold-out top-1 {100 * fp32_hold:.2f} %, latency {1e3 * times['FP32']:.3f} ms")
+    print(f"{'#':>2s} {'search %':>8s} {'hold-out % (PyTorch)':>21s} {'hold-out % (ORT)':>17s} {'predicted ms':>13s} "
+          f"{'measured ms':>12s} {'error':>7s} {'x FP32':>7s}  formats (fp32/int8-dynamic/int4-weight)")
+    for i, e, sim, real, pred in rows:
+        counts = "/".join(str(sum(b == f for b in e.bits)) for f in range(len(FORMATS)))
+        print(f"{i:2d} {100 * e.accuracy:8.2f} {100 * sim:21.2f} {100 * real:17.2f} {1e3 * pred:13.3f} "
+              f"{1e3 * times[i]:12.3f} {pred / times[i] - 1:+7.1%} {times['FP32'] / times[i]:6.2f}x  {counts}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="deit_small_patch16_224,resnet18")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--skip-demo", action="store_true")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)  # ORT's quantizer logs a line per LayerNorm weight it leaves alone
+    torch.set_num_threads(args.threads)
+    import onnxruntime as ort
+
+    print(f"# bench_runtime {time.strftime('%Y-%m-%d %H:%M')}, onnxruntime {ort.__version__}, torch "
+          f"{torch.__version__}, {os.cpu_count()} CPUs")
+    for name in filter(None, args.models.split(",")):
+        latency_part(name, [int(b) for b in args.batches.split(",")], args.threads, args.repeats)
+    if not args.skip_demo:
+        demo_part(args.threads, args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
