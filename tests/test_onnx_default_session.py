@@ -6,6 +6,7 @@ Q/DQ propagation broke on the int8 zero points of opset 21, so activations expor
 reference session must still give PyTorch's fake-quant outputs.
 """
 import json
+import re
 
 import numpy as np
 import pytest
@@ -153,6 +154,8 @@ def test_a_w_plus_a_point_with_int4_weights_loads_by_default_and_apply_checks_it
     assert apply_main([str(point), "--check", "--export", str(tmp_path / "point.onnx")]) == 0
     text = capsys.readouterr().out
     assert "opset 21" in text and "ONNX Runtime, deployed (default)" in text
+    # the kernels ORT really runs: the W+A point's Linear layers as integer matmuls
+    assert re.search(r"a default session runs \d+ MatMulIntegerToFloat", text), text
     model = onnx.load(str(tmp_path / "point.onnx"))
     assert any(init.data_type == onnx.TensorProto.INT4 for n in model.graph.node if n.op_type == "Constant"
                for init in [n.attribute[0].t])

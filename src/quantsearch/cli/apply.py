@@ -216,7 +216,8 @@ def _export_onnx(path: str, session) -> bool:
     import tempfile
     from pathlib import Path
 
-    from ..deploy.onnx_export import RUNTIMES, compare_onnx, export_fp32_onnx, export_onnx, onnx_latency, onnx_session
+    from ..deploy.onnx_export import (INTEGER_KERNELS, RUNTIMES, compare_onnx, export_fp32_onnx, export_onnx,
+                                      onnx_latency, onnx_session, runtime_kernels)
     from ..run.tables import format_table
     from ..search.bound import Bound
 
@@ -240,6 +241,11 @@ def _export_onnx(path: str, session) -> bool:
           f"{info['DequantizeLinear']} DequantizeLinear, {info['int4_weights']} weights as int4)")
     print(format_table(["runtime", f"{split} {evaluate.name}", "top-1 as PyTorch's"], rows))
     print(f"size {size / 1e3:.0f} kB, FP32 ONNX {fp32_size / 1e3:.0f} kB ({size / fp32_size:.2f}x)")
+    kernels = runtime_kernels(path)
+    integer = {k: v for k, v in kernels.items() if k in INTEGER_KERNELS}
+    left = sum(kernels.get(k, 0) for k in ("QuantizeLinear", "DequantizeLinear"))
+    print("a default session runs " + (", ".join(f"{v} {k}" for k, v in integer.items()) or "no integer kernel")
+          + f"; {left} QuantizeLinear/DequantizeLinear left in float after its optimisation")
     for b, t in latency.items():
         print(f"ONNX Runtime latency, batch {b} (CPU, median of 20 interleaved): FP32 {1e3 * t['fp32']:.2f} ms, "
               f"Q/DQ {1e3 * t['qdq']:.2f} ms ({t['qdq'] / t['fp32']:.2f}x)")

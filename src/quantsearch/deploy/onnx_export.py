@@ -43,7 +43,7 @@ from ..quantize.limits import log_grid_at
 from .export import ExportError
 
 __all__ = ["OPSET", "INT4_OPSET", "export_onnx", "export_fp32_onnx", "onnx_session", "run_onnx", "onnx_latency",
-           "compare_onnx", "RUNTIMES"]
+           "compare_onnx", "runtime_kernels", "RUNTIMES", "INTEGER_KERNELS"]
 
 # how ONNX Runtime runs the Q/DQ graph: "reference" executes each Q/DQ as written, in float (its bias-quantizing
 # pass off, the one basic pass that changes numbers); "deployed" is exactly what a user's
@@ -412,6 +412,28 @@ def onnx_session(path: str | Path, runtime: str = "deployed", threads: int | Non
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         session = "a default session" if level == "default" else f"a {runtime} session ({level})"
         raise ExportError(f"ONNX Runtime {ort.__version__} cannot load {path} in {session}: {reason}") from None
+
+
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+                   "DynamicQuantizeMatMul", "MatMulNBits", "QGemm", "QLinearAdd", "QLinearMul")
+
+
+def runtime_kernels(path: str | Path) -> dict[str, int]:
+    """The operators a default ONNX Runtime CPU session runs for ``path`` after its graph optimisations, counted
+    by type: which layers really became integer kernels (see :data:`INTEGER_KERNELS`)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3  # the note that a saved optimised graph is hardware-specific
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def run_onnx(session, evaluate) -> tuple[float, list[torch.Tensor]]:
