@@ -93,8 +93,8 @@ def test_adaround_falls_back_to_nearest_when_it_does_not_beat_it():
     (as computed here), reported as such with its own error."""
     model, qmodel, x, target, _, nearest = _correlated_layer()
     w, b = model[0].weight.detach().clone(), model[0].bias.detach()
-    weight, report = round_layer(model[0], w, qmodel.quantizer("0:weight").amax, 3, [x[None]], [target[None]], iterations=5,
-                                 lr=1.0)
+    weight, report = round_layer(model[0], w, qmodel.quantizer("0:weight").amax, 3, [x[None]], [target[None]],
+                                 iterations=5, lr=1.0)
     assert report.get("kept") == "nearest" and torch.equal(weight, nearest)
     assert report["after"] == report["before"] == pytest.approx(_mse(x, nearest, b, target), rel=1e-5)
 

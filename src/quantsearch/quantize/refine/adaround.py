@@ -6,8 +6,10 @@ order, with its per-channel scale ``s`` fixed (the weight quantizer's), the weig
 the fractional part, i.e. at round-to-nearest's neighbourhood). Adam minimises the squared error of the layer's
 output against the FP32 model's output, on the FP32 model's inputs to the layer, plus a regulariser that
 pushes every ``h`` to 0 or 1 as its exponent anneals from 20 to 2. A quarter of the calibration images is held
-back, and a layer whose learned rounding does not beat rounding to nearest on them keeps rounding to nearest. The result rounds ``V >= 0`` up: the codes are
-integers on the same grid, so the weight quantizer reproduces them exactly, and export and size are unchanged.
+back, and a layer whose learned rounding does not beat rounding to nearest on them keeps rounding to nearest. The
+result rounds ``V >= 0`` up: the codes are integers on the same grid, so the weight quantizer reproduces them
+exactly, and export and size are unchanged. The FP32 reference is taken once for all layers
+(:class:`~.layers.Reference`).
 
 FP32 inputs (the paper's first form) rather than the quantized model's (its "asymmetric reconstruction"): with
 inputs quantized at 3-4 bits the rounding learns to make up for the activations' error on the calibration images
