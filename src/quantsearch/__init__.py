@@ -4,6 +4,8 @@ The flow is one way: settings -> :func:`build_session` (model, data, :class:`Qua
 calibration, evaluators, :class:`Bound`) -> :class:`LayerwiseQuantizationProblem` -> search (``pymoo.optimize.minimize``
 with :func:`nsga2`, or :func:`run_algorithm`) -> :class:`RunRecord` (front, bit-configs) -> :func:`apply_bitconfig`,
 :func:`refine` (bias correction, AdaRound on a chosen point), :func:`export_onnx`. :func:`explore` runs all of it from an :class:`ExploreConfig`.
+For ONNX Runtime on a CPU, :class:`RuntimeFormatModel` makes each Linear's ORT format a gene, :func:`measure_latency`
+gives the :class:`Latency` cost, and :func:`export_runtime_onnx` writes ORT's own graph.
 
 Names are imported on first use (PEP 562), so that the command line can refuse a mistyped setting before torch
 is loaded.
@@ -38,6 +40,8 @@ _EXPORTS = {
     "Budget": "search.budget", "refine": "quantize.refine",
     "algorithm_for": "search.algorithms", "nsga2": "search.algorithms", "nsga3": "search.algorithms", "run_search": "search.algorithms",
     "run_algorithm": "search.algorithms", "ALGORITHMS": "search.algorithms",
+    "RuntimeFormatModel": "deploy.targets.onnxruntime", "export_runtime_onnx": "deploy.targets.onnxruntime",
+    "measure_latency": "deploy.targets.latency", "LatencyTable": "deploy.targets.latency", "Latency": "search.costs",
 }
 
 __all__ = [
@@ -51,6 +55,7 @@ __all__ = [
     "BOPs", "ActivationMemory", "ModelSize", "profile_model", "nsga3", "algorithm_for",
     "create_model", "load_dataset", "load_fashion_mnist", "split_dataset",
     "Evaluator", "get_metric", "model_preprocessing", "Preprocessing",
+    "RuntimeFormatModel", "export_runtime_onnx", "measure_latency", "LatencyTable", "Latency",
     "__version__",
 ]
 
