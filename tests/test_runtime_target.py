@@ -56,10 +56,11 @@ def test_weight_codes_by_hand():
     assert int(codes.abs().sum()) == 17
 
 
-@pytest.mark.parametrize("fmt", range(len(FORMATS)))
+@pytest.mark.parametrize("fmt", [FORMATS.index(f) for f in ("fp32", "int8-dynamic", "int4-weight")])
 def test_each_format_runs_in_onnx_runtime_as_simulated(fmt, tmp_path):
     """The simulation at deployment batch 4 against a default ORT session fed 4 samples at a time: equal up to
-    float32 summation order (the int8 format's integer products are exact in float32 at these sizes)."""
+    float32 summation order (the int8 format's integer products are exact in float32 at these sizes). int8-static
+    is evaluated by ORT itself (tests/test_runtime_static.py)."""
     rmodel = RuntimeFormatModel(TokenMLP().eval(), batch_size=4)
     rmodel.bit_widths = [fmt] * len(rmodel)
     x = torch.randn(8, 7, 40) * torch.linspace(0.5, 3, 8)[:, None, None]  # per-sample ranges differ
@@ -90,15 +91,17 @@ def test_each_format_runs_in_onnx_runtime_as_simulated(fmt, tmp_path):
 def test_formats_are_genes_and_refusals_name_the_layer():
     rmodel = RuntimeFormatModel(TokenMLP())
     assert rmodel.quantizer_names == ["embed", "fc1", "fc2", "head"]
-    rmodel.bit_widths = {"fc1": 2}
-    assert rmodel.bits_dict() == {"embed": 0, "fc1": 2, "fc2": 0, "head": 0}
+    assert rmodel.gene_ranges() == dict.fromkeys(rmodel.quantizer_names, (0, 3))
+    int4 = FORMATS.index("int4-weight")
+    rmodel.bit_widths = {"fc1": int4}
+    assert rmodel.bits_dict() == {"embed": 0, "fc1": int4, "fc2": 0, "head": 0}
     assert rmodel.formats["fc1"] == "int4-weight"
-    with pytest.raises(ValueError, match="layer 'fc2': format index 3 is not one of 0..2"):
-        rmodel.bit_widths = {"fc2": 3}
-    with pytest.raises(KeyError, match="no Linear layer named 'fc9'"):
+    with pytest.raises(ValueError, match="layer 'fc2': format index 4 is not one of 0..3"):
+        rmodel.bit_widths = {"fc2": 4}
+    with pytest.raises(KeyError, match="no Linear or Conv layer named 'fc9'"):
         rmodel.bit_widths = {"fc9": 1}
-    with pytest.raises(ValueError, match="has no nn.Linear"):
-        RuntimeFormatModel(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    with pytest.raises(ValueError, match="has no nn.Linear, nn.Conv1d or nn.Conv2d"):
+        RuntimeFormatModel(nn.Sequential(nn.Conv3d(1, 2, 3)))
 
 
 def test_a_search_runs_on_the_formats_with_latency_as_its_cost():
@@ -118,10 +121,14 @@ def test_a_search_runs_on_the_formats_with_latency_as_its_cost():
         with torch.no_grad():
             return float((model(x).argmax(1) == reference).float().mean())
 
-    layers = {"embed": [3.0, 2.0, 2.5], "fc1": [5.0, 3.0, 4.0], "fc2": [5.0, 3.0, 4.0], "head": [1.0, 1.5, 0.9]}
+    dyn, int4 = FORMATS.index("int8-dynamic"), FORMATS.index("int4-weight")
+    layers = {"embed": [3.0, 1.8, 2.0, 2.5], "fc1": [5.0, 2.5, 3.0, 4.0], "fc2": [5.0, 2.5, 3.0, 4.0],
+              "head": [1.0, 1.2, 1.5, 0.9]}
     cost = Latency(layers, fixed=10.0)
-    assert cost.fp32 == 24.0 and cost({"embed": 1, "fc1": 1, "fc2": 2, "head": 2}) == 10 + 2 + 3 + 4 + 0.9
-    problem = LayerwiseQuantizationProblem(rmodel, agreement, 0.5, bits=(0, 2), costs=[cost])
+    assert cost.fp32 == 24.0 and cost({"embed": dyn, "fc1": dyn, "fc2": int4, "head": int4}) == 10 + 2 + 3 + 4 + 0.9
+    # the PyTorch-simulated formats only (int8-static runs ORT per configuration, tests/test_runtime_static.py)
+    problem = LayerwiseQuantizationProblem(rmodel, agreement, 0.5, bits=dict.fromkeys(layers, (dyn, int4)),
+                                           costs=[cost])
     result = minimize(problem, NSGA2(pop_size=6), ("n_gen", 2), seed=0)
     assert result.F is not None and len(problem.cache) >= 6
     assert all(e.costs["latency"] == cost(dict(zip(rmodel.quantizer_names, e.bits)))
@@ -144,7 +151,7 @@ def test_latency_table_is_additive_and_its_fp32_point_is_the_measured_model(meas
     assert all(len(v) == len(FORMATS) and min(v) > 0 for v in table.layers.values())
     fp32 = dict.fromkeys(rmodel.quantizer_names, 0)
     assert table.predict(fp32) == pytest.approx(table.fp32_measured)
-    config = {"embed": 1, "fc1": 2, "fc2": 1, "head": 0}
+    config = {"embed": 1, "fc1": 3, "fc2": 2, "head": 0}
     delta = sum(table.layers[n][i] - table.layers[n][0] for n, i in config.items())
     assert table.predict(config) == pytest.approx(table.predict(fp32) + delta)
     assert table.cost()(config) == pytest.approx(table.predict(config))

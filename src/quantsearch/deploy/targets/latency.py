@@ -20,6 +20,7 @@ import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Mapping
 
@@ -27,12 +28,13 @@ import numpy as np
 import torch
 
 from ..export import ExportError
-from .onnxruntime import FORMATS, RuntimeFormatModel, export_runtime_onnx, format_nodes
+from .onnxruntime import CONVS, FORMATS, RuntimeFormatModel, export_runtime_onnx, format_nodes
+from .static import conv_graph, conv_spec, insert_static, spec_key, tensor_shapes, uint8_grid
 
-__all__ = ["LatencyTable", "LatencyError", "machine", "layer_shapes", "measure_latency", "measure_end_to_end",
-           "cache_path"]
+__all__ = ["LatencyTable", "LatencyError", "machine", "layer_shapes", "conv_specs", "measure_latency",
+           "measure_end_to_end", "cache_path"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: int8-static is format 1; a Conv's entry has its two formats
 GAP = 0.01  # seconds between timed runs (see _time_interleaved)
 
 
@@ -72,7 +74,7 @@ def _op_key(shape: tuple, n: int, fmt: str) -> str:
 
 
 def layer_shapes(rmodel: RuntimeFormatModel, example: torch.Tensor) -> dict[str, tuple[tuple, int]]:
-    """Each layer's input shape for a batch of ``rmodel.batch_size`` samples, and its output features."""
+    """Each Linear layer's input shape for a batch of ``rmodel.batch_size`` samples, and its output features."""
     shapes, handles = {}, []
 
     def record(name):
@@ -81,20 +83,40 @@ def layer_shapes(rmodel: RuntimeFormatModel, example: torch.Tensor) -> dict[str,
         return hook
 
     for name, module in rmodel.layers.items():
-        handles.append(module.register_forward_hook(record(name)))
+        if not isinstance(module, CONVS):
+            handles.append(module.register_forward_hook(record(name)))
     batch = example[:1].expand(rmodel.batch_size, *example.shape[1:])
     try:
         with torch.no_grad(), rmodel.fp32():
-            rmodel(batch)
+            rmodel.model(batch)
     finally:
         for h in handles:
             h.remove()
     return shapes
 
 
+def conv_specs(rmodel: RuntimeFormatModel, example: torch.Tensor) -> dict[str, dict]:
+    """Each Conv layer's ONNX node as its latency depends on it (:func:`~.static.conv_spec`): input shape at the
+    deployment batch size, weight shape, attributes, the activation after it."""
+    import onnx
+
+    convs = [n for n, m in rmodel.layers.items() if isinstance(m, CONVS)]
+    if not convs:
+        return {}
+    model_bytes = rmodel.fp32_onnx(example)
+    graph = onnx.load_from_string(model_bytes).graph
+    nodes = rmodel.layer_nodes(graph)
+    missing = [n for n in convs if n not in nodes]
+    if missing:
+        raise LatencyError(f"layer {missing[0]!r}: no Conv with its weight in the exported graph")
+    shapes = tensor_shapes(model_bytes, [nodes[n].input[0] for n in convs], example[:1])
+    return {n: conv_spec(graph, nodes[n], (rmodel.batch_size, *shapes[nodes[n].input[0]][1:])) for n in convs}
+
+
 @dataclass
 class LatencyTable:
-    """Seconds per layer per format (in :data:`FORMATS` order) and the fixed rest, on ``machine``."""
+    """Seconds per layer per format (in :data:`FORMATS` order, as far as the layer's gene range goes: two for a
+    Conv, four for a Linear) and the fixed rest, on ``machine``."""
 
     machine: dict
     batch_size: int
@@ -126,6 +148,10 @@ class LatencyTable:
         missing = sorted(set(rmodel.layers) ^ set(self.layers))
         if missing:
             raise LatencyError(f"latency table and model differ at layer {missing[0]!r}")
+        short = [n for n, (_, hi) in rmodel.gene_ranges().items() if len(self.layers[n]) != hi + 1]
+        if short:
+            raise LatencyError(f"latency table has {len(self.layers[short[0]])} formats for layer {short[0]!r}, "
+                               f"the model {rmodel.gene_ranges()[short[0]][1] + 1}")
 
     def to_dict(self) -> dict:
         return {"version": SCHEMA_VERSION, "formats": list(FORMATS), "machine": self.machine,
@@ -164,7 +190,7 @@ def _check_schema(data, path) -> None:
                                        "onnxruntime": {"type": "string"}}},
             "batch_size": {"type": "integer", "minimum": 1}, "fixed": {"type": "number"}, "fp32_measured": number,
             "layers": {"type": "object", "additionalProperties": {
-                "type": "array", "items": number, "minItems": len(FORMATS), "maxItems": len(FORMATS)}}}}
+                "type": "array", "items": number, "minItems": 2, "maxItems": len(FORMATS)}}}}
     try:
         jsonschema.validate(data, schema)
     except jsonschema.ValidationError as exc:
@@ -173,16 +199,19 @@ def _check_schema(data, path) -> None:
 
 
 def _op_graph(shape: tuple, n: int, fmt: str) -> bytes:
-    """A one-layer graph: ``x [shape] -> fmt's kernel -> + bias``, with seeded random weights."""
+    """A one-Linear graph: ``x [shape] -> fmt's kernel -> + bias``, with seeded random weights (int8-static: its
+    MatMul with Q/DQ on ``x`` and on the product)."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(n, shape[-1], generator=g) * 0.05
-    nodes, inits = format_nodes(fmt, "x", "product", weight, "layer")
+    nodes, inits = format_nodes("fp32" if fmt == "int8-static" else fmt, "x", "product", weight, "layer")
     bias = numpy_helper.from_array(np.zeros(n, np.float32), "bias")
     nodes.append(helper.make_node("Add", ["product", "bias"], ["y"]))
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [*inits, bias])
+    if fmt == "int8-static":
+        insert_static(graph, {"layer": graph.node[0]}, {"x": uint8_grid(-4, 4), "product": uint8_grid(-4, 4)})
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
     return model.SerializeToString()
@@ -216,20 +245,29 @@ def _time_interleaved(runs: Mapping[str, tuple], repeats: int, gap: float = GAP)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def _layer_ops(rmodel: RuntimeFormatModel, example: torch.Tensor) -> dict[str, list[tuple]]:
+    """Each layer's one-layer graphs, one per format in its gene range: ``(cache key, build, input shape)``."""
+    ops = {}
+    for name, (shape, n) in layer_shapes(rmodel, example).items():
+        ops[name] = [(_op_key(shape, n, f), partial(_op_graph, shape, n, f), shape) for f in FORMATS]
+    for name, spec in conv_specs(rmodel, example).items():
+        ops[name] = [(spec_key(spec, f), partial(conv_graph, spec, f), tuple(spec["input"])) for f in FORMATS[:2]]
+    return {name: ops[name] for name in rmodel.layers}
+
+
 def measure_latency(rmodel: RuntimeFormatModel, example: torch.Tensor, threads: int | None = None,
                     repeats: int = 20, cache: str | Path | None = "default") -> LatencyTable:
     """The :class:`LatencyTable` of ``rmodel`` at its deployment batch size: layer entries from the cache where
-    this machine measured the same shape and format before, the rest and the fixed part measured now."""
+    this machine measured the same layer (shape, conv attributes) and format before, the rest and the fixed part
+    measured now."""
     here = machine(threads)
     cache = cache_path() if cache == "default" else (Path(cache) if cache else None)
     stored = _read_cache(cache).get(_machine_key(here), {}) if cache else {}
-    shapes = layer_shapes(rmodel, example)
-    keys = {(shape, n, f) for shape, n in shapes.values() for f in FORMATS}
-    todo = {_op_key(*k): k for k in keys if _op_key(*k) not in stored}
-    runs = {}
-    for key, (shape, n, fmt) in todo.items():
-        runs[key] = (_session(_op_graph(shape, n, fmt), threads), {"x": np.random.default_rng(0).standard_normal(
-            shape, dtype=np.float32)})
+    ops = _layer_ops(rmodel, example)
+    todo = {key: (build, shape) for per in ops.values() for key, build, shape in per if key not in stored}
+    runs = {key: (_session(build(), threads), {"x": np.random.default_rng(0).standard_normal(shape,
+                                                                                              dtype=np.float32)})
+            for key, (build, shape) in todo.items()}
     with tempfile.TemporaryDirectory() as tmp:
         with rmodel.fp32():  # every layer's format 0 while the FP32 graph is written
             path = export_runtime_onnx(rmodel, Path(tmp) / "fp32.onnx", example[:1])["path"]
@@ -240,7 +278,7 @@ def measure_latency(rmodel: RuntimeFormatModel, example: torch.Tensor, threads: 
     if cache and measured:
         _write_cache(cache, here, measured)
     entries = {**stored, **measured}
-    layers = {name: [entries[_op_key(shape, n, f)] for f in FORMATS] for name, (shape, n) in shapes.items()}
+    layers = {name: [entries[key] for key, _, _ in per] for name, per in ops.items()}
     fixed = times["model"] - sum(v[0] for v in layers.values())
     return LatencyTable(here, rmodel.batch_size, layers, fixed, times["model"], len(measured))
 

@@ -1,8 +1,14 @@
-"""ONNX Runtime on a CPU as a deployment target: per-Linear formats that ONNX Runtime runs as its own kernels.
+"""ONNX Runtime on a CPU as a deployment target: per-layer formats (Linear, Conv1d, Conv2d) that ONNX Runtime runs
+as its own kernels.
 
-A layer's gene is an index into :data:`FORMATS`:
+A layer's gene is an index into :data:`FORMATS`; a Conv takes the first two, a Linear all four
+(:meth:`RuntimeFormatModel.gene_ranges`):
 
-- ``fp32``: the layer as exported (MatMul or Gemm).
+- ``fp32``: the layer as exported (MatMul, Gemm or Conv, batch norm folded in).
+- ``int8-static``: W8A8 with calibrated uint8 activation grids, Q/DQ that a default session fuses into
+  QLinearConv (a Linear: QLinearMatMul or QGemm); see :mod:`.static`. ONNX Runtime itself evaluates any
+  configuration with a static layer (batch-norm folding, the grid after a following Relu and shared input
+  tensors are what the runtime computes, not PyTorch).
 - ``int8-dynamic``: ``com.microsoft.DynamicQuantizeMatMul``. ONNX Runtime quantizes the input at run time, per
   tensor, to uint8 over ``[min(x, 0), max(x, 0)]`` of the whole tensor it is given (so the grid depends on the
   deployment batch size), multiplies in integers with the weight stored as int8 per output channel (symmetric,
@@ -16,7 +22,7 @@ A layer's gene is an index into :data:`FORMATS`:
 :class:`RuntimeFormatModel` simulates each format in PyTorch as ORT computes it and exposes the formats as the
 genes of a :class:`~quantsearch.search.problem.LayerwiseQuantizationProblem` (``quantizer_names``, ``bit_widths``),
 so the search runs on it unchanged. :func:`export_runtime_onnx` writes ORT's graph; :mod:`.latency` measures
-what each format costs. Conv layers and int8 static (QLinearConv) are not formats yet.
+what each format costs.
 """
 from __future__ import annotations
 
@@ -24,19 +30,22 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..export import ExportError
+from .static import conv_nodes, inline_identities, insert_static, runtime_session, static_tensors, tensor_ranges, uint8_grid
 
 __all__ = ["FORMATS", "BLOCK", "RuntimeFormatModel", "dynamic_uint8", "int8_channel_codes", "int4_block_codes",
            "format_nodes", "export_runtime_onnx"]
 
-FORMATS = ("fp32", "int8-dynamic", "int4-weight")
+FORMATS = ("fp32", "int8-static", "int8-dynamic", "int4-weight")
+CONVS = (nn.Conv1d, nn.Conv2d)
 BLOCK = 32
 MS_DOMAIN = "com.microsoft"
 
@@ -77,25 +86,37 @@ def int4_block_codes(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Te
 
 
 class RuntimeFormatModel(nn.Module):
-    """``model`` with each Linear layer computed in its :data:`FORMATS` entry, as ONNX Runtime computes it at
-    deployment batch size ``batch_size``.
+    """``model`` with each Linear and Conv1d/Conv2d layer computed in its :data:`FORMATS` entry, as ONNX Runtime
+    computes it at deployment batch size ``batch_size``.
 
     The layers are the genes (``quantizer_names``); ``bit_widths`` holds each one's format index (0 = fp32), as
-    :class:`~quantsearch.search.problem.LayerwiseQuantizationProblem` expects. Weight codes are computed once per
-    layer and format.
+    :class:`~quantsearch.search.problem.LayerwiseQuantizationProblem` expects; :meth:`gene_ranges` gives each
+    layer's range (a Conv takes fp32 and int8-static only). Linear formats other than int8-static are simulated in
+    PyTorch (weight codes computed once per layer and format). A configuration with an int8-static layer, or any
+    configuration when ``evaluate_in="onnxruntime"``, is evaluated by ONNX Runtime itself: a default session
+    (``threads`` intra-op threads when given) on the configuration's graph, so the accuracy the search sees is the
+    runtime's. The graph is built on an FP32 export cached per input shape, so the weights must not change after
+    the first export. int8-static needs :meth:`calibrate` first.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int = 1):
+    def __init__(self, model: nn.Module, batch_size: int = 1, threads: int | None = None,
+                 evaluate_in: str = "auto"):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"deployment batch size must be at least 1, not {batch_size}")
-        self.model, self.batch_size = model, int(batch_size)
-        self.layers = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+        if evaluate_in not in ("auto", "onnxruntime"):
+            raise ValueError(f"evaluate_in must be 'auto' or 'onnxruntime', not {evaluate_in!r}")
+        self.model, self.batch_size, self.threads, self.evaluate_in = model, int(batch_size), threads, evaluate_in
+        self.layers = {name: m for name, m in model.named_modules()
+                       if type(m) is nn.Linear or isinstance(m, CONVS)}
         if not self.layers:
             raise ValueError("the onnxruntime-cpu target has no layer to choose a format for: the model has no "
-                             "nn.Linear")
+                             "nn.Linear, nn.Conv1d or nn.Conv2d")
         self._formats = dict.fromkeys(self.layers, 0)
-        self._weights: dict[tuple[str, int], torch.Tensor] = {}
+        self._weights: dict[tuple[str, str], torch.Tensor] = {}
+        self._exports: dict[tuple, bytes] = {}  # FP32 ONNX per (input shape without batch, opset)
+        self._sessions: OrderedDict = OrderedDict()  # the last configurations' sessions
+        self.ranges: dict[str, tuple[float, float]] = {}  # calibrated min/max per ONNX tensor name
 
     @property
     def quantizer_names(self) -> list[str]:
@@ -103,6 +124,10 @@ class RuntimeFormatModel(nn.Module):
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    def gene_ranges(self) -> dict[str, tuple[int, int]]:
+        """Each layer's format indices, lowest and highest: (0, 1) for a Conv, (0, 3) for a Linear."""
+        return {n: (0, 1 if isinstance(m, CONVS) else len(FORMATS) - 1) for n, m in self.layers.items()}
 
     @property
     def bit_widths(self) -> list[int]:
@@ -114,12 +139,15 @@ class RuntimeFormatModel(nn.Module):
             if len(formats) != len(self.layers):
                 raise ValueError(f"expected {len(self.layers)} formats, got {len(formats)}")
             formats = dict(zip(self.layers, formats))
+        ranges = self.gene_ranges()
         for name, index in formats.items():
             if name not in self.layers:
-                raise KeyError(f"no Linear layer named {name!r}")
-            if not 0 <= int(index) < len(FORMATS):
-                raise ValueError(f"layer {name!r}: format index {index} is not one of 0..{len(FORMATS) - 1} "
-                                 f"({', '.join(FORMATS)})")
+                raise KeyError(f"no Linear or Conv layer named {name!r}")
+            lo, hi = ranges[name]
+            if not lo <= int(index) <= hi:
+                raise ValueError(f"layer {name!r}: format index {index} is not one of {lo}..{hi} "
+                                 f"({', '.join(FORMATS[lo:hi + 1])})")
+        for name, index in formats.items():
             self._set(name, int(index))
 
     def bits_dict(self) -> dict[str, int]:
@@ -132,20 +160,20 @@ class RuntimeFormatModel(nn.Module):
 
     def _set(self, name: str, index: int) -> None:
         self._formats[name] = index
-        module = self.layers[name]
-        if index == 0:
+        module, fmt = self.layers[name], FORMATS[index]
+        if fmt in ("fp32", "int8-static"):  # int8-static runs in ONNX Runtime, never in this module
             module.__dict__.pop("forward", None)
-        elif index == 1:
+        elif fmt == "int8-dynamic":
             module.forward = lambda x, m=module, n=name: self._dynamic(m, n, x)
         else:
-            module.forward = lambda x, m=module, n=name: torch.nn.functional.linear(x, self._weight(n, 2), m.bias)
+            module.forward = lambda x, m=module, n=name: torch.nn.functional.linear(x, self._weight(n, fmt), m.bias)
 
-    def _weight(self, name: str, index: int) -> torch.Tensor:
-        """The layer's weight as the format stores it, dequantized (int8 codes for format 1)."""
-        key = (name, index)
+    def _weight(self, name: str, fmt: str) -> torch.Tensor:
+        """The layer's weight as the format stores it, dequantized (int8 codes and scales for int8-dynamic)."""
+        key = (name, fmt)
         if key not in self._weights:
             weight = self.layers[name].weight
-            if index == 1:
+            if fmt == "int8-dynamic":
                 self._weights[key] = int8_channel_codes(weight)
             else:
                 codes, scale = int4_block_codes(weight)
@@ -153,7 +181,7 @@ class RuntimeFormatModel(nn.Module):
         return self._weights[key]
 
     def _dynamic(self, module: nn.Linear, name: str, x: torch.Tensor) -> torch.Tensor:
-        codes, scale = self._weight(name, 1)
+        codes, scale = self._weight(name, "int8-dynamic")
         q, s = dynamic_uint8(x, self.batch_size)
         out = torch.nn.functional.linear(q, codes) * (s * scale)  # int32 accumulator x (a_scale x b_scale)
         return out if module.bias is None else out + module.bias
@@ -171,7 +199,86 @@ class RuntimeFormatModel(nn.Module):
                 self._set(name, index)
 
     def forward(self, *args, **kwargs):
+        if self.evaluate_in == "onnxruntime" or "int8-static" in self.formats.values():
+            return self._run_runtime(args[0])
         return self.model(*args, **kwargs)
+
+    # -- ONNX Runtime as the evaluator ----------------------------------------------------------------------------
+    def fp32_onnx(self, example: torch.Tensor, opset: int = 17) -> bytes:
+        """The FP32 export (batch norm folded, dynamic batch), cached per input shape and opset."""
+        key = (tuple(example.shape[1:]), opset)
+        if key not in self._exports:
+            from ..onnx_export import _export
+
+            self.eval()
+            with tempfile.TemporaryDirectory() as tmp, self.fp32():
+                _export(self.model, example[:1].detach().cpu(), Path(tmp) / "fp32.onnx", opset, fold_constants=True)
+                self._exports[key] = inline_identities((Path(tmp) / "fp32.onnx").read_bytes())
+        return self._exports[key]
+
+    def layer_nodes(self, graph) -> dict[str, object]:
+        """Each layer's MatMul / Gemm / Conv node in an FP32 graph (layers not found are left out)."""
+        linears = {n: m for n, m in self.layers.items() if not isinstance(m, CONVS)}
+        convs = {n: m for n, m in self.layers.items() if isinstance(m, CONVS)}
+        return {**{n: v[0] for n, v in _layer_nodes(graph, linears).items()}, **conv_nodes(graph, convs)}
+
+    def calibrate(self, batches: Iterable, opset: int = 17) -> dict[str, tuple[float, float]]:
+        """ORT's MinMax ranges of every tensor an int8-static layer would quantize, over ``batches`` (tensors or
+        ``(input, target)`` pairs) run through the FP32 export. Needed once before any layer is int8-static."""
+        import onnx
+
+        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]  # (input, target) pairs
+        if not batches:
+            raise ValueError("calibration needs at least one batch")
+        model_bytes = self.fp32_onnx(batches[0], opset)
+        graph = onnx.load_from_string(model_bytes).graph
+        pairs = static_tensors(graph, self.layer_nodes(graph))
+        self.ranges = tensor_ranges(model_bytes, [t for p in pairs.values() for t in p], batches, self.threads)
+        self._sessions.clear()
+        return dict(self.ranges)
+
+    def runtime_onnx(self, example: torch.Tensor, opset: int = 17):
+        """ORT's graph (an ``onnx.ModelProto``) at the current formats: the FP32 export with each non-fp32 layer's
+        node replaced by its format's kernel, or given its int8-static Q/DQ."""
+        import onnx
+        from onnx import helper
+
+        model = onnx.load_from_string(self.fp32_onnx(example, opset))
+        nodes = self.layer_nodes(model.graph)
+        missing = [n for n, i in self._formats.items() if i and n not in nodes]
+        if missing:
+            kind = "Conv" if isinstance(self.layers[missing[0]], CONVS) else "MatMul or Gemm"
+            raise ExportError(f"layer {missing[0]!r}: no {kind} with its weight in the exported graph (shared or "
+                              "transformed weight); keep it fp32")
+        found = _layer_nodes(model.graph, {n: self.layers[n] for n, f in self.formats.items()
+                                           if f in ("int8-dynamic", "int4-weight")})
+        for name, hit in found.items():
+            _replace(model.graph, hit, self.formats[name], self.layers[name].weight, name)
+        static = [n for n, f in self.formats.items() if f == "int8-static"]
+        if static:
+            if not self.ranges:
+                raise ExportError(f"layer {static[0]!r} is int8-static but the model is not calibrated: call "
+                                  "calibrate(batches) first")
+            nodes = self.layer_nodes(model.graph)
+            grids = {t: uint8_grid(*r) for t, r in self.ranges.items()}
+            insert_static(model.graph, {n: nodes[n] for n in static}, grids)
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        _drop_unused(model.graph)
+        return model
+
+    def _run_runtime(self, x: torch.Tensor) -> torch.Tensor:
+        """The current configuration in a default ORT session, fed the deployment batch size at a time where a
+        dynamic grid depends on it (the whole input at once otherwise: every other format is per sample)."""
+        key = (tuple(self.bit_widths), tuple(x.shape[1:]))
+        if key not in self._sessions:
+            self._sessions[key] = runtime_session(self.runtime_onnx(x).SerializeToString(), self.threads)
+            while len(self._sessions) > 2:
+                self._sessions.popitem(last=False)
+        session = self._sessions[key]
+        data = x.detach().cpu().float().contiguous().numpy()
+        step = self.batch_size if "int8-dynamic" in self.formats.values() else max(1, len(data))
+        out = np.concatenate([session.run(None, {"input": data[i:i + step]})[0] for i in range(0, len(data), step)])
+        return torch.from_numpy(out).to(x.device)
 
 
 # -- ORT's graph ---------------------------------------------------------------------------------------------------
@@ -244,13 +351,12 @@ def _layer_nodes(graph, layers: Mapping[str, nn.Linear]) -> dict[str, tuple]:
 
 def export_runtime_onnx(rmodel: RuntimeFormatModel, path: str | Path, example: torch.Tensor,
                         opset: int = 17) -> dict:
-    """Write ORT's graph of ``rmodel`` at its formats to ``path``: the FP32 export with each non-fp32 layer's node
-    replaced by its format's kernel. The file is written only once it loads in a default ONNX Runtime session.
-    Returns the path and the count of each format."""
+    """Write ORT's graph of ``rmodel`` at its formats to ``path`` (:meth:`RuntimeFormatModel.runtime_onnx`). The
+    file is written only once it loads in a default ONNX Runtime session. Returns the path and the count of each
+    format."""
     import onnx
-    from onnx import helper
 
-    from ..onnx_export import _export, onnx_session
+    from ..onnx_export import onnx_session
 
     path = Path(path)
     if path.suffix != ".onnx":
@@ -259,21 +365,7 @@ def export_runtime_onnx(rmodel: RuntimeFormatModel, path: str | Path, example: t
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")
     os.close(fd)
     try:
-        rmodel.eval()
-        with rmodel.fp32():
-            _export(rmodel.model, example, Path(tmp), opset, fold_constants=True)
-        model = onnx.load(tmp)
-        nodes = _layer_nodes(model.graph, rmodel.layers)
-        missing = [n for n, i in rmodel.bits_dict().items() if i and n not in nodes]
-        if missing:
-            raise ExportError(f"layer {missing[0]!r}: no MatMul or Gemm with its weight in the exported graph "
-                              "(shared or transformed weight); keep it fp32")
-        for name, index in rmodel.bits_dict().items():
-            if index:
-                _replace(model.graph, nodes[name], FORMATS[index], rmodel.layers[name].weight, name)
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-        _drop_unused(model.graph)
-        onnx.save(model, tmp)
+        onnx.save(rmodel.runtime_onnx(example, opset), tmp)
         onnx_session(tmp)  # raises ExportError when a default session cannot load it
         os.replace(tmp, path)
     finally:
