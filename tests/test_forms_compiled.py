@@ -66,3 +66,21 @@ def test_asymmetric_grid_in_tensors_is_the_python_grid():
         scale, zero, top = asymmetric_grid_tensors(torch.tensor(low), torch.tensor(high),
                                                    torch.tensor(2.0 ** bits - 1.0))
         assert (float(scale), float(zero), float(top)) == expected
+
+
+def test_one_group_is_the_uniform_grid_bit_for_bit():
+    """A per-head quantizer with one group is TensorQuantizer's uniform grid, with amax values where a reciprocal
+    times the bound (a number over a tensor) and the bound over amax round differently."""
+    from pytorch_quantization import tensor_quant
+
+    from quantsearch.quantize.forms import grouped_fake_quant
+
+    torch.manual_seed(2)
+    amaxes = torch.rand(2000) * 5 + 0.1
+    bound = torch.tensor(7.0)
+    differ = amaxes[(amaxes.reciprocal() * 7.0) != (bound / amaxes)][:20]
+    assert len(differ) > 0  # the two scales do differ for these amax values
+    x = torch.randn(64, 16) * 3
+    for amax in differ:
+        reference = tensor_quant.fake_tensor_quant(x, amax, 4, False, True)
+        assert torch.equal(grouped_fake_quant(x, [float(amax)], 4, False), reference)

@@ -55,8 +55,8 @@ from .limits import DEFAULT_FORM, FORMS, check_forms, log_grid_at
 
 __all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "NarrowLog2TensorQuantizer",
            "PerChannelTensorQuantizer", "PerHeadTensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid",
-           "asymmetric_grid_tensors", "asymmetric_fake_quant", "fake_quantize", "fit_asymmetric", "fit_symmetric", "grouped_fake_quant",
-           "head_groups", "log2_fake_quant", "uniform_fake_quant", "resolve_forms", "form_of"]
+           "asymmetric_grid_tensors", "asymmetric_fake_quant", "fake_quantize", "fit_asymmetric", "fit_symmetric",
+           "grouped_fake_quant", "head_groups", "log2_fake_quant", "uniform_fake_quant", "resolve_forms", "form_of"]
 
 
 def uniform_fake_quant(x: torch.Tensor, amax, bits: int, unsigned: bool) -> torch.Tensor:

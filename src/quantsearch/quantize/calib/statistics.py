@@ -4,8 +4,8 @@ It takes the place of a pytorch-quantization calibrator (``collect(x)`` on every
 and keeps, in one pass, the running absmax, a moving average of per-batch absmax, the minimum and maximum and, for
 the histogram methods, a ``HistogramCalibrator`` histogram of |x| and, for asymmetric and per-head quantizers, a
 seeded sample of the signed values (whole rows of the last dimension for per-head ones: each head's range is
-fitted on its own features; they keep each feature's max |x| too, for method max); :meth:`TensorStatistics.amax` then answers any method at any bit-width without
-another forward pass.
+fitted on its own features; they keep each feature's max |x| too, for method max); :meth:`TensorStatistics.amax`
+then answers any method at any bit-width without another forward pass.
 """
 from __future__ import annotations
 
@@ -75,16 +75,19 @@ class TensorStatistics:
         if self.histogram is not None:
             self.histogram.collect(x)
         if self.rows:
-            features = x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu()
+            features = x.reshape(-1, x.shape[-1]).abs().amax(0).float()  # on the device: no sync per batch
             self.feature_absmax = features if self.feature_absmax is None else torch.maximum(self.feature_absmax,
                                                                                              features)
         if self.sampling:
-            flat = x.reshape(-1, x.shape[-1]).float() if self.rows else x.flatten().float()
+            flat = x.reshape(-1, x.shape[-1]) if self.rows else x.reshape(-1)
             keep = max(1, ROWS_FACTOR * SAMPLE_PER_BATCH // flat[0].numel()) if self.rows else SAMPLE_PER_BATCH
-            if len(flat) > keep:
-                pick = torch.randperm(len(flat), generator=torch.Generator().manual_seed(self.batches))
-                flat = flat[pick[:keep].to(flat.device)]
-            self._samples.append(flat.cpu())
+            self._samples.append((self._draw(flat, keep) if len(flat) > keep else flat).float().cpu())
+
+    def _draw(self, flat: torch.Tensor, keep: int) -> torch.Tensor:
+        """``keep`` rows of ``flat`` drawn uniformly, with replacement, seeded by the batch number (the same
+        positions for every run): a permutation of the whole tensor would cost O(numel) to keep 16k values."""
+        pick = torch.randint(len(flat), (keep,), generator=torch.Generator().manual_seed(self.batches))
+        return flat[pick.to(flat.device)]
 
     def sample(self) -> torch.Tensor:
         """The signed values kept (at most ``SAMPLE_SIZE``, seeded), for a range fit; with ``rows``, whole rows
