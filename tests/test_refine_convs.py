@@ -122,8 +122,6 @@ def test_refine_efficientnet_lite0_end_to_end(lite0_refined, method):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the evaluators' FP32 reference (Evaluator.reference_outputs) is taken "
-                   "with the refined weights in place when a refined bit-config is applied before they are built")
 @pytest.mark.parametrize("method", ["adaround", "bias-correction"])
 def test_refined_efficientnet_lite0_checks_identical(lite0_refined, method, capsys):
     """``apply --check`` of the refined bit-config finds its recorded accuracies again. Agreement compares with the

@@ -7,6 +7,7 @@ rebuilds exactly the model, images and metric its accuracy was measured with.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -121,7 +122,8 @@ class Session:
                 return None
             start = time.perf_counter()
             try:
-                with self.qmodel.quantization_disabled():
+                own = self.qmodel.unrefined() if self.qmodel.refined else contextlib.nullcontext()
+                with own, self.qmodel.quantization_disabled():  # the model's own weights, not refined ones
                     self._fp32[split] = evaluate(self.qmodel)
             except NumericalError as exc:  # nothing to compare candidates with: bad input, not a failed candidate
                 raise ValueError(f"the FP32 model (quantization off) {exc}") from None

@@ -236,8 +236,10 @@ class Evaluator:
         """What the metric keeps of ``model``'s FP32 outputs, per batch, on the device."""
         model.eval()
         fp32 = model.quantization_disabled() if hasattr(model, "quantization_disabled") else nullcontext()
+        # the model's own weights: a refined bit-config applied before the evaluators exist must not move FP32
+        own = model.unrefined() if getattr(model, "refined", None) else nullcontext()
         references = []
-        with fp32, torch.inference_mode():
+        with own, fp32, torch.inference_mode():
             for x, _ in self.batches:
                 outputs = self._forward(model, x)
                 if not torch.isfinite(outputs).all():
