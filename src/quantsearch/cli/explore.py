@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pop-size", type=int, help=f"NSGA-II population (default {d.pop_size})")
     p.add_argument("--generations", type=int, help=f"NSGA-II generations (default {d.generations})")
     p.add_argument("--calib-batches", type=int, help=f"calibration batches (default {d.calib_batches})")
-    p.add_argument("--calib-method", help="max, percentile, entropy, mse or moving-max; per-quantizer overrides "
-                   f"go in the YAML config as calib-overrides (default {d.calib_method})")
+    p.add_argument("--calib-method", help="max, percentile, entropy, mse or moving-max (asymmetric and per-head "
+                   "forms take mse or max; log2 forms always max); per-quantizer overrides go in the YAML config as "
+                   f"calib-overrides (default {d.calib_method})")
     p.add_argument("--calib-percentile", type=float,
                    help=f"percentile of |x| kept by --calib-method percentile (default {d.calib_percentile})")
     p.add_argument("--calib-momentum", type=float,
