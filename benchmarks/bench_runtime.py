@@ -10,12 +10,14 @@ count set, all timed interleaved in this one process (median of ``--repeats``):
 - ORT dynamic: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, dynamic uint8 activations);
 - ORT static: ``quant_pre_process`` then ``quantize_static`` (QDQ, uint8 activations, int8 per-channel weights),
   calibrated on 4 random batches;
-- the target's configurations, each with the latency its table predicts: every Linear int8-dynamic, every Linear
-  int4-weight, the fastest format per layer by the table, and a lean point (the fastest configuration with the
+- the target's configurations, each with the latency its table predicts: every layer int8-static (calibrated on
+  4 random batches), every Linear int8-dynamic, every Linear int4-weight (Convs fp32 in both), the fastest format
+  per layer by the table, and a lean point (the fastest configuration with the
   largest layers moved to int4 while the prediction stays at least 1.1x faster than FP32).
 Part 2, the demo ViT with its shipped weights on Fashion-MNIST: NSGA-II over the formats (objectives: search-split
-top-1 and predicted latency, floor FP32 - 1 point); each front point's hold-out top-1 simulated in PyTorch and
-measured in ONNX Runtime itself at the deployment batch size, and its predicted against measured latency.
+top-1 and predicted latency, floor FP32 - 1 point; int8-static calibrated on the calibration split and evaluated
+by ONNX Runtime itself); each front point's hold-out top-1 as the search evaluates it and as measured in ONNX
+Runtime itself at the deployment batch size, and its predicted against measured latency.
 """
 from __future__ import annotations
 
@@ -61,13 +63,22 @@ def _ort_baselines(fp32: Path, folder: Path, shape: tuple) -> dict[str, Path]:
 
 
 def _target_configs(rmodel: RuntimeFormatModel, table) -> dict[str, list[int]]:
-    names = rmodel.quantizer_names
+    """Uniform configurations by format name (where a layer's gene range has the format, else fp32), the fastest
+    format per layer by the table, and a lean point."""
+    names, ranges = rmodel.quantizer_names, rmodel.gene_ranges()
+
+    def every(fmt: str) -> list[int]:
+        i = FORMATS.index(fmt)
+        return [i if ranges[n][0] <= i <= ranges[n][1] else 0 for n in names]
+
     fastest = [int(np.argmin(table.layers[n])) for n in names]
-    configs = {"int8-dynamic, every Linear": [1] * len(names), "int4-weight, every Linear": [2] * len(names),
+    configs = {"int8-static, every layer": every("int8-static"),
+               "int8-dynamic, every Linear": every("int8-dynamic"), "int4-weight, every Linear": every("int4-weight"),
                "fastest per layer (table)": fastest}
-    lean, fp32 = dict(zip(names, fastest)), table.predict({})
-    for name in sorted(names, key=lambda n: -rmodel.layers[n].weight.numel()):
-        trial = {**lean, name: 2}
+    int4, lean, fp32 = FORMATS.index("int4-weight"), dict(zip(names, fastest)), table.predict({})
+    linears = [n for n in names if ranges[n][1] >= int4]
+    for name in sorted(linears, key=lambda n: -rmodel.layers[n].weight.numel()):
+        trial = {**lean, name: int4}
         if table.predict(trial) * 1.1 <= fp32:
             lean = trial
     configs["lean: int4 where still 1.1x faster"] = [lean[n] for n in names]
@@ -84,7 +95,8 @@ def latency_part(name: str, batches: list[int], threads: int, repeats: int) -> N
     print(f"\n## {name} (random weights), {threads} threads, median of {repeats} interleaved")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        rmodel = RuntimeFormatModel(model, batch_size=1)
+        rmodel = RuntimeFormatModel(model, batch_size=1, threads=threads)
+        rmodel.calibrate([torch.randn(shape1) for _ in range(4)])  # random weights: only latency is judged
         files = {"FP32": export_runtime_onnx(rmodel, folder / "fp32.onnx", x)["path"]}
         files.update(_ort_baselines(files["FP32"], folder, shape1))
         for batch in batches:
@@ -101,8 +113,8 @@ def latency_part(name: str, batches: list[int], threads: int, repeats: int) -> N
             feed = np.random.default_rng(1).standard_normal((batch, *shape1[1:]), dtype=np.float32)
             times = measure_end_to_end({**files, **ours}, feed, threads=threads, repeats=repeats)
             _print_rows(batch, {**files, **ours}, times, predicted, measured_in, table)
-    print(f"Linear layers: {len(rmodel)} ({sum(m.weight.numel() for m in rmodel.layers.values()) / 1e6:.1f} M "
-          f"weights of {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
+    print(f"Linear and Conv layers: {len(rmodel)} ({sum(m.weight.numel() for m in rmodel.layers.values()) / 1e6:.1f}"
+          f" M weights of {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
 
 
 def _print_rows(batch, files, times, predicted, measured_in, table) -> None:
@@ -128,7 +140,8 @@ def demo_part(threads: int, repeats: int) -> None:
 
     splits = split_dataset(load_fashion_mnist(), calibration=1000, search=3000, holdout=6000, seed=0)
     search, holdout = (_tensors(s) for s in (splits.search, splits.holdout))
-    rmodel = RuntimeFormatModel(create_demo_vit().eval(), batch_size=1)
+    rmodel = RuntimeFormatModel(create_demo_vit().eval(), batch_size=1, threads=threads)
+    rmodel.calibrate(x for x, _ in _chunks(*_tensors(splits.calibration)))
 
     def top1(model, data=search):
         with torch.no_grad():
@@ -136,7 +149,7 @@ def demo_part(threads: int, repeats: int) -> None:
 
     fp32 = top1(rmodel)
     table = measure_latency(rmodel, search[0][:1], threads=threads, repeats=repeats)
-    problem = LayerwiseQuantizationProblem(rmodel, top1, fp32 - 0.01, bits=(0, len(FORMATS) - 1),
+    problem = LayerwiseQuantizationProblem(rmodel, top1, fp32 - 0.01, bits=rmodel.gene_ranges(),
                                            costs=[table.cost()])
     start = time.perf_counter()
     minimize(problem, NSGA2(pop_size=12), ("n_gen", 6), seed=0)
@@ -183,7 +196,7 @@ def _verify_front(rmodel, front, table, search, holdout, top1, threads, repeats)
         times = measure_end_to_end(paths, holdout[0][:1].numpy(), threads=threads, repeats=repeats)
     print(f"FP32 hold-out top-1 {100 * fp32_hold:.2f} %, latency {1e3 * times['FP32']:.3f} ms")
     print(f"{'#':>2s} {'search %':>8s} {'hold-out % (PyTorch)':>21s} {'hold-out % (ORT)':>17s} {'predicted ms':>13s} "
-          f"{'measured ms':>12s} {'error':>7s} {'x FP32':>7s}  formats (fp32/int8-dynamic/int4-weight)")
+          f"{'measured ms':>12s} {'error':>7s} {'x FP32':>7s}  formats ({'/'.join(FORMATS)})")
     for i, e, sim, real, pred in rows:
         counts = "/".join(str(sum(b == f for b in e.bits)) for f in range(len(FORMATS)))
         print(f"{i:2d} {100 * e.accuracy:8.2f} {100 * sim:21.2f} {100 * real:17.2f} {1e3 * pred:13.3f} "

@@ -1,7 +1,10 @@
 """Latency on this machine: each layer in each format, measured in ONNX Runtime, cached per machine.
 
 A layer's latency is measured as a one-layer ONNX graph (the format's kernel and the bias Add) at the layer's
-input shape at the deployment batch size, in a session with the run's thread count. Sessions are timed
+input shape at the deployment batch size, in a session with the run's thread count. A Conv's graph is its ONNX
+node as exported (batch norm folded, its attributes, its input shape at the deployment batch) with the Relu or
+ReLU6 after it, in fp32 and in int8-static (Q/DQ in and out, which ORT runs as Transpose to NHWC, QLinearConv,
+Transpose back: in a chain of static convs the Transposes cancel, so an isolated entry is an upper bound). Sessions are timed
 interleaved (each repeat runs every graph once, so a load spike hits all alike) and the median is kept. Layers
 of the same shape share one measurement (a ViT's blocks repeat). The rest of the graph (norms, softmax, adds,
 reshapes, the attention matmuls) is one measured fixed part: the FP32 export's own latency, timed in the same
@@ -9,7 +12,7 @@ loop, less its layers' FP32 latencies. A configuration's predicted latency is th
 entries: unary terms, like BOPs.
 
 The cache (``$XDG_CACHE_HOME/quantsearch/latency.json``) keys every entry by machine (CPU model, thread count,
-ONNX Runtime version) and by shape and format, so a second run on the same machine measures only the model's
+ONNX Runtime version) and by shape (a Conv's: every attribute and its activation) and format, so a second run on the same machine measures only the model's
 fixed part. A table file from another machine is refused in one line.
 """
 from __future__ import annotations
@@ -212,6 +215,10 @@ def _op_graph(shape: tuple, n: int, fmt: str) -> bytes:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [*inits, bias])
     if fmt == "int8-static":
         insert_static(graph, {"layer": graph.node[0]}, {"x": uint8_grid(-4, 4), "product": uint8_grid(-4, 4)})
+        used = {i for n in graph.node for i in n.input}
+        kept = [t for t in graph.initializer if t.name in used]  # the float weight the DequantizeLinear replaced
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
     return model.SerializeToString()

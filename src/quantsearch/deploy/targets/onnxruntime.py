@@ -39,10 +39,11 @@ import torch
 from torch import nn
 
 from ..export import ExportError
-from .static import conv_nodes, inline_identities, insert_static, runtime_session, static_tensors, tensor_ranges, uint8_grid
+from .static import (conv_nodes, inline_identities, insert_static, runtime_session, static_tensors, tensor_ranges,
+                     uint8_grid)
 
 __all__ = ["FORMATS", "BLOCK", "RuntimeFormatModel", "dynamic_uint8", "int8_channel_codes", "int4_block_codes",
-           "format_nodes", "export_runtime_onnx"]
+           "format_nodes", "export_runtime_onnx", "CONVS"]
 
 FORMATS = ("fp32", "int8-static", "int8-dynamic", "int4-weight")
 CONVS = (nn.Conv1d, nn.Conv2d)

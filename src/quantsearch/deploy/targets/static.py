@@ -25,8 +25,8 @@ from torch import nn
 
 from ..export import ExportError
 
-__all__ = ["inline_identities", "uint8_grid", "static_weight_codes", "conv_nodes", "static_tensors", "insert_static", "tensor_ranges", "tensor_shapes",
-           "runtime_session", "spec_key",
+__all__ = ["inline_identities", "uint8_grid", "static_weight_codes", "conv_nodes", "static_tensors", "insert_static",
+           "tensor_ranges", "tensor_shapes", "runtime_session", "spec_key",
            "conv_spec", "conv_graph"]
 
 LOOK_THROUGH = ("Relu", "Clip")
