@@ -38,7 +38,6 @@ __all__ = ["LatencyTable", "LatencyError", "machine", "layer_shapes", "conv_spec
            "measure_end_to_end", "cache_path"]
 
 SCHEMA_VERSION = 2  # 2: int8-static is format 1; a Conv's entry has its two formats
-GAP = 0.01  # seconds between timed runs (see _time_interleaved)
 
 
 class LatencyError(ValueError):
@@ -208,9 +207,12 @@ def _op_graph(shape: tuple, n: int, fmt: str) -> bytes:
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(n, shape[-1], generator=g) * 0.05
-    nodes, inits = format_nodes("fp32" if fmt == "int8-static" else fmt, "x", "product", weight, "layer")
     bias = numpy_helper.from_array(np.zeros(n, np.float32), "bias")
-    nodes.append(helper.make_node("Add", ["product", "bias"], ["y"]))
+    if fmt == "int8-static":  # its Q/DQ pair goes on the product, before the bias Add
+        nodes, inits = format_nodes("fp32", "x", "product", weight, "layer")
+        nodes.append(helper.make_node("Add", ["product", "bias"], ["y"]))
+    else:
+        nodes, inits = format_nodes(fmt, "x", "y", weight, "layer", bias="bias")
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [*inits, bias])
     if fmt == "int8-static":
@@ -234,18 +236,17 @@ def _session(model, threads: int | None):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _time_interleaved(runs: Mapping[str, tuple], repeats: int, gap: float = GAP) -> dict[str, float]:
-    """Median seconds of each ``(session, feed)``, every repeat running each once (after one warm-up each).
+def _time_interleaved(runs: Mapping[str, tuple], repeats: int) -> dict[str, float]:
+    """Median seconds of each ``(session, feed)`` over ``repeats`` rounds; each round runs every session twice in
+    turn and times the second call.
 
-    Each timed run starts ``gap`` seconds after the previous one ends: long enough for the last session's idle
-    threads to stop spinning (ONNX Runtime's default), so that sessions timed in turn do not steal each other's
-    cores, while each keeps its default behaviour inside a run."""
+    Interleaving spreads a load spike over all sessions alike. The untimed call before each timed one wakes that
+    session's thread pool and lets the previous session's idle threads stop spinning (ONNX Runtime's default), so
+    that a session is timed as a server calls it, warm, and not while another session's threads hold the cores."""
     times = {k: [] for k in runs}
-    for session, feed in runs.values():
-        session.run(None, feed)
     for _ in range(repeats):
         for key, (session, feed) in runs.items():
-            time.sleep(gap)
+            session.run(None, feed)
             start = time.perf_counter()
             session.run(None, feed)
             times[key].append(time.perf_counter() - start)
