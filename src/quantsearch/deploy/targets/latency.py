@@ -226,13 +226,17 @@ def _op_graph(shape: tuple, n: int, fmt: str) -> bytes:
     return model.SerializeToString()
 
 
-def _session(model, threads: int | None):
-    """A default CPU session (only the thread count set, when given)."""
+def _session(model, threads: int | None, spinning: bool = True):
+    """A default CPU session (only the thread count set, when given). ``spinning=False`` for one-layer sessions:
+    a single kernel gains nothing from threads that spin after it, and spinning threads of one session would
+    steal the cores of the next one timed."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
@@ -273,15 +277,16 @@ def measure_latency(rmodel: RuntimeFormatModel, example: torch.Tensor, threads: 
     stored = _read_cache(cache).get(_machine_key(here), {}) if cache else {}
     ops = _layer_ops(rmodel, example)
     todo = {key: (build, shape) for per in ops.values() for key, build, shape in per if key not in stored}
-    runs = {key: (_session(build(), threads), {"x": np.random.default_rng(0).standard_normal(shape,
-                                                                                              dtype=np.float32)})
+    runs = {key: (_session(build(), threads, spinning=False),
+                  {"x": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)})
             for key, (build, shape) in todo.items()}
     with tempfile.TemporaryDirectory() as tmp:
         with rmodel.fp32():  # every layer's format 0 while the FP32 graph is written
             path = export_runtime_onnx(rmodel, Path(tmp) / "fp32.onnx", example[:1])["path"]
         batch = example[:1].expand(rmodel.batch_size, *example.shape[1:]).contiguous().numpy()
-        runs["model"] = (_session(str(path), threads), {"input": batch})
-        times = _time_interleaved(runs, repeats)
+        # the model alone, as a server runs it (its threads spinning between kernels), then the layers
+        times = _time_interleaved({"model": (_session(str(path), threads), {"input": batch})}, repeats)
+        times |= _time_interleaved(runs, repeats) if runs else {}
     measured = {k: times[k] for k in todo}
     if cache and measured:
         _write_cache(cache, here, measured)
