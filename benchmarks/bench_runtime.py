@@ -152,7 +152,11 @@ def demo_part(threads: int, repeats: int) -> None:
     problem = LayerwiseQuantizationProblem(rmodel, top1, fp32 - 0.01, bits=rmodel.gene_ranges(),
                                            costs=[table.cost()])
     start = time.perf_counter()
-    minimize(problem, NSGA2(pop_size=12), ("n_gen", 6), seed=0)
+    # every uniform configuration seeds the population (as explore's baselines do): FP32 included
+    highs = np.array([hi for _, hi in rmodel.gene_ranges().values()])
+    uniform = np.unique(np.minimum(np.arange(len(FORMATS))[:, None], highs[None, :]), axis=0)
+    seeds = np.vstack([uniform, np.random.default_rng(0).integers(0, highs + 1, (12 - len(uniform), len(highs)))])
+    minimize(problem, NSGA2(pop_size=12, sampling=seeds), ("n_gen", 6), seed=0)
     print(f"\n## demo ViT (shipped weights), Fashion-MNIST, deployment batch 1, {threads} threads")
     print(f"search: {len(problem.cache)} evaluations in {time.perf_counter() - start:.0f} s; FP32 top-1 search "
           f"{100 * fp32:.2f} %, floor {100 * (fp32 - 0.01):.2f} %")

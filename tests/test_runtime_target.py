@@ -157,6 +157,11 @@ def test_latency_table_is_additive_and_its_fp32_point_is_the_measured_model(meas
     delta = sum(table.layers[n][i] - table.layers[n][0] for n, i in config.items())
     assert table.predict(config) == pytest.approx(table.predict(fp32) + delta)
     assert table.cost()(config) == pytest.approx(table.predict(config))
+    # entries are set inside the model: every uniform configuration predicts its whole-model measurement
+    assert set(table.uniform) == {"fp32", "int8-dynamic", "int4-weight"}  # not calibrated: no int8-static
+    for fmt in ("int8-dynamic", "int4-weight"):
+        uniform = {n: FORMATS.index(fmt) for n in rmodel.quantizer_names}
+        assert table.predict(uniform) == pytest.approx(table.uniform[fmt])
     assert table.measured_ops == 4 * len(FORMATS)  # four distinct layer shapes, each in every format
 
 
@@ -165,7 +170,10 @@ def test_latency_cache_is_keyed_by_machine_threads_and_shape(measured):
 
     rmodel, x, cache, table = measured
     again = measure_latency(rmodel, x, threads=1, repeats=3, cache=cache)
-    assert again.measured_ops == 0 and again.layers == table.layers  # every layer entry from the cache
+    # every one-layer timing from the cache (the fp32 entries are those; the others also hold this run's
+    # whole-model measurements)
+    assert again.measured_ops == 0 and {n: v[0] for n, v in again.layers.items()} == {
+        n: v[0] for n, v in table.layers.items()}
     stored = json.loads(cache.read_text())["machines"]
     key = f"{machine(1)['cpu']}|threads=1|onnxruntime={ort.__version__}"
     assert list(stored) == [key] and "int4-weight|2x7x64|96" in stored[key]

@@ -38,6 +38,7 @@ __all__ = ["LatencyTable", "LatencyError", "machine", "layer_shapes", "conv_spec
            "measure_end_to_end", "cache_path"]
 
 SCHEMA_VERSION = 2  # 2: int8-static is format 1; a Conv's entry has its two formats
+GAP = 0.05  # seconds for idle threads to stop spinning between two timed sessions
 
 
 class LatencyError(ValueError):
@@ -126,6 +127,7 @@ class LatencyTable:
     fixed: float
     fp32_measured: float = 0.0
     measured_ops: int = field(default=0, compare=False)  # measured now, not taken from the cache
+    uniform: dict = field(default_factory=dict)  # seconds of each uniform configuration, measured whole
 
     def predict(self, formats: Mapping[str, int]) -> float:
         """The predicted latency of a configuration (format index per layer; missing layers are fp32)."""
@@ -158,7 +160,7 @@ class LatencyTable:
     def to_dict(self) -> dict:
         return {"version": SCHEMA_VERSION, "formats": list(FORMATS), "machine": self.machine,
                 "batch_size": self.batch_size, "fixed": self.fixed, "fp32_measured": self.fp32_measured,
-                "layers": self.layers}
+                "uniform": self.uniform, "layers": self.layers}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -176,7 +178,7 @@ class LatencyTable:
             raise LatencyError(f"cannot read latency table {path}: {exc}") from None
         _check_schema(data, path)
         return cls(data["machine"], data["batch_size"], {n: list(v) for n, v in data["layers"].items()},
-                   data["fixed"], data.get("fp32_measured", 0.0))
+                   data["fixed"], data.get("fp32_measured", 0.0), uniform=data.get("uniform", {}))
 
 
 def _check_schema(data, path) -> None:
@@ -191,6 +193,7 @@ def _check_schema(data, path) -> None:
                         "properties": {"cpu": {"type": "string"}, "threads": {"type": "integer", "minimum": 0},
                                        "onnxruntime": {"type": "string"}}},
             "batch_size": {"type": "integer", "minimum": 1}, "fixed": {"type": "number"}, "fp32_measured": number,
+            "uniform": {"type": "object", "additionalProperties": number},
             "layers": {"type": "object", "additionalProperties": {
                 "type": "array", "items": number, "minItems": 2, "maxItems": len(FORMATS)}}}}
     try:
@@ -240,16 +243,17 @@ def _session(model, threads: int | None, spinning: bool = True):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _time_interleaved(runs: Mapping[str, tuple], repeats: int) -> dict[str, float]:
-    """Median seconds of each ``(session, feed)`` over ``repeats`` rounds; each round runs every session twice in
-    turn and times the second call.
+def _time_interleaved(runs: Mapping[str, tuple], repeats: int, gap: float = GAP) -> dict[str, float]:
+    """Median seconds of each ``(session, feed)`` over ``repeats`` rounds; each round runs every session in turn:
+    a pause of ``gap`` seconds, an untimed call, then the timed one.
 
-    Interleaving spreads a load spike over all sessions alike. The untimed call before each timed one wakes that
-    session's thread pool and lets the previous session's idle threads stop spinning (ONNX Runtime's default), so
-    that a session is timed as a server calls it, warm, and not while another session's threads hold the cores."""
+    Interleaving spreads a load spike over all sessions alike. The pause lets the idle threads of the session
+    before (ONNX Runtime's, or PyTorch's after an export) stop spinning, so they do not steal this one's cores;
+    the untimed call wakes this session's own pool, so that it is timed warm, as a server calls it."""
     times = {k: [] for k in runs}
     for _ in range(repeats):
         for key, (session, feed) in runs.items():
+            time.sleep(gap)
             session.run(None, feed)
             start = time.perf_counter()
             session.run(None, feed)
@@ -281,19 +285,53 @@ def measure_latency(rmodel: RuntimeFormatModel, example: torch.Tensor, threads: 
                   {"x": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)})
             for key, (build, shape) in todo.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        with rmodel.fp32():  # every layer's format 0 while the FP32 graph is written
-            path = export_runtime_onnx(rmodel, Path(tmp) / "fp32.onnx", example[:1])["path"]
+        paths, members = _uniform_models(rmodel, example, Path(tmp))
         batch = example[:1].expand(rmodel.batch_size, *example.shape[1:]).contiguous().numpy()
-        # the model alone, as a server runs it (its threads spinning between kernels), then the layers
-        times = _time_interleaved({"model": (_session(str(path), threads), {"input": batch})}, repeats)
-        times |= _time_interleaved(runs, repeats) if runs else {}
-    measured = {k: times[k] for k in todo}
-    if cache and measured:
-        _write_cache(cache, here, measured)
-    entries = {**stored, **measured}
-    layers = {name: [entries[key] for key, _, _ in per] for name, per in ops.items()}
-    fixed = times["model"] - sum(v[0] for v in layers.values())
-    return LatencyTable(here, rmodel.batch_size, layers, fixed, times["model"], len(measured))
+        # the whole models alone, as a server runs them (threads spinning between kernels), then the layers
+        models = _time_interleaved({f: (_session(str(p), threads), {"input": batch}) for f, p in paths.items()},
+                                   repeats)
+        times = _time_interleaved(runs, repeats) if runs else {}
+    if cache and times:
+        _write_cache(cache, here, times)
+    entries = {**stored, **times}
+    isolated = {name: [entries[key] for key, _, _ in per] for name, per in ops.items()}
+    layers = _in_graph(isolated, models, members)
+    fixed = models["fp32"] - sum(v[0] for v in isolated.values())
+    return LatencyTable(here, rmodel.batch_size, layers, fixed, models["fp32"], len(times), models)
+
+
+def _uniform_models(rmodel: RuntimeFormatModel, example: torch.Tensor, folder: Path):
+    """ORT's graph with every layer that takes it in each format (the rest fp32; int8-static only once
+    calibrated): ``({format: path}, {format: [layers in it]})``."""
+    paths, members, saved = {}, {}, rmodel.bit_widths
+    try:
+        for index, fmt in enumerate(FORMATS):
+            chosen = [n for n, (lo, hi) in rmodel.gene_ranges().items() if lo <= index <= hi]
+            if index and (not chosen or (fmt == "int8-static" and not rmodel.ranges)):
+                continue
+            rmodel.bit_widths = {n: (index if n in chosen else 0) for n in rmodel.quantizer_names}
+            paths[fmt] = export_runtime_onnx(rmodel, folder / f"{fmt}.onnx", example[:1])["path"]
+            members[fmt] = chosen
+    finally:
+        rmodel.bit_widths = saved
+    return paths, members
+
+
+def _in_graph(isolated: Mapping[str, list], models: Mapping[str, float], members: Mapping[str, list]) -> dict:
+    """Each layer's entry per format, as it costs inside the model: its one-layer fp32 time, plus its share (by
+    its one-layer time in that format) of what turning every such layer to that format changed in the whole
+    model. One-layer graphs pay what a chain shares (NCHWc reorders around a float Conv, Transposes around
+    QLinearConv, the call itself); this makes every uniform configuration's prediction its measured time."""
+    layers = {n: list(v) for n, v in isolated.items()}
+    for fmt, names in members.items():
+        index = FORMATS.index(fmt)
+        if not index:
+            continue
+        share = sum(isolated[n][index] for n in names)
+        change = models[fmt] - models["fp32"]
+        for n in names:
+            layers[n][index] = max(isolated[n][0] + change * isolated[n][index] / share, 1e-9)
+    return layers
 
 
 def _read_cache(path: Path | None) -> dict:
