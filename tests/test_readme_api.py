@@ -18,7 +18,9 @@ def test_readme_python_api_block_runs(tmp_path):
     write_fashion_pngs(tmp_path / "photos", 4)
     script = tmp_path / "api.py"
     script.write_text(block + "\nprint('front', len(front), 'points; run', len(run.front), 'points; index', index)\n")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))  # the latency table's cache stays here
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ))
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "front" in proc.stdout and (tmp_path / "runs" / "api" / "pareto.csv").is_file()
+    assert (tmp_path / "runs" / "api" / "fastest.onnx").is_file() and (tmp_path / "cache" / "quantsearch").is_dir()
