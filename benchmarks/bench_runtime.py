@@ -199,6 +199,11 @@ def _front_part(title, rmodel, calibration, search, holdout, drop, threads, repe
     print(f"\n## {title}; deployment batch 1, {threads} threads")
     print(f"search: {len(problem.cache)} evaluations in {time.perf_counter() - start:.0f} s; FP32 search "
           f"{100 * fp32:.2f} %, floor {100 * (fp32 - drop):.2f} %")
+    for genes in uniform:  # the uniform configurations: what each format alone gives
+        e = problem.cache[tuple(int(g) for g in genes)]
+        names = sorted({FORMATS[g] for g in genes})
+        print(f"uniform {'+'.join(names):28s} search {100 * e.accuracy:6.2f} %, predicted "
+              f"{table.predict({}) / e.costs['latency']:.2f}x FP32's speed")
     front = _front([e for e in problem.cache.values() if e.accuracy >= fp32 - drop])
     _verify_front(rmodel, front, table, search, holdout, top1, threads, repeats)
 
