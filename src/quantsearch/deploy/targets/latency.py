@@ -250,7 +250,8 @@ def _time_interleaved(runs: Mapping[str, tuple], repeats: int, gap: float = GAP,
     Interleaving spreads a load spike over all sessions alike. The pause lets the idle threads of the session
     before (ONNX Runtime's, or PyTorch's after an export) stop spinning; the untimed call wakes this session's own
     pool; the fastest of a few calls in a row drops a call that a neighbour on this shared machine interrupted
-    (four identical EfficientNet-Lite0 sessions: 9-39 % apart timed one call a round, 9-10 % this way)."""
+    (benchmarks/bench_timing_stability.py: four identical sessions 15-60 % apart timed one call a round, 2-30 %
+    this way; this shared machine stays noisy either way)."""
     times = {k: [] for k in runs}
     for _ in range(repeats):
         for key, (session, feed) in runs.items():
