@@ -5,7 +5,8 @@ What each quantizer becomes (the Q/DQ form TensorRT's explicit quantization and 
 - **activation**, signed, ``b`` bits: ``Clip(x, -qmax*s, qmax*s) -> QuantizeLinear(s, uint8 128) ->
   DequantizeLinear`` with ``qmax = 2^(b-1) - 1`` and ``s = amax / qmax``: the signed grid shifted into uint8 by
   its zero point 128 (the same values; uint8 activations are what ONNX Runtime's u8s8 integer kernels take, and an
-  int8 zero point trips ONNX Runtime 1.32's Q/DQ propagation at opset 21, see :func:`onnx_session`). The Clip keeps
+  int8 zero point trips ONNX Runtime 1.32's Q/DQ propagation at opset 21: the Q nodes it inserts fail their own
+  type check). The Clip keeps
   the narrow range (and, below 8 bits, the width's own grid); rounding is to nearest, ties to even, as in PyTorch.
   Unsigned (data never negative): uint8 with zero point 0, ``qmax = 2^b - 1``, ``Clip(x, 0, qmax*s)``.
 - **activation**, asymmetric form: uint8 with its zero point ``z`` and ``s = (high - low) / (2^b - 1)``, below 8
@@ -27,7 +28,6 @@ agree except where a value lies within one float32 rounding step of a half-way p
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import tempfile
@@ -51,7 +51,6 @@ __all__ = ["OPSET", "INT4_OPSET", "export_onnx", "export_fp32_onnx", "onnx_sessi
 # scale, Q/DQ pairs fused into integer kernels, no pass turned off and no retry
 RUNTIMES = {"reference": ("ORT_ENABLE_BASIC", ["WeightBiasQuantization"]), "deployed": ("default", [])}
 
-log = logging.getLogger("quantsearch")
 OPSET = 17
 INT4_OPSET = 21
 MAX_EXPORT_BITS = 8

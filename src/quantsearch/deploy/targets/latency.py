@@ -32,7 +32,7 @@ import torch
 
 from ..export import ExportError
 from .onnxruntime import CONVS, FORMATS, RuntimeFormatModel, export_runtime_onnx, format_nodes
-from .static import conv_graph, conv_spec, insert_static, spec_key, tensor_shapes, uint8_grid
+from .static import conv_graph, conv_spec, insert_static, runtime_session, spec_key, tensor_shapes, uint8_grid
 
 __all__ = ["LatencyTable", "LatencyError", "machine", "layer_shapes", "conv_specs", "measure_latency",
            "measure_end_to_end", "cache_path"]
@@ -131,7 +131,7 @@ class LatencyTable:
 
     def predict(self, formats: Mapping[str, int]) -> float:
         """The predicted latency of a configuration (format index per layer; missing layers are fp32)."""
-        return self.fixed + sum(v[int(formats.get(n, 0))] for n, v in self.layers.items())
+        return self.cost()({n: int(formats.get(n, 0)) for n in self.layers})
 
     def cost(self):
         """The table as a search cost (:class:`~quantsearch.search.costs.Latency`)."""
@@ -229,20 +229,6 @@ def _op_graph(shape: tuple, n: int, fmt: str) -> bytes:
     return model.SerializeToString()
 
 
-def _session(model, threads: int | None, spinning: bool = True):
-    """A default CPU session (only the thread count set, when given). ``spinning=False`` for one-layer sessions:
-    a single kernel gains nothing from threads that spin after it, and spinning threads of one session would
-    steal the cores of the next one timed."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
 def _time_interleaved(runs: Mapping[str, tuple], repeats: int, gap: float = GAP, calls: int = 3) -> dict[str, float]:
     """Median over ``repeats`` rounds of each ``(session, feed)``'s fastest of ``calls`` consecutive timed calls;
     each round visits every session in turn: a pause of ``gap`` seconds, an untimed call, then the timed ones.
@@ -286,15 +272,15 @@ def measure_latency(rmodel: RuntimeFormatModel, example: torch.Tensor, threads: 
     stored = _read_cache(cache).get(_machine_key(here), {}) if cache else {}
     ops = _layer_ops(rmodel, example)
     todo = {key: (build, shape) for per in ops.values() for key, build, shape in per if key not in stored}
-    runs = {key: (_session(build(), threads, spinning=False),
+    runs = {key: (runtime_session(build(), threads, spinning=False),
                   {"x": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)})
             for key, (build, shape) in todo.items()}
     with tempfile.TemporaryDirectory() as tmp:
         paths, members = _uniform_models(rmodel, example, Path(tmp))
         batch = example[:1].expand(rmodel.batch_size, *example.shape[1:]).contiguous().numpy()
         # the whole models alone, as a server runs them (threads spinning between kernels), then the layers
-        models = _time_interleaved({f: (_session(str(p), threads), {"input": batch}) for f, p in paths.items()},
-                                   repeats)
+        models = _time_interleaved({f: (runtime_session(str(p), threads), {"input": batch})
+                                    for f, p in paths.items()}, repeats)
         times = _time_interleaved(runs, repeats) if runs else {}
     if cache and times:
         _write_cache(cache, here, times)
@@ -366,7 +352,7 @@ def measure_end_to_end(paths: Mapping[str, str | Path], batch: np.ndarray, threa
     """Median seconds per call of each ONNX file in a default session (the thread count set when given),
     measured interleaved on ``batch``."""
     try:
-        runs = {name: (_session(str(p), threads), {"input": batch}) for name, p in paths.items()}
+        runs = {name: (runtime_session(str(p), threads), {"input": batch}) for name, p in paths.items()}
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error types
         raise ExportError(f"ONNX Runtime cannot load a model to time: {str(exc).splitlines()[0]}") from None
     return _time_interleaved(runs, repeats)

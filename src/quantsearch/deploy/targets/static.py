@@ -335,11 +335,15 @@ def conv_graph(spec: Mapping, fmt: str) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
-def runtime_session(model, threads: int | None = None):
-    """A default ONNX Runtime CPU session on a file or serialized model (only the thread count set, when given)."""
+def runtime_session(model, threads: int | None = None, spinning: bool = True):
+    """A default ONNX Runtime CPU session on a file or serialized model (only the thread count set, when given).
+    ``spinning=False`` for one-layer timing sessions: a single kernel gains nothing from threads that spin after
+    it, and spinning threads of one session would steal the cores of the next one timed."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
