@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from quantsearch.deploy.targets.latency import measure_end_to_end, measure_latency
-from quantsearch.deploy.targets.onnxruntime import FORMATS, RuntimeFormatModel, export_runtime_onnx
+from quantsearch.deploy.targets.onnxruntime import FORMATS, FP32, RuntimeFormatModel, export_runtime_onnx
 
 
 def _ort_baselines(fp32: Path, folder: Path, shape: tuple) -> dict[str, Path]:
@@ -71,9 +71,9 @@ def _target_configs(rmodel: RuntimeFormatModel, table) -> dict[str, list[int]]:
 
     def every(fmt: str) -> list[int]:
         i = FORMATS.index(fmt)
-        return [i if ranges[n][0] <= i <= ranges[n][1] else 0 for n in names]
+        return [i if ranges[n][0] <= i <= ranges[n][1] else FP32 for n in names]
 
-    fastest = [int(np.argmin(table.layers[n])) for n in names]
+    fastest = [FORMATS.index(min(table.layers[n], key=table.layers[n].get)) for n in names]
     configs = {"int8-static, every layer": every("int8-static"),
                "int8-dynamic, every Linear": every("int8-dynamic"), "int4-weight, every Linear": every("int4-weight"),
                "fastest per layer (table)": fastest}
@@ -191,9 +191,10 @@ def _front_part(title, rmodel, calibration, search, holdout, drop, threads, repe
     problem = LayerwiseQuantizationProblem(rmodel, top1, fp32 - drop, bits=rmodel.gene_ranges(),
                                            costs=[table.cost()])
     start = time.perf_counter()
+    lows = np.array([lo for lo, _ in rmodel.gene_ranges().values()])
     highs = np.array([hi for _, hi in rmodel.gene_ranges().values()])
-    uniform = np.unique(np.minimum(np.arange(len(FORMATS))[:, None], highs[None, :]), axis=0)
-    random = np.random.default_rng(0).integers(0, highs + 1, (pop_size - len(uniform), len(highs)))
+    uniform = np.unique(np.maximum(np.arange(len(FORMATS))[:, None], lows[None, :]), axis=0)
+    random = np.random.default_rng(0).integers(lows, highs + 1, (pop_size - len(uniform), len(highs)))
     minimize(problem, NSGA2(pop_size=pop_size, sampling=np.vstack([uniform, random])), ("n_gen", generations),
              seed=0)
     print(f"\n## {title}; deployment batch 1, {threads} threads")

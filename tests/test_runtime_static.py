@@ -54,7 +54,7 @@ def test_static_is_qlinearconv_and_the_search_sees_what_onnx_runtime_gives(tmp_p
     from quantsearch.deploy.onnx_export import runtime_kernels
 
     rmodel = RuntimeFormatModel(SmallCNN().eval(), batch_size=2, threads=1)
-    assert rmodel.gene_ranges() == {"c1": (0, 1), "c2": (0, 1), "c3": (0, 1), "row": (0, 1), "head": (0, 3)}
+    assert rmodel.gene_ranges() == {"c1": (2, 3), "c2": (2, 3), "c3": (2, 3), "row": (2, 3), "head": (0, 3)}
     x = torch.randn(6, 3, 10, 10)
     rmodel.calibrate([x[:3], x[3:]])
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_static_is_qlinearconv_and_the_search_sees_what_onnx_runtime_gives(tmp_p
     assert 0 < np.abs(out - fp32.numpy()).max() < 0.1 * np.abs(fp32.numpy()).max()  # quantized, not broken
     kernels = runtime_kernels(tmp_path / "m.onnx")
     assert kernels["QLinearConv"] == 4 and kernels["QGemm"] == 1 and "Conv" not in kernels, kernels
-    rmodel.bit_widths = {"c3": 0, "head": FORMATS.index("int8-dynamic")}  # mixed: ORT still evaluates
+    rmodel.bit_widths = {"c3": FORMATS.index("fp32"), "head": FORMATS.index("int8-dynamic")}  # mixed: ORT still evaluates
     with torch.no_grad():
         mixed = rmodel(x)
     export_runtime_onnx(rmodel, tmp_path / "mixed.onnx", x[:1])
@@ -112,17 +112,18 @@ def test_latency_cache_key_holds_conv_attributes(tmp_path):
     assert len(keys) == 3 and any("dilations=2x2" in k for k in keys) and any("group=2" in k for k in keys)
     cache = tmp_path / "latency.json"
     table = measure_latency(rmodel, x, threads=1, repeats=2, cache=cache)
-    assert table.measured_ops == 6 and all(len(v) == 2 and min(v) > 0 for v in table.layers.values())
-    assert table.predict({"0": STATIC}) == pytest.approx(table.fixed + table.layers["0"][1] + table.layers["2"][0]
-                                                         + table.layers["3"][0])
+    assert table.measured_ops == 6 and all(set(v) == {"int8-static", "fp32"} and min(v.values()) > 0
+                                           for v in table.layers.values())
+    assert table.predict({"0": STATIC}) == pytest.approx(table.fixed + table.layers["0"]["int8-static"]
+                                                         + table.layers["2"]["fp32"] + table.layers["3"]["fp32"])
     assert measure_latency(rmodel, x, threads=1, repeats=2, cache=cache).measured_ops == 0
 
 
 def test_refusals_name_the_layer():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv3d(1, 1, 1), nn.Flatten(), nn.LazyLinear(2))
     rmodel = RuntimeFormatModel(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
-    with pytest.raises(ValueError, match=r"layer '0': format index 2 is not one of 0..1 \(fp32, int8-static\)"):
-        rmodel.bit_widths = {"0": 2}
+    with pytest.raises(ValueError, match=r"layer '0': format index 1 is not one of 2..3 \(int8-static, fp32\)"):
+        rmodel.bit_widths = {"0": 1}
     with pytest.raises(KeyError, match="no Linear or Conv layer named '1'"):  # a Conv3d is not a gene
         RuntimeFormatModel(model).bit_widths = {"1": STATIC}
     rmodel.bit_widths = {"0": STATIC}

@@ -96,7 +96,8 @@ def test_formats_are_genes_and_refusals_name_the_layer():
     assert rmodel.gene_ranges() == dict.fromkeys(rmodel.quantizer_names, (0, 3))
     int4 = FORMATS.index("int4-weight")
     rmodel.bit_widths = {"fc1": int4}
-    assert rmodel.bits_dict() == {"embed": 0, "fc1": int4, "fc2": 0, "head": 0}
+    assert FORMATS[3] == "fp32" and int4 == 0  # least precise first, as bits run
+    assert rmodel.bits_dict() == {"embed": 3, "fc1": int4, "fc2": 3, "head": 3}
     assert rmodel.formats["fc1"] == "int4-weight"
     with pytest.raises(ValueError, match="layer 'fc2': format index 4 is not one of 0..3"):
         rmodel.bit_widths = {"fc2": 4}
@@ -124,12 +125,12 @@ def test_a_search_runs_on_the_formats_with_latency_as_its_cost():
             return float((model(x).argmax(1) == reference).float().mean())
 
     dyn, int4 = FORMATS.index("int8-dynamic"), FORMATS.index("int4-weight")
-    layers = {"embed": [3.0, 1.8, 2.0, 2.5], "fc1": [5.0, 2.5, 3.0, 4.0], "fc2": [5.0, 2.5, 3.0, 4.0],
-              "head": [1.0, 1.2, 1.5, 0.9]}
-    cost = Latency(layers, fixed=10.0)
+    layers = {"embed": [2.5, 2.0, 1.8, 3.0], "fc1": [4.0, 3.0, 2.5, 5.0], "fc2": [4.0, 3.0, 2.5, 5.0],
+              "head": [0.9, 1.5, 1.2, 1.0]}  # seconds by gene: int4-weight, int8-dynamic, int8-static, fp32
+    cost = Latency({n: dict(enumerate(v)) for n, v in layers.items()}, fixed=10.0, top=3)
     assert cost.fp32 == 24.0 and cost({"embed": dyn, "fc1": dyn, "fc2": int4, "head": int4}) == 10 + 2 + 3 + 4 + 0.9
     # the PyTorch-simulated formats only (int8-static runs ORT per configuration, tests/test_runtime_static.py)
-    problem = LayerwiseQuantizationProblem(rmodel, agreement, 0.5, bits=dict.fromkeys(layers, (dyn, int4)),
+    problem = LayerwiseQuantizationProblem(rmodel, agreement, 0.5, bits=dict.fromkeys(layers, (int4, dyn)),
                                            costs=[cost])
     result = minimize(problem, NSGA2(pop_size=6), ("n_gen", 2), seed=0)
     assert result.F is not None and len(problem.cache) >= 6
@@ -150,11 +151,11 @@ def measured(tmp_path_factory):
 def test_latency_table_is_additive_and_its_fp32_point_is_the_measured_model(measured):
     rmodel, _, _, table = measured
     assert set(table.layers) == set(rmodel.quantizer_names)
-    assert all(len(v) == len(FORMATS) and min(v) > 0 for v in table.layers.values())
-    fp32 = dict.fromkeys(rmodel.quantizer_names, 0)
+    assert all(set(v) == set(FORMATS) and min(v.values()) > 0 for v in table.layers.values())
+    fp32 = dict.fromkeys(rmodel.quantizer_names, 3)
     assert table.predict(fp32) == pytest.approx(table.fp32_measured)
-    config = {"embed": 1, "fc1": 3, "fc2": 2, "head": 0}
-    delta = sum(table.layers[n][i] - table.layers[n][0] for n, i in config.items())
+    config = {"embed": 1, "fc1": 0, "fc2": 2, "head": 3}
+    delta = sum(table.layers[n][FORMATS[i]] - table.layers[n]["fp32"] for n, i in config.items())
     assert table.predict(config) == pytest.approx(table.predict(fp32) + delta)
     assert table.cost()(config) == pytest.approx(table.predict(config))
     # entries are set inside the model: every uniform configuration predicts its whole-model measurement
@@ -172,8 +173,8 @@ def test_latency_cache_is_keyed_by_machine_threads_and_shape(measured):
     again = measure_latency(rmodel, x, threads=1, repeats=3, cache=cache)
     # every one-layer timing from the cache (the fp32 entries are those; the others also hold this run's
     # whole-model measurements)
-    assert again.measured_ops == 0 and {n: v[0] for n, v in again.layers.items()} == {
-        n: v[0] for n, v in table.layers.items()}
+    assert again.measured_ops == 0 and {n: v["fp32"] for n, v in again.layers.items()} == {
+        n: v["fp32"] for n, v in table.layers.items()}
     stored = json.loads(cache.read_text())["machines"]
     key = f"{machine(1)['cpu']}|threads=1|onnxruntime={ort.__version__}"
     assert list(stored) == [key] and "int4-weight|2x7x64|96" in stored[key]
@@ -197,7 +198,11 @@ def test_a_latency_table_from_another_machine_is_refused_in_one_line(measured, t
         LatencyTable.load(path).check_fits(rmodel, threads=1)
     with pytest.raises(LatencyError, match="measured with threads 1, this machine has 2"):
         table.check_fits(rmodel, threads=2)
-    payload["layers"]["fc1"] = [1.0]
+    payload["layers"]["fc1"] = {"int8": 1.0, "fp32": 2.0}
     path.write_text(json.dumps(payload))
-    with pytest.raises(LatencyError, match="layers/fc1: .* is too short"):
+    with pytest.raises(LatencyError, match="layers/fc1: 'int8' is not one of"):
         LatencyTable.load(path)
+    del payload["layers"]["fc1"]["int8"]
+    path.write_text(json.dumps(payload | {"machine": table.machine}))
+    with pytest.raises(LatencyError, match="formats fp32 for layer 'fc1', the target int4-weight, int8-dynamic"):
+        LatencyTable.load(path).check_fits(rmodel, threads=1)

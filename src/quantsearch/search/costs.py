@@ -277,14 +277,14 @@ class BOPs:
 
 class Latency:
     """Seconds per call on a runtime: a measured fixed part plus each layer's entry for its format (the gene is a
-    format index); built from a latency table (:mod:`quantsearch.deploy.targets.latency`)."""
+    format index, ``top`` fp32's); built from a latency table (:mod:`quantsearch.deploy.targets.latency`)."""
 
     name = "latency"
 
-    def __init__(self, layers: Mapping[str, Sequence[float]], fixed: float):
-        self.layers = {n: tuple(float(s) for s in v) for n, v in layers.items()}
+    def __init__(self, layers: Mapping[str, Mapping[int, float]], fixed: float, top: int):
+        self.layers = {n: {int(g): float(s) for g, s in v.items()} for n, v in layers.items()}
         self.fixed = float(fixed)
-        self.fp32 = self.fixed + sum(v[0] for v in self.layers.values())
+        self.fp32 = self.fixed + sum(v[top] for v in self.layers.values())  # every layer at gene ``top`` (fp32)
 
     def __call__(self, bits: Mapping[str, int]) -> float:
         return self.fixed + sum(v[bits[n]] for n, v in self.layers.items())

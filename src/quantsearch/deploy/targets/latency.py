@@ -31,13 +31,13 @@ import numpy as np
 import torch
 
 from ..export import ExportError
-from .onnxruntime import CONVS, FORMATS, RuntimeFormatModel, export_runtime_onnx, format_nodes
+from .onnxruntime import CONVS, FORMATS, FP32, STATIC, RuntimeFormatModel, export_runtime_onnx, format_nodes
 from .static import conv_graph, conv_spec, insert_static, runtime_session, spec_key, tensor_shapes, uint8_grid
 
 __all__ = ["LatencyTable", "LatencyError", "machine", "layer_shapes", "conv_specs", "measure_latency",
            "measure_end_to_end", "cache_path"]
 
-SCHEMA_VERSION = 2  # 2: int8-static is format 1; a Conv's entry has its two formats
+SCHEMA_VERSION = 3  # 3: each layer's entries by format name; 2: by index, fp32 first
 GAP = 0.05  # seconds for idle threads to stop spinning between two timed sessions
 
 
@@ -118,12 +118,12 @@ def conv_specs(rmodel: RuntimeFormatModel, example: torch.Tensor) -> dict[str, d
 
 @dataclass
 class LatencyTable:
-    """Seconds per layer per format (in :data:`FORMATS` order, as far as the layer's gene range goes: two for a
-    Conv, four for a Linear) and the fixed rest, on ``machine``."""
+    """Seconds per layer per format (by format name, the formats of the layer's gene range: two for a Conv, four
+    for a Linear) and the fixed rest, on ``machine``."""
 
     machine: dict
     batch_size: int
-    layers: dict[str, list[float]]
+    layers: dict[str, dict[str, float]]
     fixed: float
     fp32_measured: float = 0.0
     measured_ops: int = field(default=0, compare=False)  # measured now, not taken from the cache
@@ -131,13 +131,14 @@ class LatencyTable:
 
     def predict(self, formats: Mapping[str, int]) -> float:
         """The predicted latency of a configuration (format index per layer; missing layers are fp32)."""
-        return self.cost()({n: int(formats.get(n, 0)) for n in self.layers})
+        return self.cost()({n: int(formats.get(n, FP32)) for n in self.layers})
 
     def cost(self):
-        """The table as a search cost (:class:`~quantsearch.search.costs.Latency`)."""
+        """The table as a search cost (:class:`~quantsearch.search.costs.Latency`): entries by gene value."""
         from ...search.costs import Latency
 
-        return Latency(self.layers, self.fixed)
+        return Latency({n: {FORMATS.index(f): s for f, s in v.items()} for n, v in self.layers.items()},
+                       self.fixed, FP32)
 
     def check_fits(self, rmodel: RuntimeFormatModel, threads: int | None = None) -> None:
         """One line naming the first mismatch between this table and the machine, model or batch size."""
@@ -152,10 +153,10 @@ class LatencyTable:
         missing = sorted(set(rmodel.layers) ^ set(self.layers))
         if missing:
             raise LatencyError(f"latency table and model differ at layer {missing[0]!r}")
-        short = [n for n, (_, hi) in rmodel.gene_ranges().items() if len(self.layers[n]) != hi + 1]
-        if short:
-            raise LatencyError(f"latency table has {len(self.layers[short[0]])} formats for layer {short[0]!r}, "
-                               f"the model {rmodel.gene_ranges()[short[0]][1] + 1}")
+        for name, (lo, hi) in rmodel.gene_ranges().items():
+            if set(self.layers[name]) != set(FORMATS[lo:hi + 1]):
+                raise LatencyError(f"latency table has formats {', '.join(self.layers[name])} for layer {name!r}, "
+                                   f"the target {', '.join(FORMATS[lo:hi + 1])}")
 
     def to_dict(self) -> dict:
         return {"version": SCHEMA_VERSION, "formats": list(FORMATS), "machine": self.machine,
@@ -177,7 +178,7 @@ class LatencyTable:
         except (OSError, ValueError) as exc:
             raise LatencyError(f"cannot read latency table {path}: {exc}") from None
         _check_schema(data, path)
-        return cls(data["machine"], data["batch_size"], {n: list(v) for n, v in data["layers"].items()},
+        return cls(data["machine"], data["batch_size"], {n: dict(v) for n, v in data["layers"].items()},
                    data["fixed"], data.get("fp32_measured", 0.0), uniform=data.get("uniform", {}))
 
 
@@ -195,7 +196,8 @@ def _check_schema(data, path) -> None:
             "batch_size": {"type": "integer", "minimum": 1}, "fixed": {"type": "number"}, "fp32_measured": number,
             "uniform": {"type": "object", "additionalProperties": number},
             "layers": {"type": "object", "additionalProperties": {
-                "type": "array", "items": number, "minItems": 2, "maxItems": len(FORMATS)}}}}
+                "type": "object", "propertyNames": {"enum": list(FORMATS)}, "additionalProperties": number,
+                "required": ["fp32"]}}}}
     try:
         jsonschema.validate(data, schema)
     except jsonschema.ValidationError as exc:
@@ -253,12 +255,14 @@ def _time_interleaved(runs: Mapping[str, tuple], repeats: int, gap: float = GAP,
 
 
 def _layer_ops(rmodel: RuntimeFormatModel, example: torch.Tensor) -> dict[str, list[tuple]]:
-    """Each layer's one-layer graphs, one per format in its gene range: ``(cache key, build, input shape)``."""
+    """Each layer's one-layer graphs, one per format in its gene range: ``(format, cache key, build, input
+    shape)``."""
     ops = {}
     for name, (shape, n) in layer_shapes(rmodel, example).items():
-        ops[name] = [(_op_key(shape, n, f), partial(_op_graph, shape, n, f), shape) for f in FORMATS]
+        ops[name] = [(f, _op_key(shape, n, f), partial(_op_graph, shape, n, f), shape) for f in FORMATS]
     for name, spec in conv_specs(rmodel, example).items():
-        ops[name] = [(spec_key(spec, f), partial(conv_graph, spec, f), tuple(spec["input"])) for f in FORMATS[:2]]
+        ops[name] = [(f, spec_key(spec, f), partial(conv_graph, spec, f), tuple(spec["input"]))
+                     for f in FORMATS[STATIC:]]
     return {name: ops[name] for name in rmodel.layers}
 
 
@@ -271,7 +275,7 @@ def measure_latency(rmodel: RuntimeFormatModel, example: torch.Tensor, threads: 
     cache = cache_path() if cache == "default" else (Path(cache) if cache else None)
     stored = _read_cache(cache).get(_machine_key(here), {}) if cache else {}
     ops = _layer_ops(rmodel, example)
-    todo = {key: (build, shape) for per in ops.values() for key, build, shape in per if key not in stored}
+    todo = {key: (build, shape) for per in ops.values() for _, key, build, shape in per if key not in stored}
     runs = {key: (runtime_session(build(), threads, spinning=False),
                   {"x": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)})
             for key, (build, shape) in todo.items()}
@@ -285,9 +289,9 @@ def measure_latency(rmodel: RuntimeFormatModel, example: torch.Tensor, threads: 
     if cache and times:
         _write_cache(cache, here, times)
     entries = {**stored, **times}
-    isolated = {name: [entries[key] for key, _, _ in per] for name, per in ops.items()}
+    isolated = {name: {f: entries[key] for f, key, _, _ in per} for name, per in ops.items()}
     layers = _in_graph(isolated, models, members)
-    fixed = models["fp32"] - sum(v[0] for v in isolated.values())
+    fixed = models["fp32"] - sum(v["fp32"] for v in isolated.values())
     return LatencyTable(here, rmodel.batch_size, layers, fixed, models["fp32"], len(times), models)
 
 
@@ -298,9 +302,9 @@ def _uniform_models(rmodel: RuntimeFormatModel, example: torch.Tensor, folder: P
     try:
         for index, fmt in enumerate(FORMATS):
             chosen = [n for n, (lo, hi) in rmodel.gene_ranges().items() if lo <= index <= hi]
-            if index and (not chosen or (fmt == "int8-static" and not rmodel.ranges)):
+            if index != FP32 and (not chosen or (fmt == "int8-static" and not rmodel.ranges)):
                 continue
-            rmodel.bit_widths = {n: (index if n in chosen else 0) for n in rmodel.quantizer_names}
+            rmodel.bit_widths = {n: (index if n in chosen else FP32) for n in rmodel.quantizer_names}
             paths[fmt] = export_runtime_onnx(rmodel, folder / f"{fmt}.onnx", example[:1])["path"]
             members[fmt] = chosen
     finally:
@@ -313,15 +317,14 @@ def _in_graph(isolated: Mapping[str, list], models: Mapping[str, float], members
     its one-layer time in that format) of what turning every such layer to that format changed in the whole
     model. One-layer graphs pay what a chain shares (NCHWc reorders around a float Conv, Transposes around
     QLinearConv, the call itself); this makes every uniform configuration's prediction its measured time."""
-    layers = {n: list(v) for n, v in isolated.items()}
+    layers = {n: dict(v) for n, v in isolated.items()}
     for fmt, names in members.items():
-        index = FORMATS.index(fmt)
-        if not index:
+        if fmt == "fp32":
             continue
-        share = sum(isolated[n][index] for n in names)
+        share = sum(isolated[n][fmt] for n in names)
         change = models[fmt] - models["fp32"]
         for n in names:
-            layers[n][index] = max(isolated[n][0] + change * isolated[n][index] / share, 1e-9)
+            layers[n][fmt] = max(isolated[n]["fp32"] + change * isolated[n][fmt] / share, 1e-9)
     return layers
 
 

@@ -1,8 +1,10 @@
 """ONNX Runtime on a CPU as a deployment target: per-layer formats (Linear, Conv1d, Conv2d) that ONNX Runtime runs
 as its own kernels.
 
-A layer's gene is an index into :data:`FORMATS`; a Conv takes the first two, a Linear all four
-(:meth:`RuntimeFormatModel.gene_ranges`):
+A layer's gene is an index into :data:`FORMATS`, which runs from the least precise to fp32, as bits run from the
+fewest to the most: a Conv takes the last two, a Linear all four (:meth:`RuntimeFormatModel.gene_ranges`). So the
+search, its sensitivities and its ILP read a format gene as they read a bit-width: the top of the range is the
+reference, each step down trades precision for speed or size.
 
 - ``fp32``: the layer as exported (MatMul, Gemm or Conv, batch norm folded in).
 - ``int8-static``: W8A8 with calibrated uint8 activation grids, Q/DQ that a default session fuses into
@@ -42,10 +44,11 @@ from ..export import ExportError
 from .static import (conv_nodes, inline_identities, insert_static, runtime_session, static_tensors, tensor_ranges,
                      uint8_grid)
 
-__all__ = ["FORMATS", "BLOCK", "RuntimeFormatModel", "dynamic_uint8", "int8_channel_codes", "int4_block_codes",
+__all__ = ["FORMATS", "FP32", "BLOCK", "RuntimeFormatModel", "dynamic_uint8", "int8_channel_codes", "int4_block_codes",
            "format_nodes", "export_runtime_onnx", "CONVS"]
 
-FORMATS = ("fp32", "int8-static", "int8-dynamic", "int4-weight")
+FORMATS = ("int4-weight", "int8-dynamic", "int8-static", "fp32")  # least precise first: the gene is the index
+FP32, STATIC = FORMATS.index("fp32"), FORMATS.index("int8-static")
 CONVS = (nn.Conv1d, nn.Conv2d)
 BLOCK = 32
 MS_DOMAIN = "com.microsoft"
@@ -90,9 +93,9 @@ class RuntimeFormatModel(nn.Module):
     """``model`` with each Linear and Conv1d/Conv2d layer computed in its :data:`FORMATS` entry, as ONNX Runtime
     computes it at deployment batch size ``batch_size``.
 
-    The layers are the genes (``quantizer_names``); ``bit_widths`` holds each one's format index (0 = fp32), as
-    :class:`~quantsearch.search.problem.LayerwiseQuantizationProblem` expects; :meth:`gene_ranges` gives each
-    layer's range (a Conv takes fp32 and int8-static only). Linear formats other than int8-static are simulated in
+    The layers are the genes (``quantizer_names``); ``bit_widths`` holds each one's format index (:data:`FP32`, the top, for fp32),
+    as :class:`~quantsearch.search.problem.LayerwiseQuantizationProblem` expects; :meth:`gene_ranges` gives each
+    layer's range (a Conv takes int8-static and fp32 only). Linear formats other than int8-static are simulated in
     PyTorch (weight codes computed once per layer and format). A configuration with an int8-static layer, or any
     configuration when ``evaluate_in="onnxruntime"``, is evaluated by ONNX Runtime itself: a default session
     (``threads`` intra-op threads when given) on the configuration's graph, so the accuracy the search sees is the
@@ -113,7 +116,7 @@ class RuntimeFormatModel(nn.Module):
         if not self.layers:
             raise ValueError("the onnxruntime-cpu target has no layer to choose a format for: the model has no "
                              "nn.Linear, nn.Conv1d or nn.Conv2d")
-        self._formats = dict.fromkeys(self.layers, 0)
+        self._formats = dict.fromkeys(self.layers, FP32)
         self._weights: dict[tuple[str, str], torch.Tensor] = {}
         self._exports: dict[tuple, bytes] = {}  # FP32 ONNX per (input shape without batch, opset)
         self._sessions: OrderedDict = OrderedDict()  # the last configurations' sessions
@@ -127,8 +130,9 @@ class RuntimeFormatModel(nn.Module):
         return len(self.layers)
 
     def gene_ranges(self) -> dict[str, tuple[int, int]]:
-        """Each layer's format indices, lowest and highest: (0, 1) for a Conv, (0, 3) for a Linear."""
-        return {n: (0, 1 if isinstance(m, CONVS) else len(FORMATS) - 1) for n, m in self.layers.items()}
+        """Each layer's format indices, lowest and highest: int8-static..fp32 for a Conv, every format for a
+        Linear."""
+        return {n: (STATIC if isinstance(m, CONVS) else 0, FP32) for n, m in self.layers.items()}
 
     @property
     def bit_widths(self) -> list[int]:
@@ -193,7 +197,7 @@ class RuntimeFormatModel(nn.Module):
         formats = dict(self._formats)
         try:
             for name in self.layers:
-                self._set(name, 0)
+                self._set(name, FP32)
             yield self
         finally:
             for name, index in formats.items():
@@ -246,7 +250,7 @@ class RuntimeFormatModel(nn.Module):
 
         model = onnx.load_from_string(self.fp32_onnx(example, opset))
         nodes = self.layer_nodes(model.graph)
-        missing = [n for n, i in self._formats.items() if i and n not in nodes]
+        missing = [n for n, i in self._formats.items() if i != FP32 and n not in nodes]
         if missing:
             kind = "Conv" if isinstance(self.layers[missing[0]], CONVS) else "MatMul or Gemm"
             raise ExportError(f"layer {missing[0]!r}: no {kind} with its weight in the exported graph (shared or "
