@@ -204,7 +204,7 @@ def _front_part(title, rmodel, calibration, search, holdout, drop, threads, repe
         e = problem.cache[tuple(int(g) for g in genes)]
         names = sorted({FORMATS[g] for g in genes})
         print(f"uniform {'+'.join(names):28s} search {100 * e.accuracy:6.2f} %, predicted "
-              f"{table.predict({}) / e.costs['latency']:.2f}x FP32's speed")
+              f"{table.cost().fp32 / e.costs['latency']:.2f}x FP32's speed")
     front = _front([e for e in problem.cache.values() if e.accuracy >= fp32 - drop])
     _verify_front(rmodel, front, table, search, holdout, top1, threads, repeats)
 

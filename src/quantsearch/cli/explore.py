@@ -16,6 +16,8 @@ from . import run_command
 from ..run.settings import PARALLEL_KEYS, ConfigError, ExploreConfig, load_yaml
 
 log = logging.getLogger("quantsearch")
+TARGET_FORMATS = ("int4-weight", "int8-dynamic", "int8-static", "fp32")  # deploy.targets.onnxruntime.FORMATS
+SHORT_FORMATS = ("i4", "dyn", "st", "fp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"bound relative to FP32 on the search split (default {d.max_accuracy_drop}; "
                             "for kl: FP32 + this)")
     p.add_argument("--cost", help="cost objective(s), comma separated, from bits, activation-memory, model-size, "
-                   f"bops (default {d.cost}); three or more objectives use NSGA-III")
+                   "bops (default bits); with --target from latency (ms, measured here) and size (bytes as the "
+                   "runtime stores them; default latency); three or more objectives use NSGA-III")
+    p.add_argument("--target", help="deploy on a runtime: onnxruntime-cpu makes each Linear/Conv layer's ONNX "
+                   "Runtime format a gene (int4-weight MatMulNBits, int8-dynamic, int8-static QLinear*, fp32), "
+                   "accuracy what the runtime computes, latency measured on this machine; the front is exported, "
+                   "scored and timed in ONNX Runtime (default: none, bit-widths for hardware that runs them)")
+    p.add_argument("--deploy-batch", type=int, help=f"the batch size the target serves at (default {d.deploy_batch})")
+    p.add_argument("--threads", type=int, help="the runtime's intra-op threads (default: its own)")
+    p.add_argument("--latency-table", metavar="FILE", help="a latency table measured before on this machine "
+                   "(default: measured now, each layer shape cached per CPU, threads and ONNX Runtime version)")
     p.add_argument("--algorithm", help="random, greedy (AMP-style), ilp (HAWQ-style), nsga2, or guided (NSGA-II "
                    f"seeded from sensitivities, greedy and ILP; default {d.algorithm})")
     p.add_argument("--budget", type=float, help="evaluations to spend, in full search-split equivalents, the "
@@ -176,14 +187,25 @@ def print_report(run) -> None:
     def verdict(e) -> str:
         return {True: "yes", False: "NO", None: "-"}[run.confirmed.get(e.bits)]
 
+    target = run.settings.get("target")
+    code = (lambda g: SHORT_FORMATS[g]) if target else str
     rows = [[i, show(e.accuracy), show(run.holdout.get(e.bits)), interval(e), verdict(e),
              *[cell for c in run.cost_names for cell in (f"{e.costs[c]:g}", f"{e.costs[c] / fp32_costs[c]:.4f}")],
-             " ".join(str(e.bits[j]) for j in gene_index)]
+             " ".join(code(e.bits[j]) for j in gene_index)]
             for i, e in enumerate(run.front)]
+    space = f"target {target}: formats {', '.join(f'{c}={f}' for c, f in zip(SHORT_FORMATS, TARGET_FORMATS))}" \
+        if target else run.summary.get("search_space")
     print(f"\nPareto front ({len(run.front)} points, {run.num_evaluations} evaluations, cheapest "
-          f"{run.cost_names[0]} first; {len(genes)} genes: {run.summary.get('search_space')})\n"
+          f"{run.cost_names[0]} first; {len(genes)} genes: {space})\n"
           + format_table(["#", f"search{unit}", f"hold-out{unit}", "95 % interval", "confirmed",
-                          *[h for c in run.cost_names for h in (c, "x FP32")], "bits per searched quantizer"], rows))
+                          *[h for c in run.cost_names for h in (c, "x FP32")],
+                          "format per layer" if target else "bits per searched quantizer"], rows))
+    if run.summary.get("deployed"):
+        from ..run.report import DEPLOYED_HEADER, deployed_rows
+
+        print(f"\nDeployed in ONNX Runtime: exported, scored and timed in a default session, batch "
+              f"{run.summary['deployed']['deploy_batch']} (latency predicted by the table against measured)\n"
+              + format_table(DEPLOYED_HEADER, deployed_rows(run, show)))
     validation = run.summary.get("validation")
     if validation:
         level = (f" at {100 * validation['confidence']:.0f} % one-sided confidence, {validation.get('test')}"

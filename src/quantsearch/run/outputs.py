@@ -35,7 +35,8 @@ def bitconfig_sections(session: Session, bound: Bound) -> dict:
     model = {"name": config.model, "checkpoint": config.checkpoint, "checkpoint_sha256": fingerprints["checkpoint"],
              "checkpoint_key": config.checkpoint_key, "pretrained": session.pretrained,
              "kwargs": config.model_kwargs, "weights_sha256": fingerprints["model"], "predicate": session.predicate,
-             "quantize_input": config.quantize_input, "weight_quantizers": bool(session.qmodel.weight_names)}
+             "quantize_input": config.quantize_input,
+             "weight_quantizers": bool(getattr(session.qmodel, "weight_names", None))}
     dataset = {"name": config.dataset, "kwargs": config.dataset_kwargs, "class_index": config.class_index,
                "preprocessing": session.preprocessing.to_dict(), "seed": config.seed,
                "calibration": len(splits.calibration), "search": len(splits.search),
@@ -60,35 +61,62 @@ def confidence(session: Session, found: dict, e: Evaluation) -> dict:
             "confirmed": found["confirmed"].get(e.bits), "holdout_limit": None if limit is None else limit.limit}
 
 
+def _point_config(session: Session, found: dict, sections: dict, index: int, e: Evaluation, **recorded):
+    """The re-appliable file of one front point: a bit-config, or a target run's format config (with the
+    runtime's own hold-out metric and its predicted and measured latency)."""
+    qmodel = session.qmodel
+    qmodel.bit_widths = e.bits
+    common = dict(dataset=sections["dataset"], metric=sections["metric"], settings=sections["settings"], **recorded)
+    if not session.config.target:
+        return BitConfig.from_model(qmodel, sections["model"], example=session.example, **common)
+    from ..deploy.targets.formatconfig import FormatConfig
+
+    row = found["deployed"]["rows"][f"point {index}"]
+    common["accuracy"] = dict(common["accuracy"]) | {"search_onnxruntime": row["search"],
+                                                     "holdout_onnxruntime": row["holdout"]}
+    target = {"name": session.config.target, "deploy_batch": session.config.deploy_batch,
+              "threads": session.config.threads, "machine": found["deployed"]["machine"]}
+    latency = {"predicted_ms": row["predicted_ms"], "measured_ms": row["measured_ms"],
+               "fp32_measured_ms": found["deployed"]["rows"]["FP32"]["measured_ms"]}
+    model = sections["model"] | {"input_shape": [int(d) for d in session.example.shape[1:]]}
+    return FormatConfig.from_model(qmodel, target, model, latency=latency, **common)
+
+
 def _write_front(store: RunStore, session: Session, found: dict) -> list[Path]:
-    """One bit-config per Pareto point, and ``pareto.csv``."""
+    """One bit-config (a target run: format config) per Pareto point, and ``pareto.csv``."""
     qmodel, bound, holdout, fp32_costs = session.qmodel, found["bound"], found["holdout"], found["fp32_costs"]
     validated = found.get("validation") or {}
+    deployed = found.get("deployed")
     sections = bitconfig_sections(session, bound)
     paths, rows = [], []
     for i, e in enumerate(found["front"]):
-        qmodel.bit_widths = e.bits
         normalized = {k: v / fp32_costs[k] for k, v in e.costs.items()}
         sure = confidence(session, found, e)
-        config = BitConfig.from_model(qmodel, sections["model"], example=session.example,
-                                      dataset=sections["dataset"], metric=sections["metric"],
-                                      settings=sections["settings"], confidence=sure,
-                                      accuracy={"search": e.accuracy, "holdout": holdout.get(e.bits),
-                                                **({"validation": validated[e.bits]} if validated else {})},
-                                      costs=dict(e.costs), costs_normalized=normalized)
+        config = _point_config(session, found, sections, i, e, confidence=sure,
+                               accuracy={"search": e.accuracy, "holdout": holdout.get(e.bits),
+                                         **({"validation": validated[e.bits]} if validated else {})},
+                               costs=dict(e.costs), costs_normalized=normalized)
         name = f"pareto/point_{i:03d}.json"
         paths.append(store.write_file(name, config.to_json()))
         low, high = sure["holdout"] or ("", "")
+        row = deployed["rows"][f"point {i}"] if deployed else None
         rows.append([i, f"{e.accuracy:.6f}", "" if e.bits not in holdout else f"{holdout[e.bits]:.6f}",
                      low, high, "" if sure["confirmed"] is None else int(sure["confirmed"]),
                      *([f"{validated[e.bits]:.6f}"] if validated else []),
+                     *([_csv(row["holdout"]), f"{row['measured_ms']:.4f}"] if row else []),
                      *[f"{v:g}" for v in e.costs.values()], *[f"{v:.4f}" for v in normalized.values()],
-                     name, *e.bits])
+                     name, *(config.layers.values() if deployed else e.bits)])
     cost_names = found["cost_names"]
     header = ["point", "accuracy_search", "accuracy_holdout", "holdout_ci_low", "holdout_ci_high", "confirmed",
-              *(["accuracy_validation"] if validated else []), *cost_names, *[f"{c}_vs_fp32" for c in cost_names], "bitconfig", *qmodel.quantizer_names]
+              *(["accuracy_validation"] if validated else []),
+              *(["accuracy_holdout_onnxruntime", "latency_measured_ms"] if deployed else []),
+              *cost_names, *[f"{c}_vs_fp32" for c in cost_names], "bitconfig", *qmodel.quantizer_names]
     store.write_csv("pareto.csv", header, rows)
     return paths
+
+
+def _csv(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
 
 
 def _versions() -> dict[str, str]:
@@ -145,6 +173,7 @@ def _summary(session: Session, found: dict) -> dict:
         "new_evaluations": evaluations - found["reused"],
         "versions": _versions(), "device": _device_name(session.device),
         "timings_s": {k: round(v, 3) for k, v in found["timings"].items()}, "parallel": found["parallel"],
+        **({"deployed": found["deployed"]} if found.get("deployed") else {}),
     }
 
 
@@ -158,8 +187,12 @@ def write_outputs(store: RunStore, session: Session, found: dict) -> None:
     store.write_json("splits.json", {"seed": session.config.seed, "dataset": session.config.dataset,
                                      "num_samples": len(dataset), **session.splits.indices()})
     cost = found["cost_names"][0]
+    deployed = found.get("deployed")
+    measured = {label.replace("point ", "#"): (row["measured_ms"], row["search"])
+                for label, row in deployed["rows"].items()} if deployed and cost == "latency" else None
     plot_front(evaluations, found["front"], cost, found["baselines"], found["fp32"]["search"], bound,
-               path=run_dir / "pareto.png")
-    plot_bits_heatmap(found["front"], session.qmodel.quantizer_names, cost, path=run_dir / "bits_heatmap.png",
-                      metric=bound.metric, percent=bound.fraction)
+               path=run_dir / "pareto.png", measured=measured)
+    if not session.config.target:  # a target's genes are formats, listed by name in the report
+        plot_bits_heatmap(found["front"], session.qmodel.quantizer_names, cost, path=run_dir / "bits_heatmap.png",
+                          metric=bound.metric, percent=bound.fraction)
     write_report(store)  # convergence.csv/.png, holdout.png, report.md

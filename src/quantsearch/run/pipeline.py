@@ -19,7 +19,7 @@ from ..search.algorithms import run_algorithm
 from ..search.bound import Bound
 from ..search.budget import Budget, evaluation_cost
 from ..search.confidence import one_sided_z, paired_drop, wilson_interval
-from ..search.costs import COSTS
+from ..search.costs import COSTS, TARGET_COSTS
 from ..search.front import pareto_front
 from ..search.problem import Evaluation, LayerwiseQuantizationProblem
 from ..search.sampling import uniform_genomes
@@ -69,19 +69,24 @@ def _baseline_bits(problem: LayerwiseQuantizationProblem) -> dict[str, dict[str,
     return {name: {n: (w if n in weights else a) for n in names} for name, (w, a) in BASELINES.items()}
 
 
-def baseline_cost(problem: LayerwiseQuantizationProblem) -> int:
-    """Full evaluations the uniform baselines and uniform configurations take (each distinct one once)."""
-    keys = {problem.configuration(bits) for bits in _baseline_bits(problem).values()}
+def baseline_cost(problem: LayerwiseQuantizationProblem, named: dict | None = None) -> int:
+    """Full evaluations the uniform baselines (``named``, default :data:`BASELINES`) and uniform configurations
+    take (each distinct one once)."""
+    named = _baseline_bits(problem) if named is None else named
+    keys = {problem.configuration(bits) for bits in named.values()}
     return len(keys | {problem.configuration(g) for g in uniform_genomes(problem)})
 
 
-def evaluate_baselines(problem: LayerwiseQuantizationProblem) -> tuple[dict[str, Evaluation], np.ndarray]:
-    """Evaluate the uniform baselines (:data:`BASELINES`) and every uniform configuration of the search space.
+def evaluate_baselines(problem: LayerwiseQuantizationProblem,
+                       named: dict | None = None) -> tuple[dict[str, Evaluation], np.ndarray]:
+    """Evaluate the uniform baselines (``named``: ``{name: {quantizer: bits}}``, default :data:`BASELINES`) and
+    every uniform configuration of the search space.
 
     Every algorithm starts from them, so that no front is worse than uniform quantization. Returns the baselines
     by name and the genomes of all those in the space (seeds for a population).
     """
-    baselines = {name: problem.evaluate_bits(bits) for name, bits in _baseline_bits(problem).items()}
+    named = _baseline_bits(problem) if named is None else named
+    baselines = {name: problem.evaluate_bits(bits) for name, bits in named.items()}
     uniform = problem.evaluate_genomes(uniform_genomes(problem))
     inside = [e for e in [*baselines.values(), *uniform] if problem.in_space(e.bits)]
     seeds = np.array(list(dict.fromkeys(problem.genome(e.bits) for e in inside)), dtype=int)
@@ -130,7 +135,8 @@ def _open_store(session: Session, run_dir: Path, resume: bool) -> RunStore:
 def _build_problem(session: Session, store: RunStore) -> LayerwiseQuantizationProblem:
     ranges = session.bit_ranges
     return LayerwiseQuantizationProblem(session.qmodel, session.evaluator("search"), session.bound,
-                                        {g: ranges[g] for g in session.genes}, session.costs(session.config.cost),
+                                        {g: ranges[g] for g in session.genes},
+                                        session.costs(session.config.cost_names),
                                         cache=store.cache(), genes=session.genes,
                                         fixed_bits={n: r[1] for n, r in ranges.items()})
 
@@ -167,7 +173,7 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
             raise Interrupted(f"stopped after {len(problem.evaluations)} new evaluations")
 
     problem.listeners.append(record)
-    needed = baseline_cost(problem)
+    needed = baseline_cost(problem, session.baselines)
     if config.budget is not None and config.budget < needed:
         raise ValueError(f"budget {config.budget:g} is below the {needed} full evaluations that the uniform "
                          f"baselines take before any search: give --budget {needed} or more")
@@ -187,7 +193,7 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
             bar = _progress_bar(config, problem, budget)
             problem.visitors.append(lambda _e: bar.update(min(budget.spent, bar.total) - bar.n))
         with clock("baselines"):
-            found["baselines"], seeds = evaluate_baselines(problem)
+            found["baselines"], seeds = evaluate_baselines(problem, session.baselines)
         with clock("search"):
             if config.early_reject_mode != "off":  # after the baselines: their table reports full-split accuracies
                 session.evaluator("search").reject_below(bound.limit)
@@ -359,10 +365,15 @@ def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, sto
         session.calibrate(progress=lambda batches: _phase(batches, "calibration", progress, config.calib_batches))
     if not session.genes:
         raise ValueError(f"search-space {config.search_space}: {config.model} has no Conv/Linear weight to search")
-    log.info("%d activation and %d weight quantizers (%s), calibrated on %d images (%s); %d genes (%s)",
-             len(session.qmodel.activation_names), len(session.qmodel.weight_names), session.predicate,
-             len(session.splits.calibration), config.calibration or config.calib_method, len(session.genes),
-             config.search_space)
+    if config.target:
+        log.info("target %s: %d Linear/Conv layers, each a gene over its formats; int8-static calibrated on %d "
+                 "images; deployment batch %d", config.target, len(session.genes), len(session.splits.calibration),
+                 config.deploy_batch)
+    else:
+        log.info("%d activation and %d weight quantizers (%s), calibrated on %d images (%s); %d genes (%s)",
+                 len(session.qmodel.activation_names), len(session.qmodel.weight_names), session.predicate,
+                 len(session.splits.calibration), config.calibration or config.calib_method, len(session.genes),
+                 config.search_space)
     with clock("fp32"):
         fp32 = {split: session.fp32(split) for split in ("search", "validation", "holdout")
                 if session.evaluator(split) is not None}
@@ -380,13 +391,19 @@ def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, sto
     try:
         with clock("profile"):
             problem = _build_problem(session, store)
-            every_cost = session.costs(list(COSTS))
+            every_cost = session.costs(list(TARGET_COSTS if config.target else COSTS))
         reused = len(problem.cache)
         found = _search(session, problem, store, clock, progress, stop_requested)
         clock.timings["mean_evaluation"] = (sum(e.seconds for e in problem.evaluations)
                                             / max(1, len(problem.evaluations)))
         with clock("holdout"):
             found |= _confirm_front(session, problem, store, progress)
+        if config.target:
+            from .target import deploy_front
+
+            with clock("deploy"):
+                found["deployed"] = deploy_front(session, found["front"], found["baselines"],
+                                                 lambda items, desc: _phase(items, desc, progress))
         names = session.qmodel.quantizer_names
         found["fp32_costs"] = {c.name: c.fp32 for c in every_cost}
         found["baseline_costs"] = {"FP32": dict(found["fp32_costs"])} | {

@@ -32,13 +32,19 @@ def _axes(ax, path, figsize):
     return plt.subplots(figsize=figsize)[1]
 
 
+COST_LABELS = {"latency": "latency (ms per call at the deployment batch; predicted)",
+               "size": "weights as the runtime stores them (bytes)"}
+
+
 def plot_front(evaluations: Sequence[Evaluation], front: Sequence[Evaluation], cost: str,
                baselines: Mapping[str, Evaluation] | None = None, fp32_accuracy: float | None = None,
-               bound: Bound | None = None, path: str | Path | None = None, ax=None):
+               bound: Bound | None = None, path: str | Path | None = None, ax=None,
+               measured: Mapping[str, tuple[float, float]] | None = None):
     """The metric against ``cost``: every evaluation, the front, uniform baselines, FP32 and the bound.
 
     Fractions (top-1, agreement) are shown as percentages; a lower-is-better metric (KL) is drawn with its axis
-    inverted, so that better is up in every plot.
+    inverted, so that better is up in every plot. ``measured`` (``{label: (cost, metric)}``) adds what the runtime
+    itself gave (a target run: measured latency, the runtime's own accuracy) as crosses.
     """
     ax = _axes(ax, path, (7, 4.5))
     metric = bound.metric if bound is not None else "accuracy"
@@ -89,7 +95,11 @@ def plot_front(evaluations: Sequence[Evaluation], front: Sequence[Evaluation], c
         ax.text(0.5, 0.5, f"empty front: no configuration met the {kind}\n({len(evaluations)} evaluated)",
                 transform=ax.transAxes, ha="center", va="center", fontsize=11, color="C3",
                 bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
-    ax.set_xlabel(cost)
+    for i, (label, (x, y)) in enumerate((measured or {}).items()):
+        ax.scatter([x], [k * y], marker="x", s=30, c="C1", zorder=5, label="measured in the runtime" if i == 0
+                   else None)
+        ax.annotate(label, (x, k * y), textcoords="offset points", xytext=(4, 3), fontsize=7, color="C1")
+    ax.set_xlabel(COST_LABELS.get(cost, cost))
     ax.set_ylabel(f"{metric} ({unit})" if percent else f"{metric} (lower is better)" if not higher_is_better
                   else metric)
     ax.grid(alpha=0.3)

@@ -15,7 +15,10 @@ from .plots import plot_convergence, plot_holdout
 from .record import RunRecord, read_record
 from .store import RunStore
 
-__all__ = ["write_report", "render_report"]
+__all__ = ["write_report", "render_report", "deployed_rows", "DEPLOYED_HEADER"]
+
+DEPLOYED_HEADER = ["configuration", "search (runtime)", "hold-out (runtime)", "predicted ms", "measured ms",
+                   "prediction error", "x FP32 speed", "file MB", "integer kernels after optimisation"]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -45,7 +48,9 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
                                                                                  splits.items())],
         ["quantizers", f"{len(run.quantizer_names)} (predicate `{s.get('predicate_resolved', s['predicate'])}`"
                        f", model input {'quantized' if s['quantize_input'] else 'not quantized'})"],
-        ["bit range", s["bits"]],
+        ["bit range", s["bits"]] if not s.get("target") else
+        ["target", f"`{s['target']}`: each Linear/Conv layer's runtime format is a gene; deployment batch "
+                   f"{s.get('deploy_batch')}, threads {s.get('threads') or 'default'}"],
         ["bound", f"{bound} on the search split (FP32 {bound.show(fp32['search'])}, "
                   f"{bound.show(drop, unit=False)}{' points' if bound.fraction else ''} from it)"],
         ["cost", ", ".join(costs)],
@@ -93,6 +98,9 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
     else:
         out += ["No hold-out split: the front was not re-checked on unseen data.", ""]
 
+    if run.summary.get("deployed"):
+        out += _deployed_section(run, show)
+
     out += ["## Convergence", "",
             f"Hypervolume of the feasible front of every evaluation so far, reference point {REFERENCE_POINT}. "
             "Generation 0 holds the uniform baselines; the feasible fraction is over the configurations first "
@@ -103,12 +111,49 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
             ""]
 
     out += ["## Figures", "", f"![Pareto front: accuracy against {costs[0]}](pareto.png)", "",
-            "![Bits per quantizer across the front, network order](bits_heatmap.png)", "",
+            *([] if s.get("target") else ["![Bits per quantizer across the front, network order](bits_heatmap.png)",
+                                          ""]),
             "![Hold-out against search accuracy of the Pareto points](holdout.png)", "",
             "![Hypervolume and feasible fraction per generation](convergence.png)", ""]
     if (run.run_dir / "sensitivity.png").is_file():
         out += ["![Per-quantizer sensitivity: accuracy drop with one quantizer lowered](sensitivity.png)", ""]
     return "\n".join(out)
+
+
+def deployed_rows(run: RunRecord, show) -> list[list]:
+    """A target run's deployed table (:data:`DEPLOYED_HEADER`): FP32, ORT's own int8, the uniform formats and
+    every front point, each as the runtime ran it (``show`` formats a metric value)."""
+    deployed = run.summary["deployed"]
+    rows, fp32 = deployed["rows"], deployed["rows"]["FP32"]["measured_ms"]
+    out = []
+    for label, row in rows.items():
+        predicted = row.get("predicted_ms")
+        kernels = ", ".join(f"{v} {k}" for k, v in row["integer_kernels"].items()) or "none"
+        out.append([label, show(row["search"]), show(row.get("holdout")),
+                    "-" if predicted is None else f"{predicted:.3f}", f"{row['measured_ms']:.3f}",
+                    "-" if predicted is None else f"{predicted / row['measured_ms'] - 1:+.1%}",
+                    f"{fp32 / row['measured_ms']:.2f}x", f"{row['file_bytes'] / 1e6:.2f}", kernels])
+    return out
+
+
+def _deployed_section(run: RunRecord, show) -> list[str]:
+    """What the runtime delivers, and which format each layer got on each front point."""
+    deployed = run.summary["deployed"]
+    out = ["## Deployed in ONNX Runtime (measured)", "",
+           f"Each configuration exported as the runtime's graph, scored by a default ONNX Runtime session itself "
+           f"(fed {deployed['deploy_batch']} sample(s) at a time) and timed end to end, interleaved, median of "
+           f"{deployed['repeats']} rounds, threads {deployed.get('threads') or 'default'}, on "
+           f"{deployed['machine'].get('cpu')}. *predicted* is the latency table's sum; *uniform* rows are the "
+           "search's own baselines; *ORT* rows are `onnxruntime.quantization.quantize_dynamic` / "
+           "`quantize_static` of the FP32 export.", "",
+           _table(DEPLOYED_HEADER, deployed_rows(run, show)), ""]
+    if run.front:
+        from ..deploy.targets.onnxruntime import FORMATS
+
+        header = ["layer", *[f"#{i}" for i in range(len(run.front))]]
+        rows = [[name, *[FORMATS[e.bits[j]] for e in run.front]] for j, name in enumerate(run.quantizer_names)]
+        out += ["### Format of each layer on each front point", "", _table(header, rows), ""]
+    return out
 
 
 def _search_line(s: dict, summary: dict) -> str:

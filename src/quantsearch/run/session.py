@@ -21,7 +21,7 @@ from ..fingerprints import file_sha256, fingerprint_model, fingerprint_tensors
 from ..quantize.calib import Calibration, calibrate, data_fingerprint
 from ..quantize.quantized_model import INPUT_QUANTIZER, QuantizedActivationsModel
 from ..search.bound import Bound
-from ..search.costs import CostModel, get_costs, profile_model
+from ..search.costs import CostModel, get_costs, parse_cost_names, profile_model
 from ..search.evaluator import Evaluator, NumericalError
 from ..sources.data import Preprocessing, Splits, data_loader, load_dataset, split_dataset
 from ..sources.models import create_model, model_preprocessing
@@ -33,6 +33,7 @@ log = logging.getLogger("quantsearch")
 # uniform (weight bits, activation bits) configurations, as in the ViT quantization literature's tables
 BASELINES = {"W8A8": (8, 8), "W8A6": (8, 6), "W6A6": (6, 6), "W4A8": (4, 8), "W8A4": (8, 4), "W4A4": (4, 4)}
 SPLITS = ("calibration", "search", "holdout")
+LATENCY_REPEATS = 10  # interleaved rounds per latency measurement (median kept)
 
 
 def resolve_predicate(predicate: str, model: nn.Module) -> str:
@@ -64,7 +65,7 @@ class Session:
     pretrained: bool
     splits: Splits
     predicate: str
-    qmodel: QuantizedActivationsModel
+    qmodel: QuantizedActivationsModel  # a target run: its RuntimeFormatModel (the genes are formats)
     device: torch.device
     calibration: Calibration | None = None
     fp32_seconds: dict[str, float] = field(default_factory=dict)
@@ -82,8 +83,14 @@ class Session:
 
     def calibrate(self, calibration: Calibration | None = None, progress=None) -> Calibration:
         """Apply ``calibration`` (the driver's, a file's) after checking that it fits, or calibrate as the
-        settings say; the result is also kept in ``self.calibration``. ``progress`` wraps the batches (a bar)."""
+        settings say; the result is also kept in ``self.calibration``. ``progress`` wraps the batches (a bar).
+        A target calibrates the ranges of its int8-static tensors in the runtime itself."""
         config = self.config
+        if config.target:
+            from ..deploy.targets.onnxruntime import RuntimeCalibration
+
+            self.calibration = RuntimeCalibration(self.qmodel.calibrate(self.calibration_inputs()))
+            return self.calibration
         loader = data_loader(self.splits.calibration, config.batch_size, self.device, config.loader_workers)
         loader = progress(loader) if progress is not None and calibration is None and not config.calibration \
             else loader
@@ -122,7 +129,7 @@ class Session:
                 return None
             start = time.perf_counter()
             try:
-                own = self.qmodel.unrefined() if self.qmodel.refined else contextlib.nullcontext()
+                own = self.qmodel.unrefined() if getattr(self.qmodel, "refined", None) else contextlib.nullcontext()
                 with own, self.qmodel.quantization_disabled():  # the model's own weights, not refined ones
                     self._fp32[split] = evaluate(self.qmodel)
             except NumericalError as exc:  # nothing to compare candidates with: bad input, not a failed candidate
@@ -157,16 +164,54 @@ class Session:
         return profile_model(self.qmodel, self.example)
 
     def costs(self, names: str | Sequence[str]) -> list[CostModel]:
-        """Cost models by name (``bits``, ``bops``, ...), from one shape-recording pass shared by all."""
+        """Cost models by name (``bits``, ``bops``, ...), from one shape-recording pass shared by all; a target's
+        (``latency``, ``size``) from its latency table and its formats."""
+        if self.config.target:
+            table = {"latency": lambda: self.latency_table.cost(), "size": self.qmodel.size_cost}
+            return [table[n]() for n in parse_cost_names(names, self.config.target)]
         return get_costs(names, self.qmodel, profile=self._profile)
+
+    @cached_property
+    def latency_table(self):
+        """The target's latency table: the settings' file (checked against this machine, model and batch size),
+        or measured here (each layer shape and format once per machine: cached)."""
+        from ..deploy.targets.latency import LatencyTable, measure_latency
+
+        config = self.config
+        if config.latency_table:
+            table = LatencyTable.load(config.latency_table)
+            table.check_fits(self.qmodel, config.threads)
+            return table
+        log.info("measuring latency in ONNX Runtime (deployment batch %d, threads %s; cached per machine)",
+                 config.deploy_batch, config.threads or "default")
+        return measure_latency(self.qmodel, self.example.cpu(), threads=config.threads, repeats=LATENCY_REPEATS)
+
+    @property
+    def baselines(self) -> dict[str, dict[str, int]]:
+        """The uniform configurations every search starts from, by name: :data:`BASELINES` (weight and activation
+        widths), or a target's formats (each layer that takes the format in it, the rest fp32)."""
+        names = self.qmodel.quantizer_names
+        if self.config.target:
+            from ..deploy.targets.onnxruntime import FORMATS, FP32
+
+            ranges = self.bit_ranges
+            return {fmt: {n: i if ranges[n][0] <= i else FP32 for n in names}
+                    for i, fmt in enumerate(FORMATS) if i != FP32}
+        weights = set(self.qmodel.weight_names)
+        return {name: {n: (w if n in weights else a) for n in names} for name, (w, a) in BASELINES.items()}
 
     @property
     def genes(self) -> list[str]:
+        if self.config.target:
+            return self.qmodel.quantizer_names
         return search_genes(self.qmodel, self.config.search_space)
 
     @property
     def bit_ranges(self) -> dict[str, tuple[int, int]]:
-        """Every quantizer's ``(lo, hi)``: ``--bits`` for activations, ``--weight-bits`` for weights."""
+        """Every quantizer's ``(lo, hi)``: ``--bits`` for activations, ``--weight-bits`` for weights (a target:
+        each layer's formats)."""
+        if self.config.target:
+            return self.qmodel.gene_ranges()
         weights = set(self.qmodel.weight_names)
         a, w = self.config.bit_range, self.config.weight_bit_range
         return {n: (w if n in weights else a) for n in self.qmodel.quantizer_names}
@@ -175,7 +220,8 @@ class Session:
     def resolved_settings(self) -> dict:
         """The settings as given, and what "auto" and the defaults resolved to in this session."""
         methods = sorted(set(self.calibration.methods.values())) if self.calibration is not None else []
-        return asdict(self.config) | {"predicate_resolved": self.predicate, "calibration_methods": methods,
+        return asdict(self.config) | {"cost": self.config.cost_names,
+                                      "predicate_resolved": self.predicate, "calibration_methods": methods,
                                       "preprocessing_resolved": self.preprocessing.to_dict(),
                                       "pretrained_resolved": self.pretrained}
 
@@ -184,7 +230,8 @@ class Session:
     def fingerprints(self) -> dict[str, str | None]:
         """Digests of what results depend on: weights, checkpoint file, search and hold-out images (computed once;
         the weights and images do not change within a session)."""
-        with self.qmodel.unfolded():  # the model's own weights, not those a per-channel fold moved ranges into
+        own = self.qmodel.unfolded() if hasattr(self.qmodel, "unfolded") else contextlib.nullcontext()
+        with own:  # the model's own weights, not those a per-channel fold moved ranges into
             model = fingerprint_model(self.model)
         out: dict[str, str | None] = {"model": model,
                                       "checkpoint": file_sha256(self.config.checkpoint)
@@ -217,6 +264,14 @@ def build_session(config: ExploreConfig, *, calibrate: bool = True, calibration:
     model = model.to(device, memory_format=torch.channels_last) if config.channels_last else model.to(device)
     splits = split_dataset(dataset, config.calibration_samples, config.eval_samples, config.holdout_samples,
                            seed=config.seed, validation=config.validation_samples)
+    if config.target:  # the genes are the runtime's formats per layer, not fake quantizers
+        from ..deploy.targets.onnxruntime import RuntimeFormatModel
+
+        rmodel = RuntimeFormatModel(model, batch_size=config.deploy_batch, threads=config.threads)
+        session = Session(config, model, preprocessing, pretrained, splits, config.target, rmodel, device)
+        if calibrate:
+            session.calibrate(calibration)
+        return session
     predicate = resolve_predicate(config.predicate, model)
     try:
         qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input,

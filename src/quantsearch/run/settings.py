@@ -41,7 +41,7 @@ class ExploreConfig:
     bits: str = "2:8"
     min_accuracy: float | None = None
     max_accuracy_drop: float = 0.01
-    cost: str = "bits"
+    cost: str | None = None  # comma-separated; None: bits, or latency with a target
     search_space: str = "activations"
     weight_bits: str = "2:8"
     pop_size: int = 20
@@ -82,6 +82,11 @@ class ExploreConfig:
     budget: float | None = None  # full evaluations, baselines included; None: baselines + pop x (gens + 1)
     early_reject: bool | str = "auto"  # off/false, floor/true, front (racing), auto (front where hits are counted)
     sensitivity: str | None = None  # measured or gradient (None: the algorithm's own, see search.SENSITIVITY_DEFAULTS)
+    # a deployment target: the genes become the formats a runtime runs per layer (see deploy/targets/)
+    target: str | None = None  # onnxruntime-cpu; None: bit-widths for hardware that runs them (costs are proxies)
+    deploy_batch: int = 1  # the batch size the target serves at: latency and dynamic grids depend on it
+    threads: int | None = None  # the runtime's intra-op threads (None: its default); latency depends on it
+    latency_table: str | None = None  # a latency table measured before on this machine (default: measured, cached)
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -104,6 +109,11 @@ class ExploreConfig:
         values = asdict(self)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return ExploreConfig(**values)
+
+    @property
+    def cost_names(self) -> str:
+        """``cost`` as given, or its default: ``bits``, or ``latency`` with a target."""
+        return self.cost or ("latency" if self.target else "bits")
 
     @property
     def bit_range(self) -> tuple[int, int]:
@@ -168,6 +178,7 @@ class ExploreConfig:
                                                  or self.holdout_samples < 0):
             raise ConfigError(f"holdout-samples must be a non-negative integer, got {self.holdout_samples!r}")
         self._validate_sources()
+        self._validate_target()
         fraction = _is_fraction_metric(self.metric)
         if self.min_accuracy is not None and not 0.0 <= float(self.min_accuracy) <= 1.0 and fraction:
             raise ConfigError(f"min-accuracy must lie in [0, 1] (a fraction, not a percentage), "
@@ -220,7 +231,7 @@ class ExploreConfig:
         from ..search.costs import parse_cost_names
 
         try:
-            parse_cost_names(self.cost)
+            parse_cost_names(self.cost_names, self.target)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         from ..quantize.calib import CalibrationError, MethodSpec, check_form_methods, override_spec
@@ -240,6 +251,37 @@ class ExploreConfig:
                 check_preprocessing(self.preprocessing)
             except DataError as exc:
                 raise ConfigError(str(exc)) from None
+
+    def _validate_target(self) -> None:
+        """A deployment target's settings, and the ones that describe fake quantizers it does not use."""
+        if self.target is None:
+            for name in ("latency_table", "threads"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name.replace('_', '-')} is a setting of a deployment target: give "
+                                      "--target onnxruntime-cpu")
+            return
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
+        for name in ("deploy_batch", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for name in ("quant_forms", "calibration", "calib_overrides"):
+            if getattr(self, name):
+                raise ConfigError(f"{name.replace('_', '-')} describes fake quantizers; target {self.target} runs "
+                                  "the runtime's own formats: leave it out")
+        if self.sensitivity == "gradient":
+            raise ConfigError(f"sensitivity gradient differentiates through fake quantizers; target {self.target}'s "
+                              "genes are runtime formats: use measured (the default with a target)")
+        if self.workers:
+            raise ConfigError(f"target {self.target} evaluates in one process (ONNX Runtime sessions): leave "
+                              "--workers out")
+        if self.latency_table is not None and not Path(self.latency_table).is_file():
+            raise ConfigError(f"latency table {self.latency_table} does not exist")
+        from importlib.util import find_spec
+
+        if find_spec("onnxruntime") is None or find_spec("onnx") is None:
+            raise ConfigError(f"target {self.target} needs ONNX Runtime: pip install 'quantsearch[onnx]'")
 
     def _validate_sources(self) -> None:
         """Model, data and metric settings: kinds, files and mappings, checked before any loading."""
@@ -274,6 +316,7 @@ class ExploreConfig:
 
 
 DATASET_KINDS = ("fashion-mnist", "imagefolder", "images")
+TARGETS = ("onnxruntime-cpu",)
 
 
 def _is_fraction_metric(metric: str) -> bool:

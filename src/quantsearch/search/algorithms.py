@@ -183,6 +183,8 @@ def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, genera
     method = sensitivity or SENSITIVITY_DEFAULTS[name]
     if method == "gradient" and not hasattr(problem.metric, "batches"):
         method = "measured"  # a metric without data of its own (a plain callable) has no gradients to offer
+    if method == "gradient" and not hasattr(problem.qmodel, "weight_names"):
+        method = "measured"  # a runtime's formats (a target) are no fake quantizers to differentiate through
     if method == "gradient" and gradient_cost(problem) > max(0.0, budget.left) * sensitivity_share:
         method = "measured"  # the backward pass would take more of the budget than sensitivities may
     if method == "gradient":

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CostModel", "TotalBits", "ActivationMemory", "ModelSize", "BOPs", "Latency", "COSTS", "get_costs",
-           "MatmulOp", "ModelProfile", "profile_model", "UNQUANTIZED_BITS"]
+__all__ = ["CostModel", "TotalBits", "ActivationMemory", "ModelSize", "BOPs", "UnaryTable", "Latency", "RuntimeSize",
+           "TARGET_COSTS", "COSTS", "get_costs", "MatmulOp", "ModelProfile", "profile_model", "UNQUANTIZED_BITS"]
 
 UNQUANTIZED_BITS = 32
 
@@ -275,11 +275,11 @@ class BOPs:
         return float(sum(op.macs * width(op.operands[0]) * width(op.operands[1]) for op in self.ops))
 
 
-class Latency:
-    """Seconds per call on a runtime: a measured fixed part plus each layer's entry for its format (the gene is a
-    format index, ``top`` fp32's); built from a latency table (:mod:`quantsearch.deploy.targets.latency`)."""
+class UnaryTable:
+    """A cost that is a fixed part plus one entry per layer for its gene value: what a runtime's formats cost,
+    measured or counted by the target (:mod:`quantsearch.deploy.targets`). ``top`` is fp32's gene."""
 
-    name = "latency"
+    name = "table"
 
     def __init__(self, layers: Mapping[str, Mapping[int, float]], fixed: float, top: int):
         self.layers = {n: {int(g): float(s) for g, s in v.items()} for n, v in layers.items()}
@@ -290,17 +290,40 @@ class Latency:
         return self.fixed + sum(v[bits[n]] for n, v in self.layers.items())
 
 
+class Latency(UnaryTable):
+    """Milliseconds per call on a runtime at the deployment batch size: a measured fixed part plus each layer's
+    measured entry for its format (a latency table's, :mod:`quantsearch.deploy.targets.latency`)."""
+
+    name = "latency"
+
+
+class RuntimeSize(UnaryTable):
+    """Bytes of the weights as the runtime stores them: each layer's in its format (codes and scales), every other
+    parameter as fp32."""
+
+    name = "size"
+
+
+TARGET_COSTS = ("latency", "size")  # the costs of a deployment target (--target), in the runtime's own units
+
+
 COSTS = {"bits": TotalBits, "activation-memory": ActivationMemory, "model-size": ModelSize, "bops": BOPs}
 
 
-def parse_cost_names(names: str | Sequence[str]) -> list[str]:
-    """``"bops,model-size"`` -> ``["bops", "model-size"]``, checked against :data:`COSTS`."""
+def parse_cost_names(names: str | Sequence[str], target: str | None = None) -> list[str]:
+    """``"bops,model-size"`` -> ``["bops", "model-size"]``, checked against :data:`COSTS` (a deployment
+    ``target``'s: :data:`TARGET_COSTS`)."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     names = list(names)
-    unknown = [n for n in names if n not in COSTS]
+    known = TARGET_COSTS if target else tuple(COSTS)
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise ValueError(f"unknown cost {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(COSTS)}")
+        other = "the proxies without a target" if target else "a --target's costs"
+        where = f" of target {target}" if target else ""
+        hint = f" ({unknown[0]} is one of {other})" if unknown and unknown[0] in (*COSTS, *TARGET_COSTS) else ""
+        raise ValueError(f"unknown cost{where} {unknown[0] if unknown else '(none)'!r}; choose from "
+                         f"{', '.join(known)}{hint}")
     if len(set(names)) != len(names):
         raise ValueError(f"cost {next(n for n in names if names.count(n) > 1)!r} is given twice")
     return names

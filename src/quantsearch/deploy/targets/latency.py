@@ -130,15 +130,16 @@ class LatencyTable:
     uniform: dict = field(default_factory=dict)  # seconds of each uniform configuration, measured whole
 
     def predict(self, formats: Mapping[str, int]) -> float:
-        """The predicted latency of a configuration (format index per layer; missing layers are fp32)."""
-        return self.cost()({n: int(formats.get(n, FP32)) for n in self.layers})
+        """The predicted seconds of a configuration (format index per layer; missing layers are fp32)."""
+        return self.cost()({n: int(formats.get(n, FP32)) for n in self.layers}) / 1e3
 
     def cost(self):
-        """The table as a search cost (:class:`~quantsearch.search.costs.Latency`): entries by gene value."""
+        """The table as a search cost (:class:`~quantsearch.search.costs.Latency`, in milliseconds): entries by
+        gene value."""
         from ...search.costs import Latency
 
-        return Latency({n: {FORMATS.index(f): s for f, s in v.items()} for n, v in self.layers.items()},
-                       self.fixed, FP32)
+        return Latency({n: {FORMATS.index(f): 1e3 * s for f, s in v.items()} for n, v in self.layers.items()},
+                       1e3 * self.fixed, FP32)
 
     def check_fits(self, rmodel: RuntimeFormatModel, threads: int | None = None) -> None:
         """One line naming the first mismatch between this table and the machine, model or batch size."""

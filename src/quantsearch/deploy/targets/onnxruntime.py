@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from dataclasses import dataclass, field
 import os
 import tempfile
 from collections import OrderedDict
@@ -44,7 +45,7 @@ from ..export import ExportError
 from .static import (conv_nodes, inline_identities, insert_static, runtime_session, static_tensors, tensor_ranges,
                      uint8_grid)
 
-__all__ = ["FORMATS", "FP32", "BLOCK", "RuntimeFormatModel", "dynamic_uint8", "int8_channel_codes", "int4_block_codes",
+__all__ = ["FORMATS", "FP32", "BLOCK", "RuntimeCalibration", "RuntimeFormatModel", "dynamic_uint8", "int8_channel_codes", "int4_block_codes",
            "format_nodes", "export_runtime_onnx", "CONVS"]
 
 FORMATS = ("int4-weight", "int8-dynamic", "int8-static", "fp32")  # least precise first: the gene is the index
@@ -52,6 +53,18 @@ FP32, STATIC = FORMATS.index("fp32"), FORMATS.index("int8-static")
 CONVS = (nn.Conv1d, nn.Conv2d)
 BLOCK = 32
 MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class RuntimeCalibration:
+    """What a target run calibrates: ORT's MinMax range of each tensor an int8-static layer quantizes (by ONNX
+    tensor name), as a run records it."""
+
+    ranges: Mapping[str, tuple[float, float]]
+    methods: Mapping[str, str] = field(default_factory=lambda: {"int8-static": "minmax"})
+
+    def to_dict(self) -> dict:
+        return {"target": "onnxruntime-cpu", "method": "minmax", "ranges": {t: list(r) for t, r in self.ranges.items()}}
 
 
 def dynamic_uint8(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -202,6 +215,26 @@ class RuntimeFormatModel(nn.Module):
         finally:
             for name, index in formats.items():
                 self._set(name, index)
+
+    quantization_disabled = fp32  # what an evaluator calls for the FP32 reference of a label-free metric
+
+    def size_cost(self):
+        """Bytes of the weights as ORT stores each format (:class:`~quantsearch.search.costs.RuntimeSize`): fp32
+        4 a weight; int8 1 a weight plus a scale and zero point per output channel; int4 half a byte a weight plus
+        a 4-byte scale per block of :data:`BLOCK`. Every other parameter (biases, norms, embeddings) is fp32."""
+        from ...search.costs import RuntimeSize
+
+        layers, covered = {}, set()
+        for name, module in self.layers.items():
+            n, k = module.weight.shape[0], module.weight[0].numel()
+            blocks = -(-k // BLOCK)
+            entry = {"fp32": 4 * n * k, "int8-static": n * k + 5 * n, "int8-dynamic": n * k + 5 * n,
+                     "int4-weight": n * blocks * (BLOCK // 2 + 4)}
+            lo, hi = self.gene_ranges()[name]
+            layers[name] = {i: float(entry[FORMATS[i]]) for i in range(lo, hi + 1)}
+            covered.add(id(module.weight))
+        fixed = 4.0 * sum(p.numel() for p in self.model.parameters() if id(p) not in covered)
+        return RuntimeSize(layers, fixed, FP32)
 
     def forward(self, *args, **kwargs):
         if self.evaluate_in == "onnxruntime" or "int8-static" in self.formats.values():

@@ -1,0 +1,76 @@
+"""A target run's deployment stage: the front as the runtime delivers it.
+
+Every front point, every uniform format and ONNX Runtime's own uniform int8 (``quantize_dynamic``,
+``quantize_static``) is exported as the runtime's graph, scored on the hold-out split by a default ORT session
+itself (fed the deployment batch at a time), and timed end to end against the FP32 export, all interleaved in this
+one process at the deployment batch size. Each point's predicted latency (the table's) stands beside its measured
+one, and the integer kernels a default session runs after its optimisation are counted, so the speed is seen to
+be real.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from ..deploy.onnx_export import INTEGER_KERNELS, runtime_kernels
+from ..deploy.targets.baselines import OnnxModel, ort_quantized
+from ..deploy.targets.latency import measure_end_to_end
+from ..deploy.targets.onnxruntime import export_runtime_onnx
+from .session import LATENCY_REPEATS, Session
+
+__all__ = ["deploy_front"]
+
+log = logging.getLogger("quantsearch")
+
+
+def _integer_kernels(path: Path) -> dict[str, int]:
+    return {k: v for k, v in runtime_kernels(path).items() if k in INTEGER_KERNELS}
+
+
+def deploy_front(session: Session, front, baselines: dict, phase=lambda items, desc: items) -> dict:
+    """Export, score in ORT and time every front point, each uniform baseline (``{name: Evaluation}``) and ORT's
+    own int8 against FP32. Returns ``{"rows": {label: row}, "points": [label of each front point]}``; a row holds
+    its ``bits`` (None for ORT's files), search and hold-out metric in ORT, predicted and measured milliseconds,
+    the file's bytes and its integer kernels."""
+    rmodel, config = session.qmodel, session.config
+    example = session.example.cpu()
+    search, holdout = session.evaluator("search"), session.evaluator("holdout")
+    search.reject_below(None)  # every row is scored on all the images
+    latency = session.costs("latency")[0]
+    batch = example[:1].expand(config.deploy_batch, *example.shape[1:]).contiguous().numpy()
+    configs = {"FP32": None, **{f"uniform {n}": e.bits for n, e in baselines.items()},
+               **{f"point {i}": e.bits for i, e in enumerate(front)}}
+    rows, saved = {}, rmodel.bit_widths
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, paths = Path(tmp), {}
+        try:
+            for label, bits in phase(list(configs.items()), "deploy in ONNX Runtime"):
+                rmodel.bit_widths = list(bits) if bits is not None else [hi for _, hi in
+                                                                         rmodel.gene_ranges().values()]
+                paths[label] = export_runtime_onnx(rmodel, folder / f"{len(paths)}.onnx", example)["path"]
+                rmodel.evaluate_in = "onnxruntime"  # the runtime's own answer, not the simulation
+                try:
+                    scores = {"search": search(rmodel), "holdout": holdout(rmodel) if holdout else None}
+                finally:
+                    rmodel.evaluate_in = "auto"
+                rows[label] = {"bits": None if bits is None else list(bits), **scores,
+                               "predicted_ms": latency(dict(zip(rmodel.quantizer_names, rmodel.bit_widths)))}
+        finally:
+            rmodel.bit_widths = saved
+        ort = ort_quantized(paths["FP32"], folder, [x.cpu() for x in session.calibration_inputs()])
+        for label, path in ort.items():
+            model = OnnxModel(path, config.deploy_batch, config.threads)
+            rows[label] = {"bits": None, "search": search(model), "holdout": holdout(model) if holdout else None,
+                           "predicted_ms": None}
+        paths.update(ort)
+        log.info("timing %d ONNX files end to end, interleaved (batch %d)", len(paths), config.deploy_batch)
+        seconds = measure_end_to_end(paths, batch, threads=config.threads, repeats=LATENCY_REPEATS)
+        for label, path in paths.items():
+            rows[label] |= {"measured_ms": 1e3 * seconds[label], "file_bytes": path.stat().st_size,
+                            "integer_kernels": _integer_kernels(path)}
+    if config.early_reject_mode != "off":
+        search.reject_below(session.bound.limit)
+    return {"rows": rows, "points": [f"point {i}" for i in range(len(front))],
+            "deploy_batch": config.deploy_batch, "threads": config.threads, "repeats": LATENCY_REPEATS,
+            "machine": session.latency_table.machine}
