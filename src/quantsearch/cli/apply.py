@@ -104,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
     from ..run.tables import format_table
     from ..search.bound import Bound
 
+    from .. import files
+    from ..deploy.targets.formatconfig import FormatConfigError, is_formatconfig
+
+    if is_formatconfig(files.read_json(args.bitconfig, "bit-config", FormatConfigError)):
+        return _run_target(args)
     if args.refine:  # refused in one line before the model loads
         from ..quantize.limits import check_refinement
 
@@ -252,6 +257,88 @@ def _export_onnx(path: str, session) -> bool:
     return n - compared["reference_agreeing"] <= n / 1000
 
 
+def _run_target(args: argparse.Namespace) -> int:
+    """A target run's format config: rebuild its session, set the formats and ranges, score both splits as the
+    search simulated them and as a default ONNX Runtime session computes them, recompute the costs; ``--export``
+    writes the runtime's graph, counts its integer kernels and times it against FP32."""
+    from ..deploy.targets.formatconfig import FormatConfig
+    from ..run.session import build_session
+    from ..run.tables import format_table
+    from ..search.bound import Bound
+
+    if args.refine:
+        raise ValueError("--refine adjusts fake-quantized weights; a format config runs the runtime's own formats")
+    fconfig = FormatConfig.load(args.bitconfig)
+    config = resolve(args, fconfig)
+    session = build_session(config, calibrate=False)
+    rmodel = session.qmodel
+    fconfig.apply(rmodel)
+    counts = {f: list(fconfig.layers.values()).count(f) for f in dict.fromkeys(fconfig.layers.values())}
+    print(f"{args.bitconfig}: {len(rmodel)} layers of {config.model}, target {config.target} (batch "
+          f"{config.deploy_batch}): " + ", ".join(f"{n} {f}" for f, n in counts.items()))
+    mismatches = identity_mismatches(fconfig, session)
+    for line in mismatches:
+        print(f"note: {line}: recorded accuracies are not compared")
+    if mismatches and args.check:
+        raise ValueError(f"cannot check {args.bitconfig}: {mismatches[0]}")
+    rows, differs = [], False
+    for name in (["search", "holdout"] if args.split == "both" else [args.split]):
+        evaluate = session.evaluator(name)
+        if evaluate is None:
+            continue
+        show = Bound.of(0.0, evaluate).show
+        simulated = evaluate(rmodel)
+        rmodel.evaluate_in = "onnxruntime"
+        runtime = evaluate(rmodel)
+        rmodel.evaluate_in = "auto"
+        recorded = [fconfig.accuracy.get(name), fconfig.accuracy.get(f"{name}_onnxruntime")]
+        same = [r is None or v == r for v, r in zip((simulated, runtime), recorded)]
+        differs = differs or (not mismatches and not all(same))
+        verdict = "-" if mismatches or recorded == [None, None] else "identical" if all(same) else "differs"
+        rows.append([name, evaluate.num_samples, show(simulated, unit=False), show(runtime, unit=False),
+                     *["-" if r is None else show(r, unit=False) for r in recorded], verdict])
+    metric = session.evaluator("search").name
+    print(format_table(["split", "images", f"{metric} (search's)", f"{metric} (ONNX Runtime)", "recorded",
+                        "recorded (ORT)", ""], rows))
+    print(format_table(["cost", "value", "/ FP32", "recorded", ""], _cost_rows(session, fconfig)))
+    if args.export:
+        _export_target(args.export, session, fconfig)
+    return 1 if args.check and differs else 0
+
+
+def _export_target(path: str, session, fconfig) -> None:
+    """Write the runtime's graph (loads in a default session, or one line and nothing written), then print what
+    a default session runs and how fast, against the FP32 export, interleaved at the deployment batch."""
+    import tempfile
+    from pathlib import Path
+
+    from ..deploy.onnx_export import INTEGER_KERNELS, runtime_kernels
+    from ..deploy.targets.latency import measure_end_to_end
+    from ..deploy.targets.onnxruntime import export_runtime_onnx
+    from ..run.session import LATENCY_REPEATS
+
+    if not str(path).endswith(".onnx"):
+        raise ValueError(f"--export {path}: a format config exports the runtime's ONNX graph: give PATH.onnx")
+    rmodel, config, example = session.qmodel, session.config, session.example.cpu()
+    export_runtime_onnx(rmodel, path, example)
+    kernels = runtime_kernels(path)
+    integer = {k: v for k, v in kernels.items() if k in INTEGER_KERNELS}
+    with tempfile.TemporaryDirectory() as tmp, rmodel.fp32():
+        fp32 = export_runtime_onnx(rmodel, Path(tmp) / "fp32.onnx", example)["path"]
+        batch = example[:1].expand(config.deploy_batch, *example.shape[1:]).contiguous().numpy()
+        times = measure_end_to_end({"fp32": fp32, "target": path}, batch, config.threads, LATENCY_REPEATS)
+        fp32_size = fp32.stat().st_size
+    size = Path(path).stat().st_size
+    print(f"\nONNX: {path}, ONNX Runtime's own graph; a default session runs "
+          + (", ".join(f"{v} {k}" for k, v in integer.items()) or "no integer kernel") + " after its optimisation")
+    print(f"size {size / 1e3:.0f} kB, FP32 ONNX {fp32_size / 1e3:.0f} kB ({size / fp32_size:.2f}x)")
+    recorded = fconfig.latency.get("measured_ms")
+    print(f"latency, batch {config.deploy_batch}, threads {config.threads or 'default'} (median of "
+          f"{LATENCY_REPEATS} interleaved): FP32 {1e3 * times['fp32']:.3f} ms, this {1e3 * times['target']:.3f} ms "
+          f"({times['fp32'] / times['target']:.2f}x FP32's speed)"
+          + (f"; the run measured {recorded:.3f} ms" if recorded else ""))
+
+
 def _cost_rows(session, bitconfig) -> list[list]:
     """Every recorded cost, recomputed on the model as applied (BOPs from a profile of this model)."""
     rows = []
@@ -263,6 +350,8 @@ def _cost_rows(session, bitconfig) -> list[list]:
             continue
         value = float(cost(session.qmodel.bits_dict()))
         verdict = "" if recorded is None else "identical" if value == recorded else "differs"
+        if name == "latency" and recorded:  # a measurement on this machine now, not a count
+            verdict = f"measured again ({value / recorded - 1:+.0%})"
         rows.append([name, f"{value:g}", f"{value / cost.fp32:.3f}", "-" if recorded is None else f"{recorded:g}",
                      verdict])
     return rows

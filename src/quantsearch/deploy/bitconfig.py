@@ -233,7 +233,8 @@ class BitConfig:
 
 def apply_bitconfig(model: nn.Module, config: "BitConfig | Mapping | str | Path",
                     example: torch.Tensor | None = None):
-    """Wrap ``model`` as its bit-config says and apply it: one line from a JSON file to a quantized model.
+    """Wrap ``model`` as its bit-config says and apply it: one line from a JSON file to a quantized model (a
+    target run's format config gives the model in its runtime formats, see :mod:`.targets.formatconfig`).
 
     ``config`` is a :class:`BitConfig`, a parsed bit-config dict, or the path of a JSON file; ``example`` (a
     batch) checks tensor shapes on real data instead of zeros of the recorded input shape. A refined bit-config's
@@ -241,6 +242,11 @@ def apply_bitconfig(model: nn.Module, config: "BitConfig | Mapping | str | Path"
     """
     from ..quantize.quantized_model import QuantizedActivationsModel
 
+    payload = files.read_json(config, "bit-config", BitConfigError) if isinstance(config, (str, Path)) else config
+    if isinstance(payload, Mapping) and payload.get("format") == "quantsearch-formats":  # a target run's point
+        from .targets.formatconfig import apply_formatconfig
+
+        return apply_formatconfig(model, payload)
     if isinstance(config, Mapping):
         config = BitConfig.from_dict(config)
     elif not isinstance(config, BitConfig):

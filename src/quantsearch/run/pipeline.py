@@ -381,6 +381,9 @@ def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, sto
     clock.timings["fp32_search_evaluation"] = session.fp32_seconds["search"]  # the yardstick of one evaluation
     log.info("FP32 %s: search %s%s; %s", bound.metric, bound.show(fp32["search"]),
              f", hold-out {bound.show(fp32['holdout'])}" if "holdout" in fp32 else "", bound)
+    if config.target:
+        with clock("latency_table"):  # measured (or a file checked against this machine) before anything is written
+            session.latency_table
     lock = RunLock.acquire(run_dir)  # the run's one owner until it ends, however it ends
     try:
         _check_directory(config, run_dir, resume)  # again, as the owner: nobody else got in meanwhile
