@@ -39,6 +39,7 @@ __all__ = ["LatencyTable", "LatencyError", "machine", "layer_shapes", "conv_spec
 
 SCHEMA_VERSION = 3  # 3: each layer's entries by format name; 2: by index, fp32 first
 GAP = 0.05  # seconds for idle threads to stop spinning between two timed sessions
+BLOCK_SECONDS, MAX_CALLS = 0.01, 30  # a fast graph's consecutive timed calls fill about this long, at most this many
 
 
 class LatencyError(ValueError):
@@ -232,22 +233,27 @@ def _op_graph(shape: tuple, n: int, fmt: str) -> bytes:
     return model.SerializeToString()
 
 
-def _time_interleaved(runs: Mapping[str, tuple], repeats: int, gap: float = GAP, calls: int = 3) -> dict[str, float]:
-    """Median over ``repeats`` rounds of each ``(session, feed)``'s fastest of ``calls`` consecutive timed calls;
-    each round visits every session in turn: a pause of ``gap`` seconds, an untimed call, then the timed ones.
+def _time_interleaved(runs: Mapping[str, tuple], repeats: int, gap: float = GAP, calls: int = 3,
+                      block: float = BLOCK_SECONDS) -> dict[str, float]:
+    """Median over ``repeats`` rounds of each ``(session, feed)``'s fastest of ``calls`` consecutive timed calls
+    (more for a fast graph: as many as fill ``block`` seconds, up to :data:`MAX_CALLS`); each round visits every
+    session in turn: a pause of ``gap`` seconds, an untimed call, then the timed ones.
 
     Interleaving spreads a load spike over all sessions alike. The pause lets the idle threads of the session
     before (ONNX Runtime's, or PyTorch's after an export) stop spinning; the untimed call wakes this session's own
     pool; the fastest of a few calls in a row drops a call that a neighbour on this shared machine interrupted
     (benchmarks/bench_timing_stability.py: four identical sessions 15-60 % apart timed one call a round, 2-30 %
-    this way; this shared machine stays noisy either way)."""
+    this way; this shared machine stays noisy either way). A sub-millisecond graph gets more calls: one
+    interruption costs it more, relatively, and more calls cost little."""
     times = {k: [] for k in runs}
     for _ in range(repeats):
         for key, (session, feed) in runs.items():
             time.sleep(gap)
+            start = time.perf_counter()
             session.run(None, feed)
+            warm = time.perf_counter() - start
             best = float("inf")
-            for _ in range(calls):
+            for _ in range(min(MAX_CALLS, max(calls, int(block / max(warm, 1e-6))))):
                 start = time.perf_counter()
                 session.run(None, feed)
                 best = min(best, time.perf_counter() - start)
