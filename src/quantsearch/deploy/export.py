@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .bitconfig import BitConfig
+from .errors import ExportError
 from ..files import write_atomic
 
 __all__ = ["ExportError", "EXPORT_FORMAT", "SUFFIXES", "export_quantized", "load_exported", "model_state",
@@ -31,10 +32,6 @@ EXPORT_VERSION = 1
 SUFFIXES = (".safetensors", ".pt", ".pth")
 MODEL_PREFIX = "model."
 QUANTIZER_PREFIX = "quantizers."
-
-
-class ExportError(ValueError):
-    """An export path of an unknown kind, or an export file that cannot be read back."""
 
 
 def metadata_path(path: str | Path) -> Path:

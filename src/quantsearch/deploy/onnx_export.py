@@ -40,7 +40,7 @@ import torch
 
 from ..quantize.forms import asymmetric_grid
 from ..quantize.limits import log_grid_at
-from .export import ExportError
+from .errors import ExportError
 
 __all__ = ["OPSET", "INT4_OPSET", "export_onnx", "export_fp32_onnx", "onnx_session", "run_onnx", "onnx_latency",
            "compare_onnx", "runtime_kernels", "RUNTIMES", "INTEGER_KERNELS"]

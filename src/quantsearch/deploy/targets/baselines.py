@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..export import ExportError
+from ..errors import ExportError
 from .static import runtime_session
 
 __all__ = ["ort_quantized", "OnnxModel", "ORT_BASELINES"]

@@ -30,7 +30,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..export import ExportError
+from ..errors import ExportError
 from .onnxruntime import CONVS, FORMATS, FP32, STATIC, RuntimeFormatModel, export_runtime_onnx, format_nodes
 from .static import conv_graph, conv_spec, insert_static, runtime_session, spec_key, tensor_shapes, uint8_grid
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..export import ExportError
+from ..errors import ExportError
 from .static import (conv_nodes, inline_identities, insert_static, runtime_session, static_tensors, tensor_ranges,
                      uint8_grid)
 

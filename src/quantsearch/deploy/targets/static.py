@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..export import ExportError
+from ..errors import ExportError
 
 __all__ = ["inline_identities", "uint8_grid", "static_weight_codes", "conv_nodes", "static_tensors", "insert_static",
            "tensor_ranges", "tensor_shapes", "runtime_session", "spec_key",
