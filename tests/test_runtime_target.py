@@ -206,3 +206,22 @@ def test_a_latency_table_from_another_machine_is_refused_in_one_line(measured, t
     path.write_text(json.dumps(payload | {"machine": table.machine}))
     with pytest.raises(LatencyError, match="formats fp32 for layer 'fc1', the target int4-weight, int8-dynamic"):
         LatencyTable.load(path).check_fits(rmodel, threads=1)
+
+
+def test_a_reanchored_table_takes_the_drift_out_and_keeps_the_additivity_error():
+    """Hand-computed: FP32's change moves the fixed part, each format's layer deltas scale with its uniform saving."""
+    from quantsearch.deploy.targets.latency import LatencyError, LatencyTable
+
+    dyn, fp32 = FORMATS.index("int8-dynamic"), FORMATS.index("fp32")
+    table = LatencyTable({"cpu": "x", "threads": 1, "onnxruntime": "1"}, 1,
+                         {"a": {"fp32": 1.0, "int8-dynamic": 0.5}, "b": {"fp32": 2.0, "int8-dynamic": 1.0}}, 1.0,
+                         4.0, uniform={"fp32": 4.0, "int8-dynamic": 2.5})
+    assert table.predict({"a": dyn, "b": dyn}) == pytest.approx(2.5)  # anchored: uniform is exact
+    now = table.reanchored({"fp32": 5.0, "int8-dynamic": 4.0})  # slower machine, and dynamic saves 1.0, not 1.5
+    assert now.predict({}) == pytest.approx(5.0) and now.predict({"a": dyn, "b": dyn}) == pytest.approx(4.0)
+    # a mixed point: fixed 1 + 1 = 2, a's delta -0.5 x (1.0 / 1.5), b at fp32
+    assert now.predict({"a": dyn, "b": fp32}) == pytest.approx(2.0 + 1.0 - 0.5 * 2 / 3 + 2.0)
+    same = table.reanchored(dict(table.uniform))
+    assert same.layers == table.layers and same.fixed == table.fixed
+    with pytest.raises(LatencyError, match="int8-dynamic missing"):
+        table.reanchored({"fp32": 5.0})

@@ -18,7 +18,8 @@ from .store import RunStore
 __all__ = ["write_report", "render_report", "deployed_rows", "DEPLOYED_HEADER"]
 
 DEPLOYED_HEADER = ["configuration", "search (runtime)", "hold-out (runtime)", "predicted ms", "measured ms",
-                   "error", "error as x FP32", "x FP32 speed", "file MB", "integer kernels after optimisation"]
+                   "error", "error as x FP32", "error, re-anchored", "x FP32 speed", "file MB",
+                   "integer kernels after optimisation"]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -134,6 +135,7 @@ def deployed_rows(run: RunRecord, show) -> list[list]:
                     "-" if predicted is None else f"{predicted:.3f}", f"{measured:.3f}",
                     "-" if predicted is None else f"{predicted / measured - 1:+.1%}",
                     "-" if predicted is None else f"{(predicted / fp32_predicted) / (measured / fp32) - 1:+.1%}",
+                    "-" if row.get("reanchored_ms") is None else f"{row['reanchored_ms'] / measured - 1:+.1%}",
                     f"{fp32 / measured:.2f}x", f"{row['file_bytes'] / 1e6:.2f}", kernels])
     return out
 
@@ -147,6 +149,8 @@ def _deployed_section(run: RunRecord, show) -> list[str]:
            f"{deployed['repeats']} rounds, threads {deployed.get('threads') or 'default'}, on "
            f"{deployed['machine'].get('cpu')}. *predicted* is the latency table's sum; *error as x FP32* compares predicted and measured latency "
            "each as a multiple of FP32's (the table is timed minutes before: this takes the machine's drift out); "
+           "*re-anchored* predicts with the table's whole-model anchors (FP32 and each uniform format) replaced by "
+           "this loop's own measurements, so that only the table's additivity error is left; "
            "*uniform* rows are the "
            "search's own baselines; *ORT* rows are `onnxruntime.quantization.quantize_dynamic` / "
            "`quantize_static` of the FP32 export.", "",

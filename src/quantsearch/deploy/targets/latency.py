@@ -134,6 +134,22 @@ class LatencyTable:
         """The predicted seconds of a configuration (format index per layer; missing layers are fp32)."""
         return self.cost()({n: int(formats.get(n, FP32)) for n in self.layers}) / 1e3
 
+    def reanchored(self, uniform: Mapping[str, float]) -> "LatencyTable":
+        """This table with its whole-model anchors measured again (``uniform``: seconds of FP32 and of each uniform
+        format, timed now): FP32's change moves the fixed part, and each format's layer deltas scale by how much
+        that format's uniform saving changed. Predictions of the uniform configurations are then exact again, so
+        what is left between a mixed configuration's prediction and its measurement is the table's additivity
+        error, not the machine's drift since the table was measured."""
+        if not set(self.uniform) <= set(uniform):
+            raise LatencyError(f"re-anchoring needs every uniform configuration the table was anchored on: "
+                               f"{', '.join(sorted(set(self.uniform) - set(uniform)))} missing")
+        scale = {f: (uniform[f] - uniform["fp32"]) / (t - self.uniform["fp32"]) if t != self.uniform["fp32"] else 1.0
+                 for f, t in self.uniform.items() if f != "fp32"}
+        layers = {n: {f: v["fp32"] + (s - v["fp32"]) * scale.get(f, 1.0) for f, s in v.items()}
+                  for n, v in self.layers.items()}
+        return LatencyTable(self.machine, self.batch_size, layers, self.fixed + uniform["fp32"] - self.uniform["fp32"],
+                            uniform["fp32"], 0, dict(uniform))
+
     def cost(self):
         """The table as a search cost (:class:`~quantsearch.search.costs.Latency`, in milliseconds): entries by
         gene value."""
