@@ -123,3 +123,18 @@ def test_bad_target_input_is_one_line_and_writes_nothing(target_run, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "measured with cpu 'Another CPU'" in err
     assert not (tmp_path / "never").exists()
+
+
+def test_a_resumed_target_run_costs_with_its_own_latency_table(target_run, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(target_run, copy)
+    table = json.loads((copy / "latency_table.json").read_text())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))  # nothing cached: only the run's table
+    assert explore_cli.main(["--resume", str(copy), "--no-progress", "--log-level", "WARNING"]) == 0
+    before = json.loads((target_run / "run.json").read_text())
+    after = json.loads((copy / "run.json").read_text())
+    assert [p["costs"] for p in after["front"]] == [p["costs"] for p in before["front"]]
+    assert json.loads((copy / "latency_table.json").read_text()) == table
+    assert not (tmp_path / "empty-cache").exists()  # nothing was measured layer by layer again

@@ -35,6 +35,7 @@ from .store import STORE_NAME, RunStore, StoreError
 __all__ = ["Interrupted", "explore", "resume_config", "evaluate_baselines"]
 
 log = logging.getLogger("quantsearch")
+LATENCY_TABLE = "latency_table.json"  # a target run's latency table, kept in its directory
 
 
 class Interrupted(Exception):
@@ -129,6 +130,8 @@ def _open_store(session: Session, run_dir: Path, resume: bool) -> RunStore:
     store = RunStore.create(run_dir, settings, overwrite=config.overwrite)
     store.put("fingerprint", fingerprint)
     store.write_json("calibration.json", session.calibration.to_dict())
+    if config.target:  # a resumed run costs its new evaluations with this same table
+        store.write_json(LATENCY_TABLE, session.latency_table.to_dict())
     return store
 
 
@@ -382,6 +385,9 @@ def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, sto
     log.info("FP32 %s: search %s%s; %s", bound.metric, bound.show(fp32["search"]),
              f", hold-out {bound.show(fp32['holdout'])}" if "holdout" in fp32 else "", bound)
     if config.target:
+        own = run_dir / LATENCY_TABLE
+        if resume and own.is_file():  # the table the stored evaluations were costed with
+            session.use_latency_table(own)
         with clock("latency_table"):  # measured (or a file checked against this machine) before anything is written
             session.latency_table
     lock = RunLock.acquire(run_dir)  # the run's one owner until it ends, however it ends

@@ -186,6 +186,15 @@ class Session:
                  config.deploy_batch, config.threads or "default")
         return measure_latency(self.qmodel, self.example.cpu(), threads=config.threads, repeats=LATENCY_REPEATS)
 
+    def use_latency_table(self, path) -> None:
+        """Take the latency table in ``path`` (a resumed run's own), checked against this machine, model and batch
+        size, so that the costs of new evaluations match those already stored."""
+        from ..deploy.targets.latency import LatencyTable
+
+        table = LatencyTable.load(path)
+        table.check_fits(self.qmodel, self.config.threads)
+        self.__dict__["latency_table"] = table
+
     @property
     def baselines(self) -> dict[str, dict[str, int]]:
         """The uniform configurations every search starts from, by name: :data:`BASELINES` (weight and activation
