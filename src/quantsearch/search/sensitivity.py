@@ -210,21 +210,22 @@ def measure_sensitivity(problem, widths: Iterable[int] | None = None, genes: Seq
 def budgeted_plan(problem, costs, evaluations: int, noise_genes: int = 4) -> list[tuple[str, int]]:
     """At most ``evaluations`` measurements, most useful first, for a search on a budget.
 
-    Only genes whose lowering saves cost are measured (the others are kept at the top by every model-guided
-    search), in order of the cost they save at the bottom of their range. First every such gene one bit above
-    its lowest width (enough signal above the noise, and near where cheap configurations live), preceded by
-    ``noise_genes`` of them one bit below the top (the reference's luck, see :attr:`Sensitivity.noise`); then the
-    lowest width, then the remaining widths from the bottom up.
+    Only widths that save cost are measured (a model-guided search never picks the others: a runtime format
+    below fp32 can be slower than fp32, where bits always save), and only genes that have one, in order of the
+    most cost a width of theirs saves. First every such gene one bit above its lowest width (enough signal above
+    the noise, and near where cheap configurations live), preceded by ``noise_genes`` of them one bit below the top
+    (the reference's luck, see :attr:`Sensitivity.noise`); then the lowest width, then the remaining widths from
+    the bottom up.
     """
     top = costs.hi.astype(int)
     saved = costs.savings(top)
     genes = [(g, i) for i, g in enumerate(problem.gene_names)
-             if top[i] > costs.lo[i] and saved[i, int(costs.lo[i])] > 0]
-    genes.sort(key=lambda t: -saved[t[1], int(costs.lo[t[1]])])
+             if top[i] > costs.lo[i] and saved[i, int(costs.lo[i]):top[i]].max() > 0]
+    genes.sort(key=lambda t: -saved[t[1], int(costs.lo[t[1]]):top[t[1]]].max())
     plan: list[tuple[str, int]] = []
 
     def add(gene, i, b):
-        if costs.lo[i] <= b < top[i] and (gene, b) not in seen:
+        if costs.lo[i] <= b < top[i] and saved[i, b] > 0 and (gene, b) not in seen:
             seen.add((gene, b))
             plan.append((gene, int(b)))
 
