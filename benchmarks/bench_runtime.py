@@ -35,33 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantsearch.deploy.targets.baselines import ort_quantized
 from quantsearch.deploy.targets.latency import measure_end_to_end, measure_latency
 from quantsearch.deploy.targets.onnxruntime import FORMATS, FP32, RuntimeFormatModel, export_runtime_onnx
 
 
 def _ort_baselines(fp32: Path, folder: Path, shape: tuple) -> dict[str, Path]:
-    """ORT's own uniform int8 on the FP32 export: dynamic, and static QDQ after its pre-processing."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Random(CalibrationDataReader):
-        def __init__(self):
-            rng = np.random.default_rng(0)
-            self.batches = iter([{"input": rng.standard_normal(shape, dtype=np.float32)} for _ in range(4)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    out = {}
-    quantize_dynamic(str(fp32), str(folder / "ort_dynamic.onnx"), weight_type=QuantType.QInt8)
-    out["ORT dynamic int8"] = folder / "ort_dynamic.onnx"
-    quant_pre_process(str(fp32), str(folder / "pre.onnx"), skip_symbolic_shape=True)
-    quantize_static(str(folder / "pre.onnx"), str(folder / "ort_static.onnx"), Random(),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    out["ORT static int8"] = folder / "ort_static.onnx"
-    return out
+    """ORT's own uniform int8 on the FP32 export (static calibrated on 4 random batches)."""
+    rng = np.random.default_rng(0)
+    return ort_quantized(fp32, folder, [torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+                                        for _ in range(4)])
 
 
 def _target_configs(rmodel: RuntimeFormatModel, table) -> dict[str, list[int]]:

@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ExportError
-from .static import runtime_session
+from .static import run_batches, runtime_session
 
 __all__ = ["ort_quantized", "OnnxModel", "ORT_BASELINES"]
 
@@ -66,8 +65,4 @@ class OnnxModel(nn.Module):
         self.session = runtime_session(str(path), threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        data = x.detach().cpu().float().contiguous().numpy()
-        step = self.batch_size
-        out = np.concatenate([self.session.run(None, {"input": data[i:i + step]})[0]
-                              for i in range(0, len(data), step)])
-        return torch.from_numpy(out).to(x.device)
+        return run_batches(self.session, x, self.batch_size)

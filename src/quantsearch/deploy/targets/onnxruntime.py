@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from .static import (conv_nodes, inline_identities, insert_static, runtime_session, static_tensors, tensor_ranges,
-                     uint8_grid)
+from .static import (conv_nodes, inline_identities, insert_static, run_batches, runtime_session, static_tensors,
+                     tensor_ranges, uint8_grid)
 
 __all__ = ["FORMATS", "FP32", "BLOCK", "RuntimeCalibration", "RuntimeFormatModel", "dynamic_uint8", "int8_channel_codes", "int4_block_codes",
            "format_nodes", "export_runtime_onnx", "CONVS"]
@@ -312,11 +312,8 @@ class RuntimeFormatModel(nn.Module):
             self._sessions[key] = runtime_session(self.runtime_onnx(x).SerializeToString(), self.threads)
             while len(self._sessions) > 2:
                 self._sessions.popitem(last=False)
-        session = self._sessions[key]
-        data = x.detach().cpu().float().contiguous().numpy()
-        step = self.batch_size if "int8-dynamic" in self.formats.values() else max(1, len(data))
-        out = np.concatenate([session.run(None, {"input": data[i:i + step]})[0] for i in range(0, len(data), step)])
-        return torch.from_numpy(out).to(x.device)
+        step = self.batch_size if "int8-dynamic" in self.formats.values() else max(1, len(x))
+        return run_batches(self._sessions[key], x, step)
 
 
 # -- ORT's graph ---------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import ExportError
 
 __all__ = ["inline_identities", "uint8_grid", "static_weight_codes", "conv_nodes", "static_tensors", "insert_static",
-           "tensor_ranges", "tensor_shapes", "runtime_session", "spec_key",
+           "tensor_ranges", "tensor_shapes", "runtime_session", "run_batches", "spec_key",
            "conv_spec", "conv_graph"]
 
 LOOK_THROUGH = ("Relu", "Clip")
@@ -347,3 +347,11 @@ def runtime_session(model, threads: int | None = None, spinning: bool = True):
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def run_batches(session, x: torch.Tensor, step: int) -> torch.Tensor:
+    """``x`` through an ORT session ``step`` samples at a time (what a server at that batch size computes: a
+    dynamic grid depends on it), back as a tensor on ``x``'s device."""
+    data = x.detach().cpu().float().contiguous().numpy()
+    out = np.concatenate([session.run(None, {"input": data[i:i + step]})[0] for i in range(0, len(data), step)])
+    return torch.from_numpy(out).to(x.device)
