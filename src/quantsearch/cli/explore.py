@@ -16,8 +16,7 @@ from . import run_command
 from ..run.settings import PARALLEL_KEYS, ConfigError, ExploreConfig, load_yaml
 
 log = logging.getLogger("quantsearch")
-TARGET_FORMATS = ("int4-weight", "int8-dynamic", "int8-static", "fp32")  # deploy.targets.onnxruntime.FORMATS
-SHORT_FORMATS = ("i4", "dyn", "st", "fp")
+SHORT_FORMATS = {"int4-weight": "i4", "int8-dynamic": "dyn", "int8-static": "st", "fp32": "fp"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,12 +187,14 @@ def print_report(run) -> None:
         return {True: "yes", False: "NO", None: "-"}[run.confirmed.get(e.bits)]
 
     target = run.settings.get("target")
-    code = (lambda g: SHORT_FORMATS[g]) if target else str
+    if target:
+        from ..deploy.targets.onnxruntime import FORMATS
+    code = (lambda g: SHORT_FORMATS[FORMATS[g]]) if target else str
     rows = [[i, show(e.accuracy), show(run.holdout.get(e.bits)), interval(e), verdict(e),
              *[cell for c in run.cost_names for cell in (f"{e.costs[c]:g}", f"{e.costs[c] / fp32_costs[c]:.4f}")],
              " ".join(code(e.bits[j]) for j in gene_index)]
             for i, e in enumerate(run.front)]
-    space = f"target {target}: formats {', '.join(f'{c}={f}' for c, f in zip(SHORT_FORMATS, TARGET_FORMATS))}" \
+    space = f"target {target}: formats {', '.join(f'{c}={f}' for f, c in SHORT_FORMATS.items())}" \
         if target else run.summary.get("search_space")
     print(f"\nPareto front ({len(run.front)} points, {run.num_evaluations} evaluations, cheapest "
           f"{run.cost_names[0]} first; {len(genes)} genes: {space})\n"
