@@ -221,7 +221,7 @@ def _export_onnx(path: str, session) -> bool:
     import tempfile
     from pathlib import Path
 
-    from ..deploy.onnx_export import (INTEGER_KERNELS, RUNTIMES, compare_onnx, export_fp32_onnx, export_onnx,
+    from ..deploy.onnx_export import (RUNTIMES, compare_onnx, export_fp32_onnx, export_onnx, integer_kernels,
                                       onnx_latency, onnx_session, runtime_kernels)
     from ..run.tables import format_table
     from ..search.bound import Bound
@@ -247,7 +247,7 @@ def _export_onnx(path: str, session) -> bool:
     print(format_table(["runtime", f"{split} {evaluate.name}", "top-1 as PyTorch's"], rows))
     print(f"size {size / 1e3:.0f} kB, FP32 ONNX {fp32_size / 1e3:.0f} kB ({size / fp32_size:.2f}x)")
     kernels = runtime_kernels(path)
-    integer = {k: v for k, v in kernels.items() if k in INTEGER_KERNELS}
+    integer = integer_kernels(kernels)
     left = sum(kernels.get(k, 0) for k in ("QuantizeLinear", "DequantizeLinear"))
     print("a default session runs " + (", ".join(f"{v} {k}" for k, v in integer.items()) or "no integer kernel")
           + f"; {left} QuantizeLinear/DequantizeLinear left in float after its optimisation")
@@ -312,7 +312,7 @@ def _export_target(path: str, session, fconfig) -> None:
     import tempfile
     from pathlib import Path
 
-    from ..deploy.onnx_export import INTEGER_KERNELS, runtime_kernels
+    from ..deploy.onnx_export import integer_kernels, runtime_kernels
     from ..deploy.targets.latency import measure_end_to_end
     from ..deploy.targets.onnxruntime import export_runtime_onnx
     from ..run.session import LATENCY_REPEATS
@@ -321,8 +321,7 @@ def _export_target(path: str, session, fconfig) -> None:
         raise ValueError(f"--export {path}: a format config exports the runtime's ONNX graph: give PATH.onnx")
     rmodel, config, example = session.qmodel, session.config, session.example.cpu()
     export_runtime_onnx(rmodel, path, example)
-    kernels = runtime_kernels(path)
-    integer = {k: v for k, v in kernels.items() if k in INTEGER_KERNELS}
+    integer = integer_kernels(runtime_kernels(path))
     with tempfile.TemporaryDirectory() as tmp, rmodel.fp32():
         fp32 = export_runtime_onnx(rmodel, Path(tmp) / "fp32.onnx", example)["path"]
         batch = example[:1].expand(config.deploy_batch, *example.shape[1:]).contiguous().numpy()

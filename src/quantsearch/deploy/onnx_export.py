@@ -43,7 +43,7 @@ from ..quantize.limits import log_grid_at
 from .errors import ExportError
 
 __all__ = ["OPSET", "INT4_OPSET", "export_onnx", "export_fp32_onnx", "onnx_session", "run_onnx", "onnx_latency",
-           "compare_onnx", "runtime_kernels", "RUNTIMES", "INTEGER_KERNELS"]
+           "compare_onnx", "runtime_kernels", "integer_kernels", "RUNTIMES", "INTEGER_KERNELS"]
 
 # how ONNX Runtime runs the Q/DQ graph: "reference" executes each Q/DQ as written, in float (its bias-quantizing
 # pass off, the one basic pass that changes numbers); "deployed" is exactly what a user's
@@ -433,6 +433,11 @@ def runtime_kernels(path: str | Path) -> dict[str, int]:
     for node in graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def integer_kernels(kernels: dict[str, int]) -> dict[str, int]:
+    """The integer kernels among :func:`runtime_kernels`' counts (see :data:`INTEGER_KERNELS`)."""
+    return {k: v for k, v in kernels.items() if k in INTEGER_KERNELS}
 
 
 def run_onnx(session, evaluate) -> tuple[float, list[torch.Tensor]]:

@@ -14,7 +14,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ..deploy.onnx_export import INTEGER_KERNELS, runtime_kernels
+from ..deploy.onnx_export import integer_kernels, runtime_kernels
 from ..deploy.targets.baselines import OnnxModel, ort_quantized
 from ..deploy.targets.latency import measure_end_to_end
 from ..deploy.targets.onnxruntime import export_runtime_onnx
@@ -23,10 +23,6 @@ from .session import LATENCY_REPEATS, Session
 __all__ = ["deploy_front"]
 
 log = logging.getLogger("quantsearch")
-
-
-def _integer_kernels(path: Path) -> dict[str, int]:
-    return {k: v for k, v in runtime_kernels(path).items() if k in INTEGER_KERNELS}
 
 
 def deploy_front(session: Session, front, baselines: dict, phase=lambda items, desc: items) -> dict:
@@ -69,7 +65,7 @@ def deploy_front(session: Session, front, baselines: dict, phase=lambda items, d
         seconds = measure_end_to_end(paths, batch, threads=config.threads, repeats=LATENCY_REPEATS)
         for label, path in paths.items():
             rows[label] |= {"measured_ms": 1e3 * seconds[label], "file_bytes": path.stat().st_size,
-                            "integer_kernels": _integer_kernels(path)}
+                            "integer_kernels": integer_kernels(runtime_kernels(path))}
     table = session.latency_table
     now = {"fp32": seconds["FP32"], **{f: seconds[f"uniform {f}"] for f in table.uniform if f != "fp32"}}
     anchored = table.reanchored(now)  # this loop's uniform times: what is left is the table's additivity error
