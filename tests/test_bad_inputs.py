@@ -106,6 +106,8 @@ CASES = [
     ("explore", ["--budget", "5", "--eval-samples", "500", "--holdout-samples", "100"],
      ["budget 5 is below the", "full evaluations that the uniform baselines take"]),
     ("explore", ["--sensitivity", "hessian"], ["unknown sensitivity 'hessian'"]),
+    ("explore", ["--patience", "-1"], ["patience", ">= 0"]),
+    ("explore", ["--min-gain", "1.5"], ["min-gain", "[0, 1)"]),
     ("explore", ["--early-reject", "--metric", "kl"], ["early-reject", "kl"]),
     ("explore", ["--early-reject", "sometimes"], ["early-reject", "sometimes"]),
     ("explore", ["--calibration", "/nonexistent/calibration.json"], ["calibration file", "does not exist"]),

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"seeded from sensitivities, greedy and ILP; default {d.algorithm})")
     p.add_argument("--budget", type=float, help="evaluations to spend, in full search-split equivalents, the "
                    "baselines included (default: pop-size x (generations + 1) after the baselines)")
+    p.add_argument("--patience", type=int, help="stop nsga2 and guided once the search split's front has gained "
+                   "less than --min-gain of its hypervolume this many checks in a row (one per generation and per "
+                   f"population of seeds; 0: spend the whole budget; default {d.patience})")
+    p.add_argument("--min-gain", type=float, help="the relative hypervolume gain a check must make to count as "
+                   f"progress (default {d.min_gain})")
     p.add_argument("--sensitivity", help="how greedy, ilp and guided rate the genes: measured (single-gene "
                    "evaluations, AMP) or gradient (one backward pass, HAWQ/ModelOpt); default: measured for greedy, "
                    "gradient for ilp and guided")

@@ -19,9 +19,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-import numpy as np
-
 from ..search.bound import Bound
+from ..search.front import hypervolume, is_feasible as _feasible
 from ..search.problem import Evaluation
 
 __all__ = ["Convergence", "hypervolume", "convergence", "REFERENCE_POINT"]
@@ -29,31 +28,6 @@ __all__ = ["Convergence", "hypervolume", "convergence", "REFERENCE_POINT"]
 REFERENCE_POINT = ("(accuracy floor, FP32 cost): objectives are (-100 x accuracy, cost / FP32 cost) per cost, "
                    "reference (-100 x floor, 1, ...); units: accuracy points above the floor x fraction of the "
                    "FP32 cost saved")
-
-
-def _feasible(e: Evaluation, bound: Bound) -> bool:
-    return e.status == "ok" and bound.holds(e.accuracy)
-
-
-def hypervolume(evaluations: Sequence[Evaluation], bound: Bound | float, fp32_costs: Mapping[str, float],
-                cost_names: Sequence[str] | None = None) -> float:
-    """Hypervolume of the feasible ``evaluations`` against the fixed reference point (see the module docstring).
-
-    For a lower-is-better metric (KL) the first objective is ``+100 * metric`` and the reference the ceiling.
-    """
-    from pymoo.indicators.hv import HV
-
-    bound = Bound.of(bound)
-    feasible = [e for e in evaluations if _feasible(e, bound)]
-    if not feasible:
-        return 0.0
-    sign = -100.0 * bound.sign
-    cost_names = list(cost_names or feasible[0].costs)
-    points = np.array([[sign * e.accuracy] + [e.costs[c] / fp32_costs[c] for c in cost_names]
-                       for e in feasible])
-    reference = np.array([sign * bound.limit] + [1.0] * len(cost_names))
-    inside = points[np.all(points < reference, axis=1)]
-    return float(HV(ref_point=reference)(inside)) if len(inside) else 0.0
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from ..fingerprints import fingerprint_values
 from ..search.algorithms import run_algorithm
 from ..search.bound import Bound
 from ..search.budget import Budget, evaluation_cost
+from ..search.stopping import FrontStop
 from ..search.confidence import one_sided_z, paired_drop, wilson_interval
 from ..search.costs import COSTS, TARGET_COSTS
 from ..search.front import pareto_front
@@ -62,6 +63,7 @@ def resume_config(run_dir: str | Path) -> ExploreConfig:
     store = RunStore.open(run_dir)
     settings = {k: v for k, v in store.settings.items() if k in ExploreConfig.keys()}
     store.close()
+    settings.setdefault("patience", 0)  # a run from before the convergence stop spent its whole budget
     return ExploreConfig(**settings | {"out": str(run_dir), "overwrite": False})
 
 
@@ -216,8 +218,9 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
                                     cheapest=f"{now[0].costs[cost_names[0]]:g}" if now else "-",
                                     **({"per_worker": pool.progress()} if pool is not None else {}))
 
+            stop = FrontStop(problem, config.patience, config.min_gain) if config.patience else None
             outcome = run_algorithm(config.algorithm, problem, budget, config.pop_size, config.generations,
-                                    config.seed, seeds, on_generation, sensitivity=config.sensitivity)
+                                    config.seed, seeds, on_generation, sensitivity=config.sensitivity, stop=stop)
     finally:
         if pool is not None:
             found["parallel"] = {"workers": len(pool.done), "evaluations_per_worker": list(pool.done),

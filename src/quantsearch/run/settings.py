@@ -81,6 +81,8 @@ class ExploreConfig:
     algorithm: str = "guided"
     budget: float | None = None  # full evaluations, baselines included; None: baselines + pop x (gens + 1)
     early_reject: bool | str = "auto"  # off/false, floor/true, front (racing), auto (front where hits are counted)
+    patience: int = 2  # stop nsga2/guided once this many checks in a row gain < min-gain of the HV (0: never)
+    min_gain: float = 0.001  # relative hypervolume gain that counts as progress (see search/stopping.py)
     sensitivity: str | None = None  # measured or gradient (None: the algorithm's own, see search.SENSITIVITY_DEFAULTS)
     # a deployment target: the genes become the formats a runtime runs per layer (see deploy/targets/)
     target: str | None = None  # onnxruntime-cpu; None: bit-widths for hardware that runs them (costs are proxies)
@@ -159,6 +161,12 @@ class ExploreConfig:
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
                                         or not self.budget > 0):
             raise ConfigError(f"budget must be a positive number of full evaluations, got {self.budget!r}")
+        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 0:
+            raise ConfigError(f"patience must be a whole number of checks >= 0 (0: spend the whole budget), "
+                              f"got {self.patience!r}")
+        if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) \
+                or not 0 <= self.min_gain < 1:
+            raise ConfigError(f"min-gain must be a relative hypervolume gain in [0, 1), got {self.min_gain!r}")
         if self.sensitivity is not None and self.sensitivity not in SENSITIVITY_NAMES:
             raise ConfigError(f"unknown sensitivity {self.sensitivity!r}; choose from {', '.join(SENSITIVITY_NAMES)}")
         if self.early_reject not in EARLY_REJECT_MODES or isinstance(self.early_reject, (int, float)) \
