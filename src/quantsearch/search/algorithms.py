@@ -24,6 +24,7 @@ defaults follow the peers: measured for ``greedy``, gradient for ``ilp`` and ``g
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +43,7 @@ from pymoo.termination.max_gen import MaximumGenerationTermination
 from .random_greedy import greedy_search, random_search
 from .budget import Budget, BudgetTermination
 from .names import ALGORITHM_NAMES, SENSITIVITY_NAMES
-from .guided import guided_nsga2, guided_seeds
+from .guided import guided_nsga2, guided_seed_stream, guided_seeds
 from .ilp import ilp_search
 from .sampling import BudgetedSampling, UniformSeededSampling
 from .stopping import FrontStop, FrontStopTermination
@@ -217,9 +218,14 @@ def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, genera
         # NSGA-II has only a generation or two to breed, and the seeds (ILP solutions first) are the better use of
         # the evaluations (at 50, a share of 0.5 fell 0.005 below the ILP baseline's HV; 0.8 is 0.037 above it)
         count = max(pop_size, min(4 * pop_size, int(seed_share * max(0.0, budget.left))))
-        algorithm = guided_nsga2(problem, model, pop_size, allowed, extra_seeds, screen, seeds=count)
-        if stop is None or not steps(lambda: _seed_slices(algorithm.seeds, budget, pop_size, stop)):
-            evolve(algorithm)  # its first population, the seeds, is known by now when sliced: free
+        drawn, converged = None, False
+        if stop is not None:  # the seeds a population at a time, drawn lazily, the stop checked after each
+            stream = guided_seed_stream(model, count, allowed)
+            converged, drawn = steps(lambda: _seed_slices(stream, budget, pop_size, stop))
+        algorithm = guided_nsga2(problem, model, pop_size, allowed, extra_seeds, screen, seeds=count,
+                                 model_seeds=drawn)
+        if not converged:
+            evolve(algorithm)  # sliced seeds are known by now: its first population costs nothing
         outcome.details.update(seeds=len(algorithm.seeds), screened=algorithm.mating.screened,
                                infilled=algorithm.mating.infilled)
     else:  # several costs: NSGA-III from the same seeds (the model covers the first cost)
@@ -232,11 +238,16 @@ def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, genera
     return outcome
 
 
-def _seed_slices(seeds: np.ndarray, budget: Budget, size: int, stop: FrontStop) -> bool:
-    """Evaluate ``seeds`` ``size`` at a time (each slice races against the ones before), with the convergence
-    test after each slice; whether the search converged on them."""
-    for start in range(0, len(seeds), size):
-        budget.evaluate(seeds[start:start + size])
+def _seed_slices(stream, budget: Budget, size: int, stop: FrontStop) -> tuple[bool, np.ndarray]:
+    """Evaluate the seeds of ``stream`` ``size`` at a time (each slice races against the ones before), with the
+    convergence test after each slice: whether the search converged on them, and the seeds drawn."""
+    drawn = []
+    while budget.whole_left >= 1:
+        chunk = list(itertools.islice(stream, size))
+        if not chunk:
+            break
+        drawn.extend(chunk)
+        budget.evaluate(chunk)
         if stop.check():
-            return True
-    return False
+            break
+    return stop.converged_at is not None, np.array(drawn, dtype=int).reshape(len(drawn), budget.problem.n_var)

@@ -19,6 +19,8 @@ other algorithm) from an :class:`~quantsearch.surrogate.AdditiveModel`:
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.mating import Mating
@@ -28,31 +30,47 @@ from pymoo.operators.crossover.sbx import SBX
 from pymoo.operators.repair.rounding import RoundingRepair
 
 from .random_greedy import greedy_path
-from .ilp import coarse_to_fine, ilp_sweep, solve_ilp
+from .ilp import coarse_to_fine, ilp_solutions, solve_ilp, sweep_budgets
 from .sampling import UniformSeededSampling, uniform_genomes
 from .surrogate import AdditiveModel
 
-__all__ = ["guided_seeds", "insensitivity_weights", "SensitivityMutation", "GuidedMating", "guided_nsga2"]
+__all__ = ["guided_seed_stream", "guided_seeds", "insensitivity_weights", "SensitivityMutation", "GuidedMating", "guided_nsga2"]
+
+
+def guided_seed_stream(model: AdditiveModel, count: int, allowed_drop: float, span: float = 2.0,
+                       ilp_share: float = 0.75) -> Iterator[np.ndarray]:
+    """Up to ``count`` distinct genomes, drawn lazily from two families: ILP solutions for a sweep of ``count`` cost
+    budgets and greedy-path steps around the step where the modelled drop crosses ``allowed_drop`` (both coarse to
+    fine). Of the first ``n`` drawn, ``round(ilp_share * n)`` are ILP solutions while both last; then whichever
+    family has more to give. An ILP is solved only when its seed is drawn, so a search that stops on its first
+    seeds pays for those alone."""
+    if count <= 0:
+        return
+    ilp = ilp_solutions(model, sweep_budgets(model, max(2, count), allowed_drop, span))
+    path = greedy_path(model)
+    drops = model.total_drop(np.array(path))
+    window = [i for i, d in enumerate(drops) if d <= span * allowed_drop]
+    steps = iter([path[window[k]] for k in coarse_to_fine(len(window))] if window else [])
+    seen, drawn, from_ilp = set(), 0, 0
+    while drawn < count:
+        wants_ilp = from_ilp < round(ilp_share * (drawn + 1))
+        genome = None
+        for family, is_ilp in ((ilp, True), (steps, False)) if wants_ilp else ((steps, False), (ilp, True)):
+            genome = next((g for g in family if tuple(g) not in seen), None)  # skips (consumes) duplicates
+            if genome is not None:
+                from_ilp += is_ilp
+                break
+        if genome is None:
+            return
+        seen.add(tuple(genome))
+        drawn += 1
+        yield np.asarray(genome, dtype=int)
 
 
 def guided_seeds(model: AdditiveModel, count: int, allowed_drop: float, span: float = 2.0,
                  ilp_share: float = 0.75) -> np.ndarray:
-    """Up to ``count`` distinct genomes: ILP solutions for a budget sweep (``ilp_share`` of them), then greedy-path
-    steps around the step where the modelled drop crosses ``allowed_drop`` (both coarse to fine), then whichever
-    family has more to give."""
-    if count <= 0:
-        return np.zeros((0, model.drops.shape[0]), dtype=int)
-    ilp = ilp_sweep(model, max(2, count), allowed_drop, span)
-    path = greedy_path(model)
-    drops = model.total_drop(np.array(path))
-    window = [i for i, d in enumerate(drops) if d <= span * allowed_drop]
-    steps = [path[window[k]] for k in coarse_to_fine(len(window))] if window else []
-    first = int(round(ilp_share * count))
-    seeds, seen = [], set()
-    for genome in ilp[:first] + steps[:count - first] + ilp[first:] + steps[count - first:]:
-        if tuple(genome) not in seen and len(seeds) < count:
-            seen.add(tuple(genome))
-            seeds.append(np.asarray(genome, dtype=int))
+    """The whole :func:`guided_seed_stream`, as a ``(seeds, genes)`` array."""
+    seeds = list(guided_seed_stream(model, count, allowed_drop, span, ilp_share))
     return np.array(seeds, dtype=int).reshape(-1, model.drops.shape[0])
 
 
@@ -182,7 +200,7 @@ class GuidedMating(Mating):
 
 def guided_nsga2(problem, model: AdditiveModel, pop_size: int = 20, allowed_drop: float = 0.01,
                  extra_seeds: np.ndarray | None = None, screen: float | None = 3.0, span: float = 2.0,
-                 seeds: int | None = None, infill: float = 0.5) -> NSGA2:
+                 seeds: int | None = None, infill: float = 0.5, model_seeds: np.ndarray | None = None) -> NSGA2:
     """NSGA-II with sensitivity seeds, biased mutation and (``screen`` not None) the surrogate pre-screen.
 
     The first population holds ``seeds`` model seeds (default: what the population leaves after the uniform
@@ -193,7 +211,8 @@ def guided_nsga2(problem, model: AdditiveModel, pop_size: int = 20, allowed_drop
         fixed_rows.append(np.asarray(extra_seeds, dtype=int).reshape(-1, problem.n_var))
     fixed = len({tuple(r) for r in np.concatenate(fixed_rows).tolist()})
     count = seeds if seeds is not None else max(pop_size - fixed, (pop_size + 1) // 2)
-    model_seeds = guided_seeds(model, count, allowed_drop, span)
+    if model_seeds is None:  # given: seeds drawn (and evaluated) already, from guided_seed_stream
+        model_seeds = guided_seeds(model, count, allowed_drop, span)
     # the model's seeds first, so that a small population keeps them; then the uniform configurations and extras
     sampling = UniformSeededSampling(extra_seeds, first=model_seeds, keep_all=seeds is not None)
     crossover = SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair())

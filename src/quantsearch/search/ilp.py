@@ -20,13 +20,15 @@ import math
 import os
 import sys
 from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .surrogate import AdditiveModel
 
-__all__ = ["solve_ilp", "min_cost_for_drop", "ilp_sweep", "coarse_to_fine", "ilp_search"]
+__all__ = ["solve_ilp", "min_cost_for_drop", "sweep_budgets", "ilp_solutions", "ilp_sweep", "coarse_to_fine",
+           "ilp_search"]
 
 _TIE = 1e-7
 MIP_GAP = 0.0  # solved to optimality (0.2 to 0.6 s per solve on the demo's 58 genes)
@@ -145,13 +147,11 @@ def coarse_to_fine(n: int) -> list[int]:
     return order
 
 
-def ilp_sweep(model: AdditiveModel, count: int, allowed_drop: float, span: float = 2.0,
-              time_limit: float = 30.0) -> list[np.ndarray]:
-    """Distinct ILP solutions for ``count`` budgets, spaced evenly in log cost, in coarse-to-fine order.
-
-    The budgets run from the cheapest cost whose optimum stays within ``span * allowed_drop`` of modelled drop
-    (``allowed_drop``: the reference minus the floor) up to the cheapest cost with no modelled drop.
-    """
+def sweep_budgets(model: AdditiveModel, count: int, allowed_drop: float, span: float = 2.0,
+                  time_limit: float = 30.0) -> list[float]:
+    """``count`` cost budgets spaced evenly in log cost, in coarse-to-fine order: from the cheapest cost whose
+    optimum stays within ``span * allowed_drop`` of modelled drop (``allowed_drop``: the reference minus the floor)
+    up to the cheapest cost with no modelled drop (two solves; empty when either has no solution)."""
     costs = model.costs
     cheap = min_cost_for_drop(model, span * max(allowed_drop, 0.0) + 1e-12, time_limit)
     free = min_cost_for_drop(model, 1e-12, time_limit)
@@ -159,16 +159,25 @@ def ilp_sweep(model: AdditiveModel, count: int, allowed_drop: float, span: float
         return []
     low, high = costs.value(cheap), costs.value(free)
     if count <= 1 or high <= low * (1 + 1e-9):
-        budgets = [low]
-    else:
-        budgets = list(np.exp(np.linspace(math.log(low), math.log(high), count)))
-    solutions, seen = [], set()
-    for k in coarse_to_fine(len(budgets)):
-        genome = solve_ilp(model, budgets[k] * (1 + 1e-9), time_limit)
+        return [low]
+    budgets = list(np.exp(np.linspace(math.log(low), math.log(high), count)))
+    return [budgets[k] for k in coarse_to_fine(len(budgets))]
+
+
+def ilp_solutions(model: AdditiveModel, budgets, time_limit: float = 30.0) -> Iterator[np.ndarray]:
+    """The distinct ILP solutions for ``budgets``, in order, each solved only when it is asked for."""
+    seen = set()
+    for budget in budgets:
+        genome = solve_ilp(model, budget * (1 + 1e-9), time_limit)
         if genome is not None and tuple(genome) not in seen:
             seen.add(tuple(genome))
-            solutions.append(genome)
-    return solutions
+            yield genome
+
+
+def ilp_sweep(model: AdditiveModel, count: int, allowed_drop: float, span: float = 2.0,
+              time_limit: float = 30.0) -> list[np.ndarray]:
+    """Distinct ILP solutions for the ``count`` budgets of :func:`sweep_budgets`, in coarse-to-fine order."""
+    return list(ilp_solutions(model, sweep_budgets(model, count, allowed_drop, span, time_limit), time_limit))
 
 
 def ilp_search(problem, model: AdditiveModel, budget, allowed_drop: float, span: float = 2.0,
