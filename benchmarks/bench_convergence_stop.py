@@ -6,7 +6,9 @@ Each variant and seed is one explore run in a fresh process (the command a user 
 the process to its end. Variants:
 - ``budget``: ``--patience 0``, the whole budget spent (the behaviour before the stop);
 - ``stop``: today's default, ``--patience 2 --min-gain 0.001``;
-- ``stop-0.005``: a coarser threshold, ``--min-gain 0.005``.
+- ``stop-0.005``: a coarser threshold, ``--min-gain 0.005``;
+- ``stop-vc0.8``, ``stop-vc0.9``: the stop with the validation split's confidence at 80 % or 90 % (for configs with
+  a validation split).
 
 Printed per run: wall seconds, evaluations, where the stop fired, front size, confirmed points (meeting the floor
 on the hold-out split), the cheapest confirmed point's first cost as a fraction of W8A8's, and the hold-out
@@ -26,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_default_run import run_seeds  # noqa: E402
 
-VARIANTS = {"budget": ["--patience", "0"], "stop": [], "stop-0.005": ["--min-gain", "0.005"]}
+VARIANTS = {"budget": ["--patience", "0"], "stop": [], "stop-0.005": ["--min-gain", "0.005"],
+            "stop-vc0.8": ["--validation-confidence", "0.8"], "stop-vc0.9": ["--validation-confidence", "0.9"]}
 
 
 def summarize(run_dir: Path) -> dict:
