@@ -161,12 +161,7 @@ class ExploreConfig:
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
                                         or not self.budget > 0):
             raise ConfigError(f"budget must be a positive number of full evaluations, got {self.budget!r}")
-        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 0:
-            raise ConfigError(f"patience must be a whole number of checks >= 0 (0: spend the whole budget), "
-                              f"got {self.patience!r}")
-        if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) \
-                or not 0 <= self.min_gain < 1:
-            raise ConfigError(f"min-gain must be a relative hypervolume gain in [0, 1), got {self.min_gain!r}")
+        _check_stop(self.patience, self.min_gain)
         if self.sensitivity is not None and self.sensitivity not in SENSITIVITY_NAMES:
             raise ConfigError(f"unknown sensitivity {self.sensitivity!r}; choose from {', '.join(SENSITIVITY_NAMES)}")
         if self.early_reject not in EARLY_REJECT_MODES or isinstance(self.early_reject, (int, float)) \
@@ -374,3 +369,12 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
     return values
+
+
+def _check_stop(patience, min_gain) -> None:
+    """The convergence stop's settings (search/stopping.py)."""
+    if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
+        raise ConfigError(f"patience must be a whole number of checks >= 0 (0: spend the whole budget), "
+                          f"got {patience!r}")
+    if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0 <= min_gain < 1:
+        raise ConfigError(f"min-gain must be a relative hypervolume gain in [0, 1), got {min_gain!r}")

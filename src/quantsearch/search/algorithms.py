@@ -214,20 +214,8 @@ def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, genera
         solutions = steps(lambda: ilp_search(problem, model, budget, allowed))
         outcome.details.update(ilp_solutions=len(solutions))
     elif problem.n_obj <= 2:
-        # the model's seeds take ``seed_share`` of what is left, between one and four populations: on a small budget
-        # NSGA-II has only a generation or two to breed, and the seeds (ILP solutions first) are the better use of
-        # the evaluations (at 50, a share of 0.5 fell 0.005 below the ILP baseline's HV; 0.8 is 0.037 above it)
-        count = max(pop_size, min(4 * pop_size, int(seed_share * max(0.0, budget.left))))
-        drawn, converged = None, False
-        if stop is not None:  # the seeds a population at a time, drawn lazily, the stop checked after each
-            stream = guided_seed_stream(model, count, allowed)
-            converged, drawn = steps(lambda: _seed_slices(stream, budget, pop_size, stop))
-        algorithm = guided_nsga2(problem, model, pop_size, allowed, extra_seeds, screen, seeds=count,
-                                 model_seeds=drawn)
-        if not converged:
-            evolve(algorithm)  # sliced seeds are known by now: its first population costs nothing
-        outcome.details.update(seeds=len(algorithm.seeds), screened=algorithm.mating.screened,
-                               infilled=algorithm.mating.infilled)
+        _guided(problem, model, budget, allowed, outcome, steps, evolve, pop_size=pop_size, extra_seeds=extra_seeds,
+                screen=screen, seed_share=seed_share, stop=stop)
     else:  # several costs: NSGA-III from the same seeds (the model covers the first cost)
         seeds = guided_seeds(model, pop_size, allowed)
         extra = seeds if extra_seeds is None else np.concatenate([np.asarray(extra_seeds, dtype=int), seeds])
@@ -236,6 +224,25 @@ def run_algorithm(name: str, problem, budget: Budget, pop_size: int = 20, genera
     if stop is not None:
         outcome.details["stop"] = stop.summary()
     return outcome
+
+
+def _guided(problem, model: AdditiveModel, budget: Budget, allowed: float, outcome: SearchOutcome, steps, evolve, *,
+            pop_size: int, extra_seeds, screen, seed_share: float, stop: FrontStop | None) -> None:
+    """Guided NSGA-II on one cost: its seeds (a population at a time, drawn lazily, when ``stop`` is given), then
+    generations unless the stop fired on the seeds. ``steps`` and ``evolve`` are :func:`run_algorithm`'s."""
+    # the model's seeds take ``seed_share`` of what is left, between one and four populations: on a small budget
+    # NSGA-II has only a generation or two to breed, and the seeds (ILP solutions first) are the better use of
+    # the evaluations (at 50, a share of 0.5 fell 0.005 below the ILP baseline's HV; 0.8 is 0.037 above it)
+    count = max(pop_size, min(4 * pop_size, int(seed_share * max(0.0, budget.left))))
+    drawn, converged = None, False
+    if stop is not None:
+        stream = guided_seed_stream(model, count, allowed)
+        converged, drawn = steps(lambda: _seed_slices(stream, budget, pop_size, stop))
+    algorithm = guided_nsga2(problem, model, pop_size, allowed, extra_seeds, screen, seeds=count, model_seeds=drawn)
+    if not converged:
+        evolve(algorithm)  # sliced seeds are known by now: its first population costs nothing
+    outcome.details.update(seeds=len(algorithm.seeds), screened=algorithm.mating.screened,
+                           infilled=algorithm.mating.infilled)
 
 
 def _seed_slices(stream, budget: Budget, size: int, stop: FrontStop) -> tuple[bool, np.ndarray]:
