@@ -81,3 +81,26 @@ def test_a_search_stops_once_its_front_stops_moving(qmodel, name):
     # the same configurations in the same order as the run that spent its budget, up to where it stopped
     first = [e.bits for e in stopped.visited]
     assert first == [e.bits for e in spent.visited][:len(first)] or name == "guided"
+
+
+def test_guided_seeds_are_drawn_lazily_and_interleaved(qmodel, monkeypatch):
+    from quantsearch.search import ilp
+    from quantsearch.search.costs import get_costs
+    from quantsearch.search.guided import guided_seed_stream, guided_seeds
+    from test_guided_search import _model
+    import torch
+
+    problem, model = _model(qmodel, get_costs("bops", qmodel, torch.randn(1, 1, 8, 8)), bits=(2, 6))
+    everything = guided_seeds(model, 40, 0.05)
+    solved = []
+    real = ilp.solve_ilp
+    monkeypatch.setattr(ilp, "solve_ilp", lambda *a, **k: solved.append(1) or real(*a, **k))
+    stream = guided_seed_stream(model, 40, 0.05)
+    first, counts = [], []
+    for _ in range(4):
+        first.append(next(stream))
+        counts.append(len(solved))
+    # of the first n drawn, round(0.75 n) are ILP solutions (ILP, ILP, greedy step, ILP), each solved only when drawn
+    assert counts == [1, 2, 2, 3]
+    rest = list(stream)  # drawing the rest gives what the eager form gives, in the same order
+    assert np.array_equal(np.array(first + rest), everything) and len(everything) > 20  # both families ran out
