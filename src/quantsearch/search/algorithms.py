@@ -242,7 +242,7 @@ def _guided(problem, model: AdditiveModel, budget: Budget, allowed: float, outco
     if not converged:
         evolve(algorithm)  # sliced seeds are known by now: its first population costs nothing
     outcome.details.update(seeds=len(algorithm.seeds), screened=algorithm.mating.screened,
-                           infilled=algorithm.mating.infilled)
+                           infilled=algorithm.mating.infilled, infill_solved=algorithm.mating.infill_solved)
 
 
 def _seed_slices(stream, budget: Budget, size: int, stop: FrontStop) -> tuple[bool, np.ndarray]:

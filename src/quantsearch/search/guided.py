@@ -145,6 +145,7 @@ class GuidedMating(Mating):
         self.model, self.problem, self.allowed = model, problem, max(allowed_drop, 1e-12)
         self.screen, self.infill = screen, float(infill)
         self.screened = self.infilled = 0
+        self.infill_solved = 0  # distinct infill solutions, known ones included (infilled: the new ones)
         self.fitted, self._seen, self._generation = model, -1, None
 
     def _refit(self) -> AdditiveModel:
@@ -174,6 +175,7 @@ class GuidedMating(Mating):
                 seen.add(tuple(genome))
                 rows.append(genome)
         X = np.array(rows, dtype=int).reshape(-1, width)
+        self.infill_solved += len(X)
         return X[self._new(X, pop)] if len(X) else X
 
     def _do(self, problem, pop, n_offsprings, **kwargs):

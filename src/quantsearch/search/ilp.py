@@ -49,31 +49,56 @@ def _quiet_stdout():
 
 
 class _Program:
-    """The variables and rows shared by both forms of the program."""
+    """The variables and rows shared by both forms of the program.
+
+    A pair whose two genes are in no other pair (a weight and the one activation that feeds it, under BOPs) is
+    one binary per joint choice ``x[(i, j), a, b]``, one of them set: the convex hull of the pair, as the product
+    form's relaxation is, with no continuous variables or marginal rows (on the demo ViT every pair is such, and a
+    solve takes about a quarter of the time). Other pairs keep the product form over their genes' one-hot slots.
+    """
 
     def __init__(self, model: AdditiveModel):
         costs = model.costs
         self.model = model
         self.lo, self.hi = costs.lo.astype(int), costs.hi.astype(int)
-        self.slots = [(i, b) for i in range(len(self.lo)) for b in range(self.lo[i], self.hi[i] + 1)]
-        slot = {s: k for k, s in enumerate(self.slots)}
+        pairs = costs.pairs
+        degree = np.zeros(len(self.lo), dtype=int)
+        for i, j, _ in pairs:
+            degree[i] += 1
+            degree[j] += 1
+        joint = [k for k, (i, j, _) in enumerate(pairs) if i != j and degree[i] == 1 and degree[j] == 1]
+        joined = {g for k in joint for g in pairs[k][:2]}
+        widths = lambda g: range(self.lo[g], self.hi[g] + 1)  # noqa: E731
+        # a slot: ((gene, width), ...) it sets: one gene's width, or a joined pair's two
+        self.slots = [((i, b),) for i in range(len(self.lo)) if i not in joined for b in widths(i)]
+        self.slots += [((pairs[k][0], a), (pairs[k][1], b)) for k in joint
+                       for a in widths(pairs[k][0]) for b in widths(pairs[k][1])]
+        slot = {s[0]: n for n, s in enumerate(self.slots) if len(s) == 1}
         self.n_x = len(self.slots)
-        # one continuous y[k, a, b] per pair k = (i, j) and widths a of gene i, b of gene j: the product x[i,a] x[j,b]
-        self.products = [(k, a, b) for k, (i, j, _) in enumerate(costs.pairs)
-                         for a in range(self.lo[i], self.hi[i] + 1) for b in range(self.lo[j], self.hi[j] + 1)]
+        # one continuous y[k, a, b] per other pair k = (i, j) and widths a of gene i, b of gene j: x[i,a] x[j,b]
+        self.products = [(k, a, b) for k, (i, j, _) in enumerate(pairs) if k not in joint
+                         for a in widths(i) for b in widths(j)]
         self.n_z = len(self.products)
         n = self.n_x + self.n_z
-        drops = np.array([model.drops[i, b] for i, b in self.slots])
+        drop = lambda g, b: model.drops[g, b] if b != self.hi[g] or np.isfinite(model.drops[g, b]) else 0.0  # noqa: E731
+        drops = np.array([sum(drop(g, b) for g, b in s) for s in self.slots])
         self.allowed = np.isfinite(drops)  # an unmodelled gene stays at its top
         self.drop = np.where(self.allowed, drops, 0.0)
         self.cost_row = np.zeros(n)
-        self.cost_row[: self.n_x] = [costs.unary[i, b] for i, b in self.slots]
-        pairs = costs.pairs
+        pair_cost = {(pairs[k][0], pairs[k][1]): pairs[k][2] for k in joint}
+        self.cost_row[: self.n_x] = [sum(costs.unary[g, b] for g, b in s) + (
+            pair_cost[(s[0][0], s[1][0])] * s[0][1] * s[1][1] if len(s) == 2 else 0.0) for s in self.slots]
         self.cost_row[self.n_x:] = [pairs[k][2] * a * b for k, a, b in self.products]
         rows, lb, ub = [], [], []
-        for i in range(len(self.lo)):  # one width per gene
-            row = np.zeros(n)
-            row[[slot[(i, b)] for b in range(self.lo[i], self.hi[i] + 1)]] = 1
+        for i in range(len(self.lo)):  # one width per gene (one joint choice per joined pair)
+            if i in joined and any(pairs[k][0] == i for k in joint):
+                row = np.zeros(n)
+                row[[m for m, s in enumerate(self.slots) if s[0][0] == i]] = 1
+            elif i in joined:
+                continue
+            else:
+                row = np.zeros(n)
+                row[[slot[(i, b)] for b in widths(i)]] = 1
             rows.append(row), lb.append(1), ub.append(1)
         # the products' marginals are the one-hot choices: sum_b y[k,a,b] = x[i,a] and sum_a y[k,a,b] = x[j,b]
         # (exact for binary x, and the tightest linear form, so HiGHS needs no big-M branching)
@@ -89,12 +114,8 @@ class _Program:
             rows.append(row), lb.append(0), ub.append(0)
         self.rows, self.lb, self.ub = rows, lb, ub
         self.integrality = np.r_[np.ones(self.n_x), np.zeros(self.n_z)]
-        upper = np.r_[np.where(self.allowed | self._is_top(), 1.0, 0.0), np.ones(self.n_z)]
-        self.bounds = Bounds(np.zeros(n), upper)
+        self.bounds = Bounds(np.zeros(n), np.r_[np.where(self.allowed, 1.0, 0.0), np.ones(self.n_z)])
         self.top_cost = float(costs.values(np.array([self.hi]))[0])
-
-    def _is_top(self) -> np.ndarray:
-        return np.array([b == self.hi[i] for i, b in self.slots])
 
     def solve(self, objective: np.ndarray, extra_row: np.ndarray, extra_ub: float, time_limit: float):
         constraints = LinearConstraint(np.array(self.rows + [extra_row]), np.array(self.lb + [-np.inf]),
@@ -105,9 +126,10 @@ class _Program:
         if result.x is None:
             return None
         genome = np.array(self.hi)
-        for k, (i, b) in enumerate(self.slots):
+        for k, s in enumerate(self.slots):
             if result.x[k] > 0.5:
-                genome[i] = b
+                for i, b in s:
+                    genome[i] = b
         return genome
 
     def tie_break(self) -> np.ndarray:
