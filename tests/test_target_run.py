@@ -73,8 +73,11 @@ def test_a_target_run_deploys_its_front_and_ort_baselines_in_onnx_runtime(target
     assert rows["uniform int4-weight"]["integer_kernels"] == {"MatMulNBits": 17}  # the patch Conv stays fp32
     assert rows["FP32"]["integer_kernels"] == {}
     # guided search measured the formats that save time (int4-weight, slower than fp32 on these small layers, is
-    # no reason to skip a layer)
-    assert summary["search"]["details"]["sensitivity_measurements"] > 0
+    # no reason to skip a layer); whether any does on this tiny model at batch 1 is the machine's to say (a loaded
+    # machine can time every format slower than fp32), so the test reads the run's own table
+    table = json.loads((target_run / "latency_table.json").read_text())["layers"]
+    saving = any(v[f] < v["fp32"] for v in table.values() for f in v if f != "fp32")
+    assert (summary["search"]["details"]["sensitivity_measurements"] > 0) == saving
     with open(target_run / "pareto.csv") as f:
         table = list(csv.DictReader(f))
     assert table[0]["blocks.0.mlp.fc1"] in ("int4-weight", "int8-dynamic", "int8-static", "fp32")
