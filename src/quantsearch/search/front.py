@@ -23,7 +23,7 @@ def pareto_front(evaluations: Sequence[Evaluation], bound: Bound | float,
     """
     bound = Bound.of(bound)
     sign = -bound.sign
-    feasible = {e.bits: e for e in evaluations if e.status == "ok" and bound.holds(e.accuracy)}
+    feasible = {e.bits: e for e in evaluations if is_feasible(e, bound)}
     points = list(feasible.values())
     if not points:
         return []

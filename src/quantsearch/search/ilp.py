@@ -92,15 +92,12 @@ class _Program:
             pair_cost[(s[0][0], s[1][0])] * s[0][1] * s[1][1] if len(s) == 2 else 0.0) for s in self.slots]
         self.cost_row[self.n_x:] = [pairs[k][2] * a * b for k, a, b in self.products]
         rows, lb, ub = [], [], []
-        for i in range(len(self.lo)):  # one width per gene (one joint choice per joined pair)
-            if i in joined and any(pairs[k][0] == i for k in joint):
-                row = np.zeros(n)
-                row[[m for m, s in enumerate(self.slots) if s[0][0] == i]] = 1
-            elif i in joined:
-                continue
-            else:
-                row = np.zeros(n)
-                row[[slot[(i, b)] for b in widths(i)]] = 1
+        choices: dict[int, list[int]] = {}  # a choice by its first gene: a gene's widths, or a pair's joint ones
+        for m, s in enumerate(self.slots):
+            choices.setdefault(s[0][0], []).append(m)
+        for i in sorted(choices):  # exactly one slot per choice
+            row = np.zeros(n)
+            row[choices[i]] = 1
             rows.append(row), lb.append(1), ub.append(1)
         # the products' marginals are the one-hot choices: sum_b y[k,a,b] = x[i,a] and sum_a y[k,a,b] = x[j,b]
         # (exact for binary x, and the tightest linear form, so HiGHS needs no big-M branching)
