@@ -10,7 +10,7 @@ replacing both genes' one-hot slots. Any other pair gets one continuous ``y[a, b
 whose row and column sums are the one-hot choices ``x[g, a]`` and ``x[h, b]``: for binary ``x`` the only solution
 is ``y[a, b] = x[g, a] x[h, b]``. Both relaxations are the pair's convex hull, the tightest linear one (a big-M form
 made HiGHS branch for its whole time limit on the demo ViT); the joint form has no continuous variables or marginal
-rows and solves about 3x faster. Solved by HiGHS through ``scipy.optimize.milp``.
+rows and solves about 4x faster (benchmarks/bench_time_split.py). Solved by HiGHS through ``scipy.optimize.milp``.
 
 :func:`ilp_sweep` solves it for a sweep of budgets between the cheapest one whose optimum keeps the modelled drop
 within ``span`` times the allowed drop and the cheapest one with no modelled drop at all; :func:`ilp_search`
