@@ -5,7 +5,7 @@ splits, metric); apply rebuilds that run's session from them (flags override any
 ranges (refused, naming the first mismatch, when quantizer names or tensor shapes differ), evaluates the same search
 and hold-out images with the same metric and prints each next to the recorded value, then every recorded cost
 recomputed. A checkpoint, weights or images that differ from the run's are named, and their accuracy is not
-compared. ``--refine bias-correction|adaround|adaround,bias-correction`` then refines the weights on the calibration split
+compared. ``--refine METHOD`` (bias-correction, adaround, brecq, brecq-lsq, qdrop, or steps chained with commas) then refines the weights (and, with brecq-lsq and qdrop, the activation steps) on the calibration split
 (:mod:`quantsearch.quantize.refine`), measures both splits again and writes a new bit-config with its refined
 weights beside it. ``--export PATH.onnx`` writes a Q/DQ ONNX model and checks it in ONNX Runtime
 (:mod:`quantsearch.deploy.onnx_export`); other suffixes write tensors (:mod:`quantsearch.deploy.export`). Bad
@@ -45,9 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PATH.onnx: a Q/DQ ONNX model, checked in ONNX Runtime on the hold-out split; .safetensors, "
                         ".pt or .pth: weights, amax and bits, with metadata beside it")
     p.add_argument("--refine", metavar="METHOD",
-                   help="bias-correction, adaround, or steps chained with commas (adaround,bias-correction): refine "
-                        "the weights on the calibration split, re-measure, and write a new bit-config plus its "
-                        "refined weights (see --refine-out); --export then exports the refined model")
+                   help="bias-correction, adaround (layer by layer), brecq, brecq-lsq, qdrop (block by block; -lsq "
+                        "and qdrop also learn activation steps), or steps chained with commas (qdrop,bias-correction):"
+                        " refine the weights on the calibration split, re-measure, and write a new bit-config plus "
+                        "its refined weights (see --refine-out); --export then exports the refined model")
+    p.add_argument("--refine-iterations", type=int, metavar="N",
+                   help="learning iterations per layer (adaround) or block (brecq, brecq-lsq, qdrop); default 1000")
+    p.add_argument("--drop", type=float, metavar="P",
+                   help="qdrop: the probability of dropping an activation's quantization while learning (default "
+                        "0.5)")
     p.add_argument("--refine-out", metavar="PATH.json",
                    help="the refined bit-config (default: beside the input, BITCONFIG.METHOD.json; the weights "
                         "go to the same name with .pt)")
@@ -113,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         from ..quantize.limits import check_refinement
 
         check_refinement(args.refine)
+    _check_refine_options(args)
     bitconfig = BitConfig.load(args.bitconfig)
     config = resolve(args, bitconfig)
     session = build_session(config, calibrate=False,
@@ -163,6 +170,24 @@ def run(args: argparse.Namespace) -> int:
     return 1 if args.check and differs else 0
 
 
+def _refine_options(args: argparse.Namespace) -> dict:
+    """The refinement settings given on the command line (recorded in the refined bit-config)."""
+    return {k: v for k, v in (("iterations", args.refine_iterations), ("drop", args.drop)) if v is not None}
+
+
+def _check_refine_options(args: argparse.Namespace) -> None:
+    """One line for a refinement setting that is out of range or given without the refinement that reads it."""
+    from ..quantize.limits import check_refinement
+
+    steps = check_refinement(args.refine) if args.refine else []
+    if args.refine_iterations is not None and (args.refine_iterations < 1 or not set(steps) & {
+            "adaround", "brecq", "brecq-lsq", "qdrop"}):
+        raise ValueError(f"--refine-iterations {args.refine_iterations}: needs a positive count and --refine "
+                         "adaround, brecq, brecq-lsq or qdrop")
+    if args.drop is not None and (not 0.0 <= args.drop < 1.0 or "qdrop" not in steps):
+        raise ValueError(f"--drop {args.drop}: needs a probability in [0, 1) and --refine qdrop")
+
+
 def _refine(args: argparse.Namespace, session, bitconfig, before: dict) -> None:
     """Refine the applied model on the calibration split, measure it again, and write the refined bit-config and
     its weights (both atomically; the weights first, so a bit-config never names missing weights)."""
@@ -187,9 +212,11 @@ def _refine(args: argparse.Namespace, session, bitconfig, before: dict) -> None:
     if out.suffix != ".json":
         raise ValueError(f"--refine-out {out} must end in .json (the weights go beside it, in .pt)")
     qmodel, clock = session.qmodel, time.perf_counter()
-    bar = (lambda names: tqdm(names, desc=args.refine, unit="layer", leave=False)) if sys.stderr.isatty() else None
+    bar = (lambda steps: tqdm(steps, desc=args.refine, unit="step", leave=False)) if sys.stderr.isatty() else None
     inputs = session.calibration_inputs()
-    changed = refine(qmodel, inputs, args.refine, progress=bar)
+    options, amax = _refine_options(args), qmodel.amax
+    changed = refine(qmodel, inputs, args.refine, progress=bar, **options)
+    steps = sum(value != amax[name] for name, value in qmodel.amax.items())
     seconds = time.perf_counter() - clock
     after = {name: session.evaluator(name)(qmodel) for name in before}
     rows = []
@@ -197,7 +224,8 @@ def _refine(args: argparse.Namespace, session, bitconfig, before: dict) -> None:
         show = Bound.of(0.0, session.evaluator(name)).show
         rows.append([name, show(before[name], unit=False), show(value, unit=False),
                      f"{'+' if value >= before[name] else '-'}{show(abs(value - before[name]), unit=False)}"])
-    print(f"\nrefined {len(changed)} parameters with {args.refine} in {seconds:.1f} s on "
+    print(f"\nrefined {len(changed)} parameters{f' and {steps} activation steps' if steps else ''} with "
+          f"{args.refine} in {seconds:.1f} s on "
           f"{sum(len(x) for x in inputs)} calibration images")
     print(format_table(["split", "before", "after", "change"], rows))
     buffer = io.BytesIO()
@@ -206,6 +234,8 @@ def _refine(args: argparse.Namespace, session, bitconfig, before: dict) -> None:
     write_atomic(weights, buffer.getvalue())
     refined = {"method": ",".join(check_refinement(args.refine)), "file": weights.name, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
                "parameters": sorted(changed), "accuracy_before": dict(before)}
+    if options:
+        refined["options"] = options
     config = BitConfig.from_model(qmodel, bitconfig.model, example=session.example, dataset=bitconfig.dataset,
                                   accuracy=after, costs=bitconfig.costs, costs_normalized=bitconfig.costs_normalized,
                                   metric=bitconfig.metric, settings=bitconfig.settings, refined=refined)

@@ -32,7 +32,7 @@ with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.scr
     warnings.simplefilter("ignore", FutureWarning)
     from pytorch_quantization.nn import TensorQuantizer
 
-__all__ = ["FastTensorQuantizer", "TensorQuantizer", "quiet_quantizers"]
+__all__ = ["FastTensorQuantizer", "TensorQuantizer", "integer_range", "quiet_quantizers"]
 
 
 
@@ -47,7 +47,8 @@ def quiet_quantizers() -> Iterator[None]:
         absl_logging.set_verbosity(level)
 
 
-def _integer_range(num_bits: int, unsigned: bool, narrow_range: bool) -> list[float]:
+def integer_range(num_bits: int, unsigned: bool, narrow_range: bool) -> list[float]:
+    """``[high, low]``: the integer codes a quantizer of these settings rounds to."""
     bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
     low = 0.0 if unsigned else (-bound if narrow_range else -bound - 1.0)
     return [bound, low]
@@ -64,7 +65,7 @@ class FastTensorQuantizer(TensorQuantizer):
         self._scalars: tuple = ((), 0.0, 0.0, 0.0)  # (key, scale, low, bound) of the eager CPU path
 
     def _current_range(self) -> list[float]:
-        return _integer_range(self._num_bits, self._unsigned, self._narrow_range)
+        return integer_range(self._num_bits, self._unsigned, self._narrow_range)
 
     def _refresh_range(self) -> None:
         if hasattr(self, "_range"):

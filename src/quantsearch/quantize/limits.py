@@ -14,7 +14,7 @@ FORMS = ("uniform", "asymmetric", "log2", "log2-narrow", "per-head", "per-channe
 LOG2_NARROW_TOP = 4  # log2-narrow: the log grid at this width and below, the uniform (unsigned) grid above
 LOG_FORMS = ("log2", "log2-narrow")  # forms with a log grid at some width: non-negative data, unsigned
 DEFAULT_FORM = "uniform"
-REFINEMENTS = ("bias-correction", "adaround")  # quantsearch.quantize.refine's methods, chained with commas
+REFINEMENTS = ("bias-correction", "adaround", "brecq", "brecq-lsq", "qdrop")  # quantize.refine's methods; chain with commas
 
 
 def check_forms(forms, where: str = "quant-forms") -> dict[str, str]:

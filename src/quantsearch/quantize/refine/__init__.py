@@ -9,6 +9,10 @@ re-folding the model keeps them apart from its own weights):
 - ``bias-correction`` (:mod:`.bias_correction`): each layer's bias absorbs the mean error of its quantized output;
 - ``adaround`` (:mod:`.adaround`): each weight's rounding (up or down) is learned layer by layer (Nagel et al.,
   2020), with its per-channel scale unchanged, so the refined weights sit on the same grid.
+- ``brecq``, ``brecq-lsq``, ``qdrop`` (:mod:`.reconstruction`): the rounding learned per block against the
+  block's FP32 output (BRECQ); with ``-lsq`` also the activation steps (LSQ, :mod:`.lsq`), which become the
+  quantizers' amax; ``qdrop`` also drops activation quantization at random while learning (QDrop). Blocks are
+  found by :mod:`.blocks`.
 
 :mod:`.layers` captures a weight layer's input and output in the quantized model, and the FP32 model's for all
 layers in one pass (the reference does not change while a method refines layer after layer), and runs a layer's
@@ -24,11 +28,13 @@ import torch
 from ..limits import REFINEMENTS, check_refinement
 from .adaround import adaround
 from .bias_correction import correct_biases
+from .reconstruction import brecq, brecq_lsq, qdrop
 
 __all__ = ["REFINERS", "refine"]
 
 REFINERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {"bias-correction": correct_biases,
-                                                                "adaround": adaround}
+                                                                "adaround": adaround, "brecq": brecq,
+                                                                "brecq-lsq": brecq_lsq, "qdrop": qdrop}
 assert tuple(REFINERS) == REFINEMENTS
 
 

@@ -1,0 +1,160 @@
+"""Block reconstruction (issue 30): LSQ's gradient by hand, the units found, a block's held-back error, and
+``apply --refine`` with learned steps re-applying bit for bit."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from quantsearch.cli.apply import main as apply_main
+from quantsearch.cli.explore import main as explore_main
+from quantsearch.deploy.bitconfig import BitConfig
+from quantsearch.quantize.quantized_model import QuantizedActivationsModel, make_quantizer
+from quantsearch.quantize.refine import refine
+from quantsearch.quantize.refine.blocks import find_units, unit_data
+from quantsearch.quantize.refine.lsq import lsq_fake_quant, step_and_range
+from quantsearch.quantize.refine.reconstruction import _loss, reconstruct_unit
+
+
+def test_lsq_gradient_by_hand():
+    """3-bit narrow grid [-3, 3], step 0.5: x/s = [0.6, -3.4, 9.0, 1.3] round to [1, -3(clipped), 3(clipped), 1].
+    Step gradient of sum(out): (1 - 0.6) + (-3) + 3 + (1 - 1.3) = 0.1, times the grad scale; x's gradient is 1
+    inside the grid and 0 where clipped."""
+    x = torch.tensor([0.3, -1.7, 4.5, 0.65], requires_grad=True)
+    step = torch.tensor(0.5, requires_grad=True)
+    out = lsq_fake_quant(x, step, -3.0, 3.0, grad_scale=0.25)
+    assert torch.allclose(out, torch.tensor([0.5, -1.5, 1.5, 0.5]))
+    out.sum().backward()
+    assert float(step.grad) == pytest.approx(0.25 * 0.1, abs=1e-6)
+    assert torch.equal(x.grad, torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    step.grad = None
+    lsq_fake_quant(x, step, -3.0, 3.0).sum().backward()  # LSQ's own scale: 1 / sqrt(4 * 3)
+    assert float(step.grad) == pytest.approx(0.1 / 12 ** 0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_lsq_matches_the_quantizer_at_its_amax(unsigned):
+    """The learned grid is the quantizer's own: at amax = step * high, both give the same values."""
+    torch.manual_seed(0)
+    quantizer = make_quantizer(4)
+    quantizer.register_buffer("_amax", torch.tensor(2.5))
+    quantizer.unsigned = unsigned
+    x = torch.randn(1000) * 2
+    step, low, high = step_and_range(quantizer)
+    assert (low, high) == ((0.0, 15.0) if unsigned else (-7.0, 7.0)) and step == pytest.approx(2.5 / high)
+    assert torch.allclose(lsq_fake_quant(x, torch.tensor(step), low, high), quantizer(x.clamp_min(0) if unsigned
+                                                                                       else x), atol=1e-6)
+
+
+class _Residual(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(x + self.conv2(self.relu(self.conv1(x))))
+
+
+class _ResNet(nn.Module):
+    """A stem, two residual blocks in a Sequential, a head: units stem, layer.0, layer.1, head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.layer = nn.Sequential(_Residual(8), _Residual(8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.layer(self.stem(x)).mean((2, 3)))
+
+
+def _resnet_qmodel(bits=3):
+    qmodel = QuantizedActivationsModel(_ResNet().eval(), "conv2d", weight_quantizers=True, num_bits=bits)
+    batches = [torch.randn(32, 1, 8, 8) for _ in range(2)]
+    qmodel.calibrate(batches)
+    return qmodel, batches
+
+
+def test_units_are_blocks_and_lone_layers_in_forward_order():
+    qmodel, batches = _resnet_qmodel()
+    units = find_units(qmodel, batches[0])
+    assert [u.name for u in units] == ["stem", "layer.0", "layer.1", "head"]
+    assert units[1].weights == ("layer.0.conv1:weight", "layer.0.conv2:weight")
+    assert units[1].activations == ("layer.0.conv1", "layer.0.conv2")
+    assert units[0].activations == ("stem",) and units[3].activations == ()
+    from quantsearch.sources.models import create_demo_vit
+
+    vit = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True)
+    names = [u.name for u in find_units(vit, torch.zeros(1, 1, 28, 28))]
+    assert names == ["patch_embed.proj", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
+
+
+def test_a_block_reconstruction_lowers_its_held_back_error():
+    """A 3-bit residual block: the reported held-back errors are those of nearest (before) and of the kept
+    weights and steps (after), recomputed here on the quantized model itself; after < before; the weights stay
+    on their quantizers' grids and a learned step is the quantizer's amax."""
+    qmodel, batches = _resnet_qmodel()
+    unit = find_units(qmodel, batches[0])[1]
+    data = unit_data(qmodel, unit, batches)
+    amax = qmodel.amax
+    generator = torch.Generator().manual_seed(0)
+    check = torch.randperm(64, generator=generator)[:16]  # the quarter reconstruct_unit holds back (same seed)
+
+    def held_back() -> float:
+        with torch.no_grad():
+            return float(_loss(unit.module(data[0][check]), data[2][check], 1))
+
+    nearest = held_back()
+    report = reconstruct_unit(qmodel, unit, data, iterations=200, seed=0)
+    assert report["before"] == pytest.approx(nearest, rel=1e-4)
+    assert report["after"] == pytest.approx(held_back(), rel=1e-4)
+    assert report["after"] < 0.9 * report["before"] and report["kept"] > 0
+    for name in unit.weights:
+        weight = qmodel.weight_module(name).weight.detach()
+        assert torch.equal(qmodel.quantizer(name)(weight), weight)
+    assert any(qmodel.amax[n] != amax[n] for n in unit.activations)
+    assert all(qmodel.amax[n] == amax[n] for n in qmodel.activation_names if n not in unit.activations)
+
+
+def test_refine_qdrop_chains_and_keeps_unrefined_model_apart():
+    """qdrop then bias correction through refine(): weights and biases come back as the model had them on
+    remove(), and a drop probability of 1 is refused in one line."""
+    qmodel, batches = _resnet_qmodel()
+    own = {k: v.clone() for k, v in qmodel.model.state_dict().items()}
+    changed = refine(qmodel, batches, "qdrop,bias-correction", iterations=20)
+    assert {k.rsplit(".", 1)[1] for k in changed} == {"weight", "bias"}
+    assert any(not torch.equal(own[k], v) for k, v in changed.items())
+    with pytest.raises(ValueError, match="drop probability"):
+        refine(qmodel, batches, "qdrop", drop=1.0)
+    model = qmodel.remove()
+    assert all(torch.equal(own[k], v) for k, v in model.state_dict().items())
+
+
+def test_apply_refine_brecq_lsq_reapplies_identically(tmp_path, capsys):
+    """apply --refine brecq-lsq: the refined bit-config records the options and the learned steps (amax), and
+    re-applies to identical accuracies; --drop without qdrop and zero iterations are refused in one line."""
+    out = tmp_path / "run"
+    assert explore_main(["--pop-size", "4", "--generations", "1", "--eval-samples", "200", "--holdout-samples",
+                         "200", "--calib-batches", "1", "--batch-size", "100", "--no-progress", "--log-level",
+                         "WARNING", "--search-space", "both", "--out", str(out)]) == 0
+    point = sorted((out / "pareto").glob("point_*.json"))[0]
+    capsys.readouterr()
+    assert apply_main([str(point), "--refine", "brecq-lsq", "--refine-iterations", "30"]) == 0
+    assert "activation steps" in capsys.readouterr().out
+    refined = point.with_name(point.stem + ".brecq-lsq.json")
+    config, original = BitConfig.load(refined), BitConfig.load(point)
+    assert config.refined["method"] == "brecq-lsq" and config.refined["options"] == {"iterations": 30}
+    assert any(config.amax[n] != original.amax[n] for n in config.amax if not n.endswith(":weight"))
+    assert apply_main([str(refined), "--check"]) == 0
+    assert capsys.readouterr().out.count("identical") >= 2
+    assert apply_main([str(point), "--refine", "brecq", "--drop", "0.5"]) == 2
+    assert "--drop 0.5: needs a probability in [0, 1) and --refine qdrop" in capsys.readouterr().err
+    assert apply_main([str(point), "--refine", "qdrop", "--refine-iterations", "0"]) == 2
+    assert "--refine-iterations 0" in capsys.readouterr().err
+    payload = json.loads(refined.read_text())
+    payload["refined"]["options"]["drop"] = 1.5
+    (tmp_path / "bad.json").write_text(json.dumps(payload))
+    assert apply_main([str(tmp_path / "bad.json")]) == 2
+    assert "violates the bit-config schema" in capsys.readouterr().err
