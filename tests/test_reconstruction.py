@@ -12,7 +12,8 @@ from quantsearch.deploy.bitconfig import BitConfig
 from quantsearch.quantize.quantized_model import QuantizedActivationsModel, make_quantizer
 from quantsearch.quantize.refine import refine
 from quantsearch.quantize.refine.blocks import find_units, unit_data
-from quantsearch.quantize.refine.lsq import lsq_fake_quant, step_and_range
+from quantsearch.quantize.fakequant import integer_range
+from quantsearch.quantize.refine.lsq import lsq_asymmetric, lsq_fake_quant, lsq_grouped
 from quantsearch.quantize.refine.reconstruction import _loss, reconstruct_unit
 
 
@@ -32,6 +33,35 @@ def test_lsq_gradient_by_hand():
     assert float(step.grad) == pytest.approx(0.1 / 12 ** 0.5, abs=1e-6)
 
 
+def test_lsq_asymmetric_gradient_by_hand():
+    """2 bits over [-1, 2]: scale (2 - -1) / 3 = 1, zero point 1. x = [0.4, 5, -3] give [0, 2 (clipped), -1
+    (clipped)]. With the zero point rounded straight through, d scale = (d high - d low) / 3 and d zero =
+    -2/3 d low - 1/3 d high; summed over the three outputs, low gets -0.4 * -1/3 + 0 + 1 and high
+    -0.4 * 1/3 + 1 + 0, each times LSQ's scale 1 / sqrt(3 * 3)."""
+    low, high = torch.tensor(-1.0, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    x = torch.tensor([0.4, 5.0, -3.0])
+    out = lsq_asymmetric(x, low, high, 3.0)
+    assert torch.allclose(out, torch.tensor([0.0, 2.0, -1.0]))
+    out.sum().backward()
+    assert float(low.grad) == pytest.approx((0.4 / 3 + 1) / 3, abs=1e-6)
+    assert float(high.grad) == pytest.approx((-0.4 / 3 + 1) / 3, abs=1e-6)
+
+
+def test_lsq_grouped_is_lsq_per_group():
+    """Per-head steps: each group's values and step gradient are those of LSQ on that group alone."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 8) * 2
+    steps = torch.tensor([0.2, 0.5, 1.0, 0.3], requires_grad=True)
+    lsq_grouped(x, steps, -7.0, 7.0).sum().backward()
+    for g in range(4):
+        step = steps[g].detach().clone().requires_grad_(True)
+        part = x[..., 2 * g: 2 * g + 2]
+        alone = lsq_fake_quant(part, step, -7.0, 7.0)
+        assert torch.allclose(lsq_grouped(x, steps.detach(), -7.0, 7.0)[..., 2 * g: 2 * g + 2], alone)
+        alone.sum().backward()
+        assert float(steps.grad[g]) == pytest.approx(float(step.grad), rel=1e-5)
+
+
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_lsq_matches_the_quantizer_at_its_amax(unsigned):
     """The learned grid is the quantizer's own: at amax = step * high, both give the same values."""
@@ -40,8 +70,9 @@ def test_lsq_matches_the_quantizer_at_its_amax(unsigned):
     quantizer.register_buffer("_amax", torch.tensor(2.5))
     quantizer.unsigned = unsigned
     x = torch.randn(1000) * 2
-    step, low, high = step_and_range(quantizer)
-    assert (low, high) == ((0.0, 15.0) if unsigned else (-7.0, 7.0)) and step == pytest.approx(2.5 / high)
+    high, low = integer_range(4, unsigned, True)
+    step = 2.5 / high
+    assert (low, high) == ((0.0, 15.0) if unsigned else (-7.0, 7.0))
     assert torch.allclose(lsq_fake_quant(x, torch.tensor(step), low, high), quantizer(x.clamp_min(0) if unsigned
                                                                                        else x), atol=1e-6)
 

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ".pt or .pth: weights, amax and bits, with metadata beside it")
     p.add_argument("--refine", metavar="METHOD",
                    help="bias-correction, adaround (layer by layer), brecq, brecq-lsq, qdrop (block by block; -lsq "
-                        "and qdrop also learn activation steps), or steps chained with commas (qdrop,bias-correction):"
+                        "and qdrop also learn activation grids and biases), or steps chained with commas "
+                        "(brecq-lsq,bias-correction):"
                         " refine the weights on the calibration split, re-measure, and write a new bit-config plus "
                         "its refined weights (see --refine-out); --export then exports the refined model")
     p.add_argument("--refine-iterations", type=int, metavar="N",

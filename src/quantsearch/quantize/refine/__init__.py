@@ -10,9 +10,9 @@ re-folding the model keeps them apart from its own weights):
 - ``adaround`` (:mod:`.adaround`): each weight's rounding (up or down) is learned layer by layer (Nagel et al.,
   2020), with its per-channel scale unchanged, so the refined weights sit on the same grid.
 - ``brecq``, ``brecq-lsq``, ``qdrop`` (:mod:`.reconstruction`): the rounding learned per block against the
-  block's FP32 output (BRECQ); with ``-lsq`` also the activation steps (LSQ, :mod:`.lsq`), which become the
-  quantizers' amax; ``qdrop`` also drops activation quantization at random while learning (QDrop). Blocks are
-  found by :mod:`.blocks`.
+  block's FP32 output (BRECQ); ``brecq-lsq`` also learns the activation grids (LSQ, :mod:`.lsq`; they become the
+  quantizers' amax and low ends) and the biases; ``qdrop`` is ``brecq-lsq`` with activation quantization dropped
+  at random while learning (QDrop). Blocks are found by :mod:`.blocks`.
 
 :mod:`.layers` captures a weight layer's input and output in the quantized model, and the FP32 model's for all
 layers in one pass (the reference does not change while a method refines layer after layer), and runs a layer's

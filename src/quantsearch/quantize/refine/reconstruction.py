@@ -6,9 +6,10 @@ and positions. Learned jointly:
 
 - every weight's rounding, up or down, as AdaRound's soft variables with their annealed regulariser (the
   per-channel weight scale fixed, so refined weights stay on their quantizer's grid);
-- with ``lsq``, the step of every per-tensor uniform activation quantizer in the unit (:mod:`.lsq`); its
-  learned step times the grid's top becomes the quantizer's amax. Other forms (log2, asymmetric, per-head) keep
-  their calibrated ranges and pass gradients straight through.
+- with ``lsq``, the grid of every activation quantizer in the unit (:mod:`.lsq`): the step of a uniform one
+  (its learned step times the grid's top becomes its amax), a step per group of a per-head one, both ends of an
+  asymmetric one. A log2 grid keeps its calibrated top and passes gradients straight through.
+- with ``biases``, the weight layers' biases too (continuous: they absorb the mean error that rounding leaves).
 
 The unit's input is the quantized model's (earlier units already refined), as BRECQ takes it. With ``drop`` > 0
 (QDrop, Wei et al., 2022), each element of every activation quantizer's output in the unit, and of the unit's
@@ -22,22 +23,23 @@ included (so a unit never ends worse on data it did not learn from than it start
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from ..fakequant import integer_range
 from ..forms import form_of
+from ..limits import log_grid_at
 from .adaround import GAMMA, WARMUP, ZETA, _scale, _soft
 from .blocks import Unit, find_units, unit_data
-from .lsq import lsq_fake_quant, step_and_range
+from .lsq import lsq_asymmetric, lsq_fake_quant, lsq_grouped
 
 __all__ = ["brecq", "brecq_lsq", "qdrop", "reconstruct", "reconstruct_unit"]
 
 log = logging.getLogger("quantsearch")
-LEARNED_FORMS = ("uniform", "per-channel")  # per-tensor uniform grids: their step is learned with lsq
+UNIFORM_FORMS = ("uniform", "per-channel")  # per-tensor uniform grids (per-channel's fold is in the weights)
 
 
 @dataclass
@@ -59,9 +61,10 @@ class _Rounding:
     scale: torch.Tensor
     qmax: float
     v: torch.Tensor
+    bias: torch.Tensor | None = None  # learned with the rounding (``biases``), else the module's own
 
     @classmethod
-    def of(cls, qmodel, name: str) -> "_Rounding":
+    def of(cls, qmodel, name: str, learn_bias: bool = False) -> "_Rounding":
         module, quantizer = qmodel.weight_module(name), qmodel.quantizer(name)
         weight = module.weight.detach().float()
         scale, qmax = _scale(quantizer.amax, quantizer.num_bits, tuple(weight.shape))
@@ -69,7 +72,9 @@ class _Rounding:
         floor = torch.floor(weight * safe)
         rest = (weight * safe - floor).clamp(0.01, 0.99)  # h(v) starts at the fractional part: nearest when hard
         v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)).requires_grad_(True)
-        return cls(name.rsplit(":", 1)[0] + ".weight", module, floor, torch.where(scale > 0, scale, 0 * scale), qmax, v)
+        bias = getattr(module, "bias", None)
+        bias = bias.detach().clone().requires_grad_(True) if learn_bias and bias is not None else None
+        return cls(name.rsplit(":", 1)[0] + ".weight", module, floor, scale, qmax, v, bias)
 
     def weight(self, hard: bool) -> torch.Tensor:
         h = (self.v >= 0).float() if hard else _soft(self.v)
@@ -83,24 +88,62 @@ class _Rounding:
 
 @dataclass
 class _Step:
-    """One activation quantizer in the unit: a learned step (None: its own grid, gradients straight through)."""
+    """One activation quantizer in the unit and what of its grid is learned: ``kind`` uniform (a step), per-head
+    (a step per group) or asymmetric (both ends); None keeps its own grid, gradients straight through."""
 
     name: str
     quantizer: torch.nn.Module
-    step: torch.Tensor | None = None
+    kind: str | None = None
+    params: tuple = ()
     low: float = 0.0
     high: float = 0.0
-    sizes: dict = field(default_factory=dict)  # grad scale per tensor size
+
+    @classmethod
+    def of(cls, qmodel, name: str, learn: bool, device) -> "_Step":
+        quantizer = qmodel.quantizer(name)
+        form, amax = form_of(quantizer), quantizer.amax
+        uniform = form in UNIFORM_FORMS or (form == "log2-narrow" and not log_grid_at(form, quantizer.num_bits))
+        if not learn or amax is None or not (uniform or form in ("per-head", "asymmetric")):
+            return cls(name, quantizer)
+        high, low = integer_range(quantizer.num_bits, quantizer.unsigned, quantizer.narrow_range)
+        if form == "asymmetric":
+            ends = (torch.tensor(quantizer.low, device=device), amax.detach().float().reshape(()).clone())
+            return cls(name, quantizer, "asymmetric", tuple(t.requires_grad_(True) for t in ends), 0.0, high)
+        steps = (amax.detach().float().flatten() / high).to(device)
+        steps = (steps if form == "per-head" else steps.reshape(())).clone().requires_grad_(True)
+        return cls(name, quantizer, "per-head" if form == "per-head" else "uniform", (steps,), low, high)
 
     def __call__(self, x: torch.Tensor, mode: _Mode) -> torch.Tensor:
-        if self.step is not None:
-            scale = self.sizes.setdefault(x.numel(), 1.0 / math.sqrt(x.numel() * self.high))
-            out = lsq_fake_quant(x, self.step, self.low, self.high, scale)
+        if self.kind == "uniform":
+            out = lsq_fake_quant(x, self.params[0], self.low, self.high)
+        elif self.kind == "per-head":
+            out = lsq_grouped(x, self.params[0], self.low, self.high)
+        elif self.kind == "asymmetric":
+            out = lsq_asymmetric(x, *self.params, self.high)
         else:
             with torch.no_grad():
                 fixed = type(self.quantizer).forward(self.quantizer, x.detach())
             out = x + (fixed - x).detach()
         return _dropped(x, out, mode)
+
+    def clamp_(self) -> None:
+        """Keep the learned grid valid: steps positive, an asymmetric range around 0."""
+        with torch.no_grad():
+            if self.kind in ("uniform", "per-head"):
+                self.params[0].clamp_(min=1e-8)
+            elif self.kind == "asymmetric":
+                self.params[0].clamp_(max=0.0)
+                self.params[1].clamp_(min=1e-6)
+
+    def commit(self, qmodel) -> None:
+        """The learned grid as the quantizer's amax (and low end): inference runs the quantizer unchanged."""
+        if self.kind == "uniform":
+            qmodel.amax = {self.name: float(self.params[0].detach()) * self.high}
+        elif self.kind == "per-head":
+            qmodel.amax = {self.name: [float(v) * self.high for v in self.params[0].detach().tolist()]}
+        elif self.kind == "asymmetric":
+            qmodel.amax = {self.name: float(self.params[1].detach())}
+            qmodel.lows = {self.name: float(self.params[0].detach())}
 
 
 def _dropped(fp: torch.Tensor, quantized: torch.Tensor, mode: _Mode) -> torch.Tensor:
@@ -123,9 +166,11 @@ def _replayed(qmodel, unit: Unit, roundings: list[_Rounding], steps: list[_Step]
 
             def before(module, _args, r=rounding):
                 module._parameters["weight"] = r.weight(mode.hard)
+                if r.bias is not None:
+                    module._parameters["bias"] = r.bias
 
-            def after(module, _args, _out, original=rounding.module._parameters["weight"]):
-                module._parameters["weight"] = original
+            def after(module, _args, _out, original=dict(rounding.module._parameters)):
+                module._parameters.update((k, original[k]) for k in ("weight", "bias") if k in original)
 
             stack.callback(rounding.module.register_forward_pre_hook(before).remove)
             stack.callback(rounding.module.register_forward_hook(after, always_call=True).remove)
@@ -142,7 +187,8 @@ def _loss(out: torch.Tensor, target: torch.Tensor, axis: int) -> torch.Tensor:
 
 def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterations: int = 1000,
                      batch: int = 32, lsq: bool = True, drop: float = 0.0, weight_decay: float = 0.01,
-                     lr: float = 1e-2, step_lr: float = 1e-3, seed: int = 0) -> dict:
+                     lr: float = 1e-2, step_lr: float = 1e-3, biases: bool = False, bias_lr: float = 1e-3,
+                     seed: int = 0) -> dict:
     """Reconstruct one unit in place (weights refined through ``qmodel.add_refined``, learned steps as amax);
     ``data`` is :func:`~.blocks.unit_data`'s. Returns the held-back error before and after, the iteration kept
     (0: rounding to nearest and the calibrated steps) and the refined weights.
@@ -157,16 +203,10 @@ def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterati
     check, train = order[:held], order[held:]
     if not held:
         check = train
-    roundings = [_Rounding.of(qmodel, name) for name in unit.weights]
-    steps = []
-    for name in unit.activations:
-        quantizer = qmodel.quantizer(name)
-        entry = _Step(name, quantizer)
-        if lsq and form_of(quantizer) in LEARNED_FORMS and quantizer.amax is not None and quantizer.amax.numel() == 1:
-            value, entry.low, entry.high = step_and_range(quantizer)
-            entry.step = torch.tensor(value, device=device, requires_grad=True)
-        steps.append(entry)
-    learned = [s.step for s in steps if s.step is not None]
+    roundings = [_Rounding.of(qmodel, name, biases) for name in unit.weights]
+    steps = [_Step.of(qmodel, name, lsq, device) for name in unit.activations]
+    ranges = [p for s in steps for p in s.params]
+    learned = ranges + [r.bias for r in roundings if r.bias is not None]
     convolutional = any(isinstance(r.module, torch.nn.modules.conv._ConvNd) for r in roundings)
     axis = 1 if convolutional else -1
     mode = _Mode(generator=generator)
@@ -184,7 +224,9 @@ def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterati
 
     optimisers = [torch.optim.Adam([r.v for r in roundings], lr=lr)] if roundings else []
     if learned:
-        step_optimiser = torch.optim.Adam(learned, lr=step_lr)
+        groups = [{"params": ranges, "lr": step_lr},
+                  {"params": [r.bias for r in roundings if r.bias is not None], "lr": bias_lr}]
+        step_optimiser = torch.optim.Adam([g for g in groups if g["params"]])
         optimisers.append(step_optimiser)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(step_optimiser, T_max=max(1, iterations), eta_min=0.0)
     warm, every = int(WARMUP * iterations), max(1, iterations // 10)
@@ -206,9 +248,8 @@ def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterati
                 optimiser.step()
             if learned:
                 schedule.step()
-                with torch.no_grad():
-                    for s in learned:
-                        s.clamp_(min=1e-8)
+                for s in steps:
+                    s.clamp_()
             if step % every == 0 or step == iterations:
                 error = held_back_error()
                 if error < best:
@@ -219,21 +260,25 @@ def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterati
         for s, value in zip(learned, state[1]):
             s.copy_(value)
     changed = {r.key: r.weight(hard=True).detach().to(r.module.weight.dtype) for r in roundings}
+    changed |= {r.key[: -len("weight")] + "bias": r.bias.detach().to(r.module.bias.dtype) for r in roundings
+                if r.bias is not None}
     qmodel.add_refined(changed)
-    qmodel.amax = {s.name: float(s.step.detach()) * s.high for s in steps if s.step is not None}
+    for s in steps:
+        s.commit(qmodel)
     return {"before": before, "after": best, "kept": kept, "changed": changed}
 
 
 def reconstruct(qmodel, batches: list[torch.Tensor], iterations: int = 1000, batch: int = 32, lsq: bool = True,
-                drop: float = 0.0, progress=None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Reconstruct every unit of ``qmodel`` in forward order, in place; returns ``{<module>.weight: refined
-    weight}`` (each on its quantizer's grid). Learned steps are set as the quantizers' amax."""
+                biases: bool = False, drop: float = 0.0, progress=None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Reconstruct every unit of ``qmodel`` in forward order, in place; returns the parameters changed
+    (``<module>.weight`` on its quantizer's grid, and with ``biases`` ``<module>.bias``). Learned grids are set as
+    the quantizers' amax (and low ends)."""
     units = find_units(qmodel, batches[0])
     changed: dict[str, torch.Tensor] = {}
     for index, unit in enumerate(progress(units) if progress is not None else units):
         data = unit_data(qmodel, unit, batches)
         report = reconstruct_unit(qmodel, unit, data, iterations=iterations, batch=batch, lsq=lsq, drop=drop,
-                                  seed=seed + index)
+                                  biases=biases, seed=seed + index)
         changed |= report.pop("changed")
         log.info("reconstruct %s (%d weight, %d activation quantizers): held-back error %.4g -> %.4g (kept "
                  "iteration %d)", unit.name, len(unit.weights), len(unit.activations), report["before"],
@@ -241,20 +286,23 @@ def reconstruct(qmodel, batches: list[torch.Tensor], iterations: int = 1000, bat
     return changed
 
 
-def brecq(qmodel, batches: list[torch.Tensor], iterations: int = 1000, progress=None) -> dict[str, torch.Tensor]:
+def brecq(qmodel, batches: list[torch.Tensor], iterations: int = 1000, progress=None,
+          seed: int = 0) -> dict[str, torch.Tensor]:
     """Block reconstruction of the weights' rounding alone (BRECQ), activation ranges as calibrated."""
-    return reconstruct(qmodel, batches, iterations=iterations, lsq=False, progress=progress)
+    return reconstruct(qmodel, batches, iterations=iterations, lsq=False, progress=progress, seed=seed)
 
 
-def brecq_lsq(qmodel, batches: list[torch.Tensor], iterations: int = 1000, progress=None) -> dict[str, torch.Tensor]:
-    """Block reconstruction of the weights' rounding and the activation steps (LSQ) together."""
-    return reconstruct(qmodel, batches, iterations=iterations, lsq=True, progress=progress)
+def brecq_lsq(qmodel, batches: list[torch.Tensor], iterations: int = 1000, progress=None,
+              seed: int = 0) -> dict[str, torch.Tensor]:
+    """Block reconstruction of the weights' rounding, the activation grids (LSQ) and the biases together."""
+    return reconstruct(qmodel, batches, iterations=iterations, lsq=True, biases=True, progress=progress, seed=seed)
 
 
-def qdrop(qmodel, batches: list[torch.Tensor], iterations: int = 1000, drop: float = 0.5,
-          progress=None) -> dict[str, torch.Tensor]:
-    """Block reconstruction with LSQ steps and QDrop's random drop of activation quantization (probability
-    ``drop``, QDrop's 0.5 by default)."""
+def qdrop(qmodel, batches: list[torch.Tensor], iterations: int = 1000, drop: float = 0.5, progress=None,
+          seed: int = 0) -> dict[str, torch.Tensor]:
+    """``brecq-lsq`` with QDrop's random drop of activation quantization (probability ``drop``, QDrop's 0.5 by
+    default)."""
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop probability {drop} must be in [0, 1)")
-    return reconstruct(qmodel, batches, iterations=iterations, lsq=True, drop=drop, progress=progress)
+    return reconstruct(qmodel, batches, iterations=iterations, lsq=True, biases=True, drop=drop, progress=progress,
+                       seed=seed)
