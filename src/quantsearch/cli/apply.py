@@ -192,15 +192,12 @@ def _check_refine_options(args: argparse.Namespace) -> None:
 def _refine(args: argparse.Namespace, session, bitconfig, before: dict) -> None:
     """Refine the applied model on the calibration split, measure it again, and write the refined bit-config and
     its weights (both atomically; the weights first, so a bit-config never names missing weights)."""
-    import hashlib
-    import io
     import time
     from pathlib import Path
 
-    import torch
     from tqdm.auto import tqdm
 
-    from ..deploy.bitconfig import BitConfig
+    from ..deploy.bitconfig import BitConfig, refined_weights
     from ..files import write_atomic
     from ..quantize.limits import check_refinement
     from ..quantize.refine import refine
@@ -229,11 +226,10 @@ def _refine(args: argparse.Namespace, session, bitconfig, before: dict) -> None:
           f"{args.refine} in {seconds:.1f} s on "
           f"{sum(len(x) for x in inputs)} calibration images")
     print(format_table(["split", "before", "after", "change"], rows))
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in changed.items()}, buffer)
+    data, digest = refined_weights(changed)
     weights = out.with_suffix(".pt")
-    write_atomic(weights, buffer.getvalue())
-    refined = {"method": ",".join(check_refinement(args.refine)), "file": weights.name, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+    write_atomic(weights, data)
+    refined = {"method": ",".join(check_refinement(args.refine)), "file": weights.name, "sha256": digest,
                "parameters": sorted(changed), "accuracy_before": dict(before)}
     if options:
         refined["options"] = options
@@ -241,7 +237,7 @@ def _refine(args: argparse.Namespace, session, bitconfig, before: dict) -> None:
                                   accuracy=after, costs=bitconfig.costs, costs_normalized=bitconfig.costs_normalized,
                                   metric=bitconfig.metric, settings=bitconfig.settings, refined=refined)
     write_atomic(out, config.to_json())
-    print(f"wrote {out} and {weights} ({len(buffer.getvalue()) / 1e3:.0f} kB); re-apply with "
+    print(f"wrote {out} and {weights} ({len(data) / 1e3:.0f} kB); re-apply with "
           f"python -m quantsearch.apply {out}")
 
 

@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-samples", type=int,
                    help="images of a validation split that every front candidate must also pass before it is "
                         "reported (default 0: none); taken before the hold-out split, which stays untouched")
+    _add_refine_arguments(p, d)
     p.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
     p.add_argument("--seed", type=int, help=f"seed of splits and search (default {d.seed})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
@@ -124,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def _add_refine_arguments(p: argparse.ArgumentParser, d: ExploreConfig) -> None:
+    """The refined front's flags (run/refined.py)."""
+    p.add_argument("--refine", metavar="METHOD",
+                   help="a refined front: after the search, refine the cheapest candidates near the floor with "
+                        "METHOD (brecq-lsq, qdrop, adaround, ...; see apply --refine), then validate and re-check "
+                        "them like the front (default: none)")
+    p.add_argument("--refine-budget", type=float, metavar="N",
+                   help=f"full search-split evaluations the refined front may take (default {d.refine_budget:g})")
+    p.add_argument("--refine-iterations", type=int, metavar="N",
+                   help=f"learning iterations per layer or block of each refinement (default {d.refine_iterations})")
+    p.add_argument("--refine-margin", type=float, metavar="X",
+                   help=f"how far below the floor a candidate may be, in the metric's units (default "
+                        f"{d.refine_margin:g}: 2 points of top-1)")
 
 
 def parse_forms(items: list[str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import files
 
-__all__ = ["BitConfig", "BitConfigError", "schema", "apply_bitconfig"]
+__all__ = ["BitConfig", "BitConfigError", "schema", "apply_bitconfig", "refined_weights"]
 
 FORMAT = "quantsearch-bitconfig"
 SCHEMA_VERSION = 3  # 3: the settings, metric and fingerprints that rebuild the run; 2: per-channel weights; 1, 2 load
@@ -30,6 +30,13 @@ SCHEMA_VERSION = 3  # 3: the settings, metric and fingerprints that rebuild the 
 
 class BitConfigError(ValueError):
     """A bit-config that violates the schema or does not fit the model."""
+
+
+def refined_weights(changed: Mapping[str, torch.Tensor]) -> tuple[bytes, str]:
+    """The file a refined bit-config names (a state dict of the changed tensors, on the CPU) and its sha256."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in changed.items()}, buffer)
+    return buffer.getvalue(), hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 def schema() -> dict:

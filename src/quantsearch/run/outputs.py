@@ -174,6 +174,7 @@ def _summary(session: Session, found: dict) -> dict:
         "versions": _versions(), "device": _device_name(session.device),
         "timings_s": {k: round(v, 3) for k, v in found["timings"].items()}, "parallel": found["parallel"],
         **({"deployed": found["deployed"]} if found.get("deployed") else {}),
+        **({"refined_front": found["refined"]} if found.get("refined") else {}),
     }
 
 

@@ -25,9 +25,10 @@ from ..search.front import pareto_front
 from ..search.problem import Evaluation, LayerwiseQuantizationProblem
 from ..search.sampling import uniform_genomes
 from .allocator import keep_freed_memory
-from .outputs import write_outputs
+from .outputs import bitconfig_sections, write_outputs
 from .plots import plot_sensitivity_table
 from .record import RunRecord, read_record
+from .refined import refine_candidates, refine_front
 from .session import BASELINES, Session, build_session
 from .settings import PARALLEL_KEYS, ExploreConfig
 from .lock import RunLock
@@ -335,6 +336,21 @@ def _confirm_front(session: Session, problem, store: RunStore, progress: bool = 
             "validation_bound": split_bound(session, "validation")}
 
 
+def _refined_front(session: Session, problem, store: RunStore, found: dict, progress: bool) -> dict:
+    """The refined front (:mod:`.refined`): candidates near the floor and cheaper than the cheapest point that
+    held on hold-out (the front's cheapest without a hold-out split), refined within the budget."""
+    cost_names = [c.name for c in problem.costs]
+    evaluations = [e for e, _ in store.evaluations() if problem.in_space(e.bits)]
+    held = [e for e in found["front"] if found["confirmed"].get(e.bits, not found["confirmed"])]
+    candidates = refine_candidates(session, evaluations, held, cost_names)
+    check = _validation_check(session) if session.evaluator("validation") is not None else None
+    log.info("refined front: %d candidates within %g of the floor and cheaper than the cheapest point that held",
+             len(candidates), session.config.refine_margin)
+    return refine_front(session, store, candidates, bitconfig_sections(session, found["bound"]),
+                        {c: found["fp32_costs"][c] for c in cost_names}, check, found["holdout_bound"],
+                        progress=lambda items: _phase(items, "refined front", progress))
+
+
 def explore(config: ExploreConfig, progress: bool = True, resume: bool = False,
             stop_requested=lambda: False) -> RunRecord:
     """Run one exploration as ``config`` says and write its outputs into ``config.out``.
@@ -423,6 +439,9 @@ def _run(config: ExploreConfig, run_dir: Path, progress: bool, resume: bool, sto
             for name, e in found["baselines"].items()}
         found |= {"bound": bound, "fp32": fp32, "cost_names": [c.name for c in problem.costs],
                   "num_evaluations": len(store.evaluations()), "reused": reused}
+        if config.refine:
+            with clock("refine"):
+                found["refined"] = _refined_front(session, problem, store, found, progress)
         clock.timings["total"] = time.perf_counter() - clock.start
         found["timings"] = clock.timings
         write_outputs(store, session, found)

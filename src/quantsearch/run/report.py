@@ -101,6 +101,8 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
 
     if run.summary.get("deployed"):
         out += _deployed_section(run, show)
+    if run.summary.get("refined_front"):
+        out += _refined_section(run, show)
 
     out += ["## Convergence", "",
             f"Hypervolume of the feasible front of every evaluation so far, reference point {REFERENCE_POINT}. "
@@ -162,6 +164,24 @@ def _deployed_section(run: RunRecord, show) -> list[str]:
         rows = [[name, *[FORMATS[e.bits[j]] for e in run.front]] for j, name in enumerate(run.quantizer_names)]
         out += ["### Format of each layer on each front point", "", _table(header, rows), ""]
     return out
+
+
+def _refined_section(run: RunRecord, show) -> list[str]:
+    """The refined front: each refined candidate before and after, on every split, and what it cost."""
+    refined, costs = run.summary["refined_front"], run.cost_names
+    yes = {True: "yes", False: "**no**", None: "-"}
+    rows = [[show(p["accuracy_before"]), show(p["search"]), show(p.get("validation")), yes[p["validation_passed"]],
+             show(p.get("holdout")), yes[p["confirmed"]], "yes" if p["on_front"] else "",
+             *[f"{p['costs'][c] / run.fp32_costs[c]:.3f}" for c in costs], f"{p['seconds']:.0f}",
+             f"[{p['bitconfig'].rsplit('/', 1)[-1]}]({p['bitconfig']})"]
+            for p in sorted(refined["points"], key=lambda p: p["costs"][costs[0]])]
+    return [f"## Refined front ({refined['method']}, {refined['iterations']} iterations)", "",
+            f"{len(refined['points'])} of {refined['candidates']} candidates refined (within the margin below the "
+            f"floor, cheaper than the cheapest point that held), {refined['spent']:.0f} of "
+            f"{refined['budget']:g} full evaluations spent. *before* is the search split's accuracy unrefined; "
+            "refinement learns on the calibration split only.", "",
+            _table(["before", "search %", "validation %", "passed", "hold-out %", "confirmed", "on the refined front",
+                    *[f"{c} / FP32" for c in costs], "s", "bit-config"], rows), ""]
 
 
 def _search_line(s: dict, summary: dict) -> str:

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..quantize.limits import MAX_BITS, MIN_BITS, check_forms
+from ..quantize.limits import MAX_BITS, MIN_BITS, check_forms, check_refinement
 from ..search.names import ALGORITHM_NAMES, SENSITIVITY_NAMES
 
 __all__ = ["ConfigError", "ExploreConfig", "parse_bits", "load_yaml", "SEARCH_SPACES", "ALGORITHM_NAMES"]
@@ -84,6 +84,11 @@ class ExploreConfig:
     patience: int = 2  # stop nsga2/guided once this many checks in a row gain < min-gain of the HV (0: never)
     min_gain: float = 0.001  # relative hypervolume gain that counts as progress (see search/stopping.py)
     sensitivity: str | None = None  # measured or gradient (None: the algorithm's own, see search.SENSITIVITY_DEFAULTS)
+    # the refined front: candidates near the floor refined after the search (see run/refined.py)
+    refine: str | None = None  # a refinement of quantize.refine (brecq-lsq, ...); None: no refined front
+    refine_budget: float = 100  # full evaluations of the search split that refining may take
+    refine_iterations: int = 300  # learning iterations per layer or block
+    refine_margin: float = 0.02  # how far below the floor (in the metric's units) a candidate may be
     # a deployment target: the genes become the formats a runtime runs per layer (see deploy/targets/)
     target: str | None = None  # onnxruntime-cpu; None: bit-widths for hardware that runs them (costs are proxies)
     deploy_batch: int = 1  # the batch size the target serves at: latency and dynamic grids depend on it
@@ -162,6 +167,7 @@ class ExploreConfig:
                                         or not self.budget > 0):
             raise ConfigError(f"budget must be a positive number of full evaluations, got {self.budget!r}")
         _check_stop(self.patience, self.min_gain)
+        _check_refine(self)
         if self.sensitivity is not None and self.sensitivity not in SENSITIVITY_NAMES:
             raise ConfigError(f"unknown sensitivity {self.sensitivity!r}; choose from {', '.join(SENSITIVITY_NAMES)}")
         if self.early_reject not in EARLY_REJECT_MODES or isinstance(self.early_reject, (int, float)) \
@@ -378,3 +384,24 @@ def _check_stop(patience, min_gain) -> None:
                           f"got {patience!r}")
     if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0 <= min_gain < 1:
         raise ConfigError(f"min-gain must be a relative hypervolume gain in [0, 1), got {min_gain!r}")
+
+
+def _check_refine(config: "ExploreConfig") -> None:
+    """The refined front's settings (run/refined.py): a known refinement, a positive budget and iteration count, a
+    margin >= 0; a target run's genes are runtime formats, which refinement does not touch."""
+    if config.refine is None:
+        return
+    try:
+        check_refinement(config.refine)
+    except ValueError as exc:
+        raise ConfigError(f"refine: {exc}") from None
+    if config.target:
+        raise ConfigError("refine adjusts fake-quantized weights; a target run's genes are the runtime's formats")
+    number = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not number(config.refine_budget) or not config.refine_budget > 0:
+        raise ConfigError(f"refine-budget must be a positive number of full evaluations, got {config.refine_budget!r}")
+    if not number(config.refine_margin) or not config.refine_margin >= 0:
+        raise ConfigError(f"refine-margin must be a number >= 0, got {config.refine_margin!r}")
+    if not isinstance(config.refine_iterations, int) or isinstance(config.refine_iterations, bool) or \
+            config.refine_iterations < 1:
+        raise ConfigError(f"refine-iterations must be a positive integer, got {config.refine_iterations!r}")

@@ -1,8 +1,9 @@
 """The units block reconstruction refines together, in the order the forward pass runs them, and their data.
 
 A unit is the smallest module that is an item of a container (a name ending in a number: ``blocks.3``,
-``layer2.1``, ``stages.1.0``) and holds at least two quantized weight layers: a transformer block, a residual
-block, an inverted-bottleneck block. That is BRECQ's block granularity, found without knowing the architecture.
+``layer2.1``, ``stages.1.0``) or a ``Sequential`` (a deep stem), and holds at least two quantized weight layers:
+a transformer block, a residual block, an inverted-bottleneck block, a stem. That is BRECQ's block granularity,
+found without knowing the architecture.
 A quantized weight layer inside no such unit (a stem, a patch embedding, a classifier) is a unit of its own. A
 unit runs its own hooks, so the activation quantizers on its modules (and on its own input and output) are part
 of what it learns.
@@ -37,10 +38,11 @@ def _contains(parent: nn.Module, module: nn.Module) -> bool:
 
 
 def _candidates(model: nn.Module, layers: set[int]) -> list[tuple[str, nn.Module]]:
-    """The smallest numbered items holding two or more of ``layers`` (module ids)."""
+    """The smallest numbered items and Sequentials holding two or more of ``layers`` (module ids)."""
     counts = {name: sum(id(m) in layers for m in module.modules()) for name, module in model.named_modules()}
-    numbered = [(n, m) for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1].isdigit() and counts[n] >= 2]
-    return [(n, m) for n, m in numbered if not any(o.startswith(n + ".") for o, _ in numbered)]
+    found = [(n, m) for n, m in model.named_modules()
+             if n and (n.rsplit(".", 1)[-1].isdigit() or isinstance(m, nn.Sequential)) and counts[n] >= 2]
+    return [(n, m) for n, m in found if not any(o.startswith(n + ".") for o, _ in found)]
 
 
 def _call_order(qmodel, modules: list[nn.Module], example: torch.Tensor) -> dict[nn.Module, int]:
