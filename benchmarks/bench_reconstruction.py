@@ -1,6 +1,7 @@
 """Block reconstruction against today's refinements at uniform widths, on the demo ViT and a CNN (issue 30).
 
     python benchmarks/bench_reconstruction.py [--models vit,cnn] [--iterations 1000] [--seeds 1]
+        [--widths W8A8,W4A8,...] [--cnn-widths W4A8,W8A4,W4A4]
 
 Rows: W8A8, W4A8, W8A4, W4A4, W3A4 and W4A3 (every weight quantizer at the first width, every activation
 quantizer at the second). Columns, each from the unrefined model of the same session (splits and calibration as
@@ -9,7 +10,7 @@ quantizer at the second). Columns, each from the unrefined model of the same ses
 outputs; the CNN has none), then on the forms: ``adaround,bias-correction`` (today's best), ``brecq`` (block
 reconstruction of the rounding), ``brecq-lsq`` (+ activation grids and biases) and ``qdrop`` (+ QDrop's drop
 at 0.5). Printed: hold-out top-1 (the search split in the log lines) and each refinement's seconds on this
-machine. ``--seeds N`` repeats the block refinements at W4A4 with N reconstruction seeds (the spread of one
+machine. ``--seeds N`` repeats the ViT's block refinements at W4A4 with N reconstruction seeds (the spread of one
 method on one model is part of its answer).
 
 The CNN is timm's ``resnet10t`` (grey input, 10 classes) trained on Fashion-MNIST's training split by
@@ -31,6 +32,7 @@ from quantsearch.quantize.refine import refine  # noqa: E402
 from quantsearch.run.session import build_session  # noqa: E402
 from quantsearch.run.settings import ExploreConfig  # noqa: E402
 from quantsearch.run.tables import format_table  # noqa: E402
+from quantsearch.sources.data import DEMO_PREPROCESSING  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTHS = [("W8A8", 8, 8), ("W4A8", 4, 8), ("W8A4", 8, 4), ("W4A4", 4, 4), ("W3A4", 3, 4), ("W4A3", 4, 3)]
@@ -49,7 +51,8 @@ def cnn_config() -> ExploreConfig:
         print(f"training the CNN first ({CNN_WEIGHTS})", flush=True)
         train(out=CNN_WEIGHTS)
     return ExploreConfig().merged({"model": "resnet10t", "model_kwargs": {"num_classes": 10, "in_chans": 1},
-                                   "checkpoint": str(CNN_WEIGHTS), "predicate": "batchnorm"})
+                                   "checkpoint": str(CNN_WEIGHTS), "predicate": "batchnorm",
+                                   "preprocessing": DEMO_PREPROCESSING.to_dict()})  # the tensors it trained on
 
 
 def set_widths(qmodel, w: int, a: int) -> None:
@@ -60,13 +63,13 @@ def set_widths(qmodel, w: int, a: int) -> None:
     qmodel.bit_widths = {n: (w if n in weights else a) for n in qmodel.quantizer_names}
 
 
-def measure(model: str, config: ExploreConfig, iterations: int, seeds: int) -> list[list]:
+def measure(model: str, config: ExploreConfig, iterations: int, seeds: int, widths: list[str]) -> list[list]:
     plain = build_session(config, weight_quantizers=True)
     forms = build_session(config.merged({"quant_forms": VIT_FORMS}), weight_quantizers=True) if model == "vit" \
         else None
     fp32 = plain.fp32("holdout")
     rows = [["FP32", f"{100 * fp32:.2f}"] + [""] * (1 + 2 * len(REFINEMENTS))]
-    for label, w, a in WIDTHS:
+    for label, w, a in (entry for entry in WIDTHS if entry[0] in widths):
         row = [label]
         for session in (plain, forms):
             if session is None:
@@ -87,7 +90,7 @@ def measure(model: str, config: ExploreConfig, iterations: int, seeds: int) -> l
                   f"{seconds:.0f} s", flush=True)
             row += [f"{100 * holdout:.2f}", f"{seconds:.0f}"]
         rows.append(row)
-        if label == "W4A4" and seeds > 1:
+        if label == "W4A4" and seeds > 1 and model == "vit":
             rows.append(spread(session, model, inputs, iterations, seeds))
     return rows
 
@@ -111,12 +114,16 @@ def main() -> None:
     parser.add_argument("--models", default="vit,cnn")
     parser.add_argument("--iterations", type=int, default=1000, help="per block, for brecq, brecq-lsq, qdrop")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--widths", default=",".join(w for w, _, _ in WIDTHS), help="the ViT's rows")
+    parser.add_argument("--cnn-widths", default="W4A8,W8A4,W4A4", help="the CNN's rows (a block refinement of "
+                        "resnet10t takes minutes)")
     args = parser.parse_args()
     clock = time.perf_counter()
     headers = ["widths", "none %", "forms %"] + [h for m in REFINEMENTS for h in (f"{m} %", "s")]
     for model in args.models.split(","):
         config = ExploreConfig() if model == "vit" else cnn_config()
-        rows = measure(model, config, args.iterations, args.seeds)
+        rows = measure(model, config, args.iterations, args.seeds,
+                       (args.widths if model == "vit" else args.cnn_widths).split(","))
         print(f"\n{config.model} ({model}): hold-out top-1 at uniform widths; refinements on the forms column, "
               f"{args.iterations} iterations per block, 1,000 calibration images; s = seconds on this machine\n"
               + format_table(headers, rows) + "\n", flush=True)
