@@ -161,22 +161,7 @@ class ExploreConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.algorithm not in ALGORITHM_NAMES:
-            raise ConfigError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHM_NAMES)}")
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
-                                        or not self.budget > 0):
-            raise ConfigError(f"budget must be a positive number of full evaluations, got {self.budget!r}")
-        _check_stop(self.patience, self.min_gain)
-        _check_refine(self)
-        if self.sensitivity is not None and self.sensitivity not in SENSITIVITY_NAMES:
-            raise ConfigError(f"unknown sensitivity {self.sensitivity!r}; choose from {', '.join(SENSITIVITY_NAMES)}")
-        if self.early_reject not in EARLY_REJECT_MODES or isinstance(self.early_reject, (int, float)) \
-                and not isinstance(self.early_reject, bool):
-            raise ConfigError(f"early-reject must be one of off, floor, front, auto (or false/true), "
-                              f"got {self.early_reject!r}")
-        if self.early_reject_mode != "off" and not _is_fraction_metric(self.metric):
-            raise ConfigError(f"early-reject needs a metric that counts hits per image (top-k, agreement), "
-                              f"not {self.metric}")
+        self._validate_search()
         if not isinstance(self.validation_samples, int) or isinstance(self.validation_samples, bool) \
                 or self.validation_samples < 0:
             raise ConfigError(f"validation-samples must be a non-negative integer, got {self.validation_samples!r}")
@@ -229,6 +214,25 @@ class ExploreConfig:
             if index >= torch.cuda.device_count():
                 raise ConfigError(f"device {self.device}: only {torch.cuda.device_count()} CUDA device(s) here")
         return self
+
+    def _validate_search(self) -> None:
+        """The algorithm, its budget and stop, early rejection and the refined front (no torch)."""
+        if self.algorithm not in ALGORITHM_NAMES:
+            raise ConfigError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHM_NAMES)}")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
+                                        or not self.budget > 0):
+            raise ConfigError(f"budget must be a positive number of full evaluations, got {self.budget!r}")
+        _check_stop(self.patience, self.min_gain)
+        _check_refine(self)
+        if self.sensitivity is not None and self.sensitivity not in SENSITIVITY_NAMES:
+            raise ConfigError(f"unknown sensitivity {self.sensitivity!r}; choose from {', '.join(SENSITIVITY_NAMES)}")
+        if self.early_reject not in EARLY_REJECT_MODES or isinstance(self.early_reject, (int, float)) \
+                and not isinstance(self.early_reject, bool):
+            raise ConfigError(f"early-reject must be one of off, floor, front, auto (or false/true), "
+                              f"got {self.early_reject!r}")
+        if self.early_reject_mode != "off" and not _is_fraction_metric(self.metric):
+            raise ConfigError(f"early-reject needs a metric that counts hits per image (top-k, agreement), "
+                              f"not {self.metric}")
 
     def _validate_names(self) -> None:
         """Predicate, cost, calibration and preprocessing settings, against the registries of the modules that

@@ -222,13 +222,7 @@ def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterati
     def snapshot() -> tuple:
         return [r.v.detach().clone() for r in roundings], [s.detach().clone() for s in learned]
 
-    optimisers = [torch.optim.Adam([r.v for r in roundings], lr=lr)] if roundings else []
-    if learned:
-        groups = [{"params": ranges, "lr": step_lr},
-                  {"params": [r.bias for r in roundings if r.bias is not None], "lr": bias_lr}]
-        step_optimiser = torch.optim.Adam([g for g in groups if g["params"]])
-        optimisers.append(step_optimiser)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(step_optimiser, T_max=max(1, iterations), eta_min=0.0)
+    optimisers, schedule = _optimisers(roundings, ranges, iterations, lr, step_lr, bias_lr)
     warm, every = int(WARMUP * iterations), max(1, iterations // 10)
     mode.drop = drop
     with _replayed(qmodel, unit, roundings, steps, mode), torch.enable_grad():
@@ -246,7 +240,7 @@ def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterati
             loss.backward()
             for optimiser in optimisers:
                 optimiser.step()
-            if learned:
+            if schedule is not None:
                 schedule.step()
                 for s in steps:
                     s.clamp_()
@@ -254,18 +248,39 @@ def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterati
                 error = held_back_error()
                 if error < best:
                     best, kept, state = error, step, snapshot()
+    return {"before": before, "after": best, "kept": kept,
+            "changed": _commit(qmodel, roundings, steps, learned, state)}
+
+
+def _optimisers(roundings: list[_Rounding], ranges: list[torch.Tensor], iterations: int, lr: float, step_lr: float,
+                bias_lr: float) -> tuple[list, object]:
+    """Adam for the rounding; Adam with a cosine-annealed rate for the grids and biases (None if neither)."""
+    optimisers = [torch.optim.Adam([r.v for r in roundings], lr=lr)] if roundings else []
+    groups = [{"params": ranges, "lr": step_lr},
+              {"params": [r.bias for r in roundings if r.bias is not None], "lr": bias_lr}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        return optimisers, None
+    optimisers.append(torch.optim.Adam(groups))
+    return optimisers, torch.optim.lr_scheduler.CosineAnnealingLR(optimisers[-1], T_max=max(1, iterations))
+
+
+def _commit(qmodel, roundings: list[_Rounding], steps: list[_Step], learned: list[torch.Tensor],
+            state: tuple) -> dict[str, torch.Tensor]:
+    """Put the kept checkpoint ``state`` in place on ``qmodel``: hard-rounded weights and biases as refinements,
+    learned grids as amax; returns the parameters changed."""
     with torch.no_grad():
         for r, v in zip(roundings, state[0]):
             r.v.copy_(v)
-        for s, value in zip(learned, state[1]):
-            s.copy_(value)
+        for tensor, value in zip(learned, state[1]):
+            tensor.copy_(value)
     changed = {r.key: r.weight(hard=True).detach().to(r.module.weight.dtype) for r in roundings}
     changed |= {r.key[: -len("weight")] + "bias": r.bias.detach().to(r.module.bias.dtype) for r in roundings
                 if r.bias is not None}
     qmodel.add_refined(changed)
-    for s in steps:
-        s.commit(qmodel)
-    return {"before": before, "after": best, "kept": kept, "changed": changed}
+    for step in steps:
+        step.commit(qmodel)
+    return changed
 
 
 def reconstruct(qmodel, batches: list[torch.Tensor], iterations: int = 1000, batch: int = 32, lsq: bool = True,
