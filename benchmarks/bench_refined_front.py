@@ -10,8 +10,10 @@ config as it is; a refinement variant adds ``--refine METHOD`` with ``--refine-b
 so the wall-time ratio is the refined front's whole cost.
 
 Printed per run: wall seconds, the cheapest plain point that held on hold-out (first cost as a fraction of
-W8A8's), the refined candidates and how many were refined, and each refined point: its cost, search accuracy
-before and after, validation verdict and hold-out accuracy against the hold-out floor.
+W8A8's), the refined candidates and how many were refined, the cheapest point of the refined front (search floor
+met, validation passed) that held on hold-out, and each refined point: its cost, search accuracy before and
+after against the search floor, validation verdict, whether it is on the refined front, and hold-out accuracy
+against the hold-out floor.
 """
 from __future__ import annotations
 
@@ -36,10 +38,11 @@ def summarize(run_dir: Path) -> dict:
     held = [p["costs"][cost] / w8a8 for p in record["front"] if p["confirmed"]]
     refined = record.get("refined_front") or {}
     points = [{"cost": p["costs"][cost] / w8a8, "before": p["accuracy_before"], "search": p["search"],
-               "passed": p["validation_passed"], "holdout": p["holdout"], "held": p["confirmed"]}
-              for p in refined.get("points", [])]
-    good = [p["cost"] for p in points if p["held"] and p["passed"] is not False]
-    return {"floor": floor, "cheapest": min(held, default=float("nan")), "points": points,
+               "passed": p["validation_passed"], "holdout": p["holdout"], "held": p["confirmed"],
+               "on_front": p["on_front"]} for p in refined.get("points", [])]
+    good = [p["cost"] for p in points if p["held"] and p["on_front"]]
+    return {"floor": floor, "search_floor": record["bound"]["limit"], "cheapest": min(held, default=float("nan")),
+            "points": points,
             "candidates": refined.get("candidates", 0), "spent": refined.get("spent", 0.0),
             "refine_s": record["timings_s"].get("refine", 0.0), "cheapest_refined": min(good, default=float("nan")),
             "cost": cost}
@@ -48,13 +51,14 @@ def summarize(run_dir: Path) -> dict:
 def describe(variant: str, seed: str, r: dict) -> str:
     lines = [f"  {variant} seed {seed}: {r['wall']:.0f} s (refined front {r['refine_s']:.0f} s, {r['spent']:.0f} "
              f"full evaluations), cheapest plain point that held {r['cheapest']:.3f} of W8A8 {r['cost']}, "
-             f"{len(r['points'])} of {r['candidates']} candidates refined, cheapest refined that passed validation "
-             f"and held {r['cheapest_refined']:.3f}"]
+             f"{len(r['points'])} of {r['candidates']} candidates refined, cheapest on the refined front that held "
+             f"{r['cheapest_refined']:.3f}"]
     for p in sorted(r["points"], key=lambda p: p["cost"]):
-        lines.append(f"    {p['cost']:.3f} x W8A8: search {100 * p['before']:.2f} -> {100 * p['search']:.2f}, "
-                     f"validation {'-' if p['passed'] is None else ('passed' if p['passed'] else 'failed')}, "
-                     f"hold-out {100 * p['holdout']:.2f} (floor {100 * r['floor']:.2f}): "
-                     f"{'held' if p['held'] else 'missed'}")
+        lines.append(f"    {p['cost']:.3f} x W8A8: search {100 * p['before']:.2f} -> {100 * p['search']:.2f} (floor "
+                     f"{100 * r['search_floor']:.2f}), validation "
+                     f"{'-' if p['passed'] is None else ('passed' if p['passed'] else 'failed')}, "
+                     f"{'on' if p['on_front'] else 'off'} the refined front, hold-out {100 * p['holdout']:.2f} (floor "
+                     f"{100 * r['floor']:.2f}): {'held' if p['held'] else 'missed'}")
     return "\n".join(lines)
 
 
