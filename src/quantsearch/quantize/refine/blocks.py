@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import _Stop
+from .layers import _Stop, run_until_stopped
 
 __all__ = ["Unit", "find_units", "unit_data"]
 
@@ -110,13 +110,7 @@ def _pass(qmodel, module: nn.Module, batches: list[torch.Tensor], output: bool) 
     if output:
         handles.append(module.register_forward_hook(after, prepend=True))
     try:
-        with torch.no_grad():
-            for x in batches:
-                try:
-                    qmodel(x)
-                except _Stop:
-                    continue
-                raise RuntimeError("a reconstruction unit did not run in a forward pass")
+        run_until_stopped(qmodel, batches, "a reconstruction unit")
     finally:
         for handle in handles:
             handle.remove()

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["Reference", "capture", "layer_forward"]
+__all__ = ["Reference", "capture", "layer_forward", "run_until_stopped"]
 
 BUDGET = 1 << 30  # bytes of FP32 reference held at once; past it the layers are captured in several passes
 
@@ -62,16 +62,22 @@ def capture(qmodel, name: str, batches: list[torch.Tensor]) -> list[tuple[torch.
     # registered first, so it sees the output before the layer's own output quantizer replaces it
     handle = module.register_forward_hook(hook, prepend=True)
     try:
-        with torch.no_grad():
-            for x in batches:
-                try:
-                    qmodel(x)
-                except _Stop:
-                    continue
-                raise RuntimeError(f"weight layer {name!r} did not run in a forward pass")
+        run_until_stopped(qmodel, batches, f"weight layer {name!r}")
     finally:
         handle.remove()
     return out
+
+
+def run_until_stopped(qmodel, batches: list[torch.Tensor], what: str) -> None:
+    """One forward pass per batch, each ended by a hook raising :class:`_Stop` once it has what it needs; a pass
+    that ends without one means ``what`` never ran."""
+    with torch.no_grad():
+        for x in batches:
+            try:
+                qmodel(x)
+            except _Stop:
+                continue
+            raise RuntimeError(f"{what} did not run in a forward pass")
 
 
 class Reference:
