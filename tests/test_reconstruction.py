@@ -189,3 +189,18 @@ def test_apply_refine_brecq_lsq_reapplies_identically(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps(payload))
     assert apply_main([str(tmp_path / "bad.json")]) == 2
     assert "violates the bit-config schema" in capsys.readouterr().err
+
+
+def test_a_block_that_learns_nothing_better_keeps_nearest_and_its_calibrated_steps():
+    """Twenty steps at learning rates 5 and 1 throw rounding and steps about: no checkpoint beats the start on the
+    held-back quarter, so the block keeps rounding to nearest (computed here) and its calibrated amax."""
+    qmodel, batches = _resnet_qmodel()
+    unit = find_units(qmodel, batches[0])[1]
+    data = unit_data(qmodel, unit, batches)
+    amax = qmodel.amax
+    nearest = {n: qmodel.quantizer(n)(qmodel.weight_module(n).weight.detach()) for n in unit.weights}
+    report = reconstruct_unit(qmodel, unit, data, iterations=20, lr=5.0, step_lr=1.0, seed=0)
+    assert report["kept"] == 0 and report["after"] == report["before"]
+    for name in unit.weights:
+        assert torch.equal(qmodel.weight_module(name).weight.detach(), nearest[name])
+    assert all(qmodel.amax[n] == pytest.approx(amax[n], rel=1e-6) for n in unit.activations)
