@@ -63,7 +63,8 @@ def set_widths(qmodel, w: int, a: int) -> None:
     qmodel.bit_widths = {n: (w if n in weights else a) for n in qmodel.quantizer_names}
 
 
-def measure(model: str, config: ExploreConfig, iterations: int, seeds: int, widths: list[str]) -> list[list]:
+def measure(model: str, config: ExploreConfig, iterations: int, seeds: int, widths: list[str],
+            fisher: bool = False) -> list[list]:
     plain = build_session(config, weight_quantizers=True)
     forms = build_session(config.merged({"quant_forms": VIT_FORMS}), weight_quantizers=True) if model == "vit" \
         else None
@@ -92,7 +93,23 @@ def measure(model: str, config: ExploreConfig, iterations: int, seeds: int, widt
         rows.append(row)
         if label == "W4A4" and seeds > 1 and model == "vit":
             rows.append(spread(session, model, inputs, iterations, seeds))
+        if label == "W4A4" and fisher:
+            rows.append(fisher_row(session, model, inputs, iterations))
     return rows
+
+
+def fisher_row(session, model: str, inputs, iterations: int) -> list:
+    """W4A4 ``brecq-lsq`` with BRECQ's Fisher weighting of the block loss (``reconstruct(fisher=True)``)."""
+    from quantsearch.quantize.refine.reconstruction import reconstruct
+
+    set_widths(session.qmodel, 4, 4)
+    start = time.perf_counter()
+    reconstruct(session.qmodel, inputs, iterations=iterations, lsq=True, biases=True, fisher=True)
+    seconds = time.perf_counter() - start
+    search, holdout = (session.evaluator(s)(session.qmodel) for s in ("search", "holdout"))
+    print(f"  {model} W4A4 brecq-lsq, Fisher-weighted: search {100 * search:.2f}, hold-out {100 * holdout:.2f}, "
+          f"{seconds:.0f} s", flush=True)
+    return ["W4A4, Fisher-weighted", "", "", "", "", "", "", f"{100 * holdout:.2f}", f"{seconds:.0f}", "", ""]
 
 
 def spread(session, model: str, inputs, iterations: int, seeds: int) -> list:
@@ -114,6 +131,7 @@ def main() -> None:
     parser.add_argument("--models", default="vit,cnn")
     parser.add_argument("--iterations", type=int, default=1000, help="per block, for brecq, brecq-lsq, qdrop")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--fisher", action="store_true", help="also brecq-lsq at W4A4 with the Fisher weighting")
     parser.add_argument("--widths", default=",".join(w for w, _, _ in WIDTHS), help="the ViT's rows")
     parser.add_argument("--cnn-widths", default="W4A8,W8A4,W4A4", help="the CNN's rows (a block refinement of "
                         "resnet10t takes minutes)")
@@ -123,7 +141,7 @@ def main() -> None:
     for model in args.models.split(","):
         config = ExploreConfig() if model == "vit" else cnn_config()
         rows = measure(model, config, args.iterations, args.seeds,
-                       (args.widths if model == "vit" else args.cnn_widths).split(","))
+                       (args.widths if model == "vit" else args.cnn_widths).split(","), args.fisher)
         print(f"\n{config.model} ({model}): hold-out top-1 at uniform widths; refinements on the forms column, "
               f"{args.iterations} iterations per block, 1,000 calibration images; s = seconds on this machine\n"
               + format_table(headers, rows) + "\n", flush=True)

@@ -204,3 +204,17 @@ def test_a_block_that_learns_nothing_better_keeps_nearest_and_its_calibrated_ste
     for name in unit.weights:
         assert torch.equal(qmodel.weight_module(name).weight.detach(), nearest[name])
     assert all(qmodel.amax[n] == pytest.approx(amax[n], rel=1e-6) for n in unit.activations)
+
+
+def test_fisher_weights_follow_what_reaches_the_logits():
+    """The demo ViT's head reads the class token alone: the last block's Fisher weights are zero on every other
+    token and positive on it, and they average 1."""
+    from quantsearch.quantize.refine.blocks import output_fisher
+    from quantsearch.sources.models import create_demo_vit
+
+    qmodel = QuantizedActivationsModel(create_demo_vit(), "vit", weight_quantizers=True)
+    torch.manual_seed(0)
+    weights = output_fisher(qmodel, qmodel.model.blocks[3], [torch.randn(8, 1, 28, 28)])
+    assert weights.shape == (8, 17, 64) and float(weights.mean()) == pytest.approx(1.0, rel=1e-5)
+    assert float(weights[:, 1:].abs().max()) == 0.0 and float(weights[:, 0].sum()) > 0
+    assert all(p.grad is None for p in qmodel.model.parameters())

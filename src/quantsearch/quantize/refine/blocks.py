@@ -20,7 +20,7 @@ from torch import nn
 
 from .layers import _Stop, run_until_stopped
 
-__all__ = ["Unit", "find_units", "unit_data"]
+__all__ = ["Unit", "find_units", "output_fisher", "unit_data"]
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,38 @@ def _pass(qmodel, module: nn.Module, batches: list[torch.Tensor], output: bool) 
     return seen
 
 
-def unit_data(qmodel, unit: Unit, batches: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """``(quantized input, FP32 input, FP32 output)`` of ``unit`` over all ``batches``, concatenated."""
+def unit_data(qmodel, unit: Unit, batches: list[torch.Tensor], fisher: bool = False) -> tuple[torch.Tensor, ...]:
+    """``(quantized input, FP32 input, FP32 output)`` of ``unit`` over all ``batches``, concatenated; with
+    ``fisher``, also each output element's weight (:func:`output_fisher`)."""
     quantized = [x for x, _ in _pass(qmodel, unit.module, batches, output=False)]
     with qmodel.unrefined(), qmodel.quantization_disabled():
         fp32 = _pass(qmodel, unit.module, batches, output=True)
-    return torch.cat(quantized), torch.cat([x for x, _ in fp32]), torch.cat([y for _, y in fp32])
+        weights = (output_fisher(qmodel, unit.module, batches),) if fisher else ()
+    return (torch.cat(quantized), torch.cat([x for x, _ in fp32]), torch.cat([y for _, y in fp32])) + weights
+
+
+def output_fisher(qmodel, module: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    """The squared gradient of the model's cross-entropy against its own top-1 class with respect to each element
+    of ``module``'s output, in the model as it is (an empirical diagonal Fisher, BRECQ's weighting), scaled to
+    mean 1. A model whose output is not a batch of logits is refused in one line."""
+    grads: list[torch.Tensor] = []
+
+    def hook(_module, _args, out):
+        out.retain_grad()
+        held.append(out)
+
+    handle = module.register_forward_hook(hook, prepend=True)
+    try:
+        with torch.enable_grad():
+            for x in batches:
+                held: list[torch.Tensor] = []
+                logits = qmodel(x)
+                if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                    raise ValueError("fisher weighting needs a model that returns a batch of logits")
+                torch.nn.functional.cross_entropy(logits, logits.argmax(1), reduction="sum").backward()
+                grads.append(held[0].grad.detach().square())
+    finally:
+        handle.remove()
+        qmodel.model.zero_grad(set_to_none=True)
+    weights = torch.cat(grads)
+    return weights / weights.mean().clamp_min(1e-30)

@@ -180,9 +180,11 @@ def _replayed(qmodel, unit: Unit, roundings: list[_Rounding], steps: list[_Step]
         yield
 
 
-def _loss(out: torch.Tensor, target: torch.Tensor, axis: int) -> torch.Tensor:
-    """Squared error summed over channels (``axis``), averaged over everything else (BRECQ's)."""
-    return (out - target).square().sum(axis).mean()
+def _loss(out: torch.Tensor, target: torch.Tensor, axis: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error summed over channels (``axis``), averaged over everything else (BRECQ's); ``weight``: each
+    element's diagonal Fisher weight (BRECQ's option)."""
+    error = (out - target).square()
+    return (error if weight is None else error * weight).sum(axis).mean()
 
 
 def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterations: int = 1000,
@@ -197,7 +199,8 @@ def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterati
     step about as far as 1e-3 (cosine-annealed) over 1k."""
     device = data[0].device
     generator = torch.Generator(device=device).manual_seed(seed)
-    quantized, fp_in, target = data
+    quantized, fp_in, target = data[:3]
+    fisher = data[3] if len(data) > 3 else None  # per-element weights (unit_data's fisher=True)
     held = len(target) // 4 if len(target) > 3 else 0
     order = torch.randperm(len(target), generator=generator, device=device)
     check, train = order[:held], order[held:]
@@ -214,7 +217,8 @@ def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterati
     def held_back_error() -> float:
         mode.hard = True
         with torch.no_grad():
-            error = sum(float(_loss(unit.module(quantized[part]), target[part], axis)) * len(part)
+            error = sum(float(_loss(unit.module(quantized[part]), target[part], axis,
+                                    None if fisher is None else fisher[part])) * len(part)
                         for part in check.split(max(batch, 256))) / len(check)
         mode.hard = False
         return error
@@ -231,7 +235,7 @@ def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterati
         for step in range(1, iterations + 1):
             pick = train[torch.randint(len(train), (min(batch, len(train)),), generator=generator, device=device)]
             x = _dropped(fp_in[pick], quantized[pick], mode)
-            loss = _loss(unit.module(x), target[pick], axis)
+            loss = _loss(unit.module(x), target[pick], axis, None if fisher is None else fisher[pick])
             if step > warm and roundings:
                 beta = 20.0 + (2.0 - 20.0) * (step - warm) / max(1, iterations - warm)
                 loss = loss + weight_decay * sum(r.regulariser(beta) for r in roundings)
@@ -284,14 +288,15 @@ def _commit(qmodel, roundings: list[_Rounding], steps: list[_Step], learned: lis
 
 
 def reconstruct(qmodel, batches: list[torch.Tensor], iterations: int = 1000, batch: int = 32, lsq: bool = True,
-                biases: bool = False, drop: float = 0.0, progress=None, seed: int = 0) -> dict[str, torch.Tensor]:
+                biases: bool = False, drop: float = 0.0, fisher: bool = False, progress=None,
+                seed: int = 0) -> dict[str, torch.Tensor]:
     """Reconstruct every unit of ``qmodel`` in forward order, in place; returns the parameters changed
     (``<module>.weight`` on its quantizer's grid, and with ``biases`` ``<module>.bias``). Learned grids are set as
     the quantizers' amax (and low ends)."""
     units = find_units(qmodel, batches[0])
     changed: dict[str, torch.Tensor] = {}
     for index, unit in enumerate(progress(units) if progress is not None else units):
-        data = unit_data(qmodel, unit, batches)
+        data = unit_data(qmodel, unit, batches, fisher=fisher)
         report = reconstruct_unit(qmodel, unit, data, iterations=iterations, batch=batch, lsq=lsq, drop=drop,
                                   biases=biases, seed=seed + index)
         changed |= report.pop("changed")
