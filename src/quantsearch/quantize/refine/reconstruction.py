@@ -13,12 +13,13 @@ and positions. Learned jointly:
 
 The unit's input is the quantized model's (earlier units already refined), as BRECQ takes it. With ``drop`` > 0
 (QDrop, Wei et al., 2022), each element of every activation quantizer's output in the unit, and of the unit's
-input, is its unquantized (FP32-input) value with that probability during learning, which flattens what is
-learned and generalises better at 2-4 bits.
+input, is its unquantized (FP32-input) value with that probability during learning; QDrop found that this
+generalises better at 2-4 bits (on the demo it paid only at 3-bit activations, see the README). With ``fisher``
+each element of the loss is weighted by BRECQ's empirical diagonal Fisher (:func:`~.blocks.output_fisher`).
 
 A quarter of the calibration images is held back: every tenth of the iterations the unit's hard-rounded output
 error is measured there, and the unit keeps the best checkpoint, rounding to nearest with calibrated ranges
-included (so a unit never ends worse on data it did not learn from than it started).
+included (so no unit ends worse on its held-back images than it started).
 """
 from __future__ import annotations
 
