@@ -43,8 +43,10 @@ def refine_candidates(session: Session, evaluations: list[Evaluation], confirmed
     return sorted(pareto_front(near, shifted, cost_names), key=lambda e: -bound.sign * e.accuracy)
 
 
-def _key(e: Evaluation, method: str, iterations: int) -> str:
-    return hashlib.sha256(f"{method}|{iterations}|{list(e.bits)}".encode()).hexdigest()[:12]
+def _name(e: Evaluation, method: str, iterations: int) -> str:
+    """A refined point's files, without suffix: keyed by its bits and the refinement's settings."""
+    key = hashlib.sha256(f"{method}|{iterations}|{list(e.bits)}".encode()).hexdigest()[:12]
+    return f"refined/point_{key}"
 
 
 def refine_front(session: Session, store: RunStore, candidates: list[Evaluation], sections: dict,
@@ -95,7 +97,7 @@ def _refine_one(session: Session, store: RunStore, e: Evaluation, inputs, sectio
     holdout_eval = session.evaluator("holdout")
     holdout = holdout_eval(qmodel) if holdout_eval is not None else None
     seconds = time.perf_counter() - start
-    name = f"refined/point_{_key(e, config.refine, config.refine_iterations)}"
+    name = _name(e, config.refine, config.refine_iterations)
     data, digest = refined_weights(changed)
     store.write_file(name + ".pt", data)  # first: a bit-config never names missing weights
     accuracy = {"search": search, "holdout": holdout, **({"validation": validation} if validation is not None else {})}
@@ -129,7 +131,7 @@ def _point(e: Evaluation, name: str, search: float, validation, passed, holdout,
 
 def _read_back(store: RunStore, e: Evaluation, method: str, iterations: int, holdout_bound) -> dict | None:
     """A refined point an interrupted run of these settings finished already (None if there is none)."""
-    name = f"refined/point_{_key(e, method, iterations)}"
+    name = _name(e, method, iterations)
     path = store.run_dir / (name + ".json")
     if not path.is_file():
         return None
