@@ -63,6 +63,7 @@ class BitConfig:
     settings: Mapping[str, Any] = field(default_factory=dict)
     confidence: Mapping[str, Any] = field(default_factory=dict)
     refined: Mapping[str, Any] = field(default_factory=dict)
+    integer: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # integer operators: impl and range
     schema_version: int = SCHEMA_VERSION
     base: Path | None = field(default=None, compare=False)  # the folder of the file it was read from
 
@@ -123,7 +124,10 @@ class BitConfig:
                 quantizers[n]["fold"] = folds[n].to_dict()
             if n in shapes:
                 quantizers[n]["shape"] = shapes[n]
-        return cls(model=model, quantizers=quantizers, **kwargs)
+        integer = {op.name: {"impl": op.impl, **op.state()} for op in qmodel.integer}
+        if any(op.kind == "add" for op in qmodel.integer):
+            model["integer_add_bits"] = qmodel.integer.add_bits
+        return cls(model=model, quantizers=quantizers, integer=integer, **kwargs)
 
     def to_dict(self) -> dict:
         run = {k: dict(v) for k, v in (("metric", self.metric), ("settings", self.settings),
@@ -131,7 +135,8 @@ class BitConfig:
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": dict(self.model),
                 "dataset": dict(self.dataset), **run, "quantizers": {n: dict(q) for n, q in self.quantizers.items()},
                 "accuracy": dict(self.accuracy), "costs": dict(self.costs),
-                "costs_normalized": dict(self.costs_normalized)}
+                "costs_normalized": dict(self.costs_normalized),
+                **({"integer": {n: dict(op) for n, op in self.integer.items()}} if self.integer else {})}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -145,7 +150,8 @@ class BitConfig:
                    accuracy=payload.get("accuracy", {}), costs=payload.get("costs", {}),
                    costs_normalized=payload.get("costs_normalized", {}), metric=payload.get("metric", {}),
                    settings=payload.get("settings", {}), confidence=payload.get("confidence", {}),
-                   refined=payload.get("refined", {}), schema_version=payload["schema_version"])
+                   refined=payload.get("refined", {}), integer=payload.get("integer", {}),
+                   schema_version=payload["schema_version"])
 
     @classmethod
     def load(cls, path: str | Path) -> "BitConfig":
@@ -193,6 +199,10 @@ class BitConfig:
             raise BitConfigError(f"bit-config does not fit the model: {exc}") from None
         qmodel.unsigned = self.unsigned
         qmodel.lows = self.lows
+        try:
+            qmodel.integer_state = {n: {k: v for k, v in op.items() if k != "impl"} for n, op in self.integer.items()}
+        except ValueError as exc:
+            raise BitConfigError(f"bit-config does not fit the model: {exc}") from None
 
     def check_names(self, qmodel) -> None:
         names = qmodel.quantizer_names
@@ -214,6 +224,13 @@ class BitConfig:
         if odd is not None:
             raise BitConfigError(f"bit-config quantizer {odd!r} of the {self.forms[odd]} form "
                                  f"{'needs' if self.forms[odd] == 'per-channel' else 'takes no'} a fold")
+        theirs = {op.name: op.impl for op in qmodel.integer}
+        other = next((n for n in sorted(set(theirs) | set(self.integer))
+                      if theirs.get(n) != self.integer.get(n, {}).get("impl")), None)
+        if other is not None:
+            raise BitConfigError(f"bit-config does not fit the model: integer operator {other!r} is "
+                                 f"{self.integer.get(other, {}).get('impl', 'float')} in the bit-config but "
+                                 f"{theirs.get(other, 'float')} in the model")
         lows = self.lows
         odd = next((n for n, form in self.forms.items() if (form == "asymmetric") != (n in lows)), None)
         if odd is not None:
@@ -258,9 +275,16 @@ def apply_bitconfig(model: nn.Module, config: "BitConfig | Mapping | str | Path"
         config = BitConfig.from_dict(config)
     elif not isinstance(config, BitConfig):
         config = BitConfig.load(config)
-    qmodel = QuantizedActivationsModel(model, config.model["predicate"],
-                                       quantize_input=config.model["quantize_input"],
-                                       weight_quantizers=bool(config.model.get("weight_quantizers", False)),
-                                       forms={n: f for n, f in config.forms.items() if f != "uniform"})
+    from ..quantize.integer import IntegerOpsError
+
+    try:
+        qmodel = QuantizedActivationsModel(model, config.model["predicate"],
+                                           quantize_input=config.model["quantize_input"],
+                                           weight_quantizers=bool(config.model.get("weight_quantizers", False)),
+                                           forms={n: f for n, f in config.forms.items() if f != "uniform"},
+                                           integer_ops={n: op["impl"] for n, op in config.integer.items()} or None,
+                                           integer_add_bits=int(config.model.get("integer_add_bits", 16)))
+    except IntegerOpsError as exc:
+        raise BitConfigError(f"bit-config does not fit the model: {exc}") from None
     config.apply(qmodel, example)
     return qmodel

@@ -7,7 +7,8 @@ pytorch-quantization's fake quantization is exact from 2 to 16 bits. A form is t
 ``per-channel`` (RepQ-ViT: a LayerNorm output's per-channel ranges folded into it and the Linear layers after it).
 """
 __all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "LOG2_NARROW_TOP", "LOG_FORMS", "REFINEMENTS", "check_forms",
-           "check_refinement", "log_grid_at"]
+           "check_refinement", "log_grid_at", "INTEGER_KINDS", "INTEGER_PRESETS", "INTEGER_ADD_BITS",
+           "check_integer_ops"]
 
 MIN_BITS, MAX_BITS = 2, 16
 FORMS = ("uniform", "asymmetric", "log2", "log2-narrow", "per-head", "per-channel")
@@ -45,3 +46,33 @@ def check_refinement(method: str) -> list[str]:
         raise ValueError(f"unknown refinement {unknown!r}; choose from {', '.join(REFINEMENTS)} (several: "
                          "comma-separated, run in that order)")
     return steps
+
+
+# integer operators (quantize/integer): the implementations each kind of nonlinear operator may take
+INTEGER_KINDS = {"softmax": ("float", "ivit", "fqvit"), "gelu": ("float", "ivit"),
+                 "layernorm": ("float", "ivit", "fqvit"), "add": ("float", "ivit")}
+INTEGER_PRESETS = {  # a preset names an implementation per kind
+    "float": {kind: "float" for kind in INTEGER_KINDS},
+    "integer-only": {kind: "ivit" for kind in INTEGER_KINDS},  # I-ViT: Shiftmax, ShiftGELU, I-LayerNorm, int adds
+    "fqvit": {"softmax": "fqvit", "gelu": "ivit", "layernorm": "fqvit", "add": "ivit"},  # FQ-ViT's LIS and PTF
+}
+INTEGER_ADD_BITS = (8, 16)  # residual adds: the widths they may take (16 by default)
+
+
+def check_integer_ops(spec, where: str = "integer-ops"):
+    """A preset name or ``{operator-name glob: implementation}``, checked; a ValueError's message is one line."""
+    if spec is None or isinstance(spec, str):
+        if spec is not None and spec not in INTEGER_PRESETS:
+            raise ValueError(f"{where}: unknown preset {spec!r}; choose from {', '.join(INTEGER_PRESETS)}, or map "
+                             "operator-name globs to implementations")
+        return spec
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be a preset name or map operator-name globs to implementations, "
+                         f"got {type(spec).__name__}")
+    impls = sorted({i for kinds in INTEGER_KINDS.values() for i in kinds})
+    for glob, impl in spec.items():
+        if not isinstance(glob, str) or not glob:
+            raise ValueError(f"{where}: a key must be an operator-name glob, got {glob!r}")
+        if impl not in impls:
+            raise ValueError(f"{where}[{glob!r}]: unknown implementation {impl!r}; choose from {', '.join(impls)}")
+    return dict(spec)

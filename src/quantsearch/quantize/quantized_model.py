@@ -27,6 +27,7 @@ from .fakequant import FastTensorQuantizer, quiet_quantizers
 from .fold import ChannelFold, FoldError, check_foldable, fold_into
 from .forms import QUANTIZER_CLASSES, form_of, head_groups, resolve_forms
 from .limits import DEFAULT_FORM, MAX_BITS, MIN_BITS
+from .integer import IntegerOps
 from .predicates import PredicateLike, get_target
 
 __all__ = ["QuantizedActivationsModel", "INPUT_QUANTIZER", "WEIGHT_SUFFIX", "WEIGHT_LAYERS", "MIN_BITS",
@@ -153,7 +154,8 @@ class QuantizedActivationsModel(nn.Module):
 
     def __init__(self, model: nn.Module, predicate: PredicateLike = "conv2d", quantize_input: bool = True,
                  num_bits: int = 8, weight_quantizers: bool | PredicateLike = False, fast: bool = True,
-                 forms: Mapping[str, str] | None = None):
+                 forms: Mapping[str, str] | None = None, integer_ops: str | Mapping[str, str] | None = None,
+                 integer_add_bits: int = 16):
         super().__init__()
         self.fast = fast
         self.model = model
@@ -196,6 +198,14 @@ class QuantizedActivationsModel(nn.Module):
                     self._add_weight(name, module, num_bits)
         # registered as children so that .to(device) and state_dict() carry amax
         self.quantizers = nn.ModuleList(self._quantizers.values())
+        self.integer = IntegerOps(model, integer_ops, integer_add_bits, self._output_bits)
+        self.integer_operators = nn.ModuleList(self.integer)
+
+    def _output_bits(self, module: nn.Module):
+        """The current width of the quantizer on ``module``'s output (8 without one), as a callable."""
+        name = next((n for n, m in self._modules_of.items() if m is module and not n.endswith(INPUT_SUFFIX)), None)
+        quantizer = self._quantizers.get(name) if name else None
+        return (lambda: quantizer.num_bits) if quantizer is not None else (lambda: 8)
 
     # -- construction ------------------------------------------------------------------------------------------
     def _add(self, name: str, module: nn.Module, num_bits: int, pre: bool, form: str = DEFAULT_FORM,
@@ -239,6 +249,7 @@ class QuantizedActivationsModel(nn.Module):
         for module, fused in self._fused_attn.items():
             module.fused_attn = fused
         self._fused_attn.clear()
+        self.integer.remove()
         return self.model
 
     # -- names and bits ----------------------------------------------------------------------------------------
@@ -517,22 +528,57 @@ class QuantizedActivationsModel(nn.Module):
 
     @property
     def is_calibrated(self) -> bool:
-        return all(v is not None for v in self.amax.values())
+        return all(v is not None for v in self.amax.values()) and all(op.calibrated for op in self.integer)
 
     def set_quantization(self, enabled: bool) -> None:
         for q in self._quantizers.values():
             q.enable() if enabled else q.disable()
+        for op in self.integer:
+            op.enabled = enabled
 
     @contextmanager
     def quantization_disabled(self) -> Iterator["QuantizedActivationsModel"]:
-        """Run the FP32 model inside the block (the hooks stay, the quantizers pass tensors through)."""
+        """Run the FP32 model inside the block (the hooks stay, the quantizers pass tensors through, the integer
+        operators compute in float)."""
         previous = [q._disabled for q in self._quantizers.values()]
+        ops = [op.enabled for op in self.integer]
         self.set_quantization(False)
         try:
             yield self
         finally:
             for q, was in zip(self._quantizers.values(), previous):
                 q._disabled = was
+            for op, was in zip(self.integer, ops):
+                op.enabled = was
+
+    # -- integer operators -------------------------------------------------------------------------------------
+    @property
+    def integer_ops(self) -> dict[str, str]:
+        """The implementation of every nonlinear operator found (``float`` where it stays float)."""
+        return dict(self.integer.choices)
+
+    @property
+    def integer_state(self) -> dict[str, dict]:
+        """Each integer operator's calibrated range, as data."""
+        return {op.name: op.state() for op in self.integer}
+
+    @integer_state.setter
+    def integer_state(self, states: Mapping[str, dict]) -> None:
+        names = [op.name for op in self.integer]
+        if sorted(states) != sorted(names):
+            other = next(iter(set(states) ^ set(names)))
+            raise ValueError(f"integer operator {other!r} is in {'one' if other in states else 'the model'} but "
+                             f"not the {'model' if other in states else 'other'}")
+        for op in self.integer:
+            op.load_state(states[op.name])
+
+    @property
+    def integer_only(self) -> bool:
+        """Whether every nonlinear operator is integer and every weight layer has a weight quantizer."""
+        from .integer import float_operators
+
+        weighted = [m for m in self.model.modules() if isinstance(m, WEIGHT_LAYERS)]
+        return not float_operators(self.model, self.integer_ops) and len(self._weights) == len(weighted)
 
     def calibrate(self, batches: Iterable, num_batches: int | None = None, method: str = "max",
                   **options) -> dict[str, float]:

@@ -47,6 +47,7 @@ class Calibration:
     bits: tuple[int, int]
     fingerprint: Mapping[str, str]
     settings: Mapping[str, Any] = field(default_factory=dict)
+    integer: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # integer operators: impl and range
 
     @property
     def amax_table(self) -> dict[str, dict[int, float]]:
@@ -80,6 +81,7 @@ class Calibration:
         qmodel.amax_table = self.amax_table
         qmodel.low_table = self.low_table
         qmodel.bit_widths = qmodel.bits_dict()  # sets amax (and asymmetric lower ends) from the tables
+        qmodel.integer_state = {n: {k: v for k, v in op.items() if k != "impl"} for n, op in self.integer.items()}
 
     def check_fits(self, qmodel, data: str | None = None, bits: tuple[int, int] | None = None,
                    source: str = "calibration file") -> None:
@@ -96,6 +98,13 @@ class Calibration:
         if other is not None:
             raise CalibrationError(f"{source} calibrated quantizer {other!r} for the {self.forms[other]} form, the "
                                    f"run gives it the {forms[other]} form: recalibrate with the run's quant-forms")
+        theirs = {n: op.impl for n, op in qmodel.integer.operators.items()}
+        ours = {n: op["impl"] for n, op in self.integer.items()}
+        if theirs != ours:
+            other = next(n for n in sorted(set(theirs) | set(ours)) if theirs.get(n) != ours.get(n))
+            raise CalibrationError(f"{source} calibrated integer operator {other!r} as "
+                                   f"{ours.get(other, 'float')}, the run makes it {theirs.get(other, 'float')}: "
+                                   "recalibrate with the run's integer-ops")
         with qmodel.unfolded():
             weights = fingerprint_model(qmodel.model)
         if weights != self.fingerprint.get("weights"):
@@ -121,6 +130,7 @@ class Calibration:
                                **({"low": {str(b): v for b, v in sorted(q.low.items())}} if q.low else {}),
                                **({"fold": q.fold.to_dict()} if q.fold is not None else {})}
                            for n, q in self.quantizers.items()},
+            **({"integer": {n: dict(op) for n, op in self.integer.items()}} if self.integer else {}),
         }
 
     @classmethod
@@ -154,7 +164,8 @@ class Calibration:
                                        f"{'needs' if form == 'per-channel' else 'takes no'} a fold")
             quantizers[name] = QuantizerCalibration(q["method"], q["unsigned"], amax, q["min"], q["absmax"], options,
                                                     form, low, fold)
-        return cls(quantizers, (lo, hi), payload["fingerprint"], payload.get("settings", {}))
+        return cls(quantizers, (lo, hi), payload["fingerprint"], payload.get("settings", {}),
+                   payload.get("integer", {}))
 
     def save(self, path: str | Path) -> Path:
         write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")

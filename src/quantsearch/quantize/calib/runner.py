@@ -95,6 +95,8 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
             q.disable_quant()
             q.enable_calib()
     device = qmodel._device()
+    for op in qmodel.integer:  # integer operators run in float meanwhile and record their input ranges
+        op.begin_calibration()
     try:
         qmodel.eval()
         with torch.no_grad(), quiet_quantizers():
@@ -110,8 +112,13 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
                 q._calibrator, q._disabled = calibrator, disabled
         for q, was in zip(weight_quantizers, weights_were_disabled):
             q._disabled = was
+        for op in qmodel.integer:
+            op.observing = False
     if data.samples == 0:
         raise CalibrationError("calibration saw no batch: the calibration data is empty")
+    for op in qmodel.integer:
+        op.end_calibration()
+    integer = {op.name: {"impl": op.impl, **op.state()} for op in qmodel.integer}
 
     result = {name: _quantizer_calibration(name, stats[name], specs[name], forms[name], (lo, hi), detect_unsigned,
                                            getattr(q, "groups", 1)) for name, q in quantizers}
@@ -119,7 +126,7 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     settings = {"method": method, "percentile": percentile, "momentum": momentum,
                 "overrides": {str(k): v for k, v in (overrides or {}).items()}, "detect_unsigned": detect_unsigned,
                 "num_bins": num_bins, "samples": data.samples}
-    calibration = Calibration(result, (lo, hi), {"weights": weights, "data": data.hexdigest()}, settings)
+    calibration = Calibration(result, (lo, hi), {"weights": weights, "data": data.hexdigest()}, settings, integer)
     calibration.apply(qmodel)
     return calibration
 
