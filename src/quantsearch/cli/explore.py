@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "above), per-head (a range per attention head and q/k/v part) or per-channel (LayerNorm "
                         "outputs, folded as RepQ-ViT does), e.g. '*.attn_drop=log2-narrow'; repeatable, first "
                         "match wins, before the YAML's quant-forms")
+    p.add_argument("--integer-ops", metavar="PRESET|GLOB=IMPL,...",
+                   help="run nonlinear operators on integers: integer-only (I-ViT's Shiftmax, ShiftGELU, "
+                        "I-LayerNorm and residual adds on 16-bit grids), fqvit (FQ-ViT's Log-Int-Softmax and PTF "
+                        "LayerNorm, I-ViT's GELU and adds), or operator-name globs mapped to float, ivit or fqvit, "
+                        "e.g. '*.softmax=fqvit,*=ivit' (default: float)")
+    p.add_argument("--integer-add-bits", type=int,
+                   help="width of the residual adds' grids with integer adds (default 16)")
     p.add_argument("--calibration", metavar="FILE",
                    help="reuse a calibration file (python -m quantsearch.calibrate) instead of calibrating; "
                         "refused if it was made for other weights or data")

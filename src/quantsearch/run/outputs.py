@@ -104,12 +104,13 @@ def _write_front(store: RunStore, session: Session, found: dict) -> list[Path]:
                      low, high, "" if sure["confirmed"] is None else int(sure["confirmed"]),
                      *([f"{validated[e.bits]:.6f}"] if validated else []),
                      *([_csv(row["holdout"]), f"{row['measured_ms']:.4f}"] if row else []),
+                     *([] if deployed else [int(_integer_only(session))]),
                      *[f"{v:g}" for v in e.costs.values()], *[f"{v:.4f}" for v in normalized.values()],
                      name, *(config.layers.values() if deployed else e.bits)])
     cost_names = found["cost_names"]
     header = ["point", "accuracy_search", "accuracy_holdout", "holdout_ci_low", "holdout_ci_high", "confirmed",
               *(["accuracy_validation"] if validated else []),
-              *(["accuracy_holdout_onnxruntime", "latency_measured_ms"] if deployed else []),
+              *(["accuracy_holdout_onnxruntime", "latency_measured_ms"] if deployed else ["integer_only"]),
               *cost_names, *[f"{c}_vs_fp32" for c in cost_names], "bitconfig", *qmodel.quantizer_names]
     store.write_csv("pareto.csv", header, rows)
     return paths
@@ -139,9 +140,11 @@ def _summary(session: Session, found: dict) -> dict:
     """``run.json``: settings, splits, the bound, baselines, front, search, versions, device and timings."""
     config, bound, fp32_costs = session.config, found["bound"], found["fp32_costs"]
 
+    integer_only = _integer_only(session)
+
     def point(e: Evaluation) -> dict:
         sure = confidence(session, found, e)
-        return {"accuracy": e.accuracy, "costs": dict(e.costs), "bits": list(e.bits),
+        return {"accuracy": e.accuracy, "costs": dict(e.costs), "bits": list(e.bits), "integer_only": integer_only,
                 "accuracy_holdout": found["holdout"].get(e.bits), "ci_search": sure["search"],
                 "ci_holdout": sure["holdout"], "confirmed": sure["confirmed"],
                 "accuracy_validation": found["validation"].get(e.bits)}
@@ -175,7 +178,24 @@ def _summary(session: Session, found: dict) -> dict:
         "timings_s": {k: round(v, 3) for k, v in found["timings"].items()}, "parallel": found["parallel"],
         **({"deployed": found["deployed"]} if found.get("deployed") else {}),
         **({"refined_front": found["refined"]} if found.get("refined") else {}),
+        **({"integer_ops": _integer_summary(session)} if not config.target else {}),
     }
+
+
+def _integer_only(session: Session) -> bool | None:
+    """Whether the run's quantized model computes in integers alone (its choice of operators is per run)."""
+    return None if session.config.target else session.qmodel.integer_only
+
+
+def _integer_summary(session: Session) -> dict:
+    """The integer operators of the run, and the nonlinear operators left in float."""
+    from ..quantize.integer import float_operators
+
+    qmodel = session.qmodel
+    return {"operators": {n: i for n, i in qmodel.integer_ops.items() if i != "float"},
+            "add_bits": session.config.integer_add_bits,
+            "float_operators": float_operators(qmodel.model, qmodel.integer_ops),
+            "weights_quantized": len(qmodel.weight_names) > 0, "integer_only": qmodel.integer_only}
 
 
 def write_outputs(store: RunStore, session: Session, found: dict) -> None:

@@ -55,6 +55,7 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
         ["bound", f"{bound} on the search split (FP32 {bound.show(fp32['search'])}, "
                   f"{bound.show(drop, unit=False)}{' points' if bound.fraction else ''} from it)"],
         ["cost", ", ".join(costs)],
+        *([["integer operators", _integer_line(run.summary["integer_ops"])]] if run.summary.get("integer_ops") else []),
         ["search", _search_line(s, run.summary)],
         ["time", f"{run.summary.get('timings_s', {}).get('total', float('nan')):.0f} s"],
     ]
@@ -71,6 +72,8 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
     out += [f"## Pareto front ({len(run.front)} points, cheapest first)", ""]
     shift = fp32["holdout"] - fp32["search"] if "holdout" in fp32 else None
     rows, diffs = [], []
+    points = run.summary.get("front", [])
+    integer = [{True: "yes", False: "no"}.get(p.get("integer_only"), "-") for p in points] or ["-"] * len(run.front)
     for i, e in enumerate(run.front):
         h = run.holdout.get(e.bits)
         diff = None if h is None else h - e.accuracy
@@ -79,9 +82,9 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
         confirmed = {True: "yes", False: "**no**", None: "-"}[run.confirmed.get(e.bits)]
         rows.append([i, show(e.accuracy), show(h), confirmed, "-" if diff is None else f"{100 * diff:+.2f}",
                      *[f"{e.costs[c]:g}" for c in costs], *[f"{e.costs[c] / run.fp32_costs[c]:.3f}" for c in costs],
-                     f"[point_{i:03d}.json](pareto/point_{i:03d}.json)"])
+                     integer[i] if i < len(integer) else "-", f"[point_{i:03d}.json](pareto/point_{i:03d}.json)"])
     out += [_table(["#", "search %", "hold-out %", "confirmed on hold-out", "hold-out - search (points)", *costs,
-                    *[f"{c} / FP32" for c in costs], "bit-config"], rows), ""]
+                    *[f"{c} / FP32" for c in costs], "integer-only", "bit-config"], rows), ""]
     if diffs:
         mean = sum(diffs) / len(diffs)
         out.append(f"Hold-out minus search accuracy over the {len(diffs)} points: mean {100 * mean:+.2f} points, "
@@ -182,6 +185,19 @@ def _refined_section(run: RunRecord, show) -> list[str]:
             "refinement learns on the calibration split only.", "",
             _table(["before", "search %", "validation %", "passed", "hold-out %", "confirmed", "on the refined front",
                     *[f"{c} / FP32" for c in costs], "s", "bit-config"], rows), ""]
+
+
+def _integer_line(integer: dict) -> str:
+    """The run's integer operators in one line, and what keeps it from being integer-only."""
+    ops = integer.get("operators", {})
+    kinds = sorted({f"{impl}" for impl in ops.values()})
+    text = f"{len(ops)} on integers ({', '.join(kinds) or 'none'}; adds on {integer.get('add_bits')}-bit grids)"
+    left = integer.get("float_operators", [])
+    if integer.get("integer_only"):
+        return text + "; integer-only: yes"
+    why = [f"{len(left)} float ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''})"] if left else []
+    why += [] if integer.get("weights_quantized") else ["weights not quantized"]
+    return text + f"; integer-only: no ({'; '.join(why)})"
 
 
 def _search_line(s: dict, summary: dict) -> str:

@@ -284,8 +284,10 @@ def build_session(config: ExploreConfig, *, calibrate: bool = True, calibration:
     predicate = resolve_predicate(config.predicate, model)
     try:
         qmodel = QuantizedActivationsModel(model, predicate, quantize_input=config.quantize_input,
-                                           weight_quantizers=weight_quantizers, forms=config.quant_forms).to(device)
-    except ValueError as exc:  # a quant-forms glob that matches no quantizer of this model
+                                           weight_quantizers=weight_quantizers, forms=config.quant_forms,
+                                           integer_ops=config.integer_ops,
+                                           integer_add_bits=config.integer_add_bits).to(device)
+    except ValueError as exc:  # a quant-forms or integer-ops glob that matches nothing in this model
         raise ConfigError(str(exc)) from None
     if not [n for n in qmodel.activation_names if n != INPUT_QUANTIZER]:
         raise ValueError(f"predicate {predicate!r} selects no module of {config.model}")

@@ -11,10 +11,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..quantize.limits import MAX_BITS, MIN_BITS, check_forms, check_refinement
+from ..quantize.limits import INTEGER_ADD_BITS, MAX_BITS, MIN_BITS, check_forms, check_integer_ops, check_refinement
 from ..search.names import ALGORITHM_NAMES, SENSITIVITY_NAMES
 
-__all__ = ["ConfigError", "ExploreConfig", "parse_bits", "load_yaml", "SEARCH_SPACES", "ALGORITHM_NAMES"]
+__all__ = ["ConfigError", "ExploreConfig", "parse_bits", "parse_integer_ops", "load_yaml", "SEARCH_SPACES", "ALGORITHM_NAMES"]
 
 SEARCH_SPACES = ("activations", "weights", "both")
 # early rejection: off; floor (stop a candidate clearly below the floor); front (also race it against the cheaper
@@ -52,6 +52,8 @@ class ExploreConfig:
     calib_momentum: float = 0.95
     calib_overrides: dict | None = None
     quant_forms: dict | None = None  # {quantizer-name glob: form}: uniform (default) or log2; first match wins
+    integer_ops: str | dict | None = None  # a preset (integer-only, fqvit) or {operator-name glob: implementation}
+    integer_add_bits: int = 16  # the residual adds' grids, with integer adds
     calibration: str | None = None
     eval_samples: int = 3000
     holdout_samples: int | None = None
@@ -196,8 +198,13 @@ class ExploreConfig:
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         try:
             check_forms(self.quant_forms)
+            self.integer_ops = check_integer_ops(parse_integer_ops(self.integer_ops))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        lo, hi = INTEGER_ADD_BITS
+        if isinstance(self.integer_add_bits, bool) or not isinstance(self.integer_add_bits, int) \
+                or not lo <= self.integer_add_bits <= hi:
+            raise ConfigError(f"integer-add-bits must be an integer from {lo} to {hi}, got {self.integer_add_bits!r}")
         if self.calib_overrides is not None and not isinstance(self.calib_overrides, dict):
             raise ConfigError(f"calib-overrides must map quantizer-name globs to methods, "
                               f"got {type(self.calib_overrides).__name__}")
@@ -279,7 +286,7 @@ class ExploreConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("quant_forms", "calibration", "calib_overrides"):
+        for name in ("quant_forms", "calibration", "calib_overrides", "integer_ops"):
             if getattr(self, name):
                 raise ConfigError(f"{name.replace('_', '-')} describes fake quantizers; target {self.target} runs "
                                   "the runtime's own formats: leave it out")
@@ -341,6 +348,16 @@ def _is_callable_spec(spec: str) -> bool:
     """``package.module:callable``."""
     module, colon, attr = str(spec).partition(":")
     return bool(colon) and all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()
+
+
+def parse_integer_ops(value):
+    """``integer-ops`` as given: a preset name, ``GLOB=IMPL,GLOB=IMPL`` (a flag), or a mapping (YAML)."""
+    if isinstance(value, str) and "=" in value:
+        pairs = [p.strip() for p in value.split(",") if p.strip()]
+        if not all("=" in p for p in pairs):
+            raise ValueError(f"integer-ops {value!r}: give a preset or GLOB=IMPL pairs separated by commas")
+        return {glob.strip(): impl.strip() for glob, impl in (p.split("=", 1) for p in pairs)}
+    return value
 
 
 def parse_bits(text: str, option: str = "bits") -> tuple[int, int]:
