@@ -72,7 +72,11 @@ class IntegerOperator(nn.Module):
             return self.reference(x)
         if not self.calibrated:
             raise RuntimeError(f"integer operator {self.name!r} is not calibrated: calibrate the model first")
-        return self.integer(x).to(x.dtype)
+        out = self.integer(x).to(x.dtype)
+        if x.requires_grad and torch.is_grad_enabled():  # refinement: the float operator's gradient (I-ViT's STE)
+            reference = self.reference(x)
+            out = reference + (out - reference).detach()
+        return out
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -196,4 +200,7 @@ class ResidualGrid(IntegerOperator):
         codes = to_int(x.float(), self._scale, self.input_bits)
         if branch is not None:
             codes = (codes + to_int(branch.float(), self._scale, self.input_bits)).clamp_(-bound, bound)
-        return (codes.float() * self._scale).to(x.dtype)
+        out = (codes.float() * self._scale).to(x.dtype)
+        if total.requires_grad and torch.is_grad_enabled():  # refinement: a straight-through gradient
+            out = total + (out - total).detach()
+        return out
