@@ -201,10 +201,59 @@ def test_placement_errors_name_the_problem():
     assert [k for k, _ in find_operators(vit).values()].count("softmax") == 4
 
 
-def test_export_refuses_integer_operators_by_name(data, tmp_path):
-    q, _ = _integer_vit(data, {"blocks.1.mlp.act": "ivit"})
-    with pytest.raises(ExportError, match="integer operator 'blocks.1.mlp.act' \\(ivit gelu\\) has no ONNX export"):
-        export_onnx(q, tmp_path / "m.onnx", data[1][:2])
+class _Owner(nn.Module):
+    """The operator with the LayerNorm whose parameters it reads, as the model that owns them exports them."""
+
+    def __init__(self, op, ln):
+        super().__init__()
+        self.op, self.ln = op, ln
+
+    def forward(self, x):
+        return self.op(x)
+
+
+FLOAT_NONLINEAR = {"Exp", "Erf", "Softmax", "Sqrt", "LayerNormalization", "Tanh", "Sigmoid", "Log", "Gelu"}
+
+
+@pytest.mark.parametrize("kind", ["shiftmax", "log-int-softmax", "shiftgelu", "i-layernorm", "ptf-layernorm",
+                                  "add"])
+def test_each_operator_exports_to_standard_onnx_bit_exact(kind, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import onnx
+    from quantsearch.quantize.integer import IntegerGELU, IntegerLayerNorm, IntegerSoftmax, ResidualGrid
+
+    ln = nn.LayerNorm(32)
+    op = {"shiftmax": lambda: IntegerSoftmax("s", "ivit"), "log-int-softmax": lambda: IntegerSoftmax("s", "fqvit",
+                                                                                                     lambda: 4),
+          "shiftgelu": lambda: IntegerGELU("g", "ivit", nn.GELU()), "i-layernorm": lambda: IntegerLayerNorm("n", "ivit", ln),
+          "ptf-layernorm": lambda: IntegerLayerNorm("n", "fqvit", ln), "add": lambda: ResidualGrid("a", "ivit")}[kind]()
+    op.load_state({"amax": 6.0, **({"channel_amax": [6.0] + [1.0] * 31} if kind == "ptf-layernorm" else {})})
+    gen = torch.Generator().manual_seed(3)
+    exported = _Owner(op, ln)
+    with torch.no_grad():
+        torch.onnx.export(exported, (torch.randn(2, 17, 32, generator=gen),), str(tmp_path / "op.onnx"), opset_version=17,
+                          dynamo=False)
+        graph = onnx.load(str(tmp_path / "op.onnx")).graph
+        assert not {n.op_type for n in graph.node} & FLOAT_NONLINEAR  # the arithmetic is integer
+        session = onnxruntime.InferenceSession(str(tmp_path / "op.onnx"), providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            x = torch.randn(2, 17, 32, generator=gen) * 2
+            (ours,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+            assert torch.equal(torch.from_numpy(ours), op(x))
+
+
+def test_integer_only_model_exports_and_loads_in_a_default_session(data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from quantsearch.deploy.onnx_export import onnx_session
+
+    q, _ = _integer_vit(data)
+    export_onnx(q, tmp_path / "m.onnx", data[1][:2])
+    session = onnx_session(tmp_path / "m.onnx")  # a default session: what a user gets
+    x = data[1][:200]
+    (logits,) = session.run(None, {"input": x.numpy()})
+    with torch.inference_mode():
+        agree = (torch.from_numpy(logits).argmax(1) == q(x).argmax(1)).float().mean()
+    assert agree >= 0.99  # Q/DQ rounds half-way points in float32 as ONNX does (see onnx_export)
 
 
 def test_cli_refuses_bad_integer_settings_in_one_line(tmp_path):

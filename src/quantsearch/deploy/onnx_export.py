@@ -154,10 +154,6 @@ def weight_codes(weight: torch.Tensor, amax: torch.Tensor, bits: int) -> tuple[t
 
 
 def _check_exportable(qmodel) -> None:
-    op = next(iter(qmodel.integer), None)
-    if op is not None:
-        raise ExportError(f"integer operator {op.name!r} ({op.impl} {op.kind}) has no ONNX export in quantsearch "
-                          "yet (no custom ops are written): export a bit-config made with integer-ops float")
     for name, form in qmodel.forms.items():
         q = qmodel.quantizer(name)
         if log_grid_at(form, q.num_bits) and not q._disabled:

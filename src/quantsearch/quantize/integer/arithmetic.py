@@ -14,6 +14,7 @@ __all__ = ["INT32_MAX", "to_int", "shift_right", "floor_div", "round_div", "dyad
            "bit_length"]
 
 INT32_MAX = 2 ** 31 - 1
+ISQRT_STEPS = 40  # from 2^16 to the root of any n < 2^62: about 15 halvings, then quadratic convergence
 
 
 def to_int(x: torch.Tensor, scale: float | torch.Tensor, bits: int) -> torch.Tensor:
@@ -65,9 +66,10 @@ def isqrt(n: torch.Tensor, start: int = 2 ** 16) -> torch.Tensor:
         return shift_right(x + floor_div(n, x.clamp(min=1)), 1)
 
     current = step(torch.full_like(n, start))  # at or above the root (AM-GM), wherever it started
-    for _ in range(64):
+    tracing = torch.jit.is_tracing()  # an exported graph runs a fixed count: enough below 2^62, min keeps it exact
+    for _ in range(ISQRT_STEPS):
         nxt = step(current)
-        if bool((nxt >= current).all()):
+        if not tracing and bool((nxt >= current).all()):
             break
         current = torch.minimum(current, nxt)
     return torch.where(n == 0, torch.zeros_like(n), current)

@@ -108,7 +108,7 @@ class IntegerSoftmax(IntegerOperator):
             return shiftmax(codes, self._scale, PROBABILITY_BITS).float() * 2.0 ** (1 - PROBABILITY_BITS)
         bits = int(self.output_bits())
         k = log_int_softmax(codes, self._scale, bits)
-        return torch.where(k == 2 ** bits - 1, 0.0, torch.exp2(-k.float()))
+        return torch.where(k == 2 ** bits - 1, 0.0, torch.pow(2.0, -k.float()))
 
 
 class IntegerGELU(IntegerOperator):

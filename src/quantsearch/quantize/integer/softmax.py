@@ -53,7 +53,7 @@ def shiftmax(x: torch.Tensor, scale: float, out_bits: int = 16, n: int | None = 
              ) -> torch.Tensor:
     """I-ViT's Shiftmax of integer logits ``x`` over ``dim``: codes of the probabilities with scale
     ``2^-(out_bits - 1)``; ``n``: see :func:`safe_shift`."""
-    n = safe_shift(scale, x.shape[dim], n)
+    n = safe_shift(scale, int(x.shape[dim]), n)
     x = x - x.amax(dim=dim, keepdim=True)
     codes, _ = shift_exp(x, scale, n)
     total = codes.sum(dim=dim, keepdim=True)
