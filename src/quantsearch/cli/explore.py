@@ -91,13 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "above), per-head (a range per attention head and q/k/v part) or per-channel (LayerNorm "
                         "outputs, folded as RepQ-ViT does), e.g. '*.attn_drop=log2-narrow'; repeatable, first "
                         "match wins, before the YAML's quant-forms")
-    p.add_argument("--integer-ops", metavar="PRESET|GLOB=IMPL,...",
-                   help="run nonlinear operators on integers: integer-only (I-ViT's Shiftmax, ShiftGELU, "
-                        "I-LayerNorm and residual adds on 16-bit grids), fqvit (FQ-ViT's Log-Int-Softmax and PTF "
-                        "LayerNorm, I-ViT's GELU and adds), or operator-name globs mapped to float, ivit or fqvit, "
-                        "e.g. '*.softmax=fqvit,*=ivit' (default: float)")
-    p.add_argument("--integer-add-bits", type=int,
-                   help="width of the residual adds' grids with integer adds (default 16)")
+    _add_integer_arguments(p)
     p.add_argument("--calibration", metavar="FILE",
                    help="reuse a calibration file (python -m quantsearch.calibrate) instead of calibrating; "
                         "refused if it was made for other weights or data")
@@ -132,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def _add_integer_arguments(p: argparse.ArgumentParser) -> None:
+    """Integer operators (quantize/integer)."""
+    p.add_argument("--integer-ops", metavar="PRESET|GLOB=IMPL,...",
+                   help="run nonlinear operators on integers: integer-only (I-ViT's Shiftmax, ShiftGELU, "
+                        "I-LayerNorm and residual adds on 16-bit grids), fqvit (FQ-ViT's Log-Int-Softmax and PTF "
+                        "LayerNorm, I-ViT's GELU and adds), or operator-name globs mapped to float, ivit or fqvit, "
+                        "e.g. '*.softmax=fqvit,*=ivit' (default: float)")
+    p.add_argument("--integer-add-bits", type=int,
+                   help="width of the residual adds' grids with integer adds (default 16)")
 
 
 def _add_refine_arguments(p: argparse.ArgumentParser, d: ExploreConfig) -> None:

@@ -71,18 +71,7 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
 
     out += [f"## Pareto front ({len(run.front)} points, cheapest first)", ""]
     shift = fp32["holdout"] - fp32["search"] if "holdout" in fp32 else None
-    rows, diffs = [], []
-    points = run.summary.get("front", [])
-    integer = [{True: "yes", False: "no"}.get(p.get("integer_only"), "-") for p in points] or ["-"] * len(run.front)
-    for i, e in enumerate(run.front):
-        h = run.holdout.get(e.bits)
-        diff = None if h is None else h - e.accuracy
-        if diff is not None:
-            diffs.append(diff)
-        confirmed = {True: "yes", False: "**no**", None: "-"}[run.confirmed.get(e.bits)]
-        rows.append([i, show(e.accuracy), show(h), confirmed, "-" if diff is None else f"{100 * diff:+.2f}",
-                     *[f"{e.costs[c]:g}" for c in costs], *[f"{e.costs[c] / run.fp32_costs[c]:.3f}" for c in costs],
-                     integer[i] if i < len(integer) else "-", f"[point_{i:03d}.json](pareto/point_{i:03d}.json)"])
+    rows, diffs = _front_rows(run, show)
     out += [_table(["#", "search %", "hold-out %", "confirmed on hold-out", "hold-out - search (points)", *costs,
                     *[f"{c} / FP32" for c in costs], "integer-only", "bit-config"], rows), ""]
     if diffs:
@@ -124,6 +113,24 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
     if (run.run_dir / "sensitivity.png").is_file():
         out += ["![Per-quantizer sensitivity: accuracy drop with one quantizer lowered](sensitivity.png)", ""]
     return "\n".join(out)
+
+
+def _front_rows(run: RunRecord, show) -> tuple[list[list], list[float]]:
+    """The front table's rows, and each point's hold-out minus search accuracy."""
+    costs = run.cost_names
+    rows, diffs = [], []
+    points = run.summary.get("front", [])
+    integer = [{True: "yes", False: "no"}.get(p.get("integer_only"), "-") for p in points] or ["-"] * len(run.front)
+    for i, e in enumerate(run.front):
+        h = run.holdout.get(e.bits)
+        diff = None if h is None else h - e.accuracy
+        if diff is not None:
+            diffs.append(diff)
+        confirmed = {True: "yes", False: "**no**", None: "-"}[run.confirmed.get(e.bits)]
+        rows.append([i, show(e.accuracy), show(h), confirmed, "-" if diff is None else f"{100 * diff:+.2f}",
+                     *[f"{e.costs[c]:g}" for c in costs], *[f"{e.costs[c] / run.fp32_costs[c]:.3f}" for c in costs],
+                     integer[i] if i < len(integer) else "-", f"[point_{i:03d}.json](pareto/point_{i:03d}.json)"])
+    return rows, diffs
 
 
 def deployed_rows(run: RunRecord, show) -> list[list]:

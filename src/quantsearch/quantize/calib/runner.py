@@ -77,15 +77,40 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     qmodel.folds = {}  # the fingerprint, and the folds' ranges, are of the model's own weights
     weights = fingerprint_model(qmodel.model)
     folds, per_channel = {}, [n for n in activations if forms[n] == "per-channel"]
-    if per_channel:  # RepQ-ViT: fold the LayerNorms' channel ranges first, then calibrate the folded tensors
-        batches, num_batches = [batch_inputs(b) for b in itertools.islice(batches, num_batches)], None
-        try:
-            folds = fit_folds(qmodel, batches, per_channel)
-        except FoldError as exc:
-            raise CalibrationError(str(exc)) from None
     stats = {n: TensorStatistics(specs[n].method in HISTOGRAM_METHODS, specs[n].momentum, num_bins,
                                  sample=forms[n] == "asymmetric", rows=forms[n] == "per-head")
              for n, _ in quantizers}
+    try:
+        if per_channel:  # RepQ-ViT: fold the LayerNorms' channel ranges first, then calibrate the folded tensors
+            batches, num_batches = [batch_inputs(b) for b in itertools.islice(batches, num_batches)], None
+            try:
+                folds = fit_folds(qmodel, batches, per_channel)
+            except FoldError as exc:
+                raise CalibrationError(str(exc)) from None
+        data = _observe(qmodel, quantizers, stats, batches, num_batches)
+    finally:
+        for q, was in zip(weight_quantizers, weights_were_disabled):
+            q._disabled = was
+    if data.samples == 0:
+        raise CalibrationError("calibration saw no batch: the calibration data is empty")
+    for op in qmodel.integer:
+        op.end_calibration()
+    integer = {op.name: {"impl": op.impl, **op.state()} for op in qmodel.integer}
+
+    result = {name: _quantizer_calibration(name, stats[name], specs[name], forms[name], (lo, hi), detect_unsigned,
+                                           getattr(q, "groups", 1)) for name, q in quantizers}
+    result = {n: replace(c, fold=folds[n]) if n in folds else c for n, c in result.items()}
+    settings = {"method": method, "percentile": percentile, "momentum": momentum,
+                "overrides": {str(k): v for k, v in (overrides or {}).items()}, "detect_unsigned": detect_unsigned,
+                "num_bins": num_bins, "samples": data.samples}
+    calibration = Calibration(result, (lo, hi), {"weights": weights, "data": data.hexdigest()}, settings, integer)
+    calibration.apply(qmodel)
+    return calibration
+
+
+def _observe(qmodel, quantizers, stats, batches: Iterable, num_batches: int | None) -> DataDigest:
+    """The pass: each activation quantizer's statistics, and each integer operator's input range, on the FP32
+    model (the caller turns the weight quantizers off); returns the digest of the inputs seen."""
     data = DataDigest()
     saved = [(q._calibrator, q._disabled) for _, q in quantizers]
     with quiet_quantizers():
@@ -110,25 +135,9 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
                 q.disable_calib()
                 q.enable_quant()
                 q._calibrator, q._disabled = calibrator, disabled
-        for q, was in zip(weight_quantizers, weights_were_disabled):
-            q._disabled = was
         for op in qmodel.integer:
             op.observing = False
-    if data.samples == 0:
-        raise CalibrationError("calibration saw no batch: the calibration data is empty")
-    for op in qmodel.integer:
-        op.end_calibration()
-    integer = {op.name: {"impl": op.impl, **op.state()} for op in qmodel.integer}
-
-    result = {name: _quantizer_calibration(name, stats[name], specs[name], forms[name], (lo, hi), detect_unsigned,
-                                           getattr(q, "groups", 1)) for name, q in quantizers}
-    result = {n: replace(c, fold=folds[n]) if n in folds else c for n, c in result.items()}
-    settings = {"method": method, "percentile": percentile, "momentum": momentum,
-                "overrides": {str(k): v for k, v in (overrides or {}).items()}, "detect_unsigned": detect_unsigned,
-                "num_bins": num_bins, "samples": data.samples}
-    calibration = Calibration(result, (lo, hi), {"weights": weights, "data": data.hexdigest()}, settings, integer)
-    calibration.apply(qmodel)
-    return calibration
+    return data
 
 
 def _check_form_methods(specs: Mapping[str, MethodSpec], forms: Mapping[str, str], method: str,
