@@ -142,6 +142,15 @@ def test_integer_only_vit_runs_on_integers_and_stays_close(data):
     q, _ = _integer_vit(data)
     names = list(q.integer_ops)
     assert len(q.integer) == 4 + 4 + 9 + 12 and q.integer_only and not float_ops.integer_only
+    assert all(op.calibrated and float(op.amax) > 0 for op in q.integer)  # every operator saw its input
+    gelu, norm = q.model.blocks[0].mlp.act, q.model.blocks[0].norm1
+    h = torch.randn(2, 17, 128)
+    with torch.inference_mode():  # the modules run their integer operators, not their own forwards
+        op, after = q.integer.operators["blocks.0.mlp.act"], q.quantizer("blocks.0.mlp.act")
+        assert torch.equal(gelu(h), after(op(h)))  # the operator, then the quantizer on the module's output
+        assert not torch.equal(gelu(h), nn.functional.gelu(h))
+        assert not torch.equal(norm(h[..., :64]), nn.functional.layer_norm(h[..., :64], (64,), norm.weight, norm.bias))
+    assert "forward" not in dict(gelu.named_children())
     assert {"blocks.0.attn.softmax", "blocks.0.mlp.act", "blocks.0.norm1", "norm", "blocks.3.residual2"} <= set(names)
     x, y = data[1], data[2]
     with torch.inference_mode():

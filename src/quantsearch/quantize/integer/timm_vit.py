@@ -157,17 +157,20 @@ class IntegerOps:
         ops = [self.operators.get(n) for n in names]
         self._patched[module] = module.__dict__.get("forward")
         if kind == "softmax":
-            module.forward = _attention_forward(module, ops[0])
+            forward = _attention_forward(module, ops[0])
         elif kind == "add":
-            module.forward = _block_forward(module, *ops)
+            forward = _block_forward(module, *ops)
         else:
-            module.forward = ops[0]
+            def forward(x: torch.Tensor, op: IntegerOperator = ops[0]) -> torch.Tensor:
+                return op(x)
+        # a plain function in the instance's __dict__ (a Module assigned here would become a child instead)
+        object.__setattr__(module, "forward", forward)
 
     def remove(self) -> None:
         for module, previous in self._patched.items():
-            del module.forward
+            module.__dict__.pop("forward", None)
             if previous is not None:
-                module.forward = previous
+                object.__setattr__(module, "forward", previous)
         self._patched.clear()
 
     def __iter__(self) -> Iterator[IntegerOperator]:
