@@ -128,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
     qmodel = session.qmodel
     bitconfig.apply(qmodel, example=session.example)
     bits = qmodel.bit_widths
+    integer = (f"; {len(qmodel.integer)} integer operators, integer-only: "
+               f"{'yes' if qmodel.integer_only else 'no'}") if len(qmodel.integer) else ""
     print(f"{args.bitconfig}: {len(qmodel)} quantizers of {config.model} (predicate {session.predicate}), "
-          f"bits {min(bits)}..{max(bits)}, {sum(bits)} in all")
+          f"bits {min(bits)}..{max(bits)}, {sum(bits)} in all{integer}")
     mismatches = identity_mismatches(bitconfig, session)
     for line in mismatches:
         print(f"note: {line}: recorded accuracies are not compared")
