@@ -15,7 +15,7 @@ from quantsearch.quantize.calib.methods import CalibrationError
 from quantsearch.quantize.calib.result import Calibration
 from quantsearch.quantize.forms import log2_fake_quant
 from quantsearch.quantize.integer import IntegerOpsError, find_operators
-from quantsearch.quantize.integer.arithmetic import dyadic, isqrt, requantize
+from quantsearch.quantize.integer.arithmetic import isqrt
 from quantsearch.quantize.integer.gelu import shift_gelu
 from quantsearch.quantize.integer.layernorm import int_layernorm, ptf_alpha, ptf_codes
 from quantsearch.quantize.integer.softmax import log_int_softmax, shift_exp, shiftmax
@@ -31,12 +31,6 @@ def test_isqrt_is_the_exact_floor_root():
     values = [0, 1, 2, 3, 4, 15, 16, 17, 2 ** 32 - 1, 2 ** 40 + 12345, 2 ** 50 + 7] + [rng.randrange(2 ** 45)
                                                                                        for _ in range(500)]
     assert isqrt(T(values)).tolist() == [math.isqrt(v) for v in values]
-
-
-def test_dyadic_and_requantize():
-    m, k = dyadic(0.75)
-    assert (m, k) == (3 * 2 ** 29, 31)
-    assert requantize(T([10, -10, 7, -7]), *dyadic(0.5)).tolist() == [5, -5, 4, -3]  # half up
 
 
 def test_shift_exp_by_hand():
@@ -68,6 +62,15 @@ def test_log_int_softmax_by_hand():
     # scale 1/8: b = 21, c = 178, x0 = -6. x = 0: z = 178 << 30; x = -8: q = 1, r = -2, z = -2 * 19 + 178 = 140,
     # 140 << 29. sum / exp = 496/356 -> 1, 496/140 -> 4: k = 0 and 2 (p = 1, 1/4)
     assert log_int_softmax(T([[0, -8]]), 0.125, bits=4).tolist() == [[0, 2]]
+
+
+def test_residual_add_requantizes_each_input_then_saturates():
+    from quantsearch.quantize.integer import ResidualGrid
+
+    add = ResidualGrid("a", "ivit", 16)
+    add.load_state({"amax": 32767.0})  # scale 1: codes are the values
+    out = add(torch.tensor([1.4, 40000.0, -3.6]), torch.tensor([2.4, 5.0, -0.4]))
+    assert out.tolist() == [3.0, 32767.0, -4.0]  # 1 + 2 (not round(3.8)), saturated, -4 + 0
 
 
 # -- against the float operators ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Integer arithmetic that the integer operators share: grids, floor shifts, dyadic requantization, square roots.
+"""Integer arithmetic that the integer operators share: grids, floor shifts and divisions, square roots.
 
 Values are ``int64`` tensors, so every operator is bit-exact on CPU and GPU alike (no float rounding can differ
 between devices). A float number enters only as a constant computed once from a calibrated scale (the
@@ -10,8 +10,7 @@ import math
 
 import torch
 
-__all__ = ["INT32_MAX", "to_int", "shift_right", "floor_div", "round_div", "dyadic", "requantize", "isqrt",
-           "bit_length"]
+__all__ = ["INT32_MAX", "to_int", "shift_right", "floor_div", "round_div", "isqrt"]
 
 INT32_MAX = 2 ** 31 - 1
 ISQRT_STEPS = 40  # from 2^16 to the root of any n < 2^62: about 15 halvings, then quadratic convergence
@@ -39,26 +38,6 @@ def round_div(x: torch.Tensor, d: int | torch.Tensor) -> torch.Tensor:
     return torch.div(2 * x + d, 2 * d, rounding_mode="floor")
 
 
-def dyadic(ratio: float, bits: int = 31) -> tuple[int, int]:
-    """``(m, k)`` with ``m / 2^k`` nearest ``ratio > 0`` and ``2^(bits-1) <= m < 2^bits``: a multiply and a shift
-    that stand for a scale ratio (requantization without float)."""
-    if not ratio > 0 or not math.isfinite(ratio):
-        raise ValueError(f"a dyadic ratio must be positive and finite, got {ratio}")
-    mantissa, exponent = math.frexp(ratio)  # ratio = mantissa * 2^exponent, 0.5 <= mantissa < 1
-    m = round(mantissa * 2 ** bits)
-    k = bits - exponent
-    if m == 2 ** bits:  # rounded up to the next power
-        m, k = m // 2, k - 1
-    return m, k
-
-
-def requantize(x: torch.Tensor, m: int | torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
-    """``round(x * m / 2^k)`` (half up): an integer tensor moved to another grid by a dyadic ratio."""
-    if isinstance(k, int) and k <= 0:
-        return x * m * 2 ** (-k)
-    return shift_right(x * m + torch.bitwise_left_shift(torch.ones_like(x), torch.as_tensor(k) - 1), k)
-
-
 def isqrt(n: torch.Tensor, start: int = 2 ** 16) -> torch.Tensor:
     """``floor(sqrt(n))`` of a non-negative int64 tensor by Newton's iteration in integers (I-ViT's I-LayerNorm
     starts at ``2^16``): one step from any start lands at or above the root, then it falls to it."""
@@ -74,7 +53,3 @@ def isqrt(n: torch.Tensor, start: int = 2 ** 16) -> torch.Tensor:
         current = torch.minimum(current, nxt)
     return torch.where(n == 0, torch.zeros_like(n), current)
 
-
-def bit_length(value: int) -> int:
-    """Bits of a non-negative Python integer (a compile-time constant)."""
-    return int(value).bit_length()

@@ -11,9 +11,8 @@ import torch
 from .arithmetic import floor_div
 from .softmax import safe_shift, shift_exp
 
-__all__ = ["SHIFTGELU_N", "SIGMOID_BITS", "shift_gelu"]
+__all__ = ["SIGMOID_BITS", "shift_gelu"]
 
-SHIFTGELU_N = 23  # I-ViT
 SIGMOID_BITS = 8  # I-ViT: the sigmoid's codes, scale 2^-7
 
 

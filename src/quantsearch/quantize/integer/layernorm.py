@@ -2,10 +2,10 @@
 
 - **I-LayerNorm** (I-ViT): integer codes ``x`` (the 16-bit residual stream) over ``C`` channels; the mean is an
   integer division, the variance a sum of squares, the standard deviation an integer square root by Newton's
-  iteration (:func:`~.arithmetic.isqrt`), and the normalised value ``y * floor((2^31 - 1) / std)`` with scale
-  ``sqrt(C) / 2^31``... shifted right by ``guard`` bits so that it stays below ``2^31`` for any ``C``. The affine
-  adds ``floor(bias / weight / scale)`` as an integer; the weight becomes the per-channel scale of the output
-  (``weight * sqrt(C) / 2^(31 - guard)``), which the next requantization absorbs.
+  iteration (:func:`~.arithmetic.isqrt`), and the normalised value ``y * floor((2^31 - 1) / std)``, shifted right
+  by ``1 + guard`` bits (``guard = ceil(log2(C) / 2)``) so that it stays below ``2^30`` for any ``C``: scale
+  ``sqrt(C) / 2^(30 - guard)``. The affine adds ``floor(bias / weight / scale)`` as an integer; the weight becomes
+  the per-channel scale of the output, which the next requantization absorbs.
 - **PTF** (FQ-ViT): the input is quantized per channel with scale ``s * 2^alpha_c`` (``alpha_c`` in ``0..K``, one
   layer-wide ``s``), so channels with a wide range keep it while narrow ones keep resolution; a left shift by
   ``alpha_c`` puts every channel's code on the common grid ``s``, and the statistics are I-LayerNorm's.

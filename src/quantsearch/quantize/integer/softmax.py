@@ -21,9 +21,8 @@ import torch
 
 from .arithmetic import floor_div, round_div, shift_right
 
-__all__ = ["SHIFTMAX_N", "LOG_SOFTMAX_N", "safe_shift", "shift_exp", "shiftmax", "polynomial_exp", "log_int_softmax"]
+__all__ = ["LOG_SOFTMAX_N", "safe_shift", "shift_exp", "shiftmax", "polynomial_exp", "log_int_softmax"]
 
-SHIFTMAX_N = 15  # I-ViT: exponents below -n (in base 2) round to zero
 LOG_SOFTMAX_N = 30  # I-BERT / FQ-ViT
 _IBERT_COEF = (0.35815147, 0.96963238, 1.0)  # exp(x) ~ a (x + b/a)^2 ... on (-ln 2, 0]: a x^2 + b x + c
 

@@ -143,11 +143,11 @@ class IntegerOps:
             else:
                 self.operators[name] = ResidualGrid(name, impl, self.add_bits)
         for name, (kind, module) in found.items():
-            if module not in self._patched and any(n in self.operators for n in self._names_of(name, kind, found)):
-                self._patch(module, kind, self._names_of(name, kind, found))
+            if module not in self._patched and any(n in self.operators for n in self._names_of(name, kind)):
+                self._patch(module, kind, self._names_of(name, kind))
 
     @staticmethod
-    def _names_of(name: str, kind: str, found) -> list[str]:
+    def _names_of(name: str, kind: str) -> list[str]:
         if kind != "add":
             return [name]
         block = name.rsplit(".", 1)[0]
