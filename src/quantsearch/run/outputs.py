@@ -88,6 +88,7 @@ def _write_front(store: RunStore, session: Session, found: dict) -> list[Path]:
     validated = found.get("validation") or {}
     deployed = found.get("deployed")
     sections = bitconfig_sections(session, bound)
+    integer_only = [] if deployed else [int(_integer_only(session))]
     paths, rows = [], []
     for i, e in enumerate(found["front"]):
         normalized = {k: v / fp32_costs[k] for k, v in e.costs.items()}
@@ -104,7 +105,7 @@ def _write_front(store: RunStore, session: Session, found: dict) -> list[Path]:
                      low, high, "" if sure["confirmed"] is None else int(sure["confirmed"]),
                      *([f"{validated[e.bits]:.6f}"] if validated else []),
                      *([_csv(row["holdout"]), f"{row['measured_ms']:.4f}"] if row else []),
-                     *([] if deployed else [int(_integer_only(session))]),
+                     *integer_only,
                      *[f"{v:g}" for v in e.costs.values()], *[f"{v:.4f}" for v in normalized.values()],
                      name, *(config.layers.values() if deployed else e.bits)])
     cost_names = found["cost_names"]
