@@ -280,3 +280,34 @@ def test_cli_refuses_bad_integer_settings_in_one_line(tmp_path):
         done = subprocess.run([sys.executable, "-m", "quantsearch.explore", *flags, "--out", str(tmp_path / "r")],
                               capture_output=True, text=True)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_integer_only_run_killed_mid_search_resumes_to_the_same_front(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_resume import stored, table
+
+    from quantsearch.cli.explore import main
+
+    args = ["--integer-ops", "integer-only", "--search-space", "both", "--pop-size", "6", "--generations", "3",
+            "--eval-samples", "300", "--holdout-samples", "200", "--batch-size", "100", "--calib-batches", "1",
+            "--bits", "3:8", "--weight-bits", "3:8", "--seed", "4", "--no-progress"]
+    plain, killed = tmp_path / "plain", tmp_path / "killed"
+    assert main([*args, "--out", str(plain)]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "quantsearch.explore", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while stored(killed) < 8 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert main(["--resume", str(killed), "--no-progress"]) == 0
+    assert table(killed / "evaluations.csv") == table(plain / "evaluations.csv")
+    assert table(killed / "pareto.csv") == table(plain / "pareto.csv")
+    recorded = json.loads((killed / "pareto" / "point_000.json").read_text())["integer"]
+    assert recorded == json.loads((plain / "pareto" / "point_000.json").read_text())["integer"]
+    assert len(recorded) == 29
