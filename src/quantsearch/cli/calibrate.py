@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     unsigned = [n for n, flag in calibration.unsigned.items() if flag]
     methods = sorted(set(calibration.methods.values()))
-    print(f"Calibrated {len(calibration.quantizers)} quantizers ({', '.join(methods)}; bits "
+    integer = f" and {len(calibration.integer)} integer operators" if calibration.integer else ""
+    print(f"Calibrated {len(calibration.quantizers)} quantizers{integer} ({', '.join(methods)}; bits "
           f"{calibration.bits[0]}:{calibration.bits[1]}; {len(unsigned)} unsigned) on "
           f"{calibration.settings['samples']} images; wrote {path}")
     return 0
