@@ -189,6 +189,29 @@ def config_from_args(args: argparse.Namespace) -> ExploreConfig:
     return config
 
 
+def _print_notes(run, show, unit: str) -> None:
+    """What the front table does not say: the integer operators, validation, hold-out confirmation."""
+    bound = run.bound
+    if (run.summary.get("integer_ops") or {}).get("operators"):
+        from ..run.report import integer_line
+
+        print(f"integer operators: {integer_line(run.summary['integer_ops'])}")
+    validation = run.summary.get("validation")
+    if validation:
+        level = (f" at {100 * validation['confidence']:.0f} % one-sided confidence, {validation.get('test')}"
+                 if validation.get("confidence") is not None else "")
+        print(f"validation: {validation['checked']} front candidates measured on the validation split, "
+              f"{validation['failed']} failed its {bound.kind} ({show(validation['bound']['limit'])}{unit}{level}) "
+              "and were left off the front")
+    holdout_bound = run.summary.get("holdout_bound")
+    if holdout_bound and run.front:
+        unconfirmed = sum(1 for e in run.front if run.confirmed.get(e.bits) is False)
+        print(f"confirmed: the point meets the {bound.kind} on the hold-out split too "
+              f"({show(holdout_bound['limit'])}{unit}: the bound moved by FP32's own shift between the splits); "
+              f"{unconfirmed} of {len(run.front)} points are not confirmed: do not deploy them on the search "
+              "split's word")
+
+
 def print_report(run) -> None:
     """The run's tables: FP32 and the bound, the uniform baselines, the front, the search and the time."""
     from ..run.tables import format_table
@@ -240,20 +263,7 @@ def print_report(run) -> None:
         print(f"\nDeployed in ONNX Runtime: exported, scored and timed in a default session, batch "
               f"{run.summary['deployed']['deploy_batch']} (latency predicted by the table against measured)\n"
               + format_table(DEPLOYED_HEADER, deployed_rows(run, show)))
-    validation = run.summary.get("validation")
-    if validation:
-        level = (f" at {100 * validation['confidence']:.0f} % one-sided confidence, {validation.get('test')}"
-                 if validation.get("confidence") is not None else "")
-        print(f"validation: {validation['checked']} front candidates measured on the validation split, "
-              f"{validation['failed']} failed its {bound.kind} ({show(validation['bound']['limit'])}{unit}{level}) "
-              "and were left off the front")
-    holdout_bound = run.summary.get("holdout_bound")
-    if holdout_bound and run.front:
-        unconfirmed = sum(1 for e in run.front if run.confirmed.get(e.bits) is False)
-        print(f"confirmed: the point meets the {bound.kind} on the hold-out split too "
-              f"({show(holdout_bound['limit'])}{unit}: the bound moved by FP32's own shift between the splits); "
-              f"{unconfirmed} of {len(run.front)} points are not confirmed: do not deploy them on the search "
-              "split's word")
+    _print_notes(run, show, unit)
     search = run.search
     if search:
         rejection = search.get("early_rejection") or {}

@@ -55,7 +55,7 @@ def render_report(run: RunRecord, conv: Convergence) -> str:
         ["bound", f"{bound} on the search split (FP32 {bound.show(fp32['search'])}, "
                   f"{bound.show(drop, unit=False)}{' points' if bound.fraction else ''} from it)"],
         ["cost", ", ".join(costs)],
-        *([["integer operators", _integer_line(run.summary["integer_ops"])]] if run.summary.get("integer_ops") else []),
+        *([["integer operators", integer_line(run.summary["integer_ops"])]] if run.summary.get("integer_ops") else []),
         ["search", _search_line(s, run.summary)],
         ["time", f"{run.summary.get('timings_s', {}).get('total', float('nan')):.0f} s"],
     ]
@@ -194,7 +194,7 @@ def _refined_section(run: RunRecord, show) -> list[str]:
                     *[f"{c} / FP32" for c in costs], "s", "bit-config"], rows), ""]
 
 
-def _integer_line(integer: dict) -> str:
+def integer_line(integer: dict) -> str:
     """The run's integer operators in one line, and what keeps it from being integer-only."""
     ops = integer.get("operators", {})
     kinds = sorted({f"{impl}" for impl in ops.values()})
