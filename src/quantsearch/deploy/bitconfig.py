@@ -200,7 +200,7 @@ class BitConfig:
         qmodel.unsigned = self.unsigned
         qmodel.lows = self.lows
         try:
-            qmodel.integer_state = {n: {k: v for k, v in op.items() if k != "impl"} for n, op in self.integer.items()}
+            qmodel.integer_state = self.integer
         except ValueError as exc:
             raise BitConfigError(f"bit-config does not fit the model: {exc}") from None
 

@@ -81,7 +81,7 @@ class Calibration:
         qmodel.amax_table = self.amax_table
         qmodel.low_table = self.low_table
         qmodel.bit_widths = qmodel.bits_dict()  # sets amax (and asymmetric lower ends) from the tables
-        qmodel.integer_state = {n: {k: v for k, v in op.items() if k != "impl"} for n, op in self.integer.items()}
+        qmodel.integer_state = self.integer
 
     def check_fits(self, qmodel, data: str | None = None, bits: tuple[int, int] | None = None,
                    source: str = "calibration file") -> None:

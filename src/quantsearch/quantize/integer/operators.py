@@ -60,6 +60,7 @@ class IntegerOperator(nn.Module):
         return {"amax": float(self.amax)}
 
     def load_state(self, state: dict) -> None:
+        """Set the range from :meth:`state`'s data (other keys, such as the implementation's name, are ignored)."""
         amax = float(state["amax"])
         self.amax.fill_(amax)
         self._scale = max(amax, 1e-12) / (2 ** (self.input_bits - 1) - 1)
@@ -70,12 +71,19 @@ class IntegerOperator(nn.Module):
             self.observe(x)
         if not self.active:
             return self.reference(x)
+        return self._straight_through(self._checked_integer(x), x, lambda: self.reference(x))
+
+    def _checked_integer(self, *inputs: torch.Tensor) -> torch.Tensor:
         if not self.calibrated:
             raise RuntimeError(f"integer operator {self.name!r} is not calibrated: calibrate the model first")
-        out = self.integer(x).to(x.dtype)
-        if x.requires_grad and torch.is_grad_enabled():  # refinement: the float operator's gradient (I-ViT's STE)
-            reference = self.reference(x)
-            out = reference + (out - reference).detach()
+        return self.integer(*inputs).to(inputs[0].dtype)
+
+    @staticmethod
+    def _straight_through(out: torch.Tensor, x: torch.Tensor, reference: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """While refining, the float operator's gradient (I-ViT's straight-through estimator)."""
+        if x.requires_grad and torch.is_grad_enabled():
+            ref = reference()
+            return ref + (out - ref).detach()
         return out
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,13 +202,12 @@ class ResidualGrid(IntegerOperator):
             self.observe(total)
         if not self.active:
             return total
-        if not self.calibrated:
-            raise RuntimeError(f"integer operator {self.name!r} is not calibrated: calibrate the model first")
+        inputs = (x,) if branch is None else (x, branch)
+        return self._straight_through(self._checked_integer(*inputs), total, lambda: total)
+
+    def integer(self, x, branch=None):
         bound = 2 ** (self.input_bits - 1) - 1
         codes = to_int(x.float(), self._scale, self.input_bits)
         if branch is not None:
             codes = (codes + to_int(branch.float(), self._scale, self.input_bits)).clamp_(-bound, bound)
-        out = (codes.float() * self._scale).to(x.dtype)
-        if total.requires_grad and torch.is_grad_enabled():  # refinement: a straight-through gradient
-            out = total + (out - total).detach()
-        return out
+        return codes.float() * self._scale
