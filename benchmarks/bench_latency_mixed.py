@@ -8,6 +8,9 @@ exported and timed end to end, interleaved in one loop (default sessions, 2 thre
 measured time against two predictions:
 
 - **unary**: the table as the search uses it (one entry per layer per format, uniform configurations exact);
+- **timed whole**: what the search now uses (:class:`~quantsearch.deploy.targets.latency.WholeModelLatency`):
+  a configuration that mixes int8-static and fp32 convs timed whole against FP32, one at a time before the check,
+  the ratio on the table's FP32 time; raw, and re-anchored on the check's own FP32 time (the machine's drift out);
 - **pairwise**: the one-layer graphs' times plus a term per edge between two layers (the layers a layer's output
   reaches through Relu, Add, pooling and reshapes), ``alpha_family x elements`` when both ends run in the same
   family (int8-static, or float), fitted exactly on FP32, uniform static and the alternating configuration; and its
@@ -62,6 +65,11 @@ def _edges(rmodel, example):
     return {e: float(np.prod(shapes[t][1:])) * rmodel.batch_size for e, t in edges.items()}
 
 
+def _keys(timed, configs):
+    """The labels of the configurations in ``timed`` (keyed by gene values)."""
+    return [k for k, c in configs.items() if tuple(c.values()) in timed]
+
+
 def _profile(path, batch, runs=10):
     import onnxruntime as ort
 
@@ -114,6 +122,13 @@ def main(argv=None) -> int:
     for k in range(args.mixes):
         share = rng.uniform(0.2, 0.8)
         configs[f"mix {k}"] = {n: (STATIC if rng.random() < share else FP32) for n in layers}
+    # as a search times them: each configuration that mixes layouts whole, one at a time, before the check below
+    whole = lat.WholeModelLatency(table, rmodel, example, threads=2)
+    start = time.perf_counter()
+    timed = {k: whole(c) for k, c in configs.items()}
+    per_timing = (time.perf_counter() - start) / max(1, len(whole.timed))
+    again = lat.WholeModelLatency(table, rmodel, example, threads=2)  # the same timings once more: their noise
+    repeat = {k: again(c) / timed[k] - 1 for k, c in configs.items() if k in {*_keys(whole.timed, configs)}}
     batch = example[:1].expand(args.batch, *example.shape[1:]).contiguous().numpy()
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
@@ -141,19 +156,24 @@ def main(argv=None) -> int:
         loo[key] = X[i] @ beta + features(configs[key])[0]
     print(f"pairwise fit on the three anchors: fixed {anchored[0] * 1e3:.2f} ms, alpha static "
           f"{anchored[1] * 1e9:.3f} ns/element, alpha float {anchored[2] * 1e9:.3f} ns/element\n")
+    print(f"{len(whole.timed)} configurations timed whole (mixed layouts), {per_timing:.1f} s each; timed whole "
+          f"again, the second timing against the first: rms {100 * np.sqrt(np.mean(np.square(list(repeat.values())))):.1f}"
+          f" %, max {100 * np.max(np.abs(list(repeat.values()))):.1f} % (the timing's own noise)\n")
     print(f"{'configuration':>13}  static convs  measured ms  unary error  pairwise error  pairwise, least squares "
-          f"(leave one out)")
+          f"(leave one out)  timed whole  timed whole, re-anchored on FP32")
     errors = collections.defaultdict(list)
     for i, key in enumerate(keys):
         m = measured[key]
         row = {"unary": table.predict(configs[key]) / m - 1, "pairwise": (X[i] @ anchored + features(configs[key])[0])
-               / m - 1, "loo": loo[key] / m - 1}
+               / m - 1, "loo": loo[key] / m - 1, "whole": timed[key] / 1e3 / m - 1,
+               "whole re-anchored": timed[key] * measured["fp32"] / whole.fp32 / m - 1}
         if i >= 3:
             for k, v in row.items():
                 errors[k].append(100 * v)
         static = sum(v == STATIC for v in configs[key].values())
         print(f"{key:>13}  {static:5d} of {len(layers):<3d}  {1e3 * m:11.2f}  {100 * row['unary']:+10.1f}%  "
-              f"{100 * row['pairwise']:+13.1f}%  {100 * row['loo']:+10.1f}%")
+              f"{100 * row['pairwise']:+13.1f}%  {100 * row['loo']:+10.1f}%  {' ' * 20}{100 * row['whole']:+10.1f}%"
+              f"  {100 * row['whole re-anchored']:+10.1f}%")
     print("\nover the random mixes: " + ", ".join(
         f"{k} rms {np.sqrt(np.mean(np.square(v))):.1f} %, max {np.max(np.abs(v)):.1f} %, within 10 %: "
         f"{sum(abs(e) <= 10 for e in v)} of {len(v)}" for k, v in errors.items()))

@@ -129,3 +129,44 @@ def test_refusals_name_the_layer():
     rmodel.bit_widths = {"0": STATIC}
     with pytest.raises(ExportError, match="layer '0' is int8-static but the model is not calibrated"):
         rmodel(torch.randn(1, 3, 5, 5))
+
+
+def test_a_configuration_that_mixes_conv_layouts_is_timed_whole_once(tmp_path, monkeypatch):
+    """Mixed int8-static and fp32 Convs: timed whole against FP32 (the ratio on the table's FP32 time), once per
+    configuration, formats restored after; a uniform one, and what a model of the cost probes, is the table."""
+    from quantsearch.deploy.targets import latency
+    from quantsearch.search.problem import LayerwiseQuantizationProblem
+    from quantsearch.search.surrogate import GeneCosts
+
+    rmodel = RuntimeFormatModel(SmallCNN().eval(), batch_size=2)
+    x = torch.randn(4, 3, 8, 8)
+    rmodel.calibrate([x])
+    table = latency.measure_latency(rmodel, x, threads=1, repeats=2, cache=tmp_path / "latency.json")
+    cost = latency.WholeModelLatency(table, rmodel, x, threads=1, repeats=2)
+    convs = ["c1", "c2", "c3", "row"]
+    uniform = {n: STATIC if n in convs else 3 for n in rmodel.quantizer_names}
+    mixed = dict(uniform, c2=3)
+    assert not latency.mixes_conv_layouts(rmodel, uniform) and latency.mixes_conv_layouts(rmodel, mixed)
+    assert cost(uniform) == pytest.approx(1e3 * table.predict(uniform)) and not cost.timed
+
+    calls = []
+
+    rounds = iter([(0.002, 0.003), (0.004, 0.004), (0.001, 0.002)])  # ratios 1.5, 1 and 2: the median is 1.5
+
+    def timed(runs, repeats):  # one round timed by hand
+        calls.append(sorted(runs))
+        assert repeats == 1 and runs["whole"][1]["input"].shape == (2, 3, 8, 8)  # the deployment batch
+        fp32, whole = next(rounds)
+        return {"fp32": fp32, "whole": whole}
+
+    monkeypatch.setattr(latency, "_time_interleaved", timed)
+    cost.repeats, before = 3, rmodel.bit_widths
+    assert cost(mixed) == pytest.approx(1.5 * cost.fp32) == pytest.approx(1.5e3 * table.fp32_measured)
+    assert cost(mixed) == cost(dict(mixed)) and len(calls) == 3 and rmodel.bit_widths == before
+
+    def agreement(model):
+        return 1.0
+
+    problem = LayerwiseQuantizationProblem(rmodel, agreement, 0.5, bits=rmodel.gene_ranges(), costs=[cost])
+    probed = GeneCosts(problem)  # one conv static in an fp32 model mixes layouts: the unary terms, not a timing
+    assert probed.exact and len(calls) == 3

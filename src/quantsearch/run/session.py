@@ -167,7 +167,7 @@ class Session:
         """Cost models by name (``bits``, ``bops``, ...), from one shape-recording pass shared by all; a target's
         (``latency``, ``size``) from its latency table and its formats."""
         if self.config.target:
-            table = {"latency": lambda: self.latency_table.cost(), "size": self.qmodel.size_cost}
+            table = {"latency": lambda: self.latency_cost, "size": self.qmodel.size_cost}
             return [table[n]() for n in parse_cost_names(names, self.config.target)]
         return get_costs(names, self.qmodel, profile=self._profile)
 
@@ -185,6 +185,14 @@ class Session:
         log.info("measuring latency in ONNX Runtime (deployment batch %d, threads %s; cached per machine)",
                  config.deploy_batch, config.threads or "default")
         return measure_latency(self.qmodel, self.example.cpu(), threads=config.threads, repeats=LATENCY_REPEATS)
+
+    @cached_property
+    def latency_cost(self):
+        """The ``latency`` cost: the table, with configurations that mix int8-static and fp32 Convs timed whole
+        (:class:`~quantsearch.deploy.targets.latency.WholeModelLatency`; one instance, so each is timed once)."""
+        from ..deploy.targets.latency import WholeModelLatency
+
+        return WholeModelLatency(self.latency_table, self.qmodel, self.example.cpu(), self.config.threads)
 
     def use_latency_table(self, path) -> None:
         """Take the latency table in ``path`` (a resumed run's own), checked against this machine, model and batch

@@ -27,6 +27,8 @@ class GeneCosts:
     def __init__(self, problem, cost_index: int = 0):
         self.problem = problem
         self.cost = problem.costs[cost_index]
+        # a cost that times some configurations whole offers its unary terms to probe (``additive``)
+        self._probe = getattr(self.cost, "additive", self.cost)
         genes = problem.gene_names
         index = {g: i for i, g in enumerate(genes)}
         self.lo = np.array([problem.bit_ranges[g][0] for g in genes])
@@ -73,7 +75,7 @@ class GeneCosts:
 
     def _true(self, genome: Sequence[int]) -> float:
         key = self.problem.configuration(genome)
-        return float(self.cost(dict(zip(self.problem.qmodel.quantizer_names, key))))
+        return float(self._probe(dict(zip(self.problem.qmodel.quantizer_names, key))))
 
     @property
     def name(self) -> str:

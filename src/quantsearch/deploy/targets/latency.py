@@ -34,9 +34,10 @@ from ..errors import ExportError
 from .onnxruntime import CONVS, FORMATS, FP32, STATIC, RuntimeFormatModel, export_runtime_onnx, format_nodes
 from .static import conv_graph, conv_spec, insert_static, runtime_session, spec_key, tensor_shapes, uint8_grid
 
-__all__ = ["LatencyTable", "LatencyError", "machine", "layer_shapes", "conv_specs", "measure_latency",
-           "measure_end_to_end", "cache_path"]
+__all__ = ["LatencyTable", "LatencyError", "WholeModelLatency", "machine", "layer_shapes", "conv_specs",
+           "measure_latency", "measure_end_to_end", "cache_path", "mixes_conv_layouts"]
 
+WHOLE_REPEATS = 5  # interleaved rounds when a search times one configuration whole (median kept)
 SCHEMA_VERSION = 3  # 3: each layer's entries by format name; 2: by index, fp32 first
 GAP = 0.05  # seconds for idle threads to stop spinning between two timed sessions
 BLOCK_SECONDS, MAX_CALLS = 0.01, 30  # a fast graph's consecutive timed calls fill about this long, at most this many
@@ -198,6 +199,59 @@ class LatencyTable:
         _check_schema(data, path)
         return cls(data["machine"], data["batch_size"], {n: dict(v) for n, v in data["layers"].items()},
                    data["fixed"], data.get("fp32_measured", 0.0), uniform=data.get("uniform", {}))
+
+
+def mixes_conv_layouts(rmodel: RuntimeFormatModel, formats: Mapping[str, int]) -> bool:
+    """Whether a configuration runs some Convs as int8-static and others in fp32: ORT then lays tensors out two
+    ways (NHWC around QLinearConv, NCHWc around a float Conv) and converts at every boundary, which the table's
+    unary terms cannot see (``benchmarks/bench_latency_mixed.py``)."""
+    used = {int(formats.get(n, FP32)) for n, m in rmodel.layers.items() if isinstance(m, CONVS)}
+    return STATIC in used and FP32 in used
+
+
+class WholeModelLatency:
+    """The latency table as the search's cost, except for configurations that :func:`mixes_conv_layouts`: those
+    are timed whole. Their ORT graph is timed interleaved with the FP32 graph, ``repeats`` rounds, and the median
+    of the rounds' ratios (each round's two times are seconds apart, so the machine's drift cancels) is scaled by
+    the table's FP32 time, so every point of a front is on the table's one time base
+    whatever the machine did since the table was measured. Each configuration is timed once (cached); the search
+    evaluates a configuration's accuracy in ORT anyway, and this costs a few calls at the deployment batch.
+
+    The ILP, surrogate and guided search read the unary terms (``layers``, ``fixed``), as for any table cost."""
+
+    name = "latency"
+
+    def __init__(self, table: "LatencyTable", rmodel: RuntimeFormatModel, example: torch.Tensor,
+                 threads: int | None = None, repeats: int = WHOLE_REPEATS):
+        unary = self.additive = table.cost()  # what a model of the cost probes: the unary terms alone
+        self.layers, self.fixed, self.fp32 = unary.layers, unary.fixed, unary.fp32
+        self.rmodel, self.threads, self.repeats = rmodel, threads, int(repeats)
+        self.batch = example[:1].expand(rmodel.batch_size, *example.shape[1:]).contiguous().cpu()
+        self.timed: dict[tuple, float] = {}  # ms of each configuration timed whole, by its gene values
+        self._fp32_session = None
+
+    def __call__(self, bits: Mapping[str, int]) -> float:
+        if not mixes_conv_layouts(self.rmodel, bits):
+            return self.additive(bits)
+        key = tuple(int(bits[n]) for n in self.rmodel.quantizer_names)
+        if key not in self.timed:
+            self.timed[key] = self.fp32 * self._ratio(dict(zip(self.rmodel.quantizer_names, key)))
+        return self.timed[key]
+
+    def _ratio(self, formats: Mapping[str, int]) -> float:
+        """This configuration's time per call as a multiple of FP32's, timed interleaved with it now."""
+        rmodel, saved = self.rmodel, self.rmodel.bit_widths
+        try:
+            rmodel.bit_widths = formats
+            graph = rmodel.runtime_onnx(self.batch[:1]).SerializeToString()
+        finally:
+            rmodel.bit_widths = saved
+        if self._fp32_session is None:
+            self._fp32_session = runtime_session(rmodel.fp32_onnx(self.batch[:1]), self.threads)
+        feed = {"input": self.batch.numpy()}
+        runs = {"fp32": (self._fp32_session, feed), "whole": (runtime_session(graph, self.threads), feed)}
+        rounds = [_time_interleaved(runs, 1) for _ in range(self.repeats)]  # a ratio per round: drift cancels
+        return float(np.median([r["whole"] / r["fp32"] for r in rounds]))
 
 
 def _check_schema(data, path) -> None:
