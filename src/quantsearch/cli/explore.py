@@ -261,7 +261,7 @@ def print_report(run) -> None:
         from ..run.report import DEPLOYED_HEADER, deployed_rows
 
         print(f"\nDeployed in ONNX Runtime: exported, scored and timed in a default session, batch "
-              f"{run.summary['deployed']['deploy_batch']} (latency predicted by the table against measured)\n"
+              f"{run.summary['deployed']['deploy_batch']} (latency predicted, by the table or timed whole, against measured)\n"
               + format_table(DEPLOYED_HEADER, deployed_rows(run, show)))
     _print_notes(run, show, unit)
     search = run.search
