@@ -64,7 +64,7 @@ def set_widths(qmodel, w: int, a: int) -> None:
 
 
 def measure(model: str, config: ExploreConfig, iterations: int, seeds: int, widths: list[str],
-            fisher: bool = False) -> list[list]:
+            fisher: bool = False, scales: bool = False, methods: list[str] = REFINEMENTS) -> list[list]:
     plain = build_session(config, weight_quantizers=True)
     forms = build_session(config.merged({"quant_forms": VIT_FORMS}), weight_quantizers=True) if model == "vit" \
         else None
@@ -81,6 +81,9 @@ def measure(model: str, config: ExploreConfig, iterations: int, seeds: int, widt
         session = forms or plain
         inputs = session.calibration_inputs()
         for method in REFINEMENTS:
+            if method not in methods:
+                row += ["", ""]
+                continue
             set_widths(session.qmodel, w, a)
             options = {"iterations": iterations} if method != "adaround,bias-correction" else {}
             start = time.perf_counter()
@@ -94,22 +97,25 @@ def measure(model: str, config: ExploreConfig, iterations: int, seeds: int, widt
         if label == "W4A4" and seeds > 1 and model == "vit":
             rows.append(spread(session, model, inputs, iterations, seeds))
         if label == "W4A4" and fisher:
-            rows.append(fisher_row(session, model, inputs, iterations))
+            rows.append(variant_row(session, model, inputs, iterations, "Fisher-weighted", fisher=True))
+        if label == "W4A4" and scales:
+            rows.append(variant_row(session, model, inputs, iterations, "weight steps learned", scales=True))
     return rows
 
 
-def fisher_row(session, model: str, inputs, iterations: int) -> list:
-    """W4A4 ``brecq-lsq`` with BRECQ's Fisher weighting of the block loss (``reconstruct(fisher=True)``)."""
+def variant_row(session, model: str, inputs, iterations: int, label: str, **options) -> list:
+    """W4A4 ``brecq-lsq`` with one more option of :func:`reconstruct`: ``fisher=True`` (BRECQ's Fisher weighting
+    of the block loss) or ``scales=True`` (the weights' per-channel steps learned too)."""
     from quantsearch.quantize.refine.reconstruction import reconstruct
 
     set_widths(session.qmodel, 4, 4)
     start = time.perf_counter()
-    reconstruct(session.qmodel, inputs, iterations=iterations, lsq=True, biases=True, fisher=True)
+    reconstruct(session.qmodel, inputs, iterations=iterations, lsq=True, biases=True, **options)
     seconds = time.perf_counter() - start
     search, holdout = (session.evaluator(s)(session.qmodel) for s in ("search", "holdout"))
-    print(f"  {model} W4A4 brecq-lsq, Fisher-weighted: search {100 * search:.2f}, hold-out {100 * holdout:.2f}, "
+    print(f"  {model} W4A4 brecq-lsq, {label}: search {100 * search:.2f}, hold-out {100 * holdout:.2f}, "
           f"{seconds:.0f} s", flush=True)
-    return ["W4A4, Fisher-weighted", "", "", "", "", "", "", f"{100 * holdout:.2f}", f"{seconds:.0f}", "", ""]
+    return [f"W4A4, {label}", "", "", "", "", "", "", f"{100 * holdout:.2f}", f"{seconds:.0f}", "", ""]
 
 
 def spread(session, model: str, inputs, iterations: int, seeds: int) -> list:
@@ -132,6 +138,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1000, help="per block, for brecq, brecq-lsq, qdrop")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--fisher", action="store_true", help="also brecq-lsq at W4A4 with the Fisher weighting")
+    parser.add_argument("--scales", action="store_true", help="also brecq-lsq at W4A4 with the weights' "
+                        "per-channel steps learned")
+    parser.add_argument("--methods", default=";".join(REFINEMENTS), help="the refinement columns to run, separated by ;")
     parser.add_argument("--widths", default=",".join(w for w, _, _ in WIDTHS), help="the ViT's rows")
     parser.add_argument("--cnn-widths", default="W4A8,W8A4,W4A4", help="the CNN's rows (a block refinement of "
                         "resnet10t takes minutes)")
@@ -141,7 +150,8 @@ def main() -> None:
     for model in args.models.split(","):
         config = ExploreConfig() if model == "vit" else cnn_config()
         rows = measure(model, config, args.iterations, args.seeds,
-                       (args.widths if model == "vit" else args.cnn_widths).split(","), args.fisher)
+                       (args.widths if model == "vit" else args.cnn_widths).split(","), args.fisher, args.scales,
+                       args.methods.split(";"))
         print(f"\n{config.model} ({model}): hold-out top-1 at uniform widths; refinements on the forms column, "
               f"{args.iterations} iterations per block, 1,000 calibration images; s = seconds on this machine\n"
               + format_table(headers, rows) + "\n", flush=True)

@@ -218,3 +218,23 @@ def test_fisher_weights_follow_what_reaches_the_logits():
     assert weights.shape == (8, 17, 64) and float(weights.mean()) == pytest.approx(1.0, rel=1e-5)
     assert float(weights[:, 1:].abs().max()) == 0.0 and float(weights[:, 0].sum()) > 0
     assert all(p.grad is None for p in qmodel.model.parameters())
+
+
+def test_learned_weight_steps_become_the_weight_quantizers_amax():
+    """scales=True: the kept per-channel weight steps are the weight quantizers' amax, the refined weights sit on
+    that grid (their quantizer returns them unchanged), at least one step moved, and the held-back error falls."""
+    qmodel, batches = _resnet_qmodel()
+    unit = find_units(qmodel, batches[0])[1]
+    data = unit_data(qmodel, unit, batches)
+    amax = qmodel.amax
+    report = reconstruct_unit(qmodel, unit, data, iterations=200, scales=True, step_lr=1e-2, seed=0)
+    assert report["after"] < report["before"] and report["kept"] > 0
+    moved = False
+    for name in unit.weights:
+        weight = qmodel.weight_module(name).weight.detach()
+        assert torch.equal(qmodel.quantizer(name)(weight), weight)
+        codes = weight * (2 ** (qmodel.quantizer(name).num_bits - 1) - 1) / torch.tensor(
+            qmodel.amax[name]).reshape(-1, *[1] * (weight.dim() - 1))
+        assert torch.allclose(codes, codes.round(), atol=1e-4)  # integer codes on the learned steps
+        moved |= any(abs(a / b - 1) > 1e-4 for a, b in zip(qmodel.amax[name], amax[name]) if b > 0)
+    assert moved

@@ -5,7 +5,9 @@ quantized unit's output is fitted to the FP32 model's: squared error summed over
 and positions. Learned jointly:
 
 - every weight's rounding, up or down, as AdaRound's soft variables with their annealed regulariser (the
-  per-channel weight scale fixed, so refined weights stay on their quantizer's grid);
+  per-channel weight scale fixed, so refined weights stay on their quantizer's grid; with ``scales`` each output
+  channel's step is learned too, as ``exp(gain)`` times the calibrated one, and becomes the weight quantizer's
+  amax, so the refined weights sit on that grid instead);
 - with ``lsq``, the grid of every activation quantizer in the unit (:mod:`.lsq`): the step of a uniform one
   (its learned step times the grid's top becomes its amax), a step per group of a per-head one, both ends of an
   asymmetric one. A log2 grid keeps its calibrated top and passes gradients straight through.
@@ -63,9 +65,11 @@ class _Rounding:
     qmax: float
     v: torch.Tensor
     bias: torch.Tensor | None = None  # learned with the rounding (``biases``), else the module's own
+    gain: torch.Tensor | None = None  # log of each output channel's step against its calibrated one (``scales``)
+    name: str = ""  # the weight quantizer
 
     @classmethod
-    def of(cls, qmodel, name: str, learn_bias: bool = False) -> "_Rounding":
+    def of(cls, qmodel, name: str, learn_bias: bool = False, learn_scale: bool = False) -> "_Rounding":
         module, quantizer = qmodel.weight_module(name), qmodel.quantizer(name)
         weight = module.weight.detach().float()
         scale, qmax = _scale(quantizer.amax, quantizer.num_bits, tuple(weight.shape))
@@ -75,13 +79,24 @@ class _Rounding:
         v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)).requires_grad_(True)
         bias = getattr(module, "bias", None)
         bias = bias.detach().clone().requires_grad_(True) if learn_bias and bias is not None else None
-        return cls(name.rsplit(":", 1)[0] + ".weight", module, floor, scale, qmax, v, bias)
+        gain = torch.zeros_like(scale).requires_grad_(True) if learn_scale else None
+        return cls(name.rsplit(":", 1)[0] + ".weight", module, floor, scale, qmax, v, bias, gain, name)
 
     def weight(self, hard: bool) -> torch.Tensor:
         h = (self.v >= 0).float() if hard else _soft(self.v)
         safe = torch.where(self.scale > 0, self.scale, torch.ones_like(self.scale))
+        if self.gain is not None:  # a learned step: the calibrated one times exp(gain)
+            safe = safe * torch.exp(-self.gain)
         return torch.where(self.scale > 0, torch.clamp(self.floor + h, -self.qmax, self.qmax) / safe,
                            torch.zeros_like(self.floor))
+
+    def amax(self) -> list[float] | None:
+        """The weight quantizer's amax per output channel with the learned steps (None: steps not learned)."""
+        if self.gain is None:
+            return None
+        amax = torch.where(self.scale > 0, self.qmax * torch.exp(self.gain) / torch.where(
+            self.scale > 0, self.scale, torch.ones_like(self.scale)), torch.zeros_like(self.scale))
+        return amax.detach().flatten().tolist()
 
     def regulariser(self, beta: float) -> torch.Tensor:
         return (1.0 - (2.0 * _soft(self.v) - 1.0).abs().pow(beta)).sum()
@@ -191,7 +206,7 @@ def _loss(out: torch.Tensor, target: torch.Tensor, axis: int, weight: torch.Tens
 def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterations: int = 1000,
                      batch: int = 32, lsq: bool = True, drop: float = 0.0, weight_decay: float = 0.01,
                      lr: float = 1e-2, step_lr: float = 1e-3, biases: bool = False, bias_lr: float = 1e-3,
-                     seed: int = 0) -> dict:
+                     scales: bool = False, seed: int = 0) -> dict:
     """Reconstruct one unit in place (weights refined through ``qmodel.add_refined``, learned steps as amax);
     ``data`` is :func:`~.blocks.unit_data`'s. Returns the held-back error before and after, the iteration kept
     (0: rounding to nearest and the calibrated steps) and the refined weights.
@@ -207,9 +222,9 @@ def reconstruct_unit(qmodel, unit: Unit, data: tuple[torch.Tensor, ...], iterati
     check, train = order[:held], order[held:]
     if not held:
         check = train
-    roundings = [_Rounding.of(qmodel, name, biases) for name in unit.weights]
+    roundings = [_Rounding.of(qmodel, name, biases, scales) for name in unit.weights]
     steps = [_Step.of(qmodel, name, lsq, device) for name in unit.activations]
-    ranges = [p for s in steps for p in s.params]
+    ranges = [p for s in steps for p in s.params] + [r.gain for r in roundings if r.gain is not None]
     learned = ranges + [r.bias for r in roundings if r.bias is not None]
     convolutional = any(isinstance(r.module, torch.nn.modules.conv._ConvNd) for r in roundings)
     axis = 1 if convolutional else -1
@@ -280,6 +295,11 @@ def _commit(qmodel, roundings: list[_Rounding], steps: list[_Step], learned: lis
         for tensor, value in zip(learned, state[1]):
             tensor.copy_(value)
     changed = {r.key: r.weight(hard=True).detach().to(r.module.weight.dtype) for r in roundings}
+    steps_learned = {r.name: r.amax() for r in roundings if r.gain is not None}
+    if steps_learned:  # the weights as their quantizer computes them at the learned amax: its own float grid
+        qmodel.amax = steps_learned
+        with torch.no_grad():
+            changed |= {r.key: qmodel.quantizer(r.name)(changed[r.key]) for r in roundings if r.gain is not None}
     changed |= {r.key[: -len("weight")] + "bias": r.bias.detach().to(r.module.bias.dtype) for r in roundings
                 if r.bias is not None}
     qmodel.add_refined(changed)
@@ -289,7 +309,7 @@ def _commit(qmodel, roundings: list[_Rounding], steps: list[_Step], learned: lis
 
 
 def reconstruct(qmodel, batches: list[torch.Tensor], iterations: int = 1000, batch: int = 32, lsq: bool = True,
-                biases: bool = False, drop: float = 0.0, fisher: bool = False, progress=None,
+                biases: bool = False, drop: float = 0.0, fisher: bool = False, scales: bool = False, progress=None,
                 seed: int = 0) -> dict[str, torch.Tensor]:
     """Reconstruct every unit of ``qmodel`` in forward order, in place; returns the parameters changed
     (``<module>.weight`` on its quantizer's grid, and with ``biases`` ``<module>.bias``). Learned grids are set as
@@ -299,7 +319,7 @@ def reconstruct(qmodel, batches: list[torch.Tensor], iterations: int = 1000, bat
     for index, unit in enumerate(progress(units) if progress is not None else units):
         data = unit_data(qmodel, unit, batches, fisher=fisher)
         report = reconstruct_unit(qmodel, unit, data, iterations=iterations, batch=batch, lsq=lsq, drop=drop,
-                                  biases=biases, seed=seed + index)
+                                  biases=biases, scales=scales, seed=seed + index)
         changed |= report.pop("changed")
         log.info("reconstruct %s (%d weight, %d activation quantizers): held-back error %.4g -> %.4g (kept "
                  "iteration %d)", unit.name, len(unit.weights), len(unit.activations), report["before"],
