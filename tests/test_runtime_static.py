@@ -160,7 +160,7 @@ def test_a_configuration_that_mixes_conv_layouts_is_timed_whole_once(tmp_path, m
         return {"fp32": fp32, "whole": whole}
 
     monkeypatch.setattr(latency, "_time_interleaved", timed)
-    cost.repeats, before = 3, rmodel.bit_widths
+    cost.repeats, cost.seconds, before = 3, 0.0, rmodel.bit_widths
     assert cost(mixed) == pytest.approx(1.5 * cost.fp32) == pytest.approx(1.5e3 * table.fp32_measured)
     assert cost(mixed) == cost(dict(mixed)) and len(calls) == 3 and rmodel.bit_widths == before
 

@@ -37,7 +37,8 @@ from .static import conv_graph, conv_spec, insert_static, runtime_session, spec_
 __all__ = ["LatencyTable", "LatencyError", "WholeModelLatency", "machine", "layer_shapes", "conv_specs",
            "measure_latency", "measure_end_to_end", "cache_path", "mixes_conv_layouts"]
 
-WHOLE_REPEATS = 5  # interleaved rounds when a search times one configuration whole (median kept)
+WHOLE_REPEATS = 5  # interleaved rounds, at least, when a search times one configuration whole (median kept)
+WHOLE_SECONDS, WHOLE_MAX_ROUNDS = 2.0, 40  # a fast graph gets more rounds: as many as fill this long, at most this
 SCHEMA_VERSION = 3  # 3: each layer's entries by format name; 2: by index, fp32 first
 GAP = 0.05  # seconds for idle threads to stop spinning between two timed sessions
 BLOCK_SECONDS, MAX_CALLS = 0.01, 30  # a fast graph's consecutive timed calls fill about this long, at most this many
@@ -211,8 +212,8 @@ def mixes_conv_layouts(rmodel: RuntimeFormatModel, formats: Mapping[str, int]) -
 
 class WholeModelLatency:
     """The latency table as the search's cost, except for configurations that :func:`mixes_conv_layouts`: those
-    are timed whole. Their ORT graph is timed interleaved with the FP32 graph, ``repeats`` rounds, and the median
-    of the rounds' ratios (each round's two times are seconds apart, so the machine's drift cancels) is scaled by
+    are timed whole. Their ORT graph is timed interleaved with the FP32 graph, ``repeats`` rounds or more (as many
+    as fill ``seconds``: a fast graph's rounds are noisier and cheap), and the median of the rounds' ratios (each round's two times are seconds apart, so the machine's drift cancels) is scaled by
     the table's FP32 time, so every point of a front is on the table's one time base
     whatever the machine did since the table was measured. Each configuration is timed once (cached); the search
     evaluates a configuration's accuracy in ORT anyway, and this costs a few calls at the deployment batch.
@@ -222,10 +223,10 @@ class WholeModelLatency:
     name = "latency"
 
     def __init__(self, table: "LatencyTable", rmodel: RuntimeFormatModel, example: torch.Tensor,
-                 threads: int | None = None, repeats: int = WHOLE_REPEATS):
+                 threads: int | None = None, repeats: int = WHOLE_REPEATS, seconds: float = WHOLE_SECONDS):
         unary = self.additive = table.cost()  # what a model of the cost probes: the unary terms alone
         self.layers, self.fixed, self.fp32 = unary.layers, unary.fixed, unary.fp32
-        self.rmodel, self.threads, self.repeats = rmodel, threads, int(repeats)
+        self.rmodel, self.threads, self.repeats, self.seconds = rmodel, threads, int(repeats), float(seconds)
         self.batch = example[:1].expand(rmodel.batch_size, *example.shape[1:]).contiguous().cpu()
         self.timed: dict[tuple, float] = {}  # ms of each configuration timed whole, by its gene values
         self._fp32_session = None
@@ -250,8 +251,12 @@ class WholeModelLatency:
             self._fp32_session = runtime_session(rmodel.fp32_onnx(self.batch[:1]), self.threads)
         feed = {"input": self.batch.numpy()}
         runs = {"fp32": (self._fp32_session, feed), "whole": (runtime_session(graph, self.threads), feed)}
-        rounds = [_time_interleaved(runs, 1) for _ in range(self.repeats)]  # a ratio per round: drift cancels
-        return float(np.median([r["whole"] / r["fp32"] for r in rounds]))
+        ratios, start = [], time.perf_counter()
+        while len(ratios) < self.repeats or (time.perf_counter() - start < self.seconds
+                                             and len(ratios) < WHOLE_MAX_ROUNDS):
+            round_ = _time_interleaved(runs, 1)  # a ratio per round: drift between rounds cancels
+            ratios.append(round_["whole"] / round_["fp32"])
+        return float(np.median(ratios))
 
 
 def _check_schema(data, path) -> None:
