@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,9 @@ from pathlib import Path
 
 VARIANTS = {"before": ["--early-reject", "off", "--generations", "10"],
             "now": ["--generations", "10"],
-            "now-6": ["--generations", "6"]}
+            "now-6": ["--generations", "6"],
+            "no-cache": ["--block-cache-mb", "0"],  # today's defaults without the block-output cache (issue 27)
+            "cache": []}  # today's defaults
 
 
 def _before() -> None:
@@ -51,12 +54,16 @@ def child(variant: str, argv: list[str]) -> int:
     return main(argv)
 
 
-def run_variant(variant: str, argv: list[str]) -> float:
-    """One explore run of ``variant`` in a fresh process (``before``: the old code restored there); wall seconds."""
+def run_variant(variant: str, argv: list[str]) -> tuple[float, float]:
+    """One explore run of ``variant`` in a fresh process (``before``: the old code restored there); wall seconds
+    and the process's peak resident memory in MiB."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", variant, *argv], check=True,
-                   capture_output=True)
-    return time.perf_counter() - start
+    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", variant, *argv],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{variant} {' '.join(argv)} failed")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 def run_seeds(seeds: str, variants: str, flags: dict, config: str | None, summarize, describe) -> dict:
@@ -68,8 +75,8 @@ def run_seeds(seeds: str, variants: str, flags: dict, config: str | None, summar
             for variant in variants.split(","):
                 out = Path(tmp) / f"{variant}-{seed}"
                 argv = ["--out", str(out), "--seed", seed, "--no-progress", *flags[variant]]
-                wall = run_variant(variant, argv + (["--config", config] if config else []))
-                result = summarize(out) | {"wall": wall, "seed": seed}
+                wall, rss = run_variant(variant, argv + (["--config", config] if config else []))
+                result = summarize(out) | {"wall": wall, "seed": seed, "rss_mb": rss}
                 results.setdefault(variant, []).append(result)
                 print(describe(variant, seed, result), flush=True)
     return results
@@ -90,7 +97,7 @@ def holdout_hypervolume(run_dir: Path) -> dict:
     timings = record["timings_s"]
     return {"front": len(rows), "confirmed": len(held), "hv": hv,
             "cheapest": min((c for _, c in held), default=float("nan")),
-            "evaluations": record["num_evaluations"],
+            "evaluations": record["num_evaluations"], "block_cache": record["search"].get("block_cache"),
             "per_eval": timings["mean_evaluation"] / timings["fp32_search_evaluation"]}
 
 
@@ -107,11 +114,14 @@ def main() -> None:
     results = run_seeds(args.seeds, args.variants, VARIANTS, args.config, holdout_hypervolume, lambda v, seed, r: (
         f"  {v} seed {seed}: {r['wall']:.0f} s, {r['evaluations']} evaluations, {r['per_eval']:.2f}x FP32 per "
         f"evaluation, {r['confirmed']}/{r['front']} confirmed, cheapest confirmed {r['cheapest']:.4f} of FP32 bits, "
-        f"hold-out HV {r['hv']:.4f}"))
-    print(f"\n{args.config or 'embedded demo'}, seeds {args.seeds}: medians (and ratios against 'before')")
-    print(f"{'variant':8} {'wall s':>7} {'x before':>9} {'evals':>6} {'eval/FP32':>10} {'confirmed':>10} "
-          f"{'HV hold-out':>12} {'x before':>9}")
-    base = results.get("before")
+        f"hold-out HV {r['hv']:.4f}, peak memory {r['rss_mb']:.0f} MiB"
+        + (f", block cache: {100 * r['block_cache']['hit_rate']:.0f} % of block calls answered or skipped"
+           if r.get("block_cache") else "")))
+    first = args.variants.split(",")[0]
+    print(f"\n{args.config or 'embedded demo'}, seeds {args.seeds}: medians (and ratios against '{first}')")
+    print(f"{'variant':8} {'wall s':>7} {f'x {first}'[:9]:>9} {'evals':>6} {'eval/FP32':>10} {'confirmed':>10} "
+          f"{'HV hold-out':>12} {f'x {first}'[:9]:>9}")
+    base = results.get(first)
     for variant, rs in results.items():
         wall, hv = statistics.median(r["wall"] for r in rs), statistics.median(r["hv"] for r in rs)
         confirmed = sum(r["confirmed"] for r in rs) / max(1, sum(r["front"] for r in rs))

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"population of seeds; 0: spend the whole budget; default {d.patience})")
     p.add_argument("--min-gain", type=float, help="the relative hypervolume gain a check must make to count as "
                    f"progress (default {d.min_gain})")
+    p.add_argument("--block-cache-mb", type=int, help="memory for block outputs that later candidates with the same "
+                   "widths up to that block reuse instead of computing (identical results; 0: off; default "
+                   f"{d.block_cache_mb})")
     p.add_argument("--sensitivity", help="how greedy, ilp and guided rate the genes: measured (single-gene "
                    "evaluations, AMP) or gradient (one backward pass, HAWQ/ModelOpt); default: measured for greedy, "
                    "gradient for ilp and guided")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -187,6 +187,7 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
     budget = Budget(problem, config.budget if config.budget is not None
                     else needed + config.pop_size * (config.generations + 1))
     pool, bar, found = None, None, {"parallel": {}}
+    cache, stack = _unit_cache(session), ExitStack()
     try:
         if config.workers:  # before the baselines: every batch of genomes of the run goes to the pool
             from .parallel import RayEvaluationPool
@@ -198,6 +199,8 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
         if progress:  # one bar over the whole budget, moved by every configuration as it is measured
             bar = _progress_bar(config, problem, budget)
             problem.visitors.append(lambda _e: bar.update(min(budget.spent, bar.total) - bar.n))
+        if cache is not None:
+            stack.enter_context(cache.active())
         with clock("baselines"):
             found["baselines"], seeds = evaluate_baselines(problem, session.baselines)
         with clock("search"):
@@ -223,6 +226,7 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
             outcome = run_algorithm(config.algorithm, problem, budget, config.pop_size, config.generations,
                                     config.seed, seeds, on_generation, sensitivity=config.sensitivity, stop=stop)
     finally:
+        stack.close()  # the block cache off and emptied: validation and hold-out run the model as it is
         if pool is not None:
             found["parallel"] = {"workers": len(pool.done), "evaluations_per_worker": list(pool.done),
                                  "workers_replaced": pool.replaced}
@@ -236,7 +240,21 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
         store.write_csv("sensitivity.csv", outcome.sensitivity.ROW_HEADER, outcome.sensitivity.rows())
         plot_sensitivity_table(outcome.sensitivity, path=store.run_dir / "sensitivity.png")
     found["search"] = _search_summary(config, session, problem, budget, outcome)
+    if cache is not None:
+        found["search"]["block_cache"] = cache.stats()
     return found
+
+
+def _unit_cache(session: Session):
+    """The block-output cache over the search (:mod:`quantsearch.search.unit_cache`), or None where it cannot
+    serve: turned off, a deployment target (the runtime computes), ``--compile`` (traced graphs), Ray workers (each
+    holds its own model)."""
+    config = session.config
+    if not config.block_cache_mb or config.target or config.compile or config.workers:
+        return None
+    from ..search.unit_cache import UnitOutputCache
+
+    return UnitOutputCache(session.qmodel, session.example, config.block_cache_mb << 20)
 
 
 def _search_summary(config, session: Session, problem, budget, outcome) -> dict:

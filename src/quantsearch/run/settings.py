@@ -84,6 +84,7 @@ class ExploreConfig:
     budget: float | None = None  # full evaluations, baselines included; None: baselines + pop x (gens + 1)
     early_reject: bool | str = "auto"  # off/false, floor/true, front (racing), auto (front where hits are counted)
     patience: int = 2  # stop nsga2/guided once this many checks in a row gain < min-gain of the HV (0: never)
+    block_cache_mb: int = 1024  # block outputs reused across candidates that share their earlier widths (0: off)
     min_gain: float = 0.001  # relative hypervolume gain that counts as progress (see search/stopping.py)
     sensitivity: str | None = None  # measured or gradient (None: the algorithm's own, see search.SENSITIVITY_DEFAULTS)
     # the refined front: candidates near the floor refined after the search (see run/refined.py)
@@ -230,6 +231,10 @@ class ExploreConfig:
                                         or not self.budget > 0):
             raise ConfigError(f"budget must be a positive number of full evaluations, got {self.budget!r}")
         _check_stop(self.patience, self.min_gain)
+        if not isinstance(self.block_cache_mb, int) or isinstance(self.block_cache_mb, bool) \
+                or self.block_cache_mb < 0:
+            raise ConfigError(f"block-cache-mb must be a whole number of MiB >= 0 (0: off), got "
+                              f"{self.block_cache_mb!r}")
         _check_refine(self)
         if self.sensitivity is not None and self.sensitivity not in SENSITIVITY_NAMES:
             raise ConfigError(f"unknown sensitivity {self.sensitivity!r}; choose from {', '.join(SENSITIVITY_NAMES)}")

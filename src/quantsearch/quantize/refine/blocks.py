@@ -20,7 +20,7 @@ from torch import nn
 
 from .layers import _Stop, run_until_stopped
 
-__all__ = ["Unit", "find_units", "output_fisher", "unit_data"]
+__all__ = ["Unit", "find_units", "block_modules", "output_fisher", "unit_data"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,16 @@ def find_units(qmodel, example: torch.Tensor) -> list[Unit]:
                    if not qmodel.quantizer(n)._disabled]
     return [Unit(name, module, tuple(w for w in weights if _contains(module, qmodel.weight_module(w))),
                  tuple(a for a, m in activations if _contains(module, m))) for name, module in units]
+
+
+def block_modules(qmodel, example: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """The blocks of ``qmodel``'s model whatever is quantized: the smallest numbered items and Sequentials holding
+    two or more Linear or Conv layers, each run once (on one tensor, returning one) per pass, in forward order."""
+    layers = {id(m) for m in qmodel.model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+    blocks = _candidates(qmodel.model, layers)
+    calls = _call_order(qmodel, [m for _, m in blocks], example[:1])
+    order = list(calls)
+    return sorted([(n, m) for n, m in blocks if calls.get(m) == 1], key=lambda block: order.index(block[1]))
 
 
 def _pass(qmodel, module: nn.Module, batches: list[torch.Tensor], output: bool) -> list[tuple]:
