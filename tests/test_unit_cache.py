@@ -100,3 +100,26 @@ def test_a_run_with_the_cache_evaluates_exactly_as_one_without(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: block-cache-mb must be a whole number of MiB >= 0 (0: off), got -1"]
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_output_answered_from_outlives_newer_ones_never_reused(vit):
+    """Over budget, entries never answered from go first: block 2's output, reused once, survives three
+    configurations that recompute every block, and answers again (plain LRU would have evicted it)."""
+    qmodel, batches = vit
+    names = qmodel.quantizer_names
+    one_batch = batches[:1]
+    probe = UnitOutputCache(qmodel, one_batch[0], 1 << 30)
+    with probe.active():
+        _outputs(qmodel, one_batch, [8] * len(names))
+        one = probe.bytes // len(probe.entries)
+    top = [8] * len(names)
+    late = [[w if n.startswith(("blocks.3", "norm", "head")) else 8 for n in names] for w in (4, 5)]
+    cache = UnitOutputCache(qmodel, one_batch[0], 4 * one)
+    with cache.active():
+        for bits in (top, late[0]):  # block 2 of top answers late[0]
+            _outputs(qmodel, one_batch, bits)
+        assert cache.hits == 1
+        for width in (7, 6, 5):  # every block recomputed, four new entries each
+            _outputs(qmodel, one_batch, [width if n == "input" else 8 for n in names])
+        _outputs(qmodel, one_batch, late[1])
+        assert cache.hits == 2 and cache.skipped == 4  # block 2 answered again; blocks 0-1 skipped twice

@@ -4,8 +4,9 @@ everything up to that block the same way.
 Two configurations that agree on the width of every quantizer that runs before a block ends compute the same
 output there, bit for bit, on the same batch. A search meets that often: a sensitivity measurement lowers one
 quantizer from the top, a greedy step moves one gene, an ILP solution keeps the early blocks at the top. The
-cache keeps each block's output per configuration prefix and batch (least recently used first out, within a
-byte budget). When a forward pass starts, the deepest block it holds for the pass's batch and widths answers
+cache keeps each block's output per configuration prefix and batch, within a byte budget; over it, the oldest
+entry never answered from goes first (a segmented LRU: the top configuration's early blocks, which every
+single-gene step from the top reuses, outlive a stream of one-off configurations). When a forward pass starts, the deepest block it holds for the pass's batch and widths answers
 from the cache, and every block before it is skipped (each returns zeros of its output's shape, which only the
 cheap glue between blocks reads).
 
@@ -29,6 +30,8 @@ class UnitOutputCache:
     """Block outputs of ``qmodel`` (a :class:`QuantizedActivationsModel`) per batch and per widths of the
     quantizers that run before the block ends; ``budget_bytes`` bounds what it holds."""
 
+    POLICY = "slru"  # evict entries never answered from before reused ones ("lru": oldest first)
+
     def __init__(self, qmodel, example: torch.Tensor, budget_bytes: int):
         from ..quantize.refine.blocks import block_modules
 
@@ -37,6 +40,7 @@ class UnitOutputCache:
         self.prefixes = self._prefixes(example[:1])
         self.quantizers = list(qmodel.named_quantizers())
         self.entries: OrderedDict = OrderedDict()  # (block index, widths, batch id) -> (output, batch)
+        self.reused: set = set()  # entries answered from at least once: evicted after those never reused
         self.shapes: dict[int, tuple] = {}  # each block's output shape past the batch, once it has run
         self.bytes = 0
         self.calls, self.hits, self.skipped = 0, 0, 0
@@ -119,6 +123,7 @@ class UnitOutputCache:
             if index == state["deepest"]:
                 self.hits += 1
                 self.entries.move_to_end(key)
+                self.reused.add(key)
                 return self.entries[key][0].clone()
             output = forward(*args, **kwargs)
             self._store(key, output, state["batch"])
@@ -135,7 +140,9 @@ class UnitOutputCache:
         self.entries[key] = (output.clone(), batch)  # the batch is held so that its id stays its own
         self.bytes += size
         while self.bytes > self.budget:
-            _, (old, _) = self.entries.popitem(last=False)
+            victim = next((k for k in self.entries if k not in self.reused), None) if self.POLICY == "slru" else None
+            old, _ = self.entries.pop(victim) if victim is not None else self.entries.popitem(last=False)[1]
+            self.reused.discard(victim)
             self.bytes -= old.numel() * old.element_size()
 
     def stats(self) -> dict:
