@@ -6,9 +6,10 @@ output there, bit for bit, on the same batch. A search meets that often: a sensi
 quantizer from the top, a greedy step moves one gene, an ILP solution keeps the early blocks at the top. The
 cache keeps each block's output per configuration prefix and batch, within a byte budget; over it, the oldest
 entry never answered from goes first (a segmented LRU: the top configuration's early blocks, which every
-single-gene step from the top reuses, outlive a stream of one-off configurations). When a forward pass starts, the deepest block it holds for the pass's batch and widths answers
-from the cache, and every block before it is skipped (each returns zeros of its output's shape, which only the
-cheap glue between blocks reads).
+single-gene step from the top reuses, outlive a stream of one-off configurations). When a forward pass starts,
+the deepest block it holds for the pass's batch and widths answers from the cache, and every block before it is
+skipped (each returns zeros of its output's shape, which only the cheap glue between blocks reads). Outputs are
+copied in and out, so that no in-place operation downstream can change a kept one.
 
 The blocks are the smallest numbered items (``blocks.3``, ``layer2.1``) holding two or more Linear or Conv
 layers, run once per pass: the units block reconstruction uses (:mod:`quantsearch.quantize.refine.blocks`). The
@@ -21,7 +22,6 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from torch import nn
 
 __all__ = ["UnitOutputCache"]
 

@@ -213,12 +213,14 @@ def mixes_conv_layouts(rmodel: RuntimeFormatModel, formats: Mapping[str, int]) -
 class WholeModelLatency:
     """The latency table as the search's cost, except for configurations that :func:`mixes_conv_layouts`: those
     are timed whole. Their ORT graph is timed interleaved with the FP32 graph, ``repeats`` rounds or more (as many
-    as fill ``seconds``: a fast graph's rounds are noisier and cheap), and the median of the rounds' ratios (each round's two times are seconds apart, so the machine's drift cancels) is scaled by
-    the table's FP32 time, so every point of a front is on the table's one time base
-    whatever the machine did since the table was measured. Each configuration is timed once (cached); the search
-    evaluates a configuration's accuracy in ORT anyway, and this costs a few calls at the deployment batch.
+    as fill ``seconds``: a fast graph's rounds are noisier and cheap), and the median of the rounds' ratios
+    (each round's two times are seconds apart, so the machine's drift cancels) is scaled by the table's FP32
+    time, so every point of a front is on the table's one time base whatever the machine did since the table was
+    measured. Each configuration is timed once (cached); the search evaluates a configuration's accuracy in ORT
+    anyway, and this costs a few calls at the deployment batch.
 
-    The ILP, surrogate and guided search read the unary terms (``layers``, ``fixed``), as for any table cost."""
+    The ILP, surrogate and guided search read the unary terms (``additive``, ``layers``, ``fixed``), as for any
+    table cost: a model of the cost never times anything."""
 
     name = "latency"
 
