@@ -151,23 +151,27 @@ def plot_convergence(generations: Sequence[int], hypervolume: Sequence[float], f
 
 
 def plot_sensitivity(quantizer_names: Sequence[str], drops: Mapping[int, Sequence[float]],
-                     reference_bits: int | None = None, path: str | Path | None = None, ax=None):
+                     reference_bits: int | str | None = None, path: str | Path | None = None, ax=None,
+                     labels: Mapping[int, str] | None = None):
     """Accuracy drop (points) when only one quantizer is lowered to each bit-width, the rest kept high.
 
-    ``drops[b][i]`` is the drop of quantizer ``i`` (network order, top to bottom) at ``b`` bits, as a fraction.
+    ``drops[b][i]`` is the drop of quantizer ``i`` (network order, top to bottom) at ``b`` bits, as a fraction;
+    ``labels`` names the widths otherwise (a target's formats).
     """
+    labels = dict(labels or {})
     ax = _axes(ax, path, (7, max(4, 0.22 * len(quantizer_names) + 1)))
     widths = sorted(drops, reverse=True)
     height = 0.8 / max(1, len(widths))
     rows = np.arange(len(quantizer_names))
     for k, b in enumerate(widths):
         ax.barh(rows + (k - (len(widths) - 1) / 2) * height, [100 * d for d in drops[b]], height=height,
-                label=f"{b} bits", color=f"C{k}")
+                label=labels.get(b, f"{b} bits"), color=f"C{k}")
     ax.set_yticks(rows)
     ax.set_yticklabels(quantizer_names, fontsize=6)
     ax.invert_yaxis()
     ax.axvline(0, c="k", lw=0.6)
-    others = f" (others at {reference_bits} bits)" if reference_bits is not None else ""
+    unit = "" if isinstance(reference_bits, str) else " bits"
+    others = f" (others at {reference_bits}{unit})" if reference_bits is not None else ""
     ax.set_xlabel(f"accuracy drop (points) when only this quantizer is lowered{others}")
     ax.grid(alpha=0.3, axis="x")
     if widths:

@@ -75,10 +75,11 @@ class RunRecord:
 
     def session(self) -> Session:
         """The run's session, rebuilt from its settings with the calibration it used (``calibration.json``), so
-        every width gets the range the search judged it with."""
+        every width gets the range the search judged it with. A target run's int8-static ranges are ONNX
+        Runtime's MinMax over the same calibration split, computed again (the same ranges: MinMax is exact)."""
         settings = {k: v for k, v in self.settings.items() if k in ExploreConfig.keys()}
         config = ExploreConfig(**settings | {"out": None, "calibration": None, "workers": 0, "ray_address": None})
-        calibration = Calibration.load(self.run_dir / "calibration.json")
+        calibration = None if config.target else Calibration.load(self.run_dir / "calibration.json")
         return build_session(config, calibration=calibration)
 
     def point(self, index: int) -> tuple[Evaluation, Path]:
