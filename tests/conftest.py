@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -85,3 +88,25 @@ def assert_real_png(path, min_side=100):
     with Image.open(path) as image:  # verify() leaves the image unusable: decode it again, fully
         low, high = image.convert("L").getextrema()
     assert low < high, (path, "a blank image")
+
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "pareto_analysis.ipynb"
+
+
+def execute_notebook(env: dict):
+    """The analysis notebook executed top to bottom in a fresh kernel that sees ``env`` (and this checkout's
+    ``src``) in its environment; returns the executed notebook."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    env = {**env, "PYTHONPATH": str(NOTEBOOK.parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        NotebookClient(notebook, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return notebook

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_real_png
+from conftest import NOTEBOOK, assert_real_png, execute_notebook
 
 from timm.models.vision_transformer import VisionTransformer
 
@@ -22,7 +22,6 @@ from quantsearch.deploy.export import ExportError, export_quantized, load_export
 from quantsearch.sources.models import create_model
 from quantsearch.run.record import load_run
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "pareto_analysis.ipynb"
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -203,20 +202,10 @@ def test_report_and_convergence_of_the_run(run_dir):
 
 def test_notebook_runs_top_to_bottom(run_dir, tmp_path):
     import nbformat
-    from nbclient import NotebookClient
 
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    assert not any(c.get("outputs") for c in notebook.cells if c.cell_type == "code"), "commit it without outputs"
-    env = {"QUANTSEARCH_RUN_DIR": str(run_dir), "QUANTSEARCH_SENSITIVITY_SAMPLES": "100",
-           "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        NotebookClient(notebook, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    committed = nbformat.read(NOTEBOOK, as_version=4)
+    assert not any(c.get("outputs") for c in committed.cells if c.cell_type == "code"), "commit it without outputs"
+    notebook = execute_notebook({"QUANTSEARCH_RUN_DIR": str(run_dir), "QUANTSEARCH_SENSITIVITY_SAMPLES": "100"})
     saved = tmp_path / "executed.ipynb"
     nbformat.write(notebook, saved)
 

@@ -149,25 +149,10 @@ def test_a_resumed_target_run_costs_with_its_own_latency_table(target_run, tmp_p
 def test_the_notebook_runs_on_a_target_run(target_run):
     """The analysis notebook on a target run: formats instead of bits in its sensitivity and its pick, a format
     config re-applied to its recorded value, and the runtime's own graph written and timed against FP32."""
-    import os
-    from pathlib import Path
+    from conftest import execute_notebook
 
-    import nbformat
-    from nbclient import NotebookClient
-
-    notebook_path = Path(__file__).resolve().parents[1] / "notebooks" / "pareto_analysis.ipynb"
-    notebook = nbformat.read(notebook_path, as_version=4)
-    env = {"QUANTSEARCH_RUN_DIR": str(target_run), "QUANTSEARCH_SENSITIVITY_SAMPLES": "100",
-           "XDG_CACHE_HOME": str(target_run.parent / "cache"),
-           "PYTHONPATH": str(notebook_path.parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        NotebookClient(notebook, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": str(notebook_path.parent)}}).execute()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    notebook = execute_notebook({"QUANTSEARCH_RUN_DIR": str(target_run), "QUANTSEARCH_SENSITIVITY_SAMPLES": "100",
+                                 "XDG_CACHE_HOME": str(target_run.parent / "cache")})
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs) + "".join(

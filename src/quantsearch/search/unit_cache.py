@@ -30,8 +30,6 @@ class UnitOutputCache:
     """Block outputs of ``qmodel`` (a :class:`QuantizedActivationsModel`) per batch and per widths of the
     quantizers that run before the block ends; ``budget_bytes`` bounds what it holds."""
 
-    POLICY = "slru"  # evict entries never answered from before reused ones ("lru": oldest first)
-
     def __init__(self, qmodel, example: torch.Tensor, budget_bytes: int):
         from ..quantize.refine.blocks import block_modules
 
@@ -140,7 +138,7 @@ class UnitOutputCache:
         self.entries[key] = (output.clone(), batch)  # the batch is held so that its id stays its own
         self.bytes += size
         while self.bytes > self.budget:
-            victim = next((k for k in self.entries if k not in self.reused), None) if self.POLICY == "slru" else None
+            victim = next((k for k in self.entries if k not in self.reused), None)  # else the oldest reused one
             old, _ = self.entries.pop(victim) if victim is not None else self.entries.popitem(last=False)[1]
             self.reused.discard(victim)
             self.bytes -= old.numel() * old.element_size()
