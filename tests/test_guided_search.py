@@ -433,3 +433,27 @@ def test_guided_search_offers_each_configuration_once_and_uses_infill(qmodel, bo
     details = outcome.details
     assert details["infill_solved"] > 0 and 0 <= details["infilled"] <= details["infill_solved"]
     assert outcome.sensitivity.method == "measured"  # Separable has no data
+
+
+def test_uniform_configurations_race_and_the_named_baselines_do_not(demo_vit, splits):
+    """Early rejection comes on between the baselines' table (whole-split accuracies, even far below the floor)
+    and the other uniform configurations, which are search candidates: 3-bit activations stop part-way."""
+    from quantsearch.run.pipeline import evaluate_baselines
+
+    qmodel = QuantizedActivationsModel(demo_vit, "vit", weight_quantizers=True)
+    qmodel.calibrate([(splits.calibration[i][0].unsqueeze(0), 0) for i in range(64)], method="max", bits=(2, 8))
+    evaluate = AccuracyEvaluator(splits.search, 100, limit=800)
+    with qmodel.quantization_disabled():
+        fp32 = evaluate(qmodel)
+    problem = LayerwiseQuantizationProblem(qmodel, evaluate, fp32 - 0.01, (2, 8), genes=qmodel.activation_names,
+                                           fixed_bits=8)
+    named = {"W8A2": {**{n: 2 for n in qmodel.activation_names}, **{n: 8 for n in qmodel.weight_names}}}
+    switched = []
+    baselines, seeds = evaluate_baselines(problem, named, then=lambda: (evaluate.reject_below(fp32 - 0.01),
+                                                                        switched.append(len(problem.evaluations))))
+    assert switched == [1]  # after the one named baseline, before any uniform configuration
+    assert baselines["W8A2"].status == "ok" and baselines["W8A2"].extra["samples"] == 800
+    by_width = {e.bits[0]: e for e in problem.evaluations}
+    assert set(by_width) == set(range(2, 9)) and len(seeds) == 7  # A2 is the baseline's, measured once
+    assert by_width[3].status == "rejected" and by_width[3].extra["samples"] < 800
+    assert by_width[8].status == "ok" and by_width[8].extra["samples"] == 800

@@ -10,6 +10,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from pymoo.core.problem import LoopedElementwiseEvaluation
@@ -81,16 +82,20 @@ def baseline_cost(problem: LayerwiseQuantizationProblem, named: dict | None = No
     return len(keys | {problem.configuration(g) for g in uniform_genomes(problem)})
 
 
-def evaluate_baselines(problem: LayerwiseQuantizationProblem,
-                       named: dict | None = None) -> tuple[dict[str, Evaluation], np.ndarray]:
+def evaluate_baselines(problem: LayerwiseQuantizationProblem, named: dict | None = None,
+                       then: Callable[[], None] | None = None) -> tuple[dict[str, Evaluation], np.ndarray]:
     """Evaluate the uniform baselines (``named``: ``{name: {quantizer: bits}}``, default :data:`BASELINES`) and
     every uniform configuration of the search space.
 
-    Every algorithm starts from them, so that no front is worse than uniform quantization. Returns the baselines
-    by name and the genomes of all those in the space (seeds for a population).
+    Every algorithm starts from them, so that no front is worse than uniform quantization. ``then`` runs between
+    the two: the baselines' table reports whole-split accuracies, while the other uniform configurations are
+    search candidates like any other, which early rejection may stop (2-bit activations are far below any floor).
+    Returns the baselines by name and the genomes of all those in the space (seeds for a population).
     """
     named = _baseline_bits(problem) if named is None else named
     baselines = {name: problem.evaluate_bits(bits) for name, bits in named.items()}
+    if then is not None:
+        then()
     uniform = problem.evaluate_genomes(uniform_genomes(problem))
     inside = [e for e in [*baselines.values(), *uniform] if problem.in_space(e.bits)]
     seeds = np.array(list(dict.fromkeys(problem.genome(e.bits) for e in inside)), dtype=int)
@@ -201,14 +206,16 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
             problem.visitors.append(lambda _e: bar.update(min(budget.spent, bar.total) - bar.n))
         if cache is not None:
             stack.enter_context(cache.active())
-        with clock("baselines"):
-            found["baselines"], seeds = evaluate_baselines(problem, session.baselines)
-        with clock("search"):
-            if config.early_reject_mode != "off":  # after the baselines: their table reports full-split accuracies
+        def reject_early() -> None:  # after the named baselines: their table reports whole-split accuracies
+            if config.early_reject_mode != "off":
                 session.evaluator("search").reject_below(bound.limit)
                 problem.racing = config.early_reject_mode == "front"
                 if pool is not None:
                     pool.reject_below(bound.limit)
+
+        with clock("baselines"):
+            found["baselines"], seeds = evaluate_baselines(problem, session.baselines, then=reject_early)
+        with clock("search"):
             generation["now"] = 1
 
             def on_generation(n_gen):

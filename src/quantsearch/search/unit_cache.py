@@ -38,7 +38,7 @@ class UnitOutputCache:
         self.prefixes = self._prefixes(example[:1])
         self.quantizers = list(qmodel.named_quantizers())
         self.entries: OrderedDict = OrderedDict()  # (block index, widths, batch id) -> (output, batch)
-        self.reused: set = set()  # entries answered from at least once: evicted after those never reused
+        self.fresh: OrderedDict = OrderedDict()  # the entries never answered from, oldest first: evicted first
         self.shapes: dict[int, tuple] = {}  # each block's output shape past the batch, once it has run
         self.bytes = 0
         self.calls, self.hits, self.skipped = 0, 0, 0
@@ -95,6 +95,7 @@ class UnitOutputCache:
                 else:
                     object.__setattr__(module, "forward", forward)
             self.entries.clear()
+            self.fresh.clear()
             self.bytes, self._pass = 0, None
 
     def _start(self, _module, args) -> None:
@@ -121,7 +122,7 @@ class UnitOutputCache:
             if index == state["deepest"]:
                 self.hits += 1
                 self.entries.move_to_end(key)
-                self.reused.add(key)
+                self.fresh.pop(key, None)
                 return self.entries[key][0].clone()
             output = forward(*args, **kwargs)
             self._store(key, output, state["batch"])
@@ -136,11 +137,14 @@ class UnitOutputCache:
         if size > self.budget or key in self.entries:
             return
         self.entries[key] = (output.clone(), batch)  # the batch is held so that its id stays its own
+        self.fresh[key] = None
         self.bytes += size
         while self.bytes > self.budget:
-            victim = next((k for k in self.entries if k not in self.reused), None)  # else the oldest reused one
-            old, _ = self.entries.pop(victim) if victim is not None else self.entries.popitem(last=False)[1]
-            self.reused.discard(victim)
+            if self.fresh:  # the oldest entry never answered from, else the least recently answered one
+                victim = self.fresh.popitem(last=False)[0]
+                old, _ = self.entries.pop(victim)
+            else:
+                old, _ = self.entries.popitem(last=False)[1]
             self.bytes -= old.numel() * old.element_size()
 
     def stats(self) -> dict:
