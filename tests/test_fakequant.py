@@ -65,3 +65,53 @@ def test_bit_identical_on_real_activations(fashion):
         with torch.inference_mode():
             outputs[fast] = qmodel(x)
     assert torch.equal(outputs[True], outputs[False])
+
+
+
+def test_only_an_output_no_one_else_holds_is_quantized_in_place():
+    """In evaluation a quantizer overwrites its module's fresh output (no copy). An output that is the module's
+    input (a pass-through), or that an earlier hook already holds, is quantized into a new tensor, so what others
+    hold keeps its values. The results are TensorQuantizer's, bit for bit."""
+    import copy
+
+    from torch import nn
+
+    from quantsearch.quantize.predicates import by_type
+
+    class PassThrough(nn.Module):
+        def forward(self, x):
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), PassThrough(), nn.Linear(8, 8), nn.Linear(8, 4)).eval()
+    plain = copy.deepcopy(model)
+    x = torch.randn(16, 8)
+    qmodels = {}
+    for fast, m in ((True, model), (False, plain)):
+        qmodels[fast] = QuantizedActivationsModel(m, by_type(nn.Linear, PassThrough), quantize_input=False, fast=fast)
+        qmodels[fast].calibrate([x], 1)
+        qmodels[fast].bit_widths = {"0": 3, "1": 2, "2": 3, "3": 3}  # the pass-through re-quantizes coarser
+    raw, held = {}, {}
+    linear_forward = model[0].forward
+    model[0].forward = lambda t: raw.setdefault("0", linear_forward(t))  # the layer's own output, before hooks
+
+    def hold(name):
+        def hook(_module, _args, out):
+            held.setdefault(name, (out, out.clone()))  # returns None: the output stays what it is
+        return hook
+
+    model[0].register_forward_hook(hold("0"))
+    model[2].register_forward_hook(hold("2"), prepend=True)
+    with torch.inference_mode():
+        out = qmodels[True](x)
+        reference = qmodels[False](x)
+    assert torch.equal(out, reference)
+    quantized_0, values_0 = held["0"]
+    assert quantized_0.data_ptr() == raw["0"].data_ptr()  # layer 0's quantizer wrote into the layer's output
+    assert torch.equal(quantized_0, values_0)  # the pass-through's quantizer did not overwrite its input
+    fp32_2, values_2 = held["2"]
+    assert torch.equal(fp32_2, values_2)  # layer 2's FP32 output, held by an earlier hook, kept its values
+    with torch.no_grad():  # outside inference mode nothing is overwritten
+        raw.clear(), held.clear()
+        qmodels[True](x)
+        assert held["0"][0].data_ptr() != raw["0"].data_ptr()

@@ -58,6 +58,7 @@ class FastTensorQuantizer(TensorQuantizer):
     """``TensorQuantizer`` with an allocation-light, compile-friendly per-tensor fake-quant forward."""
 
     form = "uniform"  # the grid it rounds to (see quantsearch.quantize.forms)
+    _owned = False  # inside quantize_owned: the fast path may overwrite its input
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -98,10 +99,19 @@ class FastTensorQuantizer(TensorQuantizer):
         else:
             bound, low = self._range[0], self._range[1]
             scale = bound / amax  # the same float32 scale TensorQuantizer computes: tensor(bound) / amax
-        out = inputs * scale
+        out = inputs.mul_(scale) if self._owned else inputs * scale
         out.round_()
         out.clamp_(low, bound)
         return out.div_(scale)
+
+    def quantize_owned(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``self(inputs)``, overwriting ``inputs`` where the fast path applies: for a caller that owns the tensor
+        (nothing else holds it), it saves allocating and first touching an output as large as the input."""
+        self._owned = True
+        try:
+            return self(inputs)
+        finally:
+            self._owned = False
 
     def _eager_scalars(self, amax: torch.Tensor) -> tuple[float, float, float]:
         """``(scale, low, bound)`` as Python numbers, computed in float32 once per amax value and width (keyed by

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.script at import time
     warnings.simplefilter("ignore", FutureWarning)
@@ -109,6 +110,18 @@ class WeightFakeQuant:
         if self._saved is not None:
             self.module.weight.data = self._saved
             self._saved = None
+
+
+def _owns_output(module: nn.Module, hook, args: tuple, output: torch.Tensor) -> bool:
+    """Whether the output hook ``hook`` may quantize ``output`` in place: in evaluation (inference mode), as the
+    first hook to see it, on a fresh tensor that is neither a view nor sharing storage with an input (``Identity``,
+    eval-mode ``Dropout`` and in-place activations return their input, which other code still reads)."""
+    if not torch.is_inference_mode_enabled() or output._base is not None or _global_forward_hooks:
+        return False
+    if next(iter(module._forward_hooks.values())) is not hook:
+        return False
+    storage = output.untyped_storage().data_ptr()
+    return not any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == storage for a in args)
 
 
 def amax_for_bits(table: Mapping[int, float], bits: int) -> float:
@@ -220,8 +233,14 @@ class QuantizedActivationsModel(nn.Module):
                 return None
             self._handles.append(module.register_forward_pre_hook(hook))
         else:
-            def hook(_module, _args, output, q=quantizer):
-                return q(output) if isinstance(output, torch.Tensor) else None
+            owned = getattr(quantizer, "quantize_owned", None)
+
+            def hook(module, args, output, q=quantizer):
+                if not isinstance(output, torch.Tensor):
+                    return None
+                if owned is not None and _owns_output(module, hook, args, output):
+                    return owned(output)
+                return q(output)
             self._handles.append(module.register_forward_hook(hook))
 
     def _add_weight(self, name: str, module: nn.Module, num_bits: int) -> None:
@@ -643,7 +662,7 @@ class QuantizedActivationsModel(nn.Module):
 
         handles = [q.register_forward_hook(check(n)) for n, q in self._quantizers.items() if n not in self._weights]
         try:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference mode: no quantizer overwrites the input its check reads
                 output = self.model(example.to(self._device()))
         finally:
             for handle in handles:
