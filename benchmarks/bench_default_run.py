@@ -31,7 +31,9 @@ VARIANTS = {"before": ["--early-reject", "off", "--generations", "10"],
             "now": ["--generations", "10"],
             "now-6": ["--generations", "6"],
             "no-cache": ["--block-cache-mb", "0"],  # today's defaults without the block-output cache (issue 27)
-            "cache": []}  # today's defaults
+            "cache": [],  # today's defaults
+            "whole-budget": ["--patience", "0", "--block-cache-mb", "0"]}  # the flags of issue 27's time: no stop,
+# no block cache (the code is today's: the fake quantizer in place, uniform configurations racing)
 
 
 def _before() -> None:

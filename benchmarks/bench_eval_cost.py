@@ -1,4 +1,4 @@
-"""What one candidate evaluation costs against an FP32 pass, before and after issue 18's changes (demo, CPU).
+"""What one candidate evaluation costs against an FP32 pass, before and after issues 18 and 27 (demo, CPU).
 
     python benchmarks/bench_eval_cost.py [--config configs/fashion_vit_demo.yaml] [--candidates 30]
 
@@ -11,7 +11,10 @@ Variants:
 - ``before``: the fast fake quantizer as it was (scale and integer range as 0-dim tensor operands), glibc's
   default (adaptive) allocator thresholds;
 - ``scalars``: scale and range as Python numbers (the float32 values, bit-identical), default thresholds;
-- ``after``: scalars and :func:`quantsearch.run.allocator.keep_freed_memory` (what ``explore`` does now).
+- ``copy``: scalars and :func:`quantsearch.run.allocator.keep_freed_memory` (issue 18's result), each quantizer
+  writing a new tensor;
+- ``after``: the same, with a quantizer overwriting its module's output where no one else holds it (issue 27;
+  what ``explore`` does now).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import sys
 import time
 import warnings
 
-VARIANTS = ("before", "scalars", "after")
+VARIANTS = ("before", "scalars", "copy", "after")
 
 
 def _tensor_operand_forward(self, inputs):
@@ -52,25 +55,40 @@ def measure(variant: str, config_path: str | None, candidates: int) -> dict:
 
     if variant == "before":
         FastTensorQuantizer._quant_forward = _tensor_operand_forward
-    if variant == "after":
+    from quantsearch.quantize import quantized_model
+
+    in_place = quantized_model._owns_output
+    if variant != "after":  # every quantizer writes a new tensor
+        quantized_model._owns_output = lambda *args: False
+    if variant in ("copy", "after"):
         keep_freed_memory()
     config = ExploreConfig.from_mapping(load_yaml(config_path)) if config_path else ExploreConfig()
     session = build_session(config)
     qmodel, evaluate = session.qmodel, session.evaluator("search")
     ranges = session.bit_ranges
     rng = np.random.default_rng(0)
-    quantized, fp32, outputs = [], [], []
+    quantized, fp32, outputs, paired = [], [], [], []
     for _ in range(candidates):
         qmodel.bit_widths = {n: int(rng.integers(lo, hi + 1)) for n, (lo, hi) in ranges.items()}
         start = time.perf_counter()
         outputs.append(evaluate(qmodel))
         quantized.append(time.perf_counter() - start)
+        if variant == "after":  # the same configuration again, in place and copying, in the order A B B A
+            seconds = {}
+            for mode in ("in place", "copy", "copy", "in place"):
+                quantized_model._owns_output = in_place if mode == "in place" else (lambda *args: False)
+                start = time.perf_counter()
+                assert evaluate(qmodel) == outputs[-1]
+                seconds[mode] = seconds.get(mode, 0.0) + time.perf_counter() - start
+            quantized_model._owns_output = in_place
+            paired.append(seconds["in place"] / seconds["copy"])
         with qmodel.quantization_disabled():
             start = time.perf_counter()
             evaluate(qmodel)
             fp32.append(time.perf_counter() - start)
     return {"quantized": statistics.median(quantized), "fp32": statistics.median(fp32), "accuracies": outputs,
-            "images": evaluate.num_samples, "quantizers": len(qmodel)}
+            "images": evaluate.num_samples, "quantizers": len(qmodel),
+            "in_place_vs_copy": statistics.median(paired) if paired else None}
 
 
 def main() -> None:
@@ -97,6 +115,9 @@ def main() -> None:
     for variant, r in results.items():
         print(f"{variant:10} {r['quantized']:12.3f} {r['fp32']:8.3f} {r['quantized'] / r['fp32']:16.2f}x")
     print(f"accuracies identical across variants: {same}")
+    print(f"in place against copying, each configuration timed again both ways in one process, in the order "
+          f"in place, copy, copy, in place (median of {args.candidates} ratios): "
+          f"{results['after']['in_place_vs_copy']:.3f}x")
     print(f"wall time {time.perf_counter() - clock:.0f} s")
 
 
