@@ -69,6 +69,20 @@ def measure(run_dir: Path) -> dict:
             "w8a8": w8a8}
 
 
+def race_gaps(run: dict) -> list[float]:
+    """For every configuration after the uniform ones, how far (points) its search accuracy trails the best one
+    measured before it at no higher cost: what a race against a cheaper point would have to detect."""
+    cost, gaps, before = run["costs"][0], [], []
+    for i, (e, _, _) in enumerate(run["rows"]):
+        if i >= run["first"] and e.status == "ok":
+            bar = max((a for a, c in before if c <= e.costs[cost]), default=None)
+            if bar is not None:
+                gaps.append(100 * (bar - e.accuracy))
+        if e.status == "ok":
+            before.append((e.accuracy, e.costs[cost]))
+    return gaps
+
+
 def stop_at(run: dict, slice_: int, patience: int, min_gain: float) -> int:
     """How many in-space configurations the search had measured when the rule stopped it."""
     from quantsearch.search.front import hypervolume
@@ -133,6 +147,13 @@ def main() -> None:
         hvs = " / ".join(f"{x['hv']:.4f}" for x in scores)
         median = statistics.median(x["hv"] for x in scores)
         print(f"{label:34} {counts:>15} {confirmed:>10} {cheapest:>19} {hvs:>12} {median:10.4f}")
+    print("\nhow far each configuration after the uniform ones trails the best one before it at no higher cost "
+          "(search split; a race against a cheaper point must detect this gap):")
+    for seed, run in runs.items():
+        gaps = race_gaps(run)
+        print(f"  seed {seed}: {len(gaps)} configurations, median {statistics.median(gaps):.2f} points; "
+              f"trailing by more than 0.2 / 0.5 / 1 point: {sum(g > 0.2 for g in gaps)} / "
+              f"{sum(g > 0.5 for g in gaps)} / {sum(g > 1 for g in gaps)}")
     print(f"\nwall time {time.perf_counter() - clock:.0f} s")
 
 
