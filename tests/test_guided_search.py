@@ -378,17 +378,24 @@ def test_fit_scale_by_hand():
                      allowed) == pytest.approx(4.0)
 
 
-def test_gradient_sensitivity_is_scaled_to_the_uniform_baselines(demo_vit, splits):
-    from quantsearch.run.pipeline import evaluate_baselines
-    from quantsearch.search.sensitivity import fit_scale, gradient_sensitivity
-
+def _activation_problem(demo_vit, splits, batch: int, images: int):
+    """The demo ViT calibrated on 64 images, its activations the genes (weights at 8 bits), the floor FP32 - 1
+    point on ``images`` search images: ``(qmodel, evaluator, fp32, problem)``."""
     qmodel = QuantizedActivationsModel(demo_vit, "vit", weight_quantizers=True)
     qmodel.calibrate([(splits.calibration[i][0].unsqueeze(0), 0) for i in range(64)], method="max", bits=(2, 8))
-    evaluate = AccuracyEvaluator(splits.search, 200, limit=400)
+    evaluate = AccuracyEvaluator(splits.search, batch, limit=images)
     with qmodel.quantization_disabled():
         fp32 = evaluate(qmodel)
     problem = LayerwiseQuantizationProblem(qmodel, evaluate, fp32 - 0.01, (2, 8), genes=qmodel.activation_names,
                                            fixed_bits=8)
+    return qmodel, evaluate, fp32, problem
+
+
+def test_gradient_sensitivity_is_scaled_to_the_uniform_baselines(demo_vit, splits):
+    from quantsearch.run.pipeline import evaluate_baselines
+    from quantsearch.search.sensitivity import fit_scale, gradient_sensitivity
+
+    qmodel, evaluate, fp32, problem = _activation_problem(demo_vit, splits, 200, 400)
     evaluate_baselines(problem)
     budget = Budget(problem, 100)
     before = budget.spent
@@ -440,13 +447,7 @@ def test_uniform_configurations_race_and_the_named_baselines_do_not(demo_vit, sp
     and the other uniform configurations, which are search candidates: 3-bit activations stop part-way."""
     from quantsearch.run.pipeline import evaluate_baselines
 
-    qmodel = QuantizedActivationsModel(demo_vit, "vit", weight_quantizers=True)
-    qmodel.calibrate([(splits.calibration[i][0].unsqueeze(0), 0) for i in range(64)], method="max", bits=(2, 8))
-    evaluate = AccuracyEvaluator(splits.search, 100, limit=800)
-    with qmodel.quantization_disabled():
-        fp32 = evaluate(qmodel)
-    problem = LayerwiseQuantizationProblem(qmodel, evaluate, fp32 - 0.01, (2, 8), genes=qmodel.activation_names,
-                                           fixed_bits=8)
+    qmodel, evaluate, fp32, problem = _activation_problem(demo_vit, splits, 100, 800)
     named = {"W8A2": {**{n: 2 for n in qmodel.activation_names}, **{n: 8 for n in qmodel.weight_names}}}
     switched = []
     baselines, seeds = evaluate_baselines(problem, named, then=lambda: (evaluate.reject_below(fp32 - 0.01),
