@@ -206,6 +206,7 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
             problem.visitors.append(lambda _e: bar.update(min(budget.spent, bar.total) - bar.n))
         if cache is not None:
             stack.enter_context(cache.active())
+
         def reject_early() -> None:  # after the named baselines: their table reports whole-split accuracies
             if config.early_reject_mode != "off":
                 session.evaluator("search").reject_below(bound.limit)
