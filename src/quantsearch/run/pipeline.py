@@ -170,6 +170,16 @@ def _phase(items, desc: str, progress: bool, total: int | None = None):
     return tqdm(items, desc=desc, total=total, dynamic_ncols=True, leave=False)
 
 
+def _reject_early(session: Session, problem, pool) -> None:
+    """Early rejection (and with ``front``, racing) on for the search split and the Ray pool, as configured."""
+    mode, limit = session.config.early_reject_mode, session.bound.limit
+    if mode != "off":
+        session.evaluator("search").reject_below(limit)
+        problem.racing = mode == "front"
+        if pool is not None:
+            pool.reject_below(limit)
+
+
 def _search(session: Session, problem, store: RunStore, clock: _Clock, progress: bool, stop_requested) -> dict:
     """Baselines, then the algorithm on the budget; every evaluation goes to the store as it completes."""
     config, bound = session.config, session.bound
@@ -206,16 +216,9 @@ def _search(session: Session, problem, store: RunStore, clock: _Clock, progress:
             problem.visitors.append(lambda _e: bar.update(min(budget.spent, bar.total) - bar.n))
         if cache is not None:
             stack.enter_context(cache.active())
-
-        def reject_early() -> None:  # after the named baselines: their table reports whole-split accuracies
-            if config.early_reject_mode != "off":
-                session.evaluator("search").reject_below(bound.limit)
-                problem.racing = config.early_reject_mode == "front"
-                if pool is not None:
-                    pool.reject_below(bound.limit)
-
-        with clock("baselines"):
-            found["baselines"], seeds = evaluate_baselines(problem, session.baselines, then=reject_early)
+        with clock("baselines"):  # early rejection on after the named baselines (their table: whole-split values)
+            found["baselines"], seeds = evaluate_baselines(problem, session.baselines,
+                                                           then=lambda: _reject_early(session, problem, pool))
         with clock("search"):
             generation["now"] = 1
 
