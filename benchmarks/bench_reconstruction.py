@@ -6,12 +6,14 @@
 Rows: W8A8, W4A8, W8A4, W4A4, W3A4 and W4A3 (every weight quantizer at the first width, every activation
 quantizer at the second). Columns, each from the unrefined model of the same session (splits and calibration as
 ``explore`` builds them): ``none`` (uniform grids, no refinement), ``forms`` (the ViT's best forms together, as in
-``bench_forms.py``: log2-narrow probabilities, asymmetric GELU, per-channel LayerNorm, per-head q/k/v and attention
+``bench_forms.py``, with RepQ-ViT's log-sqrt2 grid for the probabilities (``log-sqrt2-narrow``; results before
+2026-12-08 used ``log2-narrow``), asymmetric GELU, per-channel LayerNorm, per-head q/k/v and attention
 outputs; the CNN has none), then on the forms: ``adaround,bias-correction`` (today's best), ``brecq`` (block
 reconstruction of the rounding), ``brecq-lsq`` (+ activation grids and biases) and ``qdrop`` (+ QDrop's drop
 at 0.5). Printed: hold-out top-1 (the search split in the log lines) and each refinement's seconds on this
 machine. ``--seeds N`` repeats the ViT's block refinements at W4A4 with N reconstruction seeds (the spread of one
-method on one model is part of its answer).
+method on one model is part of its answer), on these forms and on the same forms with ``log2-narrow``
+probabilities (the forms before log-sqrt2), so the two grids are compared in one run.
 
 The CNN is timm's ``resnet10t`` (grey input, 10 classes) trained on Fashion-MNIST's training split by
 ``utils/train_fashion_cnn.py`` (run here first if ``benchmarks/.cache/resnet10t_fashion.pt`` is missing), with
@@ -36,7 +38,7 @@ from quantsearch.sources.data import DEMO_PREPROCESSING  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTHS = [("W8A8", 8, 8), ("W4A8", 4, 8), ("W8A4", 8, 4), ("W4A4", 4, 4), ("W3A4", 3, 4), ("W4A3", 4, 3)]
-VIT_FORMS = {"*.attn_drop": "log2-narrow", "*.mlp.act": "asymmetric", "*norm*": "per-channel",
+VIT_FORMS = {"*.attn_drop": "log-sqrt2-narrow", "*.mlp.act": "asymmetric", "*norm*": "per-channel",
              "*.attn.qkv": "per-head", "*.attn.proj:input": "per-head"}
 REFINEMENTS = ["adaround,bias-correction", "brecq", "brecq-lsq", "qdrop"]
 BLOCK_METHODS = ["brecq", "brecq-lsq", "qdrop"]
@@ -95,7 +97,11 @@ def measure(model: str, config: ExploreConfig, iterations: int, seeds: int, widt
             row += [f"{100 * holdout:.2f}", f"{seconds:.0f}"]
         rows.append(row)
         if label == "W4A4" and seeds > 1 and model == "vit":
-            rows.append(spread(session, model, inputs, iterations, seeds))
+            rows.append(spread(session, model, inputs, iterations, seeds, methods))
+            log2 = build_session(config.merged({"quant_forms": VIT_FORMS | {"*.attn_drop": "log2-narrow"}}),
+                                 weight_quantizers=True)
+            rows.append(spread(log2, model, log2.calibration_inputs(), iterations, seeds, methods,
+                               "log2-narrow probabilities"))
         if label == "W4A4" and fisher:
             rows.append(variant_row(session, model, inputs, iterations, "Fisher-weighted", fisher=True))
         if label == "W4A4" and scales:
@@ -118,16 +124,22 @@ def variant_row(session, model: str, inputs, iterations: int, label: str, **opti
     return [f"W4A4, {label}", "", "", "", "", "", "", f"{100 * holdout:.2f}", f"{seconds:.0f}", "", ""]
 
 
-def spread(session, model: str, inputs, iterations: int, seeds: int) -> list:
+def spread(session, model: str, inputs, iterations: int, seeds: int, methods: list[str], label: str = "") -> list:
     """W4A4 hold-out of each block method over ``seeds`` reconstruction seeds: mean (min-max)."""
-    row = [f"W4A4, {seeds} seeds", "", ""] + ["", ""]
+    set_widths(session.qmodel, 4, 4)
+    forms = f"{100 * session.evaluator('holdout')(session.qmodel):.2f}" if label else ""
+    row = [f"W4A4, {seeds} seeds" + (f", {label}" if label else ""), "", forms] + ["", ""]
     for method in BLOCK_METHODS:
+        if method not in methods:
+            row += ["", ""]
+            continue
         values = []
         for seed in range(seeds):
             set_widths(session.qmodel, 4, 4)
             refine(session.qmodel, inputs, method, iterations=iterations, seed=seed)
             values.append(100 * session.evaluator("holdout")(session.qmodel))
-        print(f"  {model} W4A4 {method} seeds 0-{seeds - 1}: {', '.join(f'{v:.2f}' for v in values)}", flush=True)
+        print(f"  {model} W4A4 {method} seeds 0-{seeds - 1}{', ' + label if label else ''}: "
+              f"{', '.join(f'{v:.2f}' for v in values)}", flush=True)
         row += [f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})", ""]
     return row
 

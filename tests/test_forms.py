@@ -104,6 +104,31 @@ def test_log2_grid_by_hand():
         assert len(np.unique(out)) == 2 ** bits  # every code is reached: 2^b - 1 powers and 0
 
 
+def test_log_sqrt2_grid_by_hand():
+    """Base sqrt(2), 3 bits: the powers 2^(-k/2) for k = 0..6 (1 down to 1/8) and 0, the nearest exponent in the
+    log domain; at 4 bits it reaches 2^-7 where log2 reaches 2^-14. -narrow is it at 4 bits, uniform at 5."""
+    x = torch.tensor([1.0, 0.8, 0.3, 0.2, 0.13, 0.1, 0.0, -0.2, 1.5])
+    # -2 log2: 0, .644, 3.47, 4.64, 5.89, 6.64, inf, nan->inf, -1.17 -> k = 0, 1, 3, 5, 6, zero, zero, zero, 0
+    root = 2 ** -0.5
+    expected = torch.tensor([1.0, root, root / 2, root / 4, 1 / 8, 0.0, 0.0, 0.0, 1.0])
+    for form in ("log-sqrt2", "log-sqrt2-narrow"):
+        torch.testing.assert_close(fake_quantize(form, x, torch.tensor(1.0), 3, True), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(log2_fake_quant(x.clone() * 4, torch.tensor(4.0), 3, steps=2), expected * 4,
+                               rtol=1e-6, atol=0)  # amax scales the grid
+    small = torch.tensor([0.008, 0.0055, 0.005])  # -2 log2: 13.93, 15.01 (> 14: zero), 15.29
+    torch.testing.assert_close(fake_quantize("log-sqrt2", small, torch.tensor(1.0), 4, True),
+                               torch.tensor([1 / 128, 0.0, 0.0]), rtol=1e-6, atol=0)
+    assert torch.equal(fake_quantize("log2", small, torch.tensor(1.0), 4, True),
+                       torch.tensor([1 / 128, 1 / 256, 1 / 256]))  # -log2: 6.97, 7.51, 7.64
+    # 5 bits, -narrow is unsigned uniform: x * 31 = 31, 24.8, 9.3 -> 31, 25, 9
+    assert torch.equal(fake_quantize("log-sqrt2-narrow", x[:3], torch.tensor(1.0), 5, True),
+                       torch.tensor([31.0, 25.0, 9.0]) / 31.0)
+    # every code is reached once the values spread over the grid: 2^b - 1 powers and 0
+    y = torch.exp2(-12 * torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    for bits in (2, 3, 4):
+        assert len(torch.unique(log2_fake_quant(y, torch.tensor(1.0), bits, steps=2))) == 2 ** bits
+
+
 def test_forms_by_glob_and_refusals():
     names = ["input", "blocks.0.attn.attn_drop", "blocks.0.attn.qkv", "blocks.1.attn.attn_drop"]
     assert resolve_forms(names, {"blocks.1.*": "uniform", ATTENTION: "log2"}) == {
@@ -481,33 +506,37 @@ def test_asymmetric_bitconfig_round_trip_and_onnx_export(build, tmp_path):
     assert sum(qmodel.quantizer(n).form == "asymmetric" for n, _, _ in steps) == 4
 
 
-def test_log2_narrow_is_log2_at_four_bits_and_below_and_uniform_above(fashion_splits_small, fp32_state, tmp_path):
-    """log2-narrow: the log grid (amax = the calibration maximum) at <= 4 bits, the unsigned uniform grid with the
-    method's amax above; export refuses it only where it is on the log grid."""
+@pytest.mark.parametrize("form, base, three_bits", [
+    ("log2-narrow", "log2", [1.0, 0.5, 0.25, 1 / 64]),  # -log2 = 0, .515, 1.74, 5.64
+    ("log-sqrt2-narrow", "log-sqrt2", [1.0, 2 ** -0.5, 2 ** -1.5, 0.0])])  # -2 log2 = 0, 1.03, 3.47, 11.3 (> 6)
+def test_narrow_log_forms_are_log_at_four_bits_and_below_and_uniform_above(form, base, three_bits,
+                                                                           fashion_splits_small, fp32_state,
+                                                                           tmp_path):
+    """log2-narrow and log-sqrt2-narrow: the log grid (amax = the calibration maximum) at <= 4 bits, the unsigned
+    uniform grid with the method's amax above; export refuses them only where they are on the log grid."""
     from quantsearch.deploy.export import ExportError
     from quantsearch.deploy.onnx_export import export_onnx
-    from quantsearch.quantize.forms import NarrowLog2TensorQuantizer
+    from quantsearch.quantize.forms import QUANTIZER_CLASSES
 
     x = torch.tensor([1.0, 0.7, 0.3, 0.02])
-    # 3 bits, log: -log2 = 0, .515, 1.74, 5.64 -> 1, 1/2, 1/4, 1/64
-    assert torch.equal(fake_quantize("log2-narrow", x, torch.tensor(1.0), 3, True),
-                       torch.tensor([1.0, 0.5, 0.25, 1 / 64]))
+    torch.testing.assert_close(fake_quantize(form, x, torch.tensor(1.0), 3, True), torch.tensor(three_bits),
+                               rtol=1e-6, atol=0)
     # 5 bits, unsigned uniform: 31 levels of 1/31; x * 31 = 31, 21.7, 9.3, 0.62 -> 31, 22, 9, 1
-    assert torch.equal(fake_quantize("log2-narrow", x, torch.tensor(1.0), 5, True),
+    assert torch.equal(fake_quantize(form, x, torch.tensor(1.0), 5, True),
                        torch.tensor([31.0, 22.0, 9.0, 1.0]) / 31.0)
     qmodel = QuantizedActivationsModel(fresh_vit(fp32_state), "vit", weight_quantizers=True,
-                                       forms={ATTENTION: "log2-narrow"})
+                                       forms={ATTENTION: form})
     loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
     calibration = calibrate(qmodel, loader, 2, "percentile", bits=(2, 8), percentile=99.0)
     c = calibration.quantizers["blocks.0.attn.attn_drop"]
-    assert c.form == "log2-narrow" and c.unsigned
+    assert c.form == form and c.unsigned
     assert all(c.amax[b] == c.absmax for b in (2, 3, 4)) and all(c.amax[b] < c.absmax for b in (5, 6, 7, 8))
-    assert isinstance(qmodel.quantizer("blocks.0.attn.attn_drop"), NarrowLog2TensorQuantizer)
+    assert type(qmodel.quantizer("blocks.0.attn.attn_drop")) is QUANTIZER_CLASSES[form]
     sample = next(iter(loader))[0][:4]
     qmodel.bit_widths = {n: 6 for n in qmodel.quantizer_names}
     export_onnx(qmodel, tmp_path / "six.onnx", sample[:2])  # uniform at 6 bits: exportable
     qmodel.bit_widths = {n: (4 if n.endswith("attn_drop") else 6) for n in qmodel.quantizer_names}
-    with pytest.raises(ExportError, match="log2-narrow form \\(the log2 grid at 4 bits\\)"):
+    with pytest.raises(ExportError, match=f"{form} form \\(the {base} grid at 4 bits\\)"):
         export_onnx(qmodel, tmp_path / "four.onnx", sample[:2])
 
 

@@ -3,7 +3,8 @@ is read in the forward), no graph break, and the same values as the eager forwar
 import pytest
 import torch
 
-from quantsearch.quantize.forms import (AsymmetricTensorQuantizer, Log2TensorQuantizer, NarrowLog2TensorQuantizer,
+from quantsearch.quantize.forms import (AsymmetricTensorQuantizer, Log2TensorQuantizer, LogSqrt2TensorQuantizer,
+                                        NarrowLog2TensorQuantizer, NarrowLogSqrt2TensorQuantizer,
                                         PerHeadTensorQuantizer, asymmetric_grid, asymmetric_grid_tensors)
 from quantsearch.quantize.quantized_model import make_quantizer
 
@@ -13,8 +14,9 @@ def _calibrated(form):
     torch.manual_seed(0)
     q = make_quantizer(8, form=form, heads=(4, 16))
     assert type(q) is {"asymmetric": AsymmetricTensorQuantizer, "log2": Log2TensorQuantizer,
-                       "log2-narrow": NarrowLog2TensorQuantizer, "per-head": PerHeadTensorQuantizer}[form]
-    q.unsigned = form in ("log2", "log2-narrow")
+                       "log2-narrow": NarrowLog2TensorQuantizer, "per-head": PerHeadTensorQuantizer,
+                       "log-sqrt2": LogSqrt2TensorQuantizer, "log-sqrt2-narrow": NarrowLogSqrt2TensorQuantizer}[form]
+    q.unsigned = form.startswith("log")
     q.register_buffer("_amax", torch.ones(4 if form == "per-head" else ()))
 
     def set_width(bits):
@@ -28,14 +30,14 @@ def _calibrated(form):
     return q, set_width
 
 
-@pytest.mark.parametrize("form", ["asymmetric", "log2", "log2-narrow", "per-head"])
+@pytest.mark.parametrize("form", ["asymmetric", "log2", "log2-narrow", "per-head", "log-sqrt2", "log-sqrt2-narrow"])
 def test_one_graph_serves_every_width_and_matches_eager(form):
     import torch._dynamo
 
     q, set_width = _calibrated(form)
     x = torch.randn(8, 16) * 2
     x[0, 0] = 0.4999  # near a level's edge somewhere
-    if form.startswith("log2"):
+    if form.startswith("log"):
         x = x.abs()
     torch._dynamo.reset()
     counts = {"frames": 0}

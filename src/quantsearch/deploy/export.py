@@ -82,6 +82,11 @@ def export_quantized(qmodel, config: BitConfig, path: str | Path) -> tuple[Path,
                                         "as unsigned above",
                          "log2": "bitconfig.quantizers[name].form == 'log2': k = round(-log2(x / amax)) clamped "
                                  "below at 0; amax * 2**-k, or 0 where k > 2**num_bits - 2 or x <= 0",
+                         "log-sqrt2": "bitconfig.quantizers[name].form == 'log-sqrt2': k = round(-2 * log2(x / "
+                                      "amax)) clamped below at 0; amax * 2**(-k / 2), or 0 where k > 2**num_bits - 2 "
+                                      "or x <= 0",
+                         "log-sqrt2-narrow": "bitconfig.quantizers[name].form == 'log-sqrt2-narrow': as log-sqrt2 "
+                                             "at num_bits <= 4, as unsigned above",
                          "asymmetric": "bitconfig.quantizers[name].form == 'asymmetric': low = "
                                        "bitconfig.quantizers[name].low, high = amax; s = float32((high - low) / "
                                        "(2**num_bits - 1)), z = round(-low / s); (clamp(round(x / s) + z, 0, "

@@ -14,7 +14,8 @@ What each quantizer becomes (the Q/DQ form TensorRT's explicit quantization and 
 - **activation**, per-head form: per-axis Q/DQ on the last axis (uint8, zero point 128 where signed), each group's
   ``s = amax / qmax`` repeated over its features, below 8 bits after an elementwise Max/Min with the per-feature
   grid ends.
-- log2 quantizers (and log2-narrow ones at 4 bits and below) have no Q/DQ form and are refused by name.
+- log2 and log-sqrt2 quantizers (and their -narrow ones at 4 bits and below) have no Q/DQ form and are refused by
+  name.
 - **weight**, per output channel: the integer codes themselves, computed exactly as the fake quantizer computes
   them, stored as an int8 constant (packed int4 at opset 21 where every code fits in [-8, 7]), then
   ``DequantizeLinear(codes, amax / qmax, axis=0)``. The FP32 weights are not in the file.
@@ -157,7 +158,7 @@ def _check_exportable(qmodel) -> None:
     for name, form in qmodel.forms.items():
         q = qmodel.quantizer(name)
         if log_grid_at(form, q.num_bits) and not q._disabled:
-            raise ExportError(f"quantizer {name!r} has the {form} form (the log2 grid at {q.num_bits} bits): ONNX "
+            raise ExportError(f"quantizer {name!r} has the {form} form (the {form.removesuffix('-narrow')} grid at {q.num_bits} bits): ONNX "
                               "Q/DQ holds uniform grids only; export a bit-config whose quantizers are uniform or "
                               "asymmetric")
     for name, q in qmodel.named_quantizers():

@@ -13,7 +13,14 @@
   smallest power, zero or negative becomes 0, and one above amax saturates at amax. Its amax is the calibration
   maximum at every width (clipping the largest probabilities costs most).
 
-- ``log2-narrow``: log2 at 4 bits and below, uniform (unsigned) above. The log grid's top steps (1, 1/2, 1/4)
+- ``log-sqrt2`` (RepQ-ViT's log-sqrt(2) quantizer): the log2 grid with two powers per octave,
+  ``amax * 2^(-k/2)`` for ``k = 0 .. 2^b - 2`` plus zero (``k = round(-2 log2(x / amax))``). At 4 bits its 15
+  powers reach down to ``2^-7`` instead of ``2^-14``: finer steps where attention probabilities lie (about 1/tokens
+  and up) and none spent on the values that round to zero anyway. A code deploys as a shift and, for odd ``k``, a
+  multiply by ``1/sqrt(2)`` that folds into the next matmul's scale (RepQ-ViT's reparameterisation).
+
+- ``log2-narrow``: log2 at 4 bits and below, uniform (unsigned) above; ``log-sqrt2-narrow`` the same with the
+  log-sqrt(2) grid. The log grid's top steps (1, 1/2, 1/4)
   cost more than they save at 6-8 bits and pay at 3-4 (see the README's forms table), so a search that moves the
   attention probabilities between widths gets the better grid at each.
 
@@ -51,9 +58,10 @@ from typing import Iterable, Mapping
 import torch
 
 from .fakequant import FastTensorQuantizer
-from .limits import DEFAULT_FORM, FORMS, check_forms, log_grid_at
+from .limits import DEFAULT_FORM, FORMS, check_forms, log_grid_at, log_steps
 
-__all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "NarrowLog2TensorQuantizer",
+__all__ = ["FORMS", "AsymmetricTensorQuantizer", "Log2TensorQuantizer", "LogSqrt2TensorQuantizer",
+           "NarrowLog2TensorQuantizer", "NarrowLogSqrt2TensorQuantizer",
            "PerChannelTensorQuantizer", "PerHeadTensorQuantizer", "QUANTIZER_CLASSES", "asymmetric_grid",
            "asymmetric_grid_tensors", "asymmetric_fake_quant", "fake_quantize", "fit_asymmetric", "fit_symmetric",
            "grouped_fake_quant", "head_groups", "log2_fake_quant", "uniform_fake_quant", "resolve_forms", "form_of"]
@@ -72,14 +80,18 @@ def uniform_fake_quant(x: torch.Tensor, amax, bits: int, unsigned: bool) -> torc
     return torch.where(amax > 0, torch.clamp(torch.round(x * scale), low, bound) / scale, torch.zeros_like(x))
 
 
-def log2_fake_quant(x: torch.Tensor, amax, bits: int | None, deepest: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` rounded to ``{0} U {amax * 2^-k : k = 0 .. 2^b - 2}`` (nearest in the log domain); ``x`` is left as
-    it was (the in-place steps work on the fresh ``x / amax``). ``deepest`` (``2^b - 2`` as a tensor) stands for
-    ``bits`` in a compiled graph, which then serves every width."""
+def log2_fake_quant(x: torch.Tensor, amax, bits: int | None, deepest: torch.Tensor | None = None,
+                    steps: int = 1) -> torch.Tensor:
+    """``x`` rounded to ``{0} U {amax * 2^(-k / steps) : k = 0 .. 2^b - 2}`` (nearest in the log domain; ``steps``
+    powers per octave: 1 for log2, 2 for log-sqrt2); ``x`` is left as it was (the in-place steps work on the fresh
+    ``x / amax``). ``deepest`` (``2^b - 2`` as a tensor) stands for ``bits`` in a compiled graph, which then serves
+    every width."""
     deepest = 2.0 ** bits - 2.0 if deepest is None else deepest
-    exponent = (x / amax).clamp_(min=0.0).log2_().neg_().round_()  # +inf where x <= 0
+    exponent = (x / amax).clamp_(min=0.0).log2_().neg_()  # +inf where x <= 0
+    exponent = (exponent.mul_(steps) if steps != 1 else exponent).round_()
     zero = exponent > deepest
-    out = exponent.clamp_(min=0.0).neg_().exp2_().mul_(amax)
+    exponent = exponent.clamp_(min=0.0).neg_()
+    out = (exponent.div_(steps) if steps != 1 else exponent).exp2_().mul_(amax)
     return out.masked_fill_(zero, 0.0)
 
 
@@ -191,7 +203,7 @@ def fake_quantize(form: str, x: torch.Tensor, amax, bits: int, unsigned: bool, l
     """What a quantizer of ``form`` makes of ``x`` at ``bits`` (for estimates that do not run the model);
     ``low`` is an asymmetric quantizer's lower end (``amax`` its upper)."""
     if log_grid_at(form, bits):
-        return log2_fake_quant(x, amax, bits)
+        return log2_fake_quant(x, amax, bits, steps=log_steps(form))
     if form == "asymmetric":
         return asymmetric_fake_quant(x, float(low), float(amax), bits)
     if form == "per-head":
@@ -210,6 +222,7 @@ class Log2TensorQuantizer(FastTensorQuantizer):
     range does), so one graph serves every width."""
 
     form = "log2"
+    steps = 1  # powers per octave
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -228,8 +241,15 @@ class Log2TensorQuantizer(FastTensorQuantizer):
         if amax is None:
             raise RuntimeError("a log2 quantizer needs amax: calibrate it first")
         if _compiling():
-            return log2_fake_quant(inputs.float(), amax, None, self._deepest).to(inputs.dtype)
-        return log2_fake_quant(inputs.float(), amax, self._num_bits).to(inputs.dtype)
+            return log2_fake_quant(inputs.float(), amax, None, self._deepest, self.steps).to(inputs.dtype)
+        return log2_fake_quant(inputs.float(), amax, self._num_bits, steps=self.steps).to(inputs.dtype)
+
+
+class LogSqrt2TensorQuantizer(Log2TensorQuantizer):
+    """The log-sqrt(2) grid (RepQ-ViT's): two powers per octave."""
+
+    form = "log-sqrt2"
+    steps = 2
 
 
 class AsymmetricTensorQuantizer(FastTensorQuantizer):
@@ -300,6 +320,13 @@ class NarrowLog2TensorQuantizer(Log2TensorQuantizer):
         return FastTensorQuantizer._quant_forward(self, inputs)
 
 
+class NarrowLogSqrt2TensorQuantizer(NarrowLog2TensorQuantizer):
+    """log-sqrt(2) at ``LOG2_NARROW_TOP`` bits and below, the uniform unsigned grid above."""
+
+    form = "log-sqrt2-narrow"
+    steps = 2
+
+
 class PerChannelTensorQuantizer(FastTensorQuantizer):
     """The uniform per-tensor grid on a LayerNorm output whose per-channel ranges are folded into the model
     (:mod:`quantsearch.quantize.fold`): the form is in the model's weights, not in this module's arithmetic."""
@@ -329,7 +356,8 @@ class PerHeadTensorQuantizer(FastTensorQuantizer):
 
 QUANTIZER_CLASSES = {"uniform": FastTensorQuantizer, "asymmetric": AsymmetricTensorQuantizer,
                      "log2": Log2TensorQuantizer, "log2-narrow": NarrowLog2TensorQuantizer,
-                     "per-head": PerHeadTensorQuantizer, "per-channel": PerChannelTensorQuantizer}
+                     "per-head": PerHeadTensorQuantizer, "per-channel": PerChannelTensorQuantizer,
+                     "log-sqrt2": LogSqrt2TensorQuantizer, "log-sqrt2-narrow": NarrowLogSqrt2TensorQuantizer}
 assert tuple(QUANTIZER_CLASSES) == FORMS
 
 

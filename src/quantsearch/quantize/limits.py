@@ -3,17 +3,19 @@
 pytorch-quantization's fake quantization is exact from 2 to 16 bits. A form is the grid a quantizer rounds to
 (:mod:`quantsearch.quantize.forms`): ``uniform`` (pytorch-quantization's, symmetric or unsigned), ``asymmetric``
 (a zero point), ``log2``, ``log2-narrow`` (log2 at 4 bits and below, uniform above: the log grid where it pays),
+``log-sqrt2`` and ``log-sqrt2-narrow`` (the same with RepQ-ViT's base sqrt(2): two powers per octave),
 ``per-head`` (one uniform range per attention head and q/k/v part, for Linear features split into heads), or
 ``per-channel`` (RepQ-ViT: a LayerNorm output's per-channel ranges folded into it and the Linear layers after it).
 """
 __all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "LOG2_NARROW_TOP", "LOG_FORMS", "REFINEMENTS", "check_forms",
-           "check_refinement", "log_grid_at", "INTEGER_KINDS", "INTEGER_PRESETS", "INTEGER_ADD_BITS",
+           "check_refinement", "log_grid_at", "log_steps", "INTEGER_KINDS", "INTEGER_PRESETS", "INTEGER_ADD_BITS",
            "check_integer_ops"]
 
 MIN_BITS, MAX_BITS = 2, 16
-FORMS = ("uniform", "asymmetric", "log2", "log2-narrow", "per-head", "per-channel")
-LOG2_NARROW_TOP = 4  # log2-narrow: the log grid at this width and below, the uniform (unsigned) grid above
-LOG_FORMS = ("log2", "log2-narrow")  # forms with a log grid at some width: non-negative data, unsigned
+FORMS = ("uniform", "asymmetric", "log2", "log2-narrow", "per-head", "per-channel", "log-sqrt2", "log-sqrt2-narrow")
+LOG2_NARROW_TOP = 4  # the -narrow log forms: the log grid at this width and below, the uniform (unsigned) grid above
+LOG_STEPS = {"log2": 1, "log2-narrow": 1, "log-sqrt2": 2, "log-sqrt2-narrow": 2}  # powers of the grid per octave
+LOG_FORMS = tuple(LOG_STEPS)  # forms with a log grid at some width: non-negative data, unsigned
 DEFAULT_FORM = "uniform"
 REFINEMENTS = ("bias-correction", "adaround", "brecq", "brecq-lsq", "qdrop")  # quantize.refine's methods; chain with commas
 
@@ -33,8 +35,13 @@ def check_forms(forms, where: str = "quant-forms") -> dict[str, str]:
 
 
 def log_grid_at(form: str, bits: int) -> bool:
-    """Whether a quantizer of ``form`` rounds to the log2 grid at ``bits``."""
-    return form == "log2" or (form == "log2-narrow" and int(bits) <= LOG2_NARROW_TOP)
+    """Whether a quantizer of ``form`` rounds to its log grid at ``bits``."""
+    return form in LOG_STEPS and (not form.endswith("-narrow") or int(bits) <= LOG2_NARROW_TOP)
+
+
+def log_steps(form: str) -> int:
+    """How many powers of a log form's grid share an octave: 1 for base 2, 2 for base sqrt(2)."""
+    return LOG_STEPS[form]
 
 
 def check_refinement(method: str) -> list[str]:

@@ -51,7 +51,7 @@ class ExploreConfig:
     calib_percentile: float = 99.99
     calib_momentum: float = 0.95
     calib_overrides: dict | None = None
-    quant_forms: dict | None = None  # {quantizer-name glob: form}: uniform (default) or log2; first match wins
+    quant_forms: dict | None = None  # {quantizer-name glob: form of quantize.limits.FORMS}; first match wins
     integer_ops: str | dict | None = None  # a preset (integer-only, fqvit) or {operator-name glob: implementation}
     integer_add_bits: int = 16  # the residual adds' grids, with integer adds
     calibration: str | None = None

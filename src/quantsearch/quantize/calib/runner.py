@@ -55,9 +55,9 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
         detect_unsigned: give quantizers whose calibration data is never negative the unsigned range.
 
     Per-channel quantizers' LayerNorm ranges are folded into the model first (:func:`~..fold.fit_folds`, one
-    extra pass), and their folded tensors calibrated like uniform ones. A log2 quantizer takes the calibration
-    maximum at every width (method ``max``) whatever the method says; a log2-narrow one at its log2 widths, and the
-    method's amax (unsigned) above. Asymmetric and per-head quantizers take ``mse`` (ranges fitted by least squared
+    extra pass), and their folded tensors calibrated like uniform ones. A log2 or log-sqrt2 quantizer takes the
+    calibration maximum at every width (method ``max``) whatever the method says; a -narrow one at its log widths,
+    and the method's amax (unsigned) above. Asymmetric and per-head quantizers take ``mse`` (ranges fitted by least squared
     error on sampled values) or ``max`` (the whole range seen); any other method for them is refused, before the
     pass.
     """
@@ -164,9 +164,9 @@ def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, for
                                "non-finite calibration data)")
     if form in LOG_FORMS and s.min < 0:
         raise CalibrationError(f"quantizer {name!r} has the {form} form but saw negative values (min "
-                               f"{s.min:.4g}): log2 suits non-negative tensors such as attention "
+                               f"{s.min:.4g}): a log grid suits non-negative tensors such as attention "
                                "probabilities; give it the uniform form")
-    if form == "log2":
+    if form in LOG_FORMS and not form.endswith("-narrow"):  # a log grid at every width
         spec = MethodSpec("max")
     if form == "asymmetric":
         return _asymmetric_calibration(s, bits, spec.method)

@@ -34,7 +34,7 @@ import torch
 
 from ..fakequant import integer_range
 from ..forms import form_of
-from ..limits import log_grid_at
+from ..limits import LOG_FORMS, log_grid_at
 from .adaround import GAMMA, WARMUP, ZETA, _scale, _soft
 from .blocks import Unit, find_units, unit_data
 from .lsq import lsq_asymmetric, lsq_fake_quant, lsq_grouped
@@ -118,7 +118,7 @@ class _Step:
     def of(cls, qmodel, name: str, learn: bool, device) -> "_Step":
         quantizer = qmodel.quantizer(name)
         form, amax = form_of(quantizer), quantizer.amax
-        uniform = form in UNIFORM_FORMS or (form == "log2-narrow" and not log_grid_at(form, quantizer.num_bits))
+        uniform = form in UNIFORM_FORMS or (form in LOG_FORMS and not log_grid_at(form, quantizer.num_bits))
         if not learn or amax is None or not (uniform or form in ("per-head", "asymmetric")):
             return cls(name, quantizer)
         high, low = integer_range(quantizer.num_bits, quantizer.unsigned, quantizer.narrow_range)
