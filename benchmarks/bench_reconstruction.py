@@ -6,14 +6,16 @@
 Rows: W8A8, W4A8, W8A4, W4A4, W3A4 and W4A3 (every weight quantizer at the first width, every activation
 quantizer at the second). Columns, each from the unrefined model of the same session (splits and calibration as
 ``explore`` builds them): ``none`` (uniform grids, no refinement), ``forms`` (the ViT's best forms together, as in
-``bench_forms.py``, with RepQ-ViT's log-sqrt2 grid for the probabilities (``log-sqrt2-narrow``; results before
-2026-12-08 used ``log2-narrow``), asymmetric GELU, per-channel LayerNorm, per-head q/k/v and attention
+``bench_forms.py``, with RepQ-ViT's log-sqrt2 grid for the probabilities (``log-sqrt2-narrow``; results up to
+``bench_reconstruction_2026-12-07c.txt`` used ``log2-narrow``), asymmetric GELU, per-channel LayerNorm, per-head q/k/v and attention
 outputs; the CNN has none), then on the forms: ``adaround,bias-correction`` (today's best), ``brecq`` (block
 reconstruction of the rounding), ``brecq-lsq`` (+ activation grids and biases) and ``qdrop`` (+ QDrop's drop
 at 0.5). Printed: hold-out top-1 (the search split in the log lines) and each refinement's seconds on this
 machine. ``--seeds N`` repeats the ViT's block refinements at W4A4 with N reconstruction seeds (the spread of one
 method on one model is part of its answer), on these forms and on the same forms with ``log2-narrow``
-probabilities (the forms before log-sqrt2), so the two grids are compared in one run.
+probabilities (the forms before log-sqrt2), so the two grids are compared in one run. ``--families`` then puts
+each family of activation quantizers (a name with its block number replaced by ``*``) back at 8 bits in turn
+and reruns ``brecq-lsq`` at W4A4 (seed 0): what each family still costs after block reconstruction.
 
 The CNN is timm's ``resnet10t`` (grey input, 10 classes) trained on Fashion-MNIST's training split by
 ``utils/train_fashion_cnn.py`` (run here first if ``benchmarks/.cache/resnet10t_fashion.pt`` is missing), with
@@ -22,6 +24,7 @@ activation quantizers after every BatchNorm (the ``batchnorm`` preset) and per-c
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -66,7 +69,8 @@ def set_widths(qmodel, w: int, a: int) -> None:
 
 
 def measure(model: str, config: ExploreConfig, iterations: int, seeds: int, widths: list[str],
-            fisher: bool = False, scales: bool = False, methods: list[str] = REFINEMENTS) -> list[list]:
+            fisher: bool = False, scales: bool = False, methods: list[str] = REFINEMENTS,
+            families: bool = False) -> list[list]:
     plain = build_session(config, weight_quantizers=True)
     forms = build_session(config.merged({"quant_forms": VIT_FORMS}), weight_quantizers=True) if model == "vit" \
         else None
@@ -106,6 +110,9 @@ def measure(model: str, config: ExploreConfig, iterations: int, seeds: int, widt
             rows.append(variant_row(session, model, inputs, iterations, "Fisher-weighted", fisher=True))
         if label == "W4A4" and scales:
             rows.append(variant_row(session, model, inputs, iterations, "weight steps learned", scales=True))
+        if label == "W4A4" and families:
+            print(f"\n{model}: W4A4 brecq-lsq with one family of activation quantizers at 8 bits\n"
+                  + family_costs(session, model, inputs, iterations) + "\n", flush=True)
     return rows
 
 
@@ -122,6 +129,26 @@ def variant_row(session, model: str, inputs, iterations: int, label: str, **opti
     print(f"  {model} W4A4 brecq-lsq, {label}: search {100 * search:.2f}, hold-out {100 * holdout:.2f}, "
           f"{seconds:.0f} s", flush=True)
     return [f"W4A4, {label}", "", "", "", "", "", "", f"{100 * holdout:.2f}", f"{seconds:.0f}", "", ""]
+
+
+def family_costs(session, model: str, inputs, iterations: int) -> str:
+    """W4A4 ``brecq-lsq`` (seed 0) with each family of activation quantizers at 8 bits in turn: hold-out and its
+    change against all at 4 bits, as a table."""
+    qmodel = session.qmodel
+    weights = set(qmodel.weight_names)
+    groups: dict[str, list[str]] = {}
+    for name in (n for n in qmodel.quantizer_names if n not in weights):
+        groups.setdefault(re.sub(r"\.\d+(\.|$)", r".*\1", name), []).append(name)
+    rows, base = [], None
+    for family, names in [("none", [])] + list(groups.items()):
+        set_widths(qmodel, 4, 4)
+        qmodel.bit_widths = {n: 8 for n in names}
+        refine(qmodel, inputs, "brecq-lsq", iterations=iterations, seed=0)
+        holdout = 100 * session.evaluator("holdout")(qmodel)
+        base = holdout if base is None else base
+        print(f"  {model} W4A4 brecq-lsq, {family} at 8 bits ({len(names)}): hold-out {holdout:.2f}", flush=True)
+        rows.append([family, str(len(names)), f"{holdout:.2f}", f"{holdout - base:+.2f}" if names else ""])
+    return format_table(["at 8 bits", "quantizers", "hold-out %", "change"], rows)
 
 
 def spread(session, model: str, inputs, iterations: int, seeds: int, methods: list[str], label: str = "") -> list:
@@ -152,6 +179,8 @@ def main() -> None:
     parser.add_argument("--fisher", action="store_true", help="also brecq-lsq at W4A4 with the Fisher weighting")
     parser.add_argument("--scales", action="store_true", help="also brecq-lsq at W4A4 with the weights' "
                         "per-channel steps learned")
+    parser.add_argument("--families", action="store_true", help="also brecq-lsq at W4A4 with each family of "
+                        "activation quantizers at 8 bits in turn")
     parser.add_argument("--methods", default=";".join(REFINEMENTS), help="the refinement columns to run, separated by ;")
     parser.add_argument("--widths", default=",".join(w for w, _, _ in WIDTHS), help="the ViT's rows")
     parser.add_argument("--cnn-widths", default="W4A8,W8A4,W4A4", help="the CNN's rows (a block refinement of "
@@ -163,7 +192,7 @@ def main() -> None:
         config = ExploreConfig() if model == "vit" else cnn_config()
         rows = measure(model, config, args.iterations, args.seeds,
                        (args.widths if model == "vit" else args.cnn_widths).split(","), args.fisher, args.scales,
-                       args.methods.split(";"))
+                       args.methods.split(";"), args.families)
         print(f"\n{config.model} ({model}): hold-out top-1 at uniform widths; refinements on the forms column, "
               f"{args.iterations} iterations per block, 1,000 calibration images; s = seconds on this machine\n"
               + format_table(headers, rows) + "\n", flush=True)
