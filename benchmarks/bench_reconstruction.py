@@ -7,8 +7,8 @@ Rows: W8A8, W4A8, W8A4, W4A4, W3A4 and W4A3 (every weight quantizer at the first
 quantizer at the second). Columns, each from the unrefined model of the same session (splits and calibration as
 ``explore`` builds them): ``none`` (uniform grids, no refinement), ``forms`` (the ViT's best forms together, as in
 ``bench_forms.py``, with RepQ-ViT's log-sqrt2 grid for the probabilities (``log-sqrt2-narrow``; results up to
-``bench_reconstruction_2026-12-07c.txt`` used ``log2-narrow``), asymmetric GELU, per-channel LayerNorm, per-head q/k/v and attention
-outputs; the CNN has none), then on the forms: ``adaround,bias-correction`` (today's best), ``brecq`` (block
+``bench_reconstruction_2026-12-07c.txt`` used ``log2-narrow``), asymmetric GELU, per-channel LayerNorm, per-head
+q/k/v and attention outputs; the CNN has none), then on the forms: ``adaround,bias-correction`` (today's best), ``brecq`` (block
 reconstruction of the rounding), ``brecq-lsq`` (+ activation grids and biases) and ``qdrop`` (+ QDrop's drop
 at 0.5). Printed: hold-out top-1 (the search split in the log lines) and each refinement's seconds on this
 machine. ``--seeds N`` repeats the ViT's block refinements at W4A4 with N reconstruction seeds (the spread of one

@@ -531,7 +531,14 @@ def test_narrow_log_forms_are_log_at_four_bits_and_below_and_uniform_above(form,
     c = calibration.quantizers["blocks.0.attn.attn_drop"]
     assert c.form == form and c.unsigned
     assert all(c.amax[b] == c.absmax for b in (2, 3, 4)) and all(c.amax[b] < c.absmax for b in (5, 6, 7, 8))
-    assert type(qmodel.quantizer("blocks.0.attn.attn_drop")) is QUANTIZER_CLASSES[form]
+    quantizer = qmodel.quantizer("blocks.0.attn.attn_drop")
+    assert type(quantizer) is QUANTIZER_CLASSES[form]
+    probabilities = torch.rand(2, 4, 50, 50, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    for bits in (2, 3, 4):  # the module rounds to its form's log grid
+        qmodel.bit_widths = {"blocks.0.attn.attn_drop": bits}
+        with torch.no_grad():
+            assert torch.equal(quantizer(probabilities),
+                               fake_quantize(form, probabilities, quantizer.amax, bits, True)), bits
     sample = next(iter(loader))[0][:4]
     qmodel.bit_widths = {n: 6 for n in qmodel.quantizer_names}
     export_onnx(qmodel, tmp_path / "six.onnx", sample[:2])  # uniform at 6 bits: exportable

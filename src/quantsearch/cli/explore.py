@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant-form", action="append", metavar="GLOB=FORM", dest="quant_form",
                    help="give the activation quantizers matching GLOB the form FORM: uniform, asymmetric, log2 "
                         "(FQ-ViT's, for attention probabilities), log2-narrow (log2 at 4 bits and below, uniform "
-                        "above), log-sqrt2 and log-sqrt2-narrow (the same with RepQ-ViT's base sqrt(2), finer near the top), per-head (a range per attention head and q/k/v part) or per-channel (LayerNorm "
+                        "above), log-sqrt2 and log-sqrt2-narrow (the same with RepQ-ViT's base sqrt(2), finer near "
+                        "the top), per-head (a range per attention head and q/k/v part) or per-channel (LayerNorm "
                         "outputs, folded as RepQ-ViT does), e.g. '*.attn_drop=log2-narrow'; repeatable, first "
                         "match wins, before the YAML's quant-forms")
     _add_integer_arguments(p)

@@ -158,7 +158,8 @@ def _check_exportable(qmodel) -> None:
     for name, form in qmodel.forms.items():
         q = qmodel.quantizer(name)
         if log_grid_at(form, q.num_bits) and not q._disabled:
-            raise ExportError(f"quantizer {name!r} has the {form} form (the {form.removesuffix('-narrow')} grid at {q.num_bits} bits): ONNX "
+            grid = form.removesuffix("-narrow")
+            raise ExportError(f"quantizer {name!r} has the {form} form (the {grid} grid at {q.num_bits} bits): ONNX "
                               "Q/DQ holds uniform grids only; export a bit-config whose quantizers are uniform or "
                               "asymmetric")
     for name, q in qmodel.named_quantizers():

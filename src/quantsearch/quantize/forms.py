@@ -87,11 +87,9 @@ def log2_fake_quant(x: torch.Tensor, amax, bits: int | None, deepest: torch.Tens
     ``x / amax``). ``deepest`` (``2^b - 2`` as a tensor) stands for ``bits`` in a compiled graph, which then serves
     every width."""
     deepest = 2.0 ** bits - 2.0 if deepest is None else deepest
-    exponent = (x / amax).clamp_(min=0.0).log2_().neg_()  # +inf where x <= 0
-    exponent = (exponent.mul_(steps) if steps != 1 else exponent).round_()
+    exponent = (x / amax).clamp_(min=0.0).log2_().mul_(-steps).round_()  # +inf where x <= 0
     zero = exponent > deepest
-    exponent = exponent.clamp_(min=0.0).neg_()
-    out = (exponent.div_(steps) if steps != 1 else exponent).exp2_().mul_(amax)
+    out = exponent.clamp_(min=0.0).div_(-steps).exp2_().mul_(amax)
     return out.masked_fill_(zero, 0.0)
 
 

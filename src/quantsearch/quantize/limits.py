@@ -12,7 +12,8 @@ __all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "LOG2_NARROW_TOP", "
            "check_integer_ops"]
 
 MIN_BITS, MAX_BITS = 2, 16
-FORMS = ("uniform", "asymmetric", "log2", "log2-narrow", "per-head", "per-channel", "log-sqrt2", "log-sqrt2-narrow")
+FORMS = ("uniform", "asymmetric", "log2", "log2-narrow", "per-head", "per-channel", "log-sqrt2",
+         "log-sqrt2-narrow")
 LOG2_NARROW_TOP = 4  # the -narrow log forms: the log grid at this width and below, the uniform (unsigned) grid above
 LOG_STEPS = {"log2": 1, "log2-narrow": 1, "log-sqrt2": 2, "log-sqrt2-narrow": 2}  # powers of the grid per octave
 LOG_FORMS = tuple(LOG_STEPS)  # forms with a log grid at some width: non-negative data, unsigned

@@ -57,9 +57,9 @@ def calibrate(qmodel, batches: Iterable, num_batches: int | None = None, method:
     Per-channel quantizers' LayerNorm ranges are folded into the model first (:func:`~..fold.fit_folds`, one
     extra pass), and their folded tensors calibrated like uniform ones. A log2 or log-sqrt2 quantizer takes the
     calibration maximum at every width (method ``max``) whatever the method says; a -narrow one at its log widths,
-    and the method's amax (unsigned) above. Asymmetric and per-head quantizers take ``mse`` (ranges fitted by least squared
-    error on sampled values) or ``max`` (the whole range seen); any other method for them is refused, before the
-    pass.
+    and the method's amax (unsigned) above. Asymmetric and per-head quantizers take ``mse`` (ranges fitted by least
+    squared error on sampled values) or ``max`` (the whole range seen); any other method for them is refused,
+    before the pass.
     """
     activations = qmodel.activation_names
     specs = resolve_methods(activations, MethodSpec(method, percentile, momentum).validated(), overrides)
