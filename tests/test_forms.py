@@ -129,6 +129,16 @@ def test_log_sqrt2_grid_by_hand():
         assert len(torch.unique(log2_fake_quant(y, torch.tensor(1.0), bits, steps=2))) == 2 ** bits
 
 
+@pytest.mark.parametrize("form", ["log2", "log-sqrt2"])
+def test_a_pure_log_form_takes_the_calibration_maximum_at_every_width(form, fashion_splits_small, fp32_state):
+    """Clipping the largest probabilities costs most on a log grid: whatever the method, amax is the maximum seen."""
+    qmodel = QuantizedActivationsModel(fresh_vit(fp32_state), "vit", forms={ATTENTION: form})
+    loader = torch.utils.data.DataLoader(fashion_splits_small.calibration, batch_size=100)
+    c = calibrate(qmodel, loader, 1, "percentile", bits=(2, 8), percentile=99.0).quantizers["blocks.0.attn.attn_drop"]
+    assert c.form == form and c.unsigned and c.method == "max"  # recorded as what it is
+    assert all(c.amax[b] == c.absmax for b in range(2, 9))
+
+
 def test_forms_by_glob_and_refusals():
     names = ["input", "blocks.0.attn.attn_drop", "blocks.0.attn.qkv", "blocks.1.attn.attn_drop"]
     assert resolve_forms(names, {"blocks.1.*": "uniform", ATTENTION: "log2"}) == {

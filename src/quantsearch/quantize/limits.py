@@ -7,16 +7,17 @@ pytorch-quantization's fake quantization is exact from 2 to 16 bits. A form is t
 ``per-head`` (one uniform range per attention head and q/k/v part, for Linear features split into heads), or
 ``per-channel`` (RepQ-ViT: a LayerNorm output's per-channel ranges folded into it and the Linear layers after it).
 """
-__all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "LOG2_NARROW_TOP", "LOG_FORMS", "REFINEMENTS", "check_forms",
-           "check_refinement", "log_grid_at", "log_steps", "INTEGER_KINDS", "INTEGER_PRESETS", "INTEGER_ADD_BITS",
-           "check_integer_ops"]
+__all__ = ["MIN_BITS", "MAX_BITS", "FORMS", "DEFAULT_FORM", "LOG2_NARROW_TOP", "LOG_FORMS", "NARROW_LOG_FORMS",
+           "REFINEMENTS", "check_forms", "check_refinement", "log_grid_at", "log_steps", "INTEGER_KINDS",
+           "INTEGER_PRESETS", "INTEGER_ADD_BITS", "check_integer_ops"]
 
 MIN_BITS, MAX_BITS = 2, 16
 FORMS = ("uniform", "asymmetric", "log2", "log2-narrow", "per-head", "per-channel", "log-sqrt2",
          "log-sqrt2-narrow")
-LOG2_NARROW_TOP = 4  # the -narrow log forms: the log grid at this width and below, the uniform (unsigned) grid above
-LOG_STEPS = {"log2": 1, "log2-narrow": 1, "log-sqrt2": 2, "log-sqrt2-narrow": 2}  # powers of the grid per octave
+LOG2_NARROW_TOP = 4  # the -narrow log forms: the log grid at this width and below, uniform (unsigned) above
+LOG_STEPS = {"log2": 1, "log2-narrow": 1, "log-sqrt2": 2, "log-sqrt2-narrow": 2}  # grid powers per octave
 LOG_FORMS = tuple(LOG_STEPS)  # forms with a log grid at some width: non-negative data, unsigned
+NARROW_LOG_FORMS = ("log2-narrow", "log-sqrt2-narrow")  # the log grid only up to LOG2_NARROW_TOP bits
 DEFAULT_FORM = "uniform"
 REFINEMENTS = ("bias-correction", "adaround", "brecq", "brecq-lsq", "qdrop")  # quantize.refine's methods; chain with commas
 
@@ -37,7 +38,7 @@ def check_forms(forms, where: str = "quant-forms") -> dict[str, str]:
 
 def log_grid_at(form: str, bits: int) -> bool:
     """Whether a quantizer of ``form`` rounds to its log grid at ``bits``."""
-    return form in LOG_STEPS and (not form.endswith("-narrow") or int(bits) <= LOG2_NARROW_TOP)
+    return form in LOG_STEPS and (form not in NARROW_LOG_FORMS or int(bits) <= LOG2_NARROW_TOP)
 
 
 def log_steps(form: str) -> int:

@@ -18,7 +18,7 @@ from ...fingerprints import DataDigest, fingerprint_model
 from ..fakequant import quiet_quantizers
 from ..fold import FoldError, fit_folds
 from ..forms import fit_asymmetric, fit_symmetric
-from ..limits import LOG_FORMS, MAX_BITS, MIN_BITS, log_grid_at
+from ..limits import LOG_FORMS, MAX_BITS, MIN_BITS, NARROW_LOG_FORMS, log_grid_at
 from .methods import (HISTOGRAM_METHODS, PER_BIT_METHODS, RANGE_FIT_METHODS, CalibrationError, MethodSpec,
                       form_method_problem, resolve_methods)
 from .result import Calibration, QuantizerCalibration
@@ -166,7 +166,7 @@ def _quantizer_calibration(name: str, s: TensorStatistics, spec: MethodSpec, for
         raise CalibrationError(f"quantizer {name!r} has the {form} form but saw negative values (min "
                                f"{s.min:.4g}): a log grid suits non-negative tensors such as attention "
                                "probabilities; give it the uniform form")
-    if form in LOG_FORMS and not form.endswith("-narrow"):  # a log grid at every width
+    if form in LOG_FORMS and form not in NARROW_LOG_FORMS:  # a log grid at every width
         spec = MethodSpec("max")
     if form == "asymmetric":
         return _asymmetric_calibration(s, bits, spec.method)
